@@ -1,0 +1,28 @@
+"""EKFAC Laplace approximations for PyTorch networks, inside laplace-torch.
+
+Importing the package registers ``hessian_structure="ekfac"`` with
+``laplace.Laplace``::
+
+    import ekfac_laplace  # noqa: F401
+    from laplace import Laplace
+
+    la = Laplace(model, "classification", subset_of_weights="all",
+                 hessian_structure="ekfac")
+"""
+
+from ekfac_laplace.curvature import EKFACFactors, compute_ekfac
+from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
+from ekfac_laplace.matrix import EKFACDecomposed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Laplace approximations (registered with laplace.Laplace)
+    "EKFACLaplace",
+    "EKFACLLLaplace",
+    # Structured matrix
+    "EKFACDecomposed",
+    # Curvature
+    "EKFACFactors",
+    "compute_ekfac",
+]

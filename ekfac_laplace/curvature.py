@@ -1,0 +1,294 @@
+"""Computing EKFAC factors over a whole data set with curvlinops.
+
+The eigenvalue correction needs the *final* Kronecker eigenbasis, so EKFAC cannot be
+summed batch by batch the way laplace-torch sums ``Kron`` factors. Instead we make
+two passes over the training loader with curvlinops' ``EKFACLinearOperator``: the
+first accumulates the Kronecker factors ``A = Σ a aᵀ`` and ``G = Σ g gᵀ`` (whose
+eigenvectors give ``Q_A`` and ``Q_G``), the second accumulates the corrected
+eigenvalues ``λ = Σ_n Σ_c (Q_Gᵀ G_{n,c} Q_A)²`` from the per-example (pseudo-)gradients
+``G_{n,c}``.
+
+Scale follows laplace-torch: the curvature is the sum over all ``N`` training points
+of the Hessian/GGN/Fisher of the log likelihood. For regression the loss is
+``MSELoss(reduction="sum")`` times ``1/2`` (a Gaussian with unit variance); σ and the
+temperature enter later through ``1 / (σ² T)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from curvlinops import EKFACLinearOperator, FisherType
+from torch import Tensor, nn
+
+from ekfac_laplace import _compat
+from ekfac_laplace.matrix import EKFACDecomposed
+
+FISHER_TYPES = ("type2", "mc", "empirical")
+_CURVLINOPS_FISHER_TYPES = {
+    "type2": FisherType.TYPE2,
+    "mc": FisherType.MC,
+    "empirical": FisherType.EMPIRICAL,
+}
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+DEFAULT_SEED = 2147483647
+
+
+@dataclass
+class EKFACFactors:
+    """EKFAC of the log-likelihood curvature, in laplace-torch's scale.
+
+    Attributes:
+        eigenvectors: Per parameter tensor, ``(Q_G, Q_A)`` (weight) or ``(Q_G,)`` (bias).
+        eigenvalues: Per parameter tensor, corrected eigenvalues (``(out, in)`` or
+            ``(out,)``), summed over the data set and clamped at zero.
+        loss: The data term ``factor * Σ_n loss(f(x_n), y_n)`` that laplace-torch
+            stores as ``Laplace.loss``.
+    """
+
+    eigenvectors: list[tuple[Tensor, ...]]
+    eigenvalues: list[Tensor]
+    loss: Tensor
+
+    def to_decomposed(self) -> EKFACDecomposed:
+        """The curvature as an :class:`EKFACDecomposed` with zero deltas."""
+        return EKFACDecomposed(self.eigenvectors, self.eigenvalues)
+
+
+def likelihood_loss(likelihood: str) -> tuple[nn.Module, float]:
+    """laplace-torch's loss and factor for a likelihood.
+
+    Args:
+        likelihood: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        The summed loss and the factor converting it to a negative log likelihood.
+
+    Raises:
+        ValueError: For another likelihood.
+    """
+    if likelihood == "classification":
+        return nn.CrossEntropyLoss(reduction="sum"), 1.0
+    if likelihood == "regression":
+        return nn.MSELoss(reduction="sum"), 0.5
+    raise ValueError(
+        f"EKFAC supports the likelihoods 'classification' and 'regression', got "
+        f"{likelihood!r}."
+    )
+
+
+class LaplaceBatches:
+    """Re-iterable view of a laplace-torch training loader as ``(X, y)`` pairs.
+
+    Dict-like batches (Hugging Face style) yield ``(batch, batch[dict_key_y])`` and are
+    passed to the model whole, as laplace-torch does. The most recent targets are
+    kept in :attr:`current_targets` so that a forward hook can compute the loss.
+
+    Args:
+        loader: Iterable of ``(X, y)`` tuples or of dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
+        likelihood: Used to check the targets' shape for regression.
+    """
+
+    def __init__(
+        self, loader: Iterable[Any], dict_key_y: str = "labels", likelihood: str = ""
+    ) -> None:
+        self.loader = loader
+        self.dict_key_y = dict_key_y
+        self.likelihood = likelihood
+        self.current_targets: Tensor | None = None
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for batch in self.loader:
+            if isinstance(batch, MutableMapping):
+                if self.dict_key_y not in batch:
+                    raise ValueError(
+                        f"A dict-like batch has no targets under dict_key_y="
+                        f"{self.dict_key_y!r}; its keys are {sorted(batch)}."
+                    )
+                X, y = batch, batch[self.dict_key_y]
+            else:
+                X, y = batch
+            self.current_targets = y
+            yield X, y
+
+    def batch_size_fn(self, dict_key_x: str) -> Callable[[Any], int] | None:
+        """A ``batch_size_fn`` for curvlinops when batches are dict-like.
+
+        Args:
+            dict_key_x: Key of the inputs in dict-like batches.
+
+        Returns:
+            ``None`` for tensor inputs, else a function reading the batch size.
+        """
+        first = next(iter(self.loader))
+        if isinstance(first, MutableMapping):
+            return lambda X: X[dict_key_x].shape[0]
+        return None
+
+
+def _owning_modules(model: nn.Module, params: list[Tensor]) -> list[tuple[str, str]]:
+    """Module and parameter names of each parameter, refusing unsupported layers."""
+    owners: dict[int, tuple[str, str, nn.Module]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), (module_name, param_name, module))
+    located = []
+    for param in params:
+        if id(param) not in owners:
+            raise ValueError(
+                f"A parameter of shape {tuple(param.shape)} is not a parameter of the "
+                "model; pass the model's own parameters."
+            )
+        module_name, param_name, module = owners[id(param)]
+        if not isinstance(module, SUPPORTED_MODULES):
+            raise ValueError(
+                f"Parameter '{module_name}.{param_name}' belongs to a "
+                f"{type(module).__name__}, which EKFAC cannot factorise; supported are "
+                "nn.Linear and nn.Conv2d. Freeze it with requires_grad_(False) or use "
+                "subset_of_weights='last_layer'."
+            )
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(
+                f"Conv2d '{module_name}' has groups={module.groups}; EKFAC supports "
+                "only groups=1. Freeze it with requires_grad_(False)."
+            )
+        located.append((module_name, param_name))
+    return located
+
+
+def _validate_options(fisher_type: str, kfac_approx: str, mc_samples: int) -> None:
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(
+            f"Unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}."
+        )
+    if kfac_approx not in KFAC_APPROXIMATIONS:
+        raise ValueError(
+            f"Unknown kfac_approx {kfac_approx!r}; choose one of {KFAC_APPROXIMATIONS}."
+        )
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    if mc_samples != 1 and fisher_type != "mc":
+        raise ValueError(
+            f"mc_samples={mc_samples} only applies to fisher_type='mc'; "
+            f"with fisher_type={fisher_type!r} use mc_samples=1."
+        )
+
+
+def compute_ekfac(
+    model: nn.Module,
+    params: list[Tensor],
+    batches: LaplaceBatches,
+    likelihood: str,
+    num_data: int,
+    *,
+    fisher_type: str = "type2",
+    kfac_approx: str = "expand",
+    mc_samples: int = 1,
+    seed: int = DEFAULT_SEED,
+    dict_key_x: str = "input_ids",
+    eigenbasis: list[tuple[Tensor, ...]] | None = None,
+    progress_bar: bool = False,
+) -> EKFACFactors:
+    """EKFAC of the log-likelihood GGN / Fisher of ``model`` over a whole data set.
+
+    Args:
+        model: The network; parameters in ``params`` must live in ``nn.Linear`` or
+            ``nn.Conv2d`` modules.
+        params: Parameters to approximate the curvature for, in vector order.
+        batches: The training data.
+        likelihood: ``"classification"`` or ``"regression"``.
+        num_data: Number of training points ``N``.
+        fisher_type: ``"type2"`` (exact GGN), ``"mc"`` (Monte-Carlo Fisher) or
+            ``"empirical"`` (empirical Fisher).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
+        mc_samples: Labels drawn per example for ``fisher_type="mc"``.
+        seed: Seed of the label sampler; both passes draw the same labels.
+        dict_key_x: Key of the inputs in dict-like batches.
+        eigenbasis: If given, skip the Kronecker-factor pass and compute the corrected
+            eigenvalues in this basis (online fitting).
+        progress_bar: Show tqdm progress bars over both passes.
+
+    Returns:
+        The eigenbasis, the corrected eigenvalues and the summed loss.
+
+    Raises:
+        ValueError: For unsupported options, layers, or non-finite curvature.
+    """
+    _validate_options(fisher_type, kfac_approx, mc_samples)
+    loss_function, factor = likelihood_loss(likelihood)
+    located = _owning_modules(model, params)
+    if eigenbasis is not None and len(eigenbasis) != len(params):
+        raise ValueError(
+            f"The eigenbasis has {len(eigenbasis)} blocks but there are {len(params)} "
+            "parameter tensors."
+        )
+
+    operator = EKFACLinearOperator(
+        model,
+        loss_function,
+        list(params),
+        batches,
+        progressbar=progress_bar,
+        check_deterministic=False,
+        seed=seed,
+        fisher_type=_CURVLINOPS_FISHER_TYPES[fisher_type],
+        mc_samples=mc_samples,
+        kfac_approx=kfac_approx,
+        num_per_example_loss_terms=1,
+        separate_weight_and_bias=True,
+        num_data=num_data,
+        batch_size_fn=batches.batch_size_fn(dict_key_x),
+    )
+    mapping = EKFACLinearOperator.compute_parameter_mapping(list(params), model)
+
+    if eigenbasis is None:
+        operator.compute_kronecker_factors()
+    else:
+        input_eigenvectors, gradient_eigenvectors = {}, {}
+        for (module_name, param_name), basis in zip(located, eigenbasis):
+            gradient_eigenvectors[module_name] = basis[0]
+            if param_name == "weight":
+                input_eigenvectors[module_name] = basis[1]
+        _compat.set_kronecker_eigenbasis(
+            operator, input_eigenvectors, gradient_eigenvectors
+        )
+
+    total_loss = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+
+    def accumulate_loss(_: nn.Module, __: Any, output: Tensor) -> None:
+        nonlocal total_loss
+        targets = batches.current_targets.to(output.device)
+        total_loss = total_loss + loss_function(output.detach(), targets)
+
+    handle = model.register_forward_hook(accumulate_loss)
+    try:
+        operator.compute_eigenvalue_correction()
+    finally:
+        handle.remove()
+
+    state = operator.state_dict()
+    eigenvectors: list[tuple[Tensor, ...]] = []
+    eigenvalues: list[Tensor] = []
+    for index, ((module_name, param_name), param) in enumerate(zip(located, params)):
+        position = mapping[module_name][param_name]
+        assert position == index
+        q_g = state["gradient_covariances_eigenvectors"][module_name]
+        values = state["corrected_eigenvalues"][module_name][position]
+        if param_name == "weight":
+            q_a = state["input_covariances_eigenvectors"][module_name]
+            eigenvectors.append((q_g, q_a))
+            values = values.reshape(param.shape[0], -1)
+        else:
+            eigenvectors.append((q_g,))
+        if not torch.isfinite(values).all():
+            raise ValueError(
+                f"The curvature of '{module_name}.{param_name}' is not finite (NaN or "
+                "Inf); check the model's outputs and the data for NaN/Inf."
+            )
+        eigenvalues.append(values.mul(factor).clamp_min(0.0))
+    return EKFACFactors(eigenvectors, eigenvalues, factor * total_loss)

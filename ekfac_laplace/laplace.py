@@ -1,0 +1,575 @@
+"""EKFAC Laplace approximations as laplace-torch ``ParametricLaplace`` subclasses.
+
+Importing this module registers ``hessian_structure="ekfac"`` with
+``laplace.Laplace(...)`` for ``subset_of_weights="all"`` and ``"last_layer"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from laplace.baselaplace import BaseLaplace, ParametricLaplace
+from laplace.curvature import CurvatureInterface, CurvlinopsEF, CurvlinopsGGN
+from laplace.lllaplace import LLLaplace
+from laplace.utils.enums import Likelihood, PriorStructure
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from ekfac_laplace.curvature import (
+    DEFAULT_SEED,
+    LaplaceBatches,
+    _validate_options,
+    compute_ekfac,
+)
+from ekfac_laplace.matrix import EKFACDecomposed
+
+SUPPORTED_BACKENDS = (CurvlinopsGGN, CurvlinopsEF)
+
+
+def _fisher_type(backend: type[CurvatureInterface], backend_kwargs: dict) -> str:
+    """Map a laplace-torch backend to the curvlinops Fisher type it stands for."""
+    if isinstance(backend, type) and issubclass(backend, CurvlinopsEF):
+        return "empirical"
+    if isinstance(backend, type) and issubclass(backend, CurvlinopsGGN):
+        return "mc" if backend_kwargs.get("stochastic", False) else "type2"
+    name = getattr(backend, "__name__", repr(backend))
+    raise ValueError(
+        f"EKFAC Laplace does not support the backend {name}; use "
+        "laplace.curvature.CurvlinopsGGN (exact GGN, or Monte-Carlo Fisher with "
+        "backend_kwargs={'stochastic': True}) or laplace.curvature.CurvlinopsEF "
+        "(empirical Fisher)."
+    )
+
+
+class EKFACLaplace(ParametricLaplace):
+    r"""Laplace approximation with an EKFAC posterior precision over all weights.
+
+    For each parameter tensor (block) ``b`` with Kronecker eigenbasis
+    ``Q_b = Q_G ⊗ Q_A`` and corrected eigenvalues ``λ_b`` of the log-likelihood
+    GGN/Fisher (George et al., 2018), the posterior precision is
+
+    $$
+        P_b = Q_b \, \mathrm{diag}\big(λ_b / (σ^2 T) + δ_b\big) \, Q_b^\top ,
+    $$
+
+    with prior precision ``δ_b`` (scalar or one per parameter tensor), observation
+    noise ``σ`` and temperature ``T``. Its inverse, log determinant, inverse square
+    root (for sampling) and GLM predictive are exact in the eigenbasis.
+
+    Args:
+        model: The MAP network. Parameters with ``requires_grad=True`` must live in
+            ``nn.Linear`` or ``nn.Conv2d`` modules.
+        likelihood: ``"classification"`` or ``"regression"``.
+        sigma_noise: Observation noise (regression only).
+        prior_precision: Scalar or one value per parameter tensor.
+        prior_mean: Scalar or one value per parameter.
+        temperature: Likelihood temperature.
+        enable_backprop: Allow gradients through the predictive w.r.t. the input.
+        dict_key_x: Input key of dict-like batches.
+        dict_key_y: Target key of dict-like batches.
+        backend: ``CurvlinopsGGN`` (default; ``backend_kwargs={"stochastic": True}``
+            for the Monte-Carlo Fisher) or ``CurvlinopsEF`` (empirical Fisher).
+        backend_kwargs: Passed to the backend, which computes the GLM Jacobians.
+        asdl_fisher_kwargs: For compatibility with ``KronLaplace``: may carry
+            ``kfac_approx`` and ``mc_samples``.
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
+        mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
+        seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
+
+    Raises:
+        ValueError: For an unsupported backend or option.
+    """
+
+    _key = ("all", "ekfac")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        kfac_approx: str = "expand",
+        mc_samples: int = 1,
+        seed: int = DEFAULT_SEED,
+    ) -> None:
+        if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
+            raise ValueError(
+                f"EKFAC Laplace supports likelihood='classification' or 'regression', "
+                f"got {likelihood!r}."
+            )
+        extra = dict(asdl_fisher_kwargs or {})
+        unknown = set(extra) - {"kfac_approx", "mc_samples"}
+        if unknown:
+            raise ValueError(
+                f"asdl_fisher_kwargs keys {sorted(unknown)} are not used by EKFAC; "
+                "only 'kfac_approx' and 'mc_samples' are."
+            )
+        kfac_approx = extra.get("kfac_approx", kfac_approx)
+        mc_samples = extra.get("mc_samples", mc_samples)
+        fisher_type = _fisher_type(
+            CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
+        )
+        _validate_options(fisher_type, kfac_approx, mc_samples)
+        self.fisher_type: str = fisher_type
+        self.kfac_approx: str = kfac_approx
+        self.mc_samples: int = mc_samples
+        self.seed: int = seed
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+
+    # ----------------------------------------------------------------- fitting
+    def _init_H(self) -> None:
+        self.H = None
+
+    def _check_H_init(self) -> None:
+        if getattr(self, "H", None) is None:
+            raise AttributeError(
+                f"{type(self).__name__} is not fitted: call .fit(train_loader) first."
+            )
+
+    def _curvature_model(self) -> nn.Module:
+        return self.model
+
+    def _curvature_params(self) -> list[Tensor]:
+        return [p for p in self.params]
+
+    def _mean_vector(self) -> Tensor:
+        return parameters_to_vector(self.params)
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Fit EKFAC over the whole training loader (two passes).
+
+        With ``override=False`` after an earlier fit (online / continual learning),
+        the eigenbasis of the first fit is kept and the new data's corrected
+        eigenvalues, computed in that basis, are added: fitting the same data twice
+        doubles ``λ`` exactly, and fitting A then B gives
+        ``diag(Qᵀ (GGN_A + GGN_B) Q)`` in A's basis. ``loss`` and ``n_data``
+        accumulate and the mean moves to the current parameters, as in
+        laplace-torch.
+
+        Args:
+            train_loader: Batches ``(X, y)`` or dict-like batches;
+                ``train_loader.dataset`` must have a length (``N``).
+            override: Start from scratch (default) or add to the previous fit.
+            progress_bar: Show tqdm progress over both passes.
+
+        Raises:
+            ValueError: For an empty loader, unknown ``N``, mismatched targets,
+                unsupported layers or non-finite curvature. The object is unchanged.
+        """
+        num_data = self._dataset_size(train_loader)
+        self.model.eval()
+        batches = LaplaceBatches(train_loader, self.dict_key_y, self.likelihood)
+        n_outputs = self._infer_n_outputs(train_loader)
+
+        previous = None if override else self.H
+        factors = compute_ekfac(
+            self._curvature_model(),
+            self._curvature_params(),
+            batches,
+            self.likelihood,
+            num_data,
+            fisher_type=self.fisher_type,
+            kfac_approx=self.kfac_approx,
+            mc_samples=self.mc_samples,
+            seed=self.seed,
+            dict_key_x=self.dict_key_x,
+            eigenbasis=None if previous is None else previous.eigenvectors,
+            progress_bar=progress_bar,
+        )
+
+        # Everything is computed: only now change the object.
+        mean = self._mean_vector()
+        self.mean = mean if self.enable_backprop else mean.detach()
+        self.n_outputs = n_outputs
+        setattr(self.model, "output_size", n_outputs)
+        if previous is None:
+            self.H = factors.to_decomposed()
+            self.loss = factors.loss
+            self.n_data = num_data
+        else:
+            self.H = EKFACDecomposed(
+                previous.eigenvectors,
+                [
+                    old + new
+                    for old, new in zip(previous.eigenvalues, factors.eigenvalues)
+                ],
+            )
+            self.loss = self.loss + factors.loss
+            self.n_data = self.n_data + num_data
+
+    @staticmethod
+    def _dataset_size(train_loader: DataLoader) -> int:
+        dataset = getattr(train_loader, "dataset", None)
+        try:
+            num_data = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                "fit needs train_loader.dataset with a length (the number of training "
+                "points N); wrap the data in a map-style Dataset such as "
+                "torch.utils.data.TensorDataset."
+            ) from None
+        if num_data == 0:
+            raise ValueError("fit got an empty training set (len(dataset) == 0).")
+        return num_data
+
+    @torch.no_grad()
+    def _infer_n_outputs(self, train_loader: DataLoader) -> int:
+        try:
+            batch = next(iter(train_loader))
+        except StopIteration:
+            raise ValueError("fit got a train_loader that yields no batches.") from None
+        if isinstance(batch, MutableMapping):
+            out = self.model(batch)
+            y = batch.get(self.dict_key_y)
+        else:
+            X, y = batch
+            out = self.model(X.to(self._device))
+        if out.ndim != 2:
+            raise ValueError(
+                f"EKFAC Laplace needs model outputs of shape (batch, outputs), got "
+                f"{tuple(out.shape)}; flatten sequence outputs into the batch dimension."
+            )
+        if y is not None:
+            if self.likelihood == Likelihood.REGRESSION and y.shape != out.shape:
+                raise ValueError(
+                    f"Regression targets have shape {tuple(y.shape)} but the model "
+                    f"outputs {tuple(out.shape)}; they must match, e.g. y.reshape(-1, 1)."
+                )
+            is_indices = y.ndim == 1 and y.shape[0] == out.shape[0]
+            is_probabilities = y.shape == out.shape and y.is_floating_point()
+            if self.likelihood == Likelihood.CLASSIFICATION and not (
+                is_indices or is_probabilities
+            ):
+                raise ValueError(
+                    f"Classification targets must be class indices of shape (batch,) "
+                    f"or class probabilities of shape (batch, classes), got "
+                    f"{tuple(y.shape)} for outputs {tuple(out.shape)}."
+                )
+        return out.shape[-1]
+
+    # --------------------------------------------------------------- posterior
+    @property
+    def posterior_precision(self) -> EKFACDecomposed:
+        """Posterior precision ``H / (σ² T) + δ`` as an :class:`EKFACDecomposed`."""
+        self._check_H_init()
+        return self.H * self._H_factor + self.prior_precision
+
+    @property
+    def posterior_covariance(self) -> Tensor:
+        """Dense posterior covariance ``P⁻¹`` of shape ``(P, P)`` (small models)."""
+        return self.posterior_precision.to_matrix(exponent=-1)
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """Marginal posterior variances ``diag(P⁻¹)`` of shape ``(P,)``."""
+        return self.posterior_precision.diag(exponent=-1)
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det P``, exact from the eigenvalues."""
+        return self.posterior_precision.logdet()
+
+    def square_norm(self, value: Tensor) -> Tensor:
+        """``(value - mean)ᵀ P (value - mean)``.
+
+        Args:
+            value: Shape ``(P,)``.
+
+        Returns:
+            Scalar tensor.
+        """
+        delta = value - self.mean
+        return delta @ self.posterior_precision.bmm(delta, exponent=1)
+
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        """``J P⁻¹ Jᵀ`` per input.
+
+        Args:
+            Js: Jacobians of shape ``(B, K, P)``.
+
+        Returns:
+            Shape ``(B, K, K)``.
+        """
+        return self.posterior_precision.inv_square_form(Js)
+
+    def functional_covariance(self, Js: Tensor) -> Tensor:
+        """Joint ``J P⁻¹ Jᵀ`` over all inputs and outputs.
+
+        Args:
+            Js: Jacobians of shape ``(B, K, P)``.
+
+        Returns:
+            Shape ``(B·K, B·K)``.
+        """
+        self._check_jacobians(Js)
+        n_batch, n_outs, n_params = Js.shape
+        flat = Js.reshape(1, n_batch * n_outs, n_params)
+        return self.posterior_precision.inv_square_form(flat).squeeze(0)
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Posterior samples ``θ* + Q diag((λ/(σ²T) + δ)^{-1/2}) z``, ``z ~ N(0, I)``.
+
+        Args:
+            n_samples: Number of samples.
+            generator: Random generator on the model's device.
+
+        Returns:
+            Shape ``(n_samples, P)``.
+        """
+        precision = self.posterior_precision
+        z = torch.randn(
+            n_samples,
+            self.n_params,
+            device=self._device,
+            dtype=self._dtype,
+            generator=generator,
+        )
+        return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
+
+    # ------------------------------------------------------------------ prior
+    @BaseLaplace.prior_precision.setter
+    def prior_precision(self, prior_precision: float | Tensor) -> None:
+        if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
+            n_layers = getattr(self, "n_layers", None)
+            if n_layers is not None and len(prior_precision) not in (1, n_layers):
+                raise ValueError(
+                    f"EKFAC Laplace takes a scalar prior precision or one per parameter "
+                    f"tensor ({n_layers}), got {len(prior_precision)} values. A diagonal "
+                    "(per-parameter) prior is not diagonal in the EKFAC eigenbasis; use "
+                    "hessian_structure='diag' or 'full' for that."
+                )
+        BaseLaplace.prior_precision.fset(self, prior_precision)
+
+    def optimize_prior_precision(
+        self,
+        pred_type: str = "glm",
+        method: str = "marglik",
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """laplace-torch's prior tuning, restricted to scalar and layerwise priors.
+
+        Args:
+            pred_type: ``"glm"`` or ``"nn"`` (for ``method="gridsearch"``).
+            method: ``"marglik"`` or ``"gridsearch"``.
+            n_steps: Adam steps for ``"marglik"``.
+            lr: Adam learning rate for ``"marglik"``.
+            init_prior_prec: Initial prior precision.
+            prior_structure: ``"scalar"`` or ``"layerwise"``.
+            *args: Further positional arguments of laplace-torch's method.
+            **kwargs: Further keyword arguments of laplace-torch's method.
+
+        Raises:
+            ValueError: For ``prior_structure="diag"`` or a per-parameter initial value.
+        """
+        if prior_structure == PriorStructure.DIAG:
+            raise ValueError(
+                "prior_structure='diag' is not supported by EKFAC Laplace: a "
+                "per-parameter prior is not diagonal in the Kronecker eigenbasis, so "
+                "log det and inverse would no longer be exact. Use 'scalar' or "
+                "'layerwise'."
+            )
+        if isinstance(init_prior_prec, Tensor) and init_prior_prec.ndim == 1:
+            if len(init_prior_prec) not in (1, self.n_layers):
+                raise ValueError(
+                    f"init_prior_prec has {len(init_prior_prec)} values; EKFAC takes a "
+                    f"scalar or one per parameter tensor ({self.n_layers})."
+                )
+        self._check_H_init()
+        super().optimize_prior_precision(
+            pred_type, method, n_steps, lr, init_prior_prec, prior_structure,
+            *args, **kwargs,
+        )
+
+    # ---------------------------------------------------------- serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """State as plain tensors and numbers (``torch.save`` friendly).
+
+        Returns:
+            laplace-torch's state with ``H`` as eigenvectors and eigenvalues.
+        """
+        state = super().state_dict()
+        state["H"] = {
+            "eigenvectors": [list(basis) for basis in self.H.eigenvectors],
+            "eigenvalues": list(self.H.eigenvalues),
+        }
+        state["ekfac"] = {
+            "fisher_type": self.fisher_type,
+            "kfac_approx": self.kfac_approx,
+            "mc_samples": self.mc_samples,
+            "seed": self.seed,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`, validating it first.
+
+        Args:
+            state_dict: A state produced by the same class for the same model.
+
+        Raises:
+            ValueError: If the state is from another class, model or likelihood.
+        """
+        if state_dict.get("cls_name") != type(self).__name__:
+            raise ValueError(
+                f"The state is from {state_dict.get('cls_name')!r}, not "
+                f"{type(self).__name__}; load it into the class that saved it."
+            )
+        if state_dict.get("likelihood") != self.likelihood:
+            raise ValueError(
+                f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
+                f"Laplace uses {self.likelihood!r}."
+            )
+        H = state_dict.get("H")
+        if not isinstance(H, dict) or {"eigenvectors", "eigenvalues"} - set(H):
+            raise ValueError("The state has no EKFAC eigenvectors and eigenvalues.")
+        decomposed = EKFACDecomposed(
+            [tuple(basis) for basis in H["eigenvectors"]], H["eigenvalues"]
+        )
+        self._check_state_blocks(decomposed)
+        super().load_state_dict(state_dict)
+        self.H = decomposed
+        options = state_dict.get("ekfac", {})
+        self.fisher_type = options.get("fisher_type", self.fisher_type)
+        self.kfac_approx = options.get("kfac_approx", self.kfac_approx)
+        self.mc_samples = options.get("mc_samples", self.mc_samples)
+        self.seed = options.get("seed", self.seed)
+
+    def _check_state_blocks(self, decomposed: EKFACDecomposed) -> None:
+        shapes = [p.numel() for p in self._curvature_params()]
+        if decomposed.block_sizes != shapes:
+            raise ValueError(
+                f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but this "
+                f"model's parameter tensors have sizes {shapes}; load it into the model "
+                "it was fitted on."
+            )
+
+
+class EKFACLLLaplace(LLLaplace, EKFACLaplace):
+    r"""Last-layer Laplace approximation with an EKFAC posterior precision.
+
+    Only the parameters of the last ``nn.Linear`` layer are treated
+    probabilistically; the posterior precision of its weight and bias blocks is
+
+    $$
+        P_b = (Q_G \otimes Q_A) \, \mathrm{diag}\big(λ_b / (σ^2 T) + δ_b\big) \,
+        (Q_G \otimes Q_A)^\top .
+    $$
+
+    Unlike laplace-torch's last-layer classes, a per-layer prior (one value for the
+    weight, one for the bias) is supported. ``fit(override=False)`` is refused, as in
+    laplace-torch.
+
+    Args:
+        model: The MAP network.
+        likelihood: ``"classification"`` or ``"regression"``.
+        sigma_noise: Observation noise (regression only).
+        prior_precision: Scalar or one value per last-layer parameter tensor.
+        prior_mean: Scalar or one value per last-layer parameter.
+        temperature: Likelihood temperature.
+        enable_backprop: Allow gradients through the predictive w.r.t. the input.
+        feature_reduction: How laplace-torch reduces >2-D features.
+        dict_key_x: Input key of dict-like batches.
+        dict_key_y: Target key of dict-like batches.
+        backend: ``CurvlinopsGGN`` (default) or ``CurvlinopsEF``.
+        last_layer_name: Name of the last layer; found automatically if ``None``.
+        backend_kwargs: Passed to the backend.
+        asdl_fisher_kwargs: Not supported for last-layer Laplace (laplace-torch).
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
+        seed: Seed of the Monte-Carlo label sampler.
+    """
+
+    _key = ("last_layer", "ekfac")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = None,
+        last_layer_name: str | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        kfac_approx: str = "expand",
+        mc_samples: int = 1,
+        seed: int = DEFAULT_SEED,
+    ) -> None:
+        fisher_type = _fisher_type(
+            CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
+        )
+        _validate_options(fisher_type, kfac_approx, mc_samples)
+        LLLaplace.__init__(
+            self,
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            feature_reduction=feature_reduction,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            last_layer_name=last_layer_name,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+        # LLLaplace.__init__ ran EKFACLaplace.__init__ with default options.
+        self.fisher_type = fisher_type
+        self.kfac_approx = kfac_approx
+        self.mc_samples = mc_samples
+        self.seed = seed
+
+    def _curvature_params(self) -> list[Tensor]:
+        return [p for p in self.model.last_layer.parameters() if p.requires_grad]
+
+    def _mean_vector(self) -> Tensor:
+        return parameters_to_vector(self.model.last_layer.parameters())
+
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """Diagonal prior precision from a scalar or per-layer prior, shape ``(P,)``."""
+        return BaseLaplace.prior_precision_diag.fget(self)

@@ -1,0 +1,342 @@
+"""The structured EKFAC matrix: per-block Kronecker eigenbases and corrected eigenvalues.
+
+``EKFACDecomposed`` has the interface of laplace-torch's
+``laplace.utils.matrix.KronDecomposed`` (``+ deltas``, ``* scalar``, ``len``,
+``logdet``, ``bmm``, ``inv_square_form``, ``diag``, ``to_matrix``, ``detach``), so every
+code path of laplace-torch that works with a decomposed Kronecker posterior
+precision works with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_Scalar = float | int | Tensor
+
+
+class EKFACDecomposed:
+    r"""Block-diagonal matrix in a Kronecker-factored eigenbasis with free eigenvalues.
+
+    There is one block per parameter tensor, in the order of the parameter vector.
+    A weight block of shape ``(out, in)`` (for ``Conv2d``, ``in = c_in * kh * kw``) has
+    eigenvectors ``(Q_G, Q_A)`` and eigenvalues ``λ`` of shape ``(out, in)``; a bias
+    block of size ``out`` has eigenvectors ``(Q_G,)`` and eigenvalues of shape
+    ``(out,)``. With the additive ``δ_b`` (e.g. a prior precision) of block ``b``,
+
+    $$
+        M_b = (Q_G \otimes Q_A) \, \mathrm{diag}(\mathrm{vec}(λ_b) + δ_b) \,
+        (Q_G \otimes Q_A)^\top ,
+    $$
+
+    where ``vec`` is row-major, matching ``torch.nn.utils.parameters_to_vector``. This
+    is the form of the EKFAC approximation of George et al. (2018), "Fast Approximate
+    Natural Gradient Descent in a Kronecker-factored Eigenbasis", with damping.
+
+    Args:
+        eigenvectors: Per block, ``(Q_G, Q_A)`` for a weight or ``(Q_G,)`` for a bias;
+            orthogonal matrices of shapes ``(out, out)`` and ``(in, in)``.
+        eigenvalues: Per block, the eigenvalues in the eigenbasis, shape ``(out, in)``
+            for a weight and ``(out,)`` for a bias.
+        deltas: Additive constant per block, shape ``()``, ``(1,)`` or
+            ``(len(eigenvalues),)``; zero if ``None``.
+
+    Raises:
+        ValueError: If the blocks are empty or their shapes do not fit together.
+    """
+
+    def __init__(
+        self,
+        eigenvectors: Sequence[tuple[Tensor, ...]],
+        eigenvalues: Sequence[Tensor],
+        deltas: Tensor | None = None,
+    ) -> None:
+        if len(eigenvectors) == 0:
+            raise ValueError("EKFACDecomposed needs at least one block, got none.")
+        if len(eigenvectors) != len(eigenvalues):
+            raise ValueError(
+                f"Got {len(eigenvectors)} eigenvector tuples but {len(eigenvalues)} "
+                "eigenvalue tensors; pass one of each per parameter block."
+            )
+        for index, (basis, values) in enumerate(zip(eigenvectors, eigenvalues)):
+            expected = tuple(q.shape[0] for q in basis)
+            if len(basis) not in (1, 2) or any(q.shape != (n, n) for q, n in zip(basis, expected)):
+                raise ValueError(
+                    f"Block {index}: eigenvectors must be (Q_G,) or (Q_G, Q_A) with "
+                    f"square matrices, got shapes {[tuple(q.shape) for q in basis]}."
+                )
+            if tuple(values.shape) != expected:
+                raise ValueError(
+                    f"Block {index}: eigenvalues have shape {tuple(values.shape)} but "
+                    f"the eigenbasis needs {expected}."
+                )
+        self.eigenvectors: list[tuple[Tensor, ...]] = [tuple(b) for b in eigenvectors]
+        self.eigenvalues: list[Tensor] = list(eigenvalues)
+        reference = self.eigenvalues[0]
+        if deltas is None:
+            deltas = torch.zeros(len(self), device=reference.device, dtype=reference.dtype)
+        self.deltas: Tensor = self._broadcast_deltas(deltas)
+
+    # ------------------------------------------------------------------ structure
+    def __len__(self) -> int:
+        return len(self.eigenvalues)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Number of parameters of each block."""
+        return [values.numel() for values in self.eigenvalues]
+
+    @property
+    def n_params(self) -> int:
+        """Total number of parameters (the matrix is ``n_params × n_params``)."""
+        return sum(self.block_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the stored tensors."""
+        return self.eigenvalues[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point type of the stored tensors."""
+        return self.eigenvalues[0].dtype
+
+    def _broadcast_deltas(self, deltas: Tensor) -> Tensor:
+        if not isinstance(deltas, Tensor):
+            raise ValueError(
+                f"deltas must be a torch.Tensor, got {type(deltas).__name__}; wrap it "
+                "with torch.as_tensor(...)."
+            )
+        if deltas.ndim == 0 or (deltas.ndim == 1 and len(deltas) == 1):
+            return deltas.reshape(1).expand(len(self))
+        if deltas.ndim == 1 and len(deltas) == len(self):
+            return deltas
+        raise ValueError(
+            f"deltas must be a scalar or have one entry per block ({len(self)}), "
+            f"got shape {tuple(deltas.shape)}."
+        )
+
+    def detach(self) -> EKFACDecomposed:
+        """Detach eigenvalues and deltas from the autograd graph (in place).
+
+        Returns:
+            ``self``.
+        """
+        self.eigenvalues = [values.detach() for values in self.eigenvalues]
+        self.deltas = self.deltas.detach()
+        return self
+
+    def __add__(self, deltas: Tensor | float) -> EKFACDecomposed:
+        """Add a scalar or one scalar per block to the diagonal: ``M + δ I``.
+
+        Args:
+            deltas: Scalar, or a tensor of shape ``(1,)`` or ``(len(self),)``.
+
+        Returns:
+            A new matrix sharing the eigenbasis.
+        """
+        if not isinstance(deltas, Tensor):
+            if not isinstance(deltas, (float, int)):
+                raise ValueError(
+                    "Can only add a scalar or a tensor of per-block scalars to "
+                    f"EKFACDecomposed, got {type(deltas).__name__}."
+                )
+            deltas = torch.as_tensor(deltas, device=self.device, dtype=self.dtype)
+        return EKFACDecomposed(
+            self.eigenvectors, self.eigenvalues, self.deltas + self._broadcast_deltas(deltas)
+        )
+
+    def __mul__(self, scalar: _Scalar) -> EKFACDecomposed:
+        """Multiply the matrix by a positive scalar: ``c M`` (eigenvalues and deltas).
+
+        Args:
+            scalar: A Python number or a tensor with one element (may require grad).
+
+        Returns:
+            A new matrix sharing the eigenbasis.
+
+        Raises:
+            ValueError: If ``scalar`` is not a single number.
+        """
+        if isinstance(scalar, Tensor):
+            if scalar.numel() != 1:
+                raise ValueError(
+                    f"Can only multiply EKFACDecomposed by a scalar, got a tensor of "
+                    f"shape {tuple(scalar.shape)}."
+                )
+            scalar = scalar.reshape(())
+        elif not isinstance(scalar, (float, int)):
+            raise ValueError(
+                f"Can only multiply EKFACDecomposed by a scalar, got {type(scalar).__name__}."
+            )
+        return EKFACDecomposed(
+            self.eigenvectors,
+            [values * scalar for values in self.eigenvalues],
+            self.deltas * scalar,
+        )
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    # ----------------------------------------------------------------- spectrum
+    def _damped(self, index: int) -> Tensor:
+        return self.eigenvalues[index] + self.deltas[index]
+
+    def _powered(self, index: int, exponent: float) -> Tensor:
+        damped = self._damped(index)
+        if exponent == 1:
+            return damped
+        return torch.pow(damped, exponent)
+
+    def logdet(self) -> Tensor:
+        r"""Log determinant ``Σ_b Σ_i log(λ_{b,i} + δ_b)``.
+
+        Returns:
+            Scalar tensor.
+        """
+        return sum(torch.log(self._damped(i)).sum() for i in range(len(self)))
+
+    # -------------------------------------------------------------- rotations
+    def _split(self, W: Tensor) -> list[Tensor]:
+        """Split ``(..., P)`` into per-block ``(..., out[, in])`` views."""
+        if W.shape[-1] != self.n_params:
+            raise ValueError(
+                f"Last dimension of W is {W.shape[-1]} but the matrix has "
+                f"{self.n_params} parameters."
+            )
+        chunks = torch.split(W, self.block_sizes, dim=-1)
+        return [
+            chunk.reshape(*chunk.shape[:-1], *values.shape)
+            for chunk, values in zip(chunks, self.eigenvalues)
+        ]
+
+    def _rotate_in(self, index: int, block: Tensor) -> Tensor:
+        """``Q_G^T W Q_A`` (or ``Q_G^T w``) applied over leading batch dimensions."""
+        basis = self.eigenvectors[index]
+        if len(basis) == 2:
+            return basis[0].T @ block @ basis[1]
+        return block @ basis[0]
+
+    def _rotate_out(self, index: int, block: Tensor) -> Tensor:
+        """``Q_G W Q_A^T`` (or ``Q_G w``): the inverse of :meth:`_rotate_in`."""
+        basis = self.eigenvectors[index]
+        if len(basis) == 2:
+            return basis[0] @ block @ basis[1].T
+        return block @ basis[0].T
+
+    def _join(self, blocks: list[Tensor], leading: torch.Size) -> Tensor:
+        return torch.cat([b.reshape(*leading, -1) for b in blocks], dim=-1)
+
+    def _matmul(self, W: Tensor, exponent: float) -> Tensor:
+        """``W M^exponent`` for ``W`` of shape ``(..., P)`` (``M`` is symmetric)."""
+        blocks = self._split(W)
+        out = [
+            self._rotate_out(i, self._rotate_in(i, block) * self._powered(i, exponent))
+            for i, block in enumerate(blocks)
+        ]
+        return self._join(out, W.shape[:-1])
+
+    def bmm(self, W: Tensor, exponent: float = -1) -> Tensor:
+        """Multiply by a real power of the matrix: ``M^exponent w`` for each row ``w``.
+
+        Args:
+            W: Shape ``(P,)``, ``(B, P)`` or ``(B, K, P)``.
+            exponent: Any real exponent (``1``, ``-1``, ``-1/2``, ``1/2`` are common).
+
+        Returns:
+            Tensor of the same shape as ``W``.
+
+        Raises:
+            ValueError: If ``W`` has another number of dimensions or a wrong width.
+        """
+        if W.ndim not in (1, 2, 3):
+            raise ValueError(
+                f"W must have shape (P,), (B, P) or (B, K, P), got {tuple(W.shape)}."
+            )
+        return self._matmul(W, exponent)
+
+    def square_form(self, W: Tensor, exponent: float = 1) -> Tensor:
+        """Batched quadratic form ``W M^exponent W^T`` without rotating back.
+
+        Args:
+            W: Shape ``(B, K, P)``.
+            exponent: Real exponent of the matrix.
+
+        Returns:
+            Shape ``(B, K, K)``.
+        """
+        if W.ndim != 3:
+            raise ValueError(f"W must have shape (B, K, P), got {tuple(W.shape)}.")
+        result = W.new_zeros(W.shape[0], W.shape[1], W.shape[1])
+        for i, block in enumerate(self._split(W)):
+            rotated = self._rotate_in(i, block).flatten(start_dim=2)
+            scaled = rotated * self._powered(i, exponent).reshape(1, 1, -1)
+            result = result + scaled @ rotated.transpose(1, 2)
+        return result
+
+    def inv_square_form(self, W: Tensor) -> Tensor:
+        """``W M^{-1} W^T`` for ``W`` of shape ``(B, K, P)``; returns ``(B, K, K)``.
+
+        Args:
+            W: Shape ``(B, K, P)``, e.g. Jacobians.
+
+        Returns:
+            Shape ``(B, K, K)``.
+        """
+        return self.square_form(W, exponent=-1)
+
+    def eigenbasis_matmul(self, Z: Tensor, exponent: float = -0.5) -> Tensor:
+        r"""Map eigenbasis coordinates to parameters: ``Q diag((λ+δ)^exponent) z``.
+
+        With ``z ~ N(0, I)`` and ``exponent = -1/2`` this draws from
+        ``N(0, M^{-1})`` at the cost of one rotation per block.
+
+        Args:
+            Z: Shape ``(..., P)``, coordinates in the eigenbasis (row-major per block).
+            exponent: Real exponent.
+
+        Returns:
+            Shape ``(..., P)``.
+        """
+        blocks = self._split(Z)
+        out = [
+            self._rotate_out(i, block * self._powered(i, exponent))
+            for i, block in enumerate(blocks)
+        ]
+        return self._join(out, Z.shape[:-1])
+
+    def diag(self, exponent: float = 1) -> Tensor:
+        """Diagonal of ``M^exponent``: ``(Q_G∘Q_G) (λ+δ)^p (Q_A∘Q_A)^T`` per block.
+
+        Args:
+            exponent: Real exponent.
+
+        Returns:
+            Shape ``(P,)``.
+        """
+        diagonals = []
+        for i, basis in enumerate(self.eigenvectors):
+            powered = self._powered(i, exponent)
+            squared_g = basis[0].square()
+            if len(basis) == 2:
+                diagonals.append((squared_g @ powered @ basis[1].square().T).flatten())
+            else:
+                diagonals.append(squared_g @ powered)
+        return torch.cat(diagonals)
+
+    def to_matrix(self, exponent: float = 1) -> Tensor:
+        """Dense ``M^exponent`` of shape ``(P, P)``; for tests and small models only.
+
+        Args:
+            exponent: Real exponent.
+
+        Returns:
+            Shape ``(P, P)``.
+        """
+        blocks = []
+        for i, basis in enumerate(self.eigenvectors):
+            Q = torch.kron(basis[0], basis[1]) if len(basis) == 2 else basis[0]
+            blocks.append((Q * self._powered(i, exponent).reshape(1, -1)) @ Q.T)
+        return torch.block_diag(*blocks)
