@@ -179,6 +179,16 @@ def _validate_options(fisher_type: str, kfac_approx: str, mc_samples: int) -> No
         )
 
 
+def _check_finite_factors(state: dict[str, Any]) -> None:
+    for key, kind in (("input_covariances", "input"), ("gradient_covariances", "gradient")):
+        for module_name, factor in state[key].items():
+            if not torch.isfinite(factor).all():
+                raise ValueError(
+                    f"The Kronecker {kind} factor of layer '{module_name}' is not finite "
+                    "(NaN or Inf); check the model's outputs and the data for NaN/Inf."
+                )
+
+
 def compute_ekfac(
     model: nn.Module,
     params: list[Tensor],
@@ -248,6 +258,7 @@ def compute_ekfac(
 
     if eigenbasis is None:
         operator.compute_kronecker_factors()
+        _check_finite_factors(operator.state_dict())
     else:
         input_eigenvectors, gradient_eigenvectors = {}, {}
         for (module_name, param_name), basis in zip(located, eigenbasis):

@@ -1,0 +1,99 @@
+"""Test cases as data: small models, likelihoods and data sets (float64)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass
+class Case:
+    name: str
+    build: object  # () -> nn.Module
+    likelihood: str
+    input_shape: tuple[int, ...]
+    n_outputs: int
+    n_data: int = 12
+    kfac_approx: str = "expand"
+    tags: set[str] = field(default_factory=set)
+
+    def make(self, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
+        torch.manual_seed(seed)
+        model = self.build().to(torch.float64)
+        X = torch.randn(self.n_data, *self.input_shape, dtype=torch.float64)
+        if self.likelihood == "classification":
+            y = torch.randint(0, self.n_outputs, (self.n_data,))
+        else:
+            y = torch.randn(self.n_data, self.n_outputs, dtype=torch.float64)
+        return model, X, y
+
+
+def loader(X: Tensor, y: Tensor, batch_size: int = 5) -> DataLoader:
+    return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=False)
+
+
+def _mlp(bias: bool = True, n_out: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 5, bias=bias), nn.Tanh(), nn.Linear(5, n_out, bias=bias)
+    )
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, kernel_size=2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    )
+
+
+CASES = [
+    Case("mlp_classification", lambda: _mlp(), "classification", (4,), 3, tags={"mlp"}),
+    Case(
+        "mlp_nobias_classification",
+        lambda: _mlp(bias=False),
+        "classification",
+        (4,),
+        3,
+        tags={"mlp"},
+    ),
+    Case("mlp_regression", lambda: _mlp(n_out=1), "regression", (4,), 1, tags={"mlp"}),
+    Case(
+        "mlp_regression_multi",
+        lambda: _mlp(n_out=2),
+        "regression",
+        (4,),
+        2,
+        tags={"mlp"},
+    ),
+    Case(
+        "cnn_classification",
+        _cnn,
+        "classification",
+        (2, 6, 6),
+        3,
+        n_data=24,
+        tags={"cnn"},
+    ),
+    Case(
+        "cnn_classification_reduce",
+        _cnn,
+        "classification",
+        (2, 6, 6),
+        3,
+        n_data=24,  # > 18 = c_in·kh·kw, so the averaged-patch factor A is full rank
+        kfac_approx="reduce",
+        tags={"cnn"},
+    ),
+]
+
+CASE_IDS = [case.name for case in CASES]
+
+
+def last_layer_params(model: nn.Module) -> list[Tensor]:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return list(last.parameters())
