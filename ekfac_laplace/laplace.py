@@ -15,7 +15,7 @@ from laplace.curvature import CurvatureInterface, CurvlinopsEF, CurvlinopsGGN
 from laplace.lllaplace import LLLaplace
 from laplace.utils.enums import Likelihood, PriorStructure
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 
 from ekfac_laplace.curvature import (
@@ -357,6 +357,17 @@ class EKFACLaplace(ParametricLaplace):
         return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
 
     # ------------------------------------------------------------------ prior
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """Diagonal of the prior precision from a scalar or per-layer prior, ``(P,)``."""
+        sizes = [p.numel() for p in self._curvature_params()]
+        prior = self.prior_precision
+        if len(prior) == 1:
+            return prior * torch.ones(sum(sizes), device=prior.device, dtype=prior.dtype)
+        return torch.repeat_interleave(
+            prior, torch.as_tensor(sizes, device=prior.device)
+        )
+
     @BaseLaplace.prior_precision.setter
     def prior_precision(self, prior_precision: float | Tensor) -> None:
         if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
@@ -569,7 +580,32 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
     def _mean_vector(self) -> Tensor:
         return parameters_to_vector(self.model.last_layer.parameters())
 
-    @property
-    def prior_precision_diag(self) -> Tensor:
-        """Diagonal prior precision from a scalar or per-layer prior, shape ``(P,)``."""
-        return BaseLaplace.prior_precision_diag.fget(self)
+    # LLLaplace's version knows only scalar and diagonal priors; ours adds per-layer.
+    prior_precision_diag = EKFACLaplace.prior_precision_diag
+
+    def _nn_functional_samples(
+        self,
+        X: Tensor | MutableMapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """Last-layer NN samples (laplace-torch 0.3 writes them into all weights).
+
+        Features are computed once; each sample only reruns the last layer.
+        """
+        last_layer = self.model.last_layer
+        if isinstance(X, Tensor):
+            X = X.to(self._device)
+        outputs, features = [], None
+        try:
+            for sample in self.sample(n_samples, generator):
+                vector_to_parameters(sample, last_layer.parameters())
+                if features is None:
+                    f, features = self.model.forward_with_features(X, **model_kwargs)
+                else:
+                    f = last_layer(features)
+                outputs.append(f if self.enable_backprop else f.detach())
+        finally:
+            vector_to_parameters(self.mean, last_layer.parameters())
+        return torch.stack(outputs)

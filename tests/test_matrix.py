@@ -1,0 +1,140 @@
+"""EKFACDecomposed against its dense equivalent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ekfac_laplace.matrix import EKFACDecomposed
+from tests.utils import assert_close
+
+
+def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q
+
+
+def _random_ekfac(
+    shapes=((3, 4), (3,), (2, 5), (2,)), seed: int = 0
+) -> EKFACDecomposed:
+    generator = torch.Generator().manual_seed(seed)
+    eigenvectors, eigenvalues = [], []
+    for shape in shapes:
+        eigenvectors.append(tuple(_orthogonal(n, generator) for n in shape))
+        eigenvalues.append(
+            torch.rand(*shape, generator=generator, dtype=torch.float64) * 3
+        )
+    return EKFACDecomposed(eigenvectors, eigenvalues)
+
+
+def _dense(matrix: EKFACDecomposed, deltas: torch.Tensor) -> torch.Tensor:
+    """Built from scratch: Q diag(λ) Qᵀ + δ I per block."""
+    blocks = []
+    for basis, values, delta in zip(matrix.eigenvectors, matrix.eigenvalues, deltas):
+        Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
+        blocks.append(Q @ torch.diag(values.flatten()) @ Q.T + delta * torch.eye(len(Q), dtype=torch.float64))
+    return torch.block_diag(*blocks).double()
+
+
+def _matrix_power(dense: torch.Tensor, exponent: float) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(dense)
+    return (evecs * evals.pow(exponent)) @ evecs.T
+
+
+DELTAS = [torch.tensor(0.7), torch.tensor([0.3]), torch.tensor([0.1, 0.5, 1.0, 2.0])]
+
+
+@pytest.mark.parametrize("delta", DELTAS, ids=["scalar", "length1", "per_block"])
+def test_dense_quantities(delta: torch.Tensor):
+    base = _random_ekfac()
+    matrix = base + delta.double()
+    per_block = delta.double().reshape(-1).expand(len(base))
+    dense = _dense(base, per_block)
+    assert_close(matrix.to_matrix(), dense)
+    assert_close(matrix.logdet(), torch.linalg.slogdet(dense).logabsdet)
+    for exponent in (1, -1, -0.5, 0.5, 2.3):
+        powered = _matrix_power(dense, exponent)
+        assert_close(matrix.to_matrix(exponent), powered)
+        assert_close(matrix.diag(exponent), torch.diagonal(powered))
+        W = torch.randn(6, 2, matrix.n_params, dtype=torch.float64)
+        assert_close(matrix.bmm(W, exponent), W @ powered)
+        assert_close(matrix.bmm(W[:, 0], exponent), W[:, 0] @ powered)
+        assert_close(matrix.bmm(W[0, 0], exponent), W[0, 0] @ powered)
+        assert_close(matrix.square_form(W, exponent), W @ powered @ W.transpose(1, 2))
+    W = torch.randn(4, 3, matrix.n_params, dtype=torch.float64)
+    assert_close(
+        matrix.inv_square_form(W), W @ torch.linalg.inv(dense) @ W.transpose(1, 2)
+    )
+
+
+def test_bmm_keeps_batch_of_one():
+    matrix = _random_ekfac() + torch.tensor(1.0, dtype=torch.float64)
+    W = torch.randn(1, matrix.n_params, dtype=torch.float64)
+    assert matrix.bmm(W).shape == (1, matrix.n_params)
+
+
+def test_scalar_multiplication_scales_eigenvalues_and_deltas():
+    base = _random_ekfac() + torch.tensor(0.5, dtype=torch.float64)
+    scaled = base * 3.0
+    assert_close(scaled.to_matrix(), 3.0 * base.to_matrix())
+    assert_close((2.0 * base).to_matrix(), 2.0 * base.to_matrix())
+    assert_close((base + 1.0).to_matrix(), base.to_matrix() + torch.eye(base.n_params, dtype=torch.float64))
+    assert len(base) == 4
+    assert base.n_params == 12 + 3 + 10 + 2
+
+
+def test_eigenbasis_sampling_has_the_inverse_as_covariance():
+    matrix = _random_ekfac() + torch.tensor(0.4, dtype=torch.float64)
+    identity = torch.eye(matrix.n_params, dtype=torch.float64)
+    # Q D^{-1/2} (Q D^{-1/2})ᵀ = M^{-1}: the sampling map is an exact square root.
+    root = matrix.eigenbasis_matmul(identity, exponent=-0.5)
+    assert_close(root.T @ root, matrix.to_matrix(-1))
+
+
+def test_gradients_flow_through_deltas_and_scalar():
+    base = _random_ekfac()
+    delta = torch.tensor([0.5, 0.6, 0.7, 0.8], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (base * scale + delta).logdet().backward()
+    dense_delta = delta.detach().clone().requires_grad_(True)
+    dense_scale = scale.detach().clone().requires_grad_(True)
+    blocks = []
+    for basis, values, d in zip(base.eigenvectors, base.eigenvalues, dense_delta):
+        Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
+        blocks.append(dense_scale * Q @ torch.diag(values.flatten()) @ Q.T + d * torch.eye(len(Q), dtype=torch.float64))
+    torch.linalg.slogdet(torch.block_diag(*blocks)).logabsdet.backward()
+    assert_close(delta.grad, dense_delta.grad)
+    assert_close(scale.grad, dense_scale.grad)
+
+
+def test_detach():
+    base = _random_ekfac()
+    delta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    matrix = (base + delta).detach()
+    assert not matrix.deltas.requires_grad
+
+
+def test_bad_input_is_refused():
+    base = _random_ekfac()
+    with pytest.raises(ValueError, match="at least one block"):
+        EKFACDecomposed([], [])
+    with pytest.raises(ValueError, match="2 eigenvector tuples but 1"):
+        EKFACDecomposed(base.eigenvectors[:2], base.eigenvalues[:1])
+    with pytest.raises(ValueError, match="eigenbasis needs"):
+        EKFACDecomposed(base.eigenvectors[:1], [torch.ones(4, 3)])
+    with pytest.raises(ValueError, match="square matrices"):
+        EKFACDecomposed([(torch.ones(2, 3),)], [torch.ones(2)])
+    with pytest.raises(ValueError, match="one entry per block"):
+        base + torch.ones(3)
+    with pytest.raises(ValueError, match="scalar or a tensor"):
+        base + "one"
+    with pytest.raises(ValueError, match="by a scalar"):
+        base * torch.ones(2)
+    with pytest.raises(ValueError, match="by a scalar"):
+        base * "two"
+    with pytest.raises(ValueError, match="has 27 parameters"):
+        base.bmm(torch.ones(3, 5))
+    with pytest.raises(ValueError, match=r"\(P,\), \(B, P\) or \(B, K, P\)"):
+        base.bmm(torch.ones(1, 1, 1, 27))
+    with pytest.raises(ValueError, match=r"\(B, K, P\)"):
+        base.square_form(torch.ones(27))
