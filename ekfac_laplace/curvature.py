@@ -43,7 +43,8 @@ class EKFACFactors:
     """EKFAC of the log-likelihood curvature, in laplace-torch's scale.
 
     Attributes:
-        eigenvectors: Per parameter tensor, ``(Q_G, Q_A)`` (weight) or ``(Q_G,)`` (bias).
+        eigenvectors: Per parameter tensor, ``(Q_G, Q_A)`` (weight) or ``(Q_G,)``
+            (bias).
         eigenvalues: Per parameter tensor, corrected eigenvalues (``(out, in)`` or
             ``(out,)``), summed over the data set and clamped at zero.
         loss: The data term ``factor * Σ_n loss(f(x_n), y_n)`` that laplace-torch
@@ -180,12 +181,16 @@ def _validate_options(fisher_type: str, kfac_approx: str, mc_samples: int) -> No
 
 
 def _check_finite_factors(state: dict[str, Any]) -> None:
-    for key, kind in (("input_covariances", "input"), ("gradient_covariances", "gradient")):
+    for key, kind in (
+        ("input_covariances", "input"),
+        ("gradient_covariances", "gradient"),
+    ):
         for module_name, factor in state[key].items():
             if not torch.isfinite(factor).all():
                 raise ValueError(
-                    f"The Kronecker {kind} factor of layer '{module_name}' is not finite "
-                    "(NaN or Inf); check the model's outputs and the data for NaN/Inf."
+                    f"The Kronecker {kind} factor of layer '{module_name}' is not "
+                    "finite (NaN or Inf); check the model's outputs and the data for "
+                    "NaN/Inf."
                 )
 
 

@@ -209,7 +209,7 @@ class EKFACLaplace(ParametricLaplace):
         mean = self._mean_vector()
         self.mean = mean if self.enable_backprop else mean.detach()
         self.n_outputs = n_outputs
-        setattr(self.model, "output_size", n_outputs)
+        self.model.output_size = n_outputs
         if previous is None:
             self.H = factors.to_decomposed()
             self.loss = factors.loss
@@ -255,13 +255,15 @@ class EKFACLaplace(ParametricLaplace):
         if out.ndim != 2:
             raise ValueError(
                 f"EKFAC Laplace needs model outputs of shape (batch, outputs), got "
-                f"{tuple(out.shape)}; flatten sequence outputs into the batch dimension."
+                f"{tuple(out.shape)}; flatten sequence outputs into the batch "
+                "dimension."
             )
         if y is not None:
             if self.likelihood == Likelihood.REGRESSION and y.shape != out.shape:
                 raise ValueError(
                     f"Regression targets have shape {tuple(y.shape)} but the model "
-                    f"outputs {tuple(out.shape)}; they must match, e.g. y.reshape(-1, 1)."
+                    f"outputs {tuple(out.shape)}; they must match, e.g. "
+                    "y.reshape(-1, 1)."
                 )
             is_indices = y.ndim == 1 and y.shape[0] == out.shape[0]
             is_probabilities = y.shape == out.shape and y.is_floating_point()
@@ -359,25 +361,28 @@ class EKFACLaplace(ParametricLaplace):
     # ------------------------------------------------------------------ prior
     @property
     def prior_precision_diag(self) -> Tensor:
-        """Diagonal of the prior precision from a scalar or per-layer prior, ``(P,)``."""
+        """Diagonal of the prior precision (scalar or per-layer prior), ``(P,)``."""
         sizes = [p.numel() for p in self._curvature_params()]
         prior = self.prior_precision
         if len(prior) == 1:
-            return prior * torch.ones(sum(sizes), device=prior.device, dtype=prior.dtype)
+            return prior * torch.ones(
+                sum(sizes), device=prior.device, dtype=prior.dtype
+            )
         return torch.repeat_interleave(
             prior, torch.as_tensor(sizes, device=prior.device)
         )
 
     @BaseLaplace.prior_precision.setter
     def prior_precision(self, prior_precision: float | Tensor) -> None:
+        """Set a scalar or per-layer prior precision; per-parameter is refused."""
         if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
             n_layers = getattr(self, "n_layers", None)
             if n_layers is not None and len(prior_precision) not in (1, n_layers):
                 raise ValueError(
-                    f"EKFAC Laplace takes a scalar prior precision or one per parameter "
-                    f"tensor ({n_layers}), got {len(prior_precision)} values. A diagonal "
-                    "(per-parameter) prior is not diagonal in the EKFAC eigenbasis; use "
-                    "hessian_structure='diag' or 'full' for that."
+                    "EKFAC Laplace takes a scalar prior precision or one per "
+                    f"parameter tensor ({n_layers}), got {len(prior_precision)} "
+                    "values. A diagonal (per-parameter) prior is not diagonal in the "
+                    "EKFAC eigenbasis; use hessian_structure='diag' or 'full' for that."
                 )
         BaseLaplace.prior_precision.fset(self, prior_precision)
 
@@ -422,8 +427,14 @@ class EKFACLaplace(ParametricLaplace):
                 )
         self._check_H_init()
         super().optimize_prior_precision(
-            pred_type, method, n_steps, lr, init_prior_prec, prior_structure,
-            *args, **kwargs,
+            pred_type,
+            method,
+            n_steps,
+            lr,
+            init_prior_prec,
+            prior_structure,
+            *args,
+            **kwargs,
         )
 
     # ---------------------------------------------------------- serialisation
@@ -484,9 +495,9 @@ class EKFACLaplace(ParametricLaplace):
         shapes = [p.numel() for p in self._curvature_params()]
         if decomposed.block_sizes != shapes:
             raise ValueError(
-                f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but this "
-                f"model's parameter tensors have sizes {shapes}; load it into the model "
-                "it was fitted on."
+                f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but "
+                f"this model's parameter tensors have sizes {shapes}; load it into the "
+                "model it was fitted on."
             )
 
 

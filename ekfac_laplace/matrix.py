@@ -1,4 +1,4 @@
-"""The structured EKFAC matrix: per-block Kronecker eigenbases and corrected eigenvalues.
+"""The structured EKFAC matrix: Kronecker eigenbases and corrected eigenvalues.
 
 ``EKFACDecomposed`` has the interface of laplace-torch's
 ``laplace.utils.matrix.KronDecomposed`` (``+ deltas``, ``* scalar``, ``len``,
@@ -62,7 +62,9 @@ class EKFACDecomposed:
             )
         for index, (basis, values) in enumerate(zip(eigenvectors, eigenvalues)):
             expected = tuple(q.shape[0] for q in basis)
-            if len(basis) not in (1, 2) or any(q.shape != (n, n) for q, n in zip(basis, expected)):
+            if len(basis) not in (1, 2) or any(
+                q.shape != (n, n) for q, n in zip(basis, expected)
+            ):
                 raise ValueError(
                     f"Block {index}: eigenvectors must be (Q_G,) or (Q_G, Q_A) with "
                     f"square matrices, got shapes {[tuple(q.shape) for q in basis]}."
@@ -76,7 +78,9 @@ class EKFACDecomposed:
         self.eigenvalues: list[Tensor] = list(eigenvalues)
         reference = self.eigenvalues[0]
         if deltas is None:
-            deltas = torch.zeros(len(self), device=reference.device, dtype=reference.dtype)
+            deltas = torch.zeros(
+                len(self), device=reference.device, dtype=reference.dtype
+            )
         self.deltas: Tensor = self._broadcast_deltas(deltas)
 
     # ------------------------------------------------------------------ structure
@@ -145,7 +149,9 @@ class EKFACDecomposed:
                 )
             deltas = torch.as_tensor(deltas, device=self.device, dtype=self.dtype)
         return EKFACDecomposed(
-            self.eigenvectors, self.eigenvalues, self.deltas + self._broadcast_deltas(deltas)
+            self.eigenvectors,
+            self.eigenvalues,
+            self.deltas + self._broadcast_deltas(deltas),
         )
 
     def __mul__(self, scalar: _Scalar) -> EKFACDecomposed:
@@ -169,7 +175,8 @@ class EKFACDecomposed:
             scalar = scalar.reshape(())
         elif not isinstance(scalar, (float, int)):
             raise ValueError(
-                f"Can only multiply EKFACDecomposed by a scalar, got {type(scalar).__name__}."
+                "Can only multiply EKFACDecomposed by a scalar, got "
+                f"{type(scalar).__name__}."
             )
         return EKFACDecomposed(
             self.eigenvectors,

@@ -43,7 +43,12 @@ def test_ekfac_matches_dense_reference(case: Case, fisher_type: str, subset: str
     model, X, y = case.make()
     params = _subsets(model)[subset]
     factors = _fit(
-        model, params, X, y, case.likelihood, fisher_type=fisher_type,
+        model,
+        params,
+        X,
+        y,
+        case.likelihood,
+        fisher_type=fisher_type,
         kfac_approx=case.kfac_approx,
     )
     ref = reference_ekfac(
@@ -86,9 +91,17 @@ def test_batch_size_invariance(case: Case, fisher_type: str):
     params = list(model.parameters())
     results = [
         _fit(
-            model, params, X, y, case.likelihood, batch_size=b,
-            fisher_type=fisher_type, kfac_approx=case.kfac_approx,
-        ).to_decomposed().to_matrix()
+            model,
+            params,
+            X,
+            y,
+            case.likelihood,
+            batch_size=b,
+            fisher_type=fisher_type,
+            kfac_approx=case.kfac_approx,
+        )
+        .to_decomposed()
+        .to_matrix()
         for b in (1, 7, len(X))
     ]
     for other in results[1:]:
@@ -113,7 +126,9 @@ def test_monte_carlo_fisher_is_seeded_and_unbiased():
     ref = reference_ekfac(model, params, X, y, case.likelihood, "type2")
     for index, basis in enumerate(many.eigenvectors):
         expected = corrected_eigenvalues(ref["exact"][index], basis)
-        relative = (many.eigenvalues[index].flatten() - expected).norm() / expected.norm()
+        relative = (
+            many.eigenvalues[index].flatten() - expected
+        ).norm() / expected.norm()
         assert relative < 0.1
 
 
@@ -127,7 +142,12 @@ def test_ekfac_never_further_from_exact_than_kfac(case: Case, fisher_type: str):
     )
     ours = _dense_blocks(
         _fit(
-            model, params, X, y, case.likelihood, fisher_type=fisher_type,
+            model,
+            params,
+            X,
+            y,
+            case.likelihood,
+            fisher_type=fisher_type,
             kfac_approx=case.kfac_approx,
         )
     )
@@ -194,8 +214,13 @@ def test_errors_name_the_problem():
 
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
     with pytest.raises(ValueError, match="groups=2"):
-        _fit(grouped, list(grouped.parameters()), torch.randn(3, 2, 3, 3).double(),
-             torch.randint(0, 2, (3,)), "classification")
+        _fit(
+            grouped,
+            list(grouped.parameters()),
+            torch.randn(3, 2, 3, 3).double(),
+            torch.randint(0, 2, (3,)),
+            "classification",
+        )
 
 
 def test_non_finite_curvature_names_the_layer():

@@ -61,14 +61,17 @@ def _fitted(case: Case, subset: str, **overrides):
 
 
 def _dense_posterior(la, model, params, X, fisher_type="type2", y=None):
-    """``P = H_ekfac / (σ² T) + diag(p0)``, H built from the exact blocks in la's basis."""
+    """``P = H_ekfac / (σ² T) + diag(p0)``; H from the exact blocks in la's basis."""
     if fisher_type == "type2":
         full = dense_ggn(model, params, X, la.likelihood)
     else:
         full = dense_empirical_fisher(model, params, X, y, la.likelihood)
     sizes = [p.numel() for p in params]
     H = torch.block_diag(
-        *[ekfac_in_basis(b, basis) for b, basis in zip(blocks(full, sizes), la.H.eigenvectors)]
+        *[
+            ekfac_in_basis(b, basis)
+            for b, basis in zip(blocks(full, sizes), la.H.eigenvectors)
+        ]
     )
     h = 1 / (la.sigma_noise.item() ** 2 * la.temperature)
     prior = torch.cat(
@@ -145,7 +148,9 @@ def test_glm_predictive_matches_dense(case: Case, subset: str):
         assert_close(cov, flat @ Sigma @ flat.T)
     else:
         probs = la(X[:4], pred_type="glm", link_approx="probit")
-        kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(expected_var, dim1=1, dim2=2))
+        kappa = 1 / torch.sqrt(
+            1 + math.pi / 8 * torch.diagonal(expected_var, dim1=1, dim2=2)
+        )
         assert_close(probs, torch.softmax(kappa * f, dim=-1))
 
 
@@ -170,19 +175,25 @@ def test_log_marginal_likelihood_matches_dense_and_is_differentiable(
         *[ekfac_in_basis(b, q) for b, q in zip(blocks(full, sizes), la.H.eigenvectors)]
     )
     s = dense_sigma if regression else torch.tensor(1.0, dtype=torch.float64)
-    prior_diag = torch.cat([p0 * torch.ones(n, dtype=torch.float64) for p0, n in zip(dense_prior, sizes)])
+    prior_diag = torch.cat(
+        [p0 * torch.ones(n, dtype=torch.float64) for p0, n in zip(dense_prior, sizes)]
+    )
     P = H / (s**2 * la.temperature) + torch.diag(prior_diag)
     theta = torch.cat([p.detach().flatten() for p in params])
     with torch.no_grad():
         f = model(X)
     if regression:
-        log_lik = -0.5 * ((f - y) ** 2).sum() / s**2 / la.temperature - f.numel() * torch.log(
+        log_lik = -0.5 * (
+            (f - y) ** 2
+        ).sum() / s**2 / la.temperature - f.numel() * torch.log(
             s * math.sqrt(2 * math.pi)
         )
     else:
         log_lik = glm_log_likelihood(f, y, "classification", 1.0, la.temperature)
     expected = log_lik - 0.5 * (
-        torch.linalg.slogdet(P).logabsdet - prior_diag.log().sum() + theta @ (prior_diag * theta)
+        torch.linalg.slogdet(P).logabsdet
+        - prior_diag.log().sum()
+        + theta @ (prior_diag * theta)
     )
     expected.backward()
     assert_close(lml, expected)
@@ -209,7 +220,9 @@ def test_samples_have_the_posterior_mean_and_covariance(subset: str):
     ) / n
     assert ((empirical - Sigma).abs() / variance_of_entries.sqrt()).max() < 6
     # Reproducible under a generator, and exactly θ* + Q diag((hλ+δ)^-½) z.
-    z = torch.randn(3, la.n_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z = torch.randn(
+        3, la.n_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     expected = la.mean + la.posterior_precision.eigenbasis_matmul(z, -0.5)
     assert_close(la.sample(3, generator=torch.Generator().manual_seed(1)), expected)
 
@@ -236,8 +249,11 @@ def test_gridsearch_prior_tuning_picks_the_best_validation_nll(subset: str):
     la, model, params, X, y = _fitted(CASES[0], subset, prior_precision=1.0)
     val = loader(X, y, batch_size=12)
     la.optimize_prior_precision(
-        method="gridsearch", val_loader=val, grid_size=5,
-        log_prior_prec_min=-2, log_prior_prec_max=2,
+        method="gridsearch",
+        val_loader=val,
+        grid_size=5,
+        log_prior_prec_min=-2,
+        log_prior_prec_max=2,
     )
     chosen = la.prior_precision.item()
     nll = {}
@@ -270,16 +286,22 @@ def test_every_predictive_path_runs(case: Case, subset: str):
         for link in ("probit", "bridge", "bridge_norm", "mc"):
             probs = la(x, pred_type="glm", link_approx=link, n_samples=50)
             assert probs.shape == (5, case.n_outputs)
-            assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64), "float64_loose")
+            assert_close(
+                probs.sum(-1), torch.ones(5, dtype=torch.float64), "float64_loose"
+            )
         probs = la(x, pred_type="nn", link_approx="mc", n_samples=20)
         assert_close(probs.sum(-1), torch.ones(5, dtype=torch.float64), "float64_loose")
     else:
         mean, var = la(x, pred_type="nn", link_approx="mc", n_samples=20)
         assert mean.shape == (5, case.n_outputs) and var.shape == (5, case.n_outputs)
     for pred_type in ("glm", "nn"):
-        fs = la.functional_samples(x, pred_type=pred_type, n_samples=7, generator=generator)
+        fs = la.functional_samples(
+            x, pred_type=pred_type, n_samples=7, generator=generator
+        )
         assert fs.shape == (7, 5, case.n_outputs)
-        ps = la.predictive_samples(x, pred_type=pred_type, n_samples=7, generator=generator)
+        ps = la.predictive_samples(
+            x, pred_type=pred_type, n_samples=7, generator=generator
+        )
         assert ps.shape == (7, 5, case.n_outputs)
     # nn sampling restores the MAP parameters.
     assert_close(la._mean_vector(), la.mean)
@@ -293,7 +315,9 @@ def test_state_dict_round_trip_gives_identical_predictions(subset: str):
     buffer = io.BytesIO()
     torch.save(la.state_dict(), buffer)
     buffer.seek(0)
-    restored = Laplace(model, case.likelihood, subset_of_weights=subset, hessian_structure="ekfac")
+    restored = Laplace(
+        model, case.likelihood, subset_of_weights=subset, hessian_structure="ekfac"
+    )
     restored.load_state_dict(torch.load(buffer))
     x = X[:4]
     assert torch.equal(la(x, pred_type="glm"), restored(x, pred_type="glm"))
@@ -350,7 +374,9 @@ def test_online_fit_keeps_the_basis_and_adds_eigenvalues():
         model, params, X[6:], case.likelihood
     )
     sizes = [p.numel() for p in params]
-    for block, basis, values in zip(blocks(full, sizes), la.H.eigenvectors, la.H.eigenvalues):
+    for block, basis, values in zip(
+        blocks(full, sizes), la.H.eigenvectors, la.H.eigenvalues
+    ):
         Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
         assert_close(values.flatten(), torch.diagonal(Q.T @ block @ Q))
     assert la.n_data == 12
@@ -366,7 +392,9 @@ def test_backends_select_the_fisher_type():
     case = CASES[0]
     model, X, y = case.make()
     params = list(model.parameters())
-    la = Laplace(model, case.likelihood, "all", hessian_structure="ekfac", backend=CurvlinopsEF)
+    la = Laplace(
+        model, case.likelihood, "all", hessian_structure="ekfac", backend=CurvlinopsEF
+    )
     assert la.fisher_type == "empirical"
     la.fit(loader(X, y))
     P, _ = _dense_posterior(la, model, params, X, "empirical", y)
@@ -374,27 +402,62 @@ def test_backends_select_the_fisher_type():
 
     mc = [
         Laplace(
-            model, case.likelihood, "all", hessian_structure="ekfac",
-            backend=CurvlinopsGGN, backend_kwargs={"stochastic": True}, seed=5,
+            model,
+            case.likelihood,
+            "all",
+            hessian_structure="ekfac",
+            backend=CurvlinopsGGN,
+            backend_kwargs={"stochastic": True},
+            seed=5,
         )
         for _ in range(2)
     ]
     for la in mc:
         assert la.fisher_type == "mc"
         la.fit(loader(X, y))
-    assert torch.equal(mc[0].posterior_precision.to_matrix(), mc[1].posterior_precision.to_matrix())
-    assert Laplace(model, case.likelihood, "all", hessian_structure="ekfac",
-                   asdl_fisher_kwargs={"kfac_approx": "reduce"}).kfac_approx == "reduce"
-    ll = Laplace(model, case.likelihood, "last_layer", hessian_structure="ekfac",
-                 backend=CurvlinopsGGN, backend_kwargs={"stochastic": True},
-                 mc_samples=3, kfac_approx="reduce", seed=1)
-    assert (ll.fisher_type, ll.mc_samples, ll.kfac_approx, ll.seed) == ("mc", 3, "reduce", 1)
+    assert torch.equal(
+        mc[0].posterior_precision.to_matrix(), mc[1].posterior_precision.to_matrix()
+    )
+    assert (
+        Laplace(
+            model,
+            case.likelihood,
+            "all",
+            hessian_structure="ekfac",
+            asdl_fisher_kwargs={"kfac_approx": "reduce"},
+        ).kfac_approx
+        == "reduce"
+    )
+    ll = Laplace(
+        model,
+        case.likelihood,
+        "last_layer",
+        hessian_structure="ekfac",
+        backend=CurvlinopsGGN,
+        backend_kwargs={"stochastic": True},
+        mc_samples=3,
+        kfac_approx="reduce",
+        seed=1,
+    )
+    assert (ll.fisher_type, ll.mc_samples, ll.kfac_approx, ll.seed) == (
+        "mc",
+        3,
+        "reduce",
+        1,
+    )
 
     with pytest.raises(ValueError, match="does not support the backend AsdlGGN"):
-        Laplace(model, case.likelihood, "all", hessian_structure="ekfac", backend=AsdlGGN)
+        Laplace(
+            model, case.likelihood, "all", hessian_structure="ekfac", backend=AsdlGGN
+        )
     with pytest.raises(ValueError, match="asdl_fisher_kwargs keys"):
-        Laplace(model, case.likelihood, "all", hessian_structure="ekfac",
-                asdl_fisher_kwargs={"damping": 1.0})
+        Laplace(
+            model,
+            case.likelihood,
+            "all",
+            hessian_structure="ekfac",
+            asdl_fisher_kwargs={"damping": 1.0},
+        )
     with pytest.raises(ValueError, match="likelihood='classification' or 'regression'"):
         EKFACLaplace(model, "reward_modeling")
 
@@ -409,14 +472,18 @@ def test_matches_laplace_torch_kron_scale():
     kron.fit(loader(X, y))
     ref = reference_ekfac(model, params, X, y, "regression")
     h = 1 / 0.36
-    assert_close(kron.posterior_precision.to_matrix(), h * torch.block_diag(*ref["kfac"]))
+    assert_close(
+        kron.posterior_precision.to_matrix(), h * torch.block_diag(*ref["kfac"])
+    )
 
     single_X, single_y = X[:1], y[:1]
     kron = KronLaplace(model, "regression", sigma_noise=0.6, prior_precision=0.5)
     kron.fit(loader(single_X, single_y))
     ekfac = EKFACLaplace(model, "regression", sigma_noise=0.6, prior_precision=0.5)
     ekfac.fit(loader(single_X, single_y))
-    assert_close(ekfac.posterior_precision.to_matrix(), kron.posterior_precision.to_matrix())
+    assert_close(
+        ekfac.posterior_precision.to_matrix(), kron.posterior_precision.to_matrix()
+    )
     assert_close(ekfac.log_marginal_likelihood(), kron.log_marginal_likelihood())
 
 
@@ -453,7 +520,9 @@ def test_fit_errors_leave_the_object_unchanged():
         reg.fit(loader(X, torch.randn(len(X), dtype=torch.float64)))
     seq = nn.Sequential(nn.Linear(4, 3), nn.Unflatten(1, (1, 3))).double()
     with pytest.raises(ValueError, match="outputs of shape"):
-        Laplace(seq, "classification", "all", hessian_structure="ekfac").fit(loader(X, y))
+        Laplace(seq, "classification", "all", hessian_structure="ekfac").fit(
+            loader(X, y)
+        )
     assert la.H is H and la.mean is mean
 
 
@@ -482,5 +551,8 @@ def test_float32_smoke():
         atol=1e-5,
     )
     torch.testing.assert_close(
-        la32.log_marginal_likelihood().double(), la64.log_marginal_likelihood(), rtol=1e-5, atol=1e-4
+        la32.log_marginal_likelihood().double(),
+        la64.log_marginal_likelihood(),
+        rtol=1e-5,
+        atol=1e-4,
     )

@@ -32,7 +32,10 @@ def _dense(matrix: EKFACDecomposed, deltas: torch.Tensor) -> torch.Tensor:
     blocks = []
     for basis, values, delta in zip(matrix.eigenvectors, matrix.eigenvalues, deltas):
         Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
-        blocks.append(Q @ torch.diag(values.flatten()) @ Q.T + delta * torch.eye(len(Q), dtype=torch.float64))
+        blocks.append(
+            Q @ torch.diag(values.flatten()) @ Q.T
+            + delta * torch.eye(len(Q), dtype=torch.float64)
+        )
     return torch.block_diag(*blocks).double()
 
 
@@ -78,7 +81,10 @@ def test_scalar_multiplication_scales_eigenvalues_and_deltas():
     scaled = base * 3.0
     assert_close(scaled.to_matrix(), 3.0 * base.to_matrix())
     assert_close((2.0 * base).to_matrix(), 2.0 * base.to_matrix())
-    assert_close((base + 1.0).to_matrix(), base.to_matrix() + torch.eye(base.n_params, dtype=torch.float64))
+    assert_close(
+        (base + 1.0).to_matrix(),
+        base.to_matrix() + torch.eye(base.n_params, dtype=torch.float64),
+    )
     assert len(base) == 4
     assert base.n_params == 12 + 3 + 10 + 2
 
@@ -101,7 +107,10 @@ def test_gradients_flow_through_deltas_and_scalar():
     blocks = []
     for basis, values, d in zip(base.eigenvectors, base.eigenvalues, dense_delta):
         Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
-        blocks.append(dense_scale * Q @ torch.diag(values.flatten()) @ Q.T + d * torch.eye(len(Q), dtype=torch.float64))
+        blocks.append(
+            dense_scale * Q @ torch.diag(values.flatten()) @ Q.T
+            + d * torch.eye(len(Q), dtype=torch.float64)
+        )
     torch.linalg.slogdet(torch.block_diag(*blocks)).logabsdet.backward()
     assert_close(delta.grad, dense_delta.grad)
     assert_close(scale.grad, dense_scale.grad)

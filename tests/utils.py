@@ -31,8 +31,10 @@ def param_names(model: nn.Module, params: list[Tensor]) -> list[str]:
     return [names[id(p)] for p in params]
 
 
-def jacobians(model: nn.Module, params: list[Tensor], X: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example Jacobians ``(N, C, P)`` of the outputs w.r.t. ``params`` and ``f``."""
+def jacobians(
+    model: nn.Module, params: list[Tensor], X: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-example Jacobians ``(N, C, P)`` w.r.t. ``params``, and the outputs."""
     names = param_names(model, params)
     detached = {n: p.detach() for n, p in zip(names, params)}
 
@@ -70,7 +72,9 @@ def likelihood_factor(likelihood: str) -> float:
     return 0.5 if likelihood == "regression" else 1.0
 
 
-def dense_ggn(model: nn.Module, params: list[Tensor], X: Tensor, likelihood: str) -> Tensor:
+def dense_ggn(
+    model: nn.Module, params: list[Tensor], X: Tensor, likelihood: str
+) -> Tensor:
     J, f = jacobians(model, params, X)
     L = output_hessians(f, likelihood)
     return torch.einsum("nci,ncd,ndj->ij", J, L, J)
@@ -133,7 +137,7 @@ def _layer_output_grads(module: nn.Module, grads: Tensor) -> Tensor:
 def backprop_vectors(
     model: nn.Module, X: Tensor, y: Tensor, likelihood: str, fisher_type: str
 ) -> Tensor:
-    """Vectors ``(N, K, C)`` whose pull-backs define the curvature (``Σ_k v vᵀ = Λ``)."""
+    """Vectors ``(N, K, C)`` whose pull-backs give the curvature (``Σ_k v vᵀ = Λ``)."""
     with torch.no_grad():
         f = model(X)
     if fisher_type == "type2":
@@ -189,7 +193,9 @@ def kfac_factors(
     return A, G, a, g
 
 
-def supported_modules(model: nn.Module, params: list[Tensor]) -> list[tuple[nn.Module, str]]:
+def supported_modules(
+    model: nn.Module, params: list[Tensor]
+) -> list[tuple[nn.Module, str]]:
     """``(module, 'weight'|'bias')`` for each parameter, in order."""
     owner = {}
     for module in model.modules():
@@ -220,7 +226,9 @@ def reference_ekfac(
     sizes = [p.numel() for p in params]
     exact = blocks(full, sizes)
     vectors = backprop_vectors(model, X, y, likelihood, fisher_type)
-    out: dict[str, list] = {k: [] for k in ("exact", "kfac", "ekfac", "Q_A", "Q_G", "A", "G")}
+    out: dict[str, list] = {
+        k: [] for k in ("exact", "kfac", "ekfac", "Q_A", "Q_G", "A", "G")
+    }
     for (module, kind), B in zip(supported_modules(model, params), exact):
         A, G, _, _ = kfac_factors(model, module, X, vectors, kfac_approx)
         Q_G = torch.linalg.eigh(G).eigenvectors
@@ -253,11 +261,15 @@ def corrected_eigenvalues(exact_block: Tensor, basis: tuple[Tensor, ...]) -> Ten
     return torch.diagonal(Q.T @ exact_block @ Q)
 
 
-def glm_log_likelihood(f: Tensor, y: Tensor, likelihood: str, sigma: float, temperature: float) -> Tensor:
-    """laplace-torch's ``log_likelihood``: ``-(factor*loss)/(σ²T)`` minus the normaliser."""
+def glm_log_likelihood(
+    f: Tensor, y: Tensor, likelihood: str, sigma: float, temperature: float
+) -> Tensor:
+    """laplace-torch's ``log_likelihood``: ``-factor*loss/(σ²T)`` minus normaliser."""
     if likelihood == "regression":
         loss = 0.5 * ((f - y) ** 2).sum()
         N, C = f.shape
-        return -loss / sigma**2 / temperature - N * C * math.log(sigma * math.sqrt(2 * math.pi))
+        return -loss / sigma**2 / temperature - N * C * math.log(
+            sigma * math.sqrt(2 * math.pi)
+        )
     loss = F.cross_entropy(f, y, reduction="sum")
     return -loss / temperature
