@@ -230,3 +230,21 @@ def test_non_finite_curvature_names_the_layer():
     X[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layer '0' is not finite"):
         _fit(model, list(model.parameters()), X, y, case.likelihood)
+
+
+def test_foreign_parameters_are_refused():
+    case = CASES[0]
+    model, X, y = case.make()
+    stranger = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        _fit(model, [stranger], X, y, case.likelihood)
+
+
+def test_compat_fails_loudly_on_an_unknown_curvlinops():
+    from ekfac_laplace import _compat
+
+    class Changed:
+        pass
+
+    with pytest.raises(RuntimeError, match="curvlinops-for-pytorch"):
+        _compat.set_kronecker_eigenbasis(Changed(), {}, {})

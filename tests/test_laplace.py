@@ -556,3 +556,100 @@ def test_float32_smoke():
         rtol=1e-5,
         atol=1e-4,
     )
+
+
+def test_scatter_and_prior_mean_enter_the_marginal_likelihood():
+    case = CASES[0]
+    model, X, y = case.make()
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    prior_mean = torch.linspace(-0.2, 0.3, n_params, dtype=torch.float64)
+    prior = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64)
+    la = Laplace(
+        model,
+        case.likelihood,
+        "all",
+        hessian_structure="ekfac",
+        prior_mean=prior_mean,
+        prior_precision=prior,
+    )
+    la.fit(loader(X, y))
+    theta = torch.cat([p.detach().flatten() for p in params])
+    prior_diag = torch.repeat_interleave(
+        prior, torch.tensor([p.numel() for p in params])
+    )
+    expected_scatter = (theta - prior_mean) @ (prior_diag * (theta - prior_mean))
+    assert_close(la.scatter, expected_scatter)
+    P, _ = _dense_posterior(la, model, params, X)
+    with torch.no_grad():
+        log_lik = glm_log_likelihood(model(X), y, "classification", 1.0, 1.0)
+    expected = log_lik - 0.5 * (
+        torch.linalg.slogdet(P).logabsdet - prior_diag.log().sum() + expected_scatter
+    )
+    assert_close(la.log_marginal_likelihood(), expected)
+
+
+class _DictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, batch):
+        return self.net(batch["input_ids"] if isinstance(batch, dict) else batch)
+
+
+class _DictDataset(torch.utils.data.Dataset):
+    def __init__(self, X, y) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.X[index], "labels": self.y[index]}
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_dict_batches_give_the_same_posterior(subset: str):
+    torch.manual_seed(0)
+    model = _DictModel().double()
+    X = torch.randn(12, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    dict_loader = DataLoader(_DictDataset(X, y), batch_size=5)
+    la_dict = Laplace(model, "classification", subset, hessian_structure="ekfac")
+    la_dict.fit(dict_loader)
+    la_tensor = Laplace(model, "classification", subset, hessian_structure="ekfac")
+    la_tensor.fit(loader(X, y))
+    assert_close(
+        la_dict.posterior_precision.to_matrix(),
+        la_tensor.posterior_precision.to_matrix(),
+    )
+    assert_close(la_dict.loss, la_tensor.loss)
+
+
+def test_loader_without_batches_and_dict_without_targets_are_refused():
+    case = CASES[0]
+    model, X, y = case.make()
+    la = Laplace(model, case.likelihood, "all", hessian_structure="ekfac")
+    no_batches = DataLoader(TensorDataset(X[:3], y[:3]), batch_size=5, drop_last=True)
+    with pytest.raises(ValueError, match="yields no batches"):
+        la.fit(no_batches)
+    dict_model = _DictModel().double()
+    la = Laplace(
+        dict_model,
+        "classification",
+        "all",
+        hessian_structure="ekfac",
+        dict_key_y="targets",
+    )
+    with pytest.raises(ValueError, match="dict_key_y='targets'"):
+        la.fit(DataLoader(_DictDataset(X, y), batch_size=5))
+    assert la.H is None
+
+
+def test_state_without_ekfac_factors_is_refused():
+    la, *_ = _fitted(CASES[0], "all")
+    state = la.state_dict()
+    state["H"] = None
+    with pytest.raises(ValueError, match="no EKFAC eigenvectors"):
+        la.load_state_dict(state)

@@ -147,3 +147,9 @@ def test_bad_input_is_refused():
         base.bmm(torch.ones(1, 1, 1, 27))
     with pytest.raises(ValueError, match=r"\(B, K, P\)"):
         base.square_form(torch.ones(27))
+
+
+def test_deltas_must_be_a_tensor():
+    base = _random_ekfac()
+    with pytest.raises(ValueError, match="deltas must be a torch.Tensor"):
+        EKFACDecomposed(base.eigenvectors, base.eigenvalues, deltas=[1.0, 2.0])
