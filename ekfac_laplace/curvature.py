@@ -17,6 +17,7 @@ temperature enter later through ``1 / (σ² T)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +195,64 @@ def _check_finite_factors(state: dict[str, Any]) -> None:
                 )
 
 
+@contextmanager
+def _removing_leftover_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove module hooks that a failing curvlinops pass leaves behind.
+
+    curvlinops installs forward hooks for each pass and removes them only when the
+    pass completes; an exception in between (bad targets, NaN, a reused layer) would
+    otherwise leave the user's model instrumented.
+    """
+    registries = ("_forward_hooks", "_forward_pre_hooks")
+    before = {
+        (id(module), registry): set(getattr(module, registry))
+        for module in model.modules()
+        for registry in registries
+    }
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            for registry in registries:
+                hooks = getattr(module, registry)
+                for key in set(hooks) - before.get((id(module), registry), set()):
+                    del hooks[key]
+        raise
+
+
+@torch.no_grad()
+def _refuse_reused_modules(
+    model: nn.Module, located: list[tuple[str, str]], batches: LaplaceBatches
+) -> None:
+    """One forward pass on the first batch, refusing layers that run twice."""
+    calls: dict[str, int] = {}
+
+    def count_call(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(count_call(name))
+        for name in {name for name, _ in located}
+    ]
+    try:
+        X, _ = next(iter(batches))
+        device = next(model.parameters()).device
+        model(X.to(device) if isinstance(X, Tensor) else X)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, count in calls.items():
+        if count > 1:
+            raise ValueError(
+                f"Module '{name}' runs more than once per forward pass (a reused or "
+                "tied layer); EKFAC cannot factorise its curvature. Use a separate "
+                "module per use, or freeze it with requires_grad_(False)."
+            )
+
+
 def compute_ekfac(
     model: nn.Module,
     params: list[Tensor],
@@ -237,6 +296,7 @@ def compute_ekfac(
     _validate_options(fisher_type, kfac_approx, mc_samples)
     loss_function, factor = likelihood_loss(likelihood)
     located = _owning_modules(model, params)
+    _refuse_reused_modules(model, located, batches)
     if eigenbasis is not None and len(eigenbasis) != len(params):
         raise ValueError(
             f"The eigenbasis has {len(eigenbasis)} blocks but there are {len(params)} "
@@ -262,7 +322,8 @@ def compute_ekfac(
     mapping = EKFACLinearOperator.compute_parameter_mapping(list(params), model)
 
     if eigenbasis is None:
-        operator.compute_kronecker_factors()
+        with _removing_leftover_hooks(model):
+            operator.compute_kronecker_factors()
         _check_finite_factors(operator.state_dict())
     else:
         input_eigenvectors, gradient_eigenvectors = {}, {}
@@ -281,11 +342,15 @@ def compute_ekfac(
         targets = batches.current_targets.to(output.device)
         total_loss = total_loss + loss_function(output.detach(), targets)
 
-    handle = model.register_forward_hook(accumulate_loss)
     try:
-        operator.compute_eigenvalue_correction()
+        with _removing_leftover_hooks(model):
+            handle = model.register_forward_hook(accumulate_loss)
+            try:
+                operator.compute_eigenvalue_correction()
+            finally:
+                handle.remove()
     finally:
-        handle.remove()
+        batches.current_targets = None
 
     state = operator.state_dict()
     eigenvectors: list[tuple[Tensor, ...]] = []

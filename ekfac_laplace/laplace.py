@@ -25,6 +25,7 @@ from ekfac_laplace.curvature import (
     compute_ekfac,
 )
 from ekfac_laplace.matrix import EKFACDecomposed
+from ekfac_laplace.predictive import SharedModuleError, glm_predictive_variance
 
 SUPPORTED_BACKENDS = (CurvlinopsGGN, CurvlinopsEF)
 
@@ -311,6 +312,47 @@ class EKFACLaplace(ParametricLaplace):
         delta = value - self.mean
         return delta @ self.posterior_precision.bmm(delta, exponent=1)
 
+    @torch.enable_grad()
+    def _glm_predictive_distribution(
+        self,
+        X: Tensor | MutableMapping[str, Any],
+        joint: bool = False,
+        diagonal_output: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """GLM predictive mean and variance, Jacobian-free where possible.
+
+        The marginal (per-input) covariance is computed layer by layer in the
+        eigenbasis (:mod:`ekfac_laplace.predictive`) without forming the
+        ``(batch, outputs, parameters)`` Jacobian. The joint covariance, inputs with
+        ``enable_backprop=True`` and models that reuse a layer within one forward
+        pass take laplace-torch's dense-Jacobian path.
+        """
+        if not (joint or self.enable_backprop):
+            self._check_H_init()
+            if isinstance(X, Tensor):
+                X = X.to(self._device)
+            try:
+                f_mu, f_var = glm_predictive_variance(
+                    self.model,
+                    self._curvature_params(),
+                    self.posterior_precision,
+                    X,
+                )
+            except SharedModuleError:
+                pass
+            else:
+                if diagonal_output:
+                    f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+                return f_mu, f_var
+        return self._dense_glm_predictive_distribution(X, joint, diagonal_output)
+
+    def _dense_glm_predictive_distribution(
+        self, X: Tensor | MutableMapping[str, Any], joint: bool, diagonal_output: bool
+    ) -> tuple[Tensor, Tensor]:
+        return ParametricLaplace._glm_predictive_distribution(
+            self, X, joint=joint, diagonal_output=diagonal_output
+        )
+
     def functional_variance(self, Js: Tensor) -> Tensor:
         """``J P⁻¹ Jᵀ`` per input.
 
@@ -593,6 +635,15 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
 
     # LLLaplace's version knows only scalar and diagonal priors; ours adds per-layer.
     prior_precision_diag = EKFACLaplace.prior_precision_diag
+
+    _glm_predictive_distribution = EKFACLaplace._glm_predictive_distribution
+
+    def _dense_glm_predictive_distribution(
+        self, X: Tensor | MutableMapping[str, Any], joint: bool, diagonal_output: bool
+    ) -> tuple[Tensor, Tensor]:
+        return LLLaplace._glm_predictive_distribution(
+            self, X, joint=joint, diagonal_output=diagonal_output
+        )
 
     def _nn_functional_samples(
         self,

@@ -248,3 +248,13 @@ def test_compat_fails_loudly_on_an_unknown_curvlinops():
 
     with pytest.raises(RuntimeError, match="curvlinops-for-pytorch"):
         _compat.set_kronecker_eigenbasis(Changed(), {}, {})
+
+
+def test_a_failing_pass_leaves_no_hooks_on_the_model():
+    case = CASES[0]
+    model, X, y = case.make()
+    bad_targets = torch.full_like(y, 7)  # class 7 of 3: cross-entropy fails mid-pass
+    with pytest.raises((IndexError, RuntimeError)):
+        _fit(model, list(model.parameters()), X, bad_targets, case.likelihood)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks

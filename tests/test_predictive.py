@@ -1,0 +1,108 @@
+"""The Jacobian-free GLM predictive against the dense-Jacobian path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from laplace import Laplace
+from torch import nn
+
+from ekfac_laplace.predictive import SharedModuleError, glm_predictive_variance
+from tests.cases import CASE_IDS, CASES, Case, loader
+from tests.utils import assert_close
+
+
+def _fitted(model, likelihood, X, y, subset="all", **kwargs):
+    la = Laplace(
+        model, likelihood, subset_of_weights=subset, hessian_structure="ekfac", **kwargs
+    )
+    la.fit(loader(X, y))
+    return la
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_variance_equals_dense_jacobian_path(case: Case, subset: str):
+    model, X, y = case.make()
+    la = _fitted(model, case.likelihood, X, y, subset, prior_precision=0.7)
+    fast_mu, fast_var = la._glm_predictive_distribution(X[:6])
+    dense_mu, dense_var = la._dense_glm_predictive_distribution(X[:6], False, False)
+    assert_close(fast_mu, dense_mu)
+    assert_close(fast_var, dense_var)
+    _, fast_diag = la._glm_predictive_distribution(X[:6], diagonal_output=True)
+    assert_close(fast_diag, torch.diagonal(dense_var, dim1=-2, dim2=-1))
+
+
+def test_fast_path_never_asks_for_jacobians(monkeypatch):
+    case = CASES[0]
+    model, X, y = case.make()
+    la = _fitted(model, case.likelihood, X, y)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dense Jacobians requested")
+
+    monkeypatch.setattr(la.backend, "jacobians", forbidden)
+    probs = la(X[:3], pred_type="glm", link_approx="probit")
+    assert probs.shape == (3, 3)
+
+
+def test_inplace_activations_are_supported():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)
+    ).double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    la = _fitted(model, "classification", X, y)
+    _, fast = la._glm_predictive_distribution(X)
+    _, dense = la._dense_glm_predictive_distribution(X, False, False)
+    assert_close(fast, dense)
+
+
+class _Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class _UsedOnce(_Reused):
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)))
+
+
+def test_a_layer_used_twice_is_refused_by_fit_and_falls_back_in_prediction():
+    torch.manual_seed(0)
+    model = _Reused().double()
+    X = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="Module 'inner' runs more than once"):
+        _fitted(model, "classification", X, y)
+    # A posterior with the same block layout, fitted on a model that uses it once.
+    once = _UsedOnce().double()
+    once.load_state_dict(model.state_dict())
+    la = _fitted(once, "classification", X, y)
+    la.model, la.params = model, list(model.parameters())
+    with pytest.raises(SharedModuleError, match="ran twice"):
+        glm_predictive_variance(
+            model, list(model.parameters()), la.posterior_precision, X
+        )
+    _, var = la._glm_predictive_distribution(X)
+    _, dense = la._dense_glm_predictive_distribution(X, False, False)
+    assert_close(var, dense)
+
+
+def test_joint_and_backprop_use_the_dense_path():
+    case = CASES[3]  # multi-output regression
+    model, X, y = case.make()
+    la = _fitted(model, case.likelihood, X, y, enable_backprop=True)
+    x = X[:3].clone().requires_grad_(True)
+    mean, var = la(x, pred_type="glm")
+    var.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    la = _fitted(model, case.likelihood, X, y)
+    mean, cov = la(X[:3], pred_type="glm", joint=True)
+    assert cov.shape == (6, 6)
