@@ -26,6 +26,7 @@ from curvlinops import EKFACLinearOperator, FisherType
 from torch import Tensor, nn
 
 from ekfac_laplace import _compat
+from ekfac_laplace.engine import DEFAULT_CACHE_BUDGET_BYTES, fast_ekfac
 from ekfac_laplace.matrix import EKFACDecomposed
 
 FISHER_TYPES = ("type2", "mc", "empirical")
@@ -37,6 +38,7 @@ _CURVLINOPS_FISHER_TYPES = {
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
 DEFAULT_SEED = 2147483647
+ENGINES = ("fast", "curvlinops")
 
 
 @dataclass
@@ -267,6 +269,8 @@ def compute_ekfac(
     dict_key_x: str = "input_ids",
     eigenbasis: list[tuple[Tensor, ...]] | None = None,
     progress_bar: bool = False,
+    engine: str = "fast",
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
 ) -> EKFACFactors:
     """EKFAC of the log-likelihood GGN / Fisher of ``model`` over a whole data set.
 
@@ -286,6 +290,11 @@ def compute_ekfac(
         eigenbasis: If given, skip the Kronecker-factor pass and compute the corrected
             eigenvalues in this basis (online fitting).
         progress_bar: Show tqdm progress bars over both passes.
+        engine: ``"fast"`` (default, :mod:`ekfac_laplace.engine`: closed-form loss
+            Hessian roots and a cached correction) or ``"curvlinops"`` (curvlinops'
+            ``EKFACLinearOperator``, two passes). Both compute the same matrix.
+        cache_budget_bytes: For ``engine="fast"``: bytes of layer inputs and output
+            gradients kept from the first pass to skip the second; ``0`` disables.
 
     Returns:
         The eigenbasis, the corrected eigenvalues and the summed loss.
@@ -294,15 +303,76 @@ def compute_ekfac(
         ValueError: For unsupported options, layers, or non-finite curvature.
     """
     _validate_options(fisher_type, kfac_approx, mc_samples)
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
     loss_function, factor = likelihood_loss(likelihood)
     located = _owning_modules(model, params)
-    _refuse_reused_modules(model, located, batches)
     if eigenbasis is not None and len(eigenbasis) != len(params):
         raise ValueError(
             f"The eigenbasis has {len(eigenbasis)} blocks but there are {len(params)} "
             "parameter tensors."
         )
+    if engine == "fast":
+        eigenvectors, raw_eigenvalues, total_loss, _ = fast_ekfac(
+            model,
+            list(params),
+            located,
+            batches,
+            likelihood,
+            num_data,
+            fisher_type=fisher_type,
+            kfac_approx=kfac_approx,
+            mc_samples=mc_samples,
+            seed=seed,
+            eigenbasis=eigenbasis,
+            cache_budget_bytes=cache_budget_bytes,
+            progress_bar=progress_bar,
+        )
+    else:
+        eigenvectors, raw_eigenvalues, total_loss = _curvlinops_ekfac(
+            model,
+            params,
+            located,
+            batches,
+            loss_function,
+            num_data,
+            fisher_type=fisher_type,
+            kfac_approx=kfac_approx,
+            mc_samples=mc_samples,
+            seed=seed,
+            dict_key_x=dict_key_x,
+            eigenbasis=eigenbasis,
+            progress_bar=progress_bar,
+        )
+    eigenvalues = []
+    for (module_name, param_name), values in zip(located, raw_eigenvalues):
+        if not torch.isfinite(values).all():
+            raise ValueError(
+                f"The curvature of '{module_name}.{param_name}' is not finite (NaN or "
+                "Inf); check the model's outputs and the data for NaN/Inf."
+            )
+        eigenvalues.append(values.mul(factor).clamp_min(0.0))
+    return EKFACFactors(eigenvectors, eigenvalues, factor * total_loss)
 
+
+def _curvlinops_ekfac(
+    model: nn.Module,
+    params: list[Tensor],
+    located: list[tuple[str, str]],
+    batches: LaplaceBatches,
+    loss_function: nn.Module,
+    num_data: int,
+    *,
+    fisher_type: str,
+    kfac_approx: str,
+    mc_samples: int,
+    seed: int,
+    dict_key_x: str,
+    eigenbasis: list[tuple[Tensor, ...]] | None,
+    progress_bar: bool,
+) -> tuple[list[tuple[Tensor, ...]], list[Tensor], Tensor]:
+    """EKFAC through curvlinops' ``EKFACLinearOperator`` (loss scale)."""
+    _refuse_reused_modules(model, located, batches)
     operator = EKFACLinearOperator(
         model,
         loss_function,
@@ -366,10 +436,5 @@ def compute_ekfac(
             values = values.reshape(param.shape[0], -1)
         else:
             eigenvectors.append((q_g,))
-        if not torch.isfinite(values).all():
-            raise ValueError(
-                f"The curvature of '{module_name}.{param_name}' is not finite (NaN or "
-                "Inf); check the model's outputs and the data for NaN/Inf."
-            )
-        eigenvalues.append(values.mul(factor).clamp_min(0.0))
-    return EKFACFactors(eigenvectors, eigenvalues, factor * total_loss)
+        eigenvalues.append(values)
+    return eigenvectors, eigenvalues, total_loss

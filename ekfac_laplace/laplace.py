@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader
 
 from ekfac_laplace.curvature import (
     DEFAULT_SEED,
+    ENGINES,
     LaplaceBatches,
     _validate_options,
     compute_ekfac,
 )
+from ekfac_laplace.engine import DEFAULT_CACHE_BUDGET_BYTES
 from ekfac_laplace.matrix import EKFACDecomposed
 from ekfac_laplace.predictive import SharedModuleError, glm_predictive_variance
 
@@ -43,6 +45,16 @@ def _fisher_type(backend: type[CurvatureInterface], backend_kwargs: dict) -> str
         "backend_kwargs={'stochastic': True}) or laplace.curvature.CurvlinopsEF "
         "(empirical Fisher)."
     )
+
+
+def _validate_engine(engine: str, cache_budget_bytes: int) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
+    if not isinstance(cache_budget_bytes, int) or cache_budget_bytes < 0:
+        raise ValueError(
+            f"cache_budget_bytes must be a non-negative integer, got "
+            f"{cache_budget_bytes!r}."
+        )
 
 
 class EKFACLaplace(ParametricLaplace):
@@ -79,6 +91,9 @@ class EKFACLaplace(ParametricLaplace):
         kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
         mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
         seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
+        engine: ``"fast"`` (default) or ``"curvlinops"``; see
+            :func:`ekfac_laplace.compute_ekfac`.
+        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
 
     Raises:
         ValueError: For an unsupported backend or option.
@@ -103,6 +118,8 @@ class EKFACLaplace(ParametricLaplace):
         kfac_approx: str = "expand",
         mc_samples: int = 1,
         seed: int = DEFAULT_SEED,
+        engine: str = "fast",
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     ) -> None:
         if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
             raise ValueError(
@@ -122,10 +139,13 @@ class EKFACLaplace(ParametricLaplace):
             CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
         )
         _validate_options(fisher_type, kfac_approx, mc_samples)
+        _validate_engine(engine, cache_budget_bytes)
         self.fisher_type: str = fisher_type
         self.kfac_approx: str = kfac_approx
         self.mc_samples: int = mc_samples
         self.seed: int = seed
+        self.engine: str = engine
+        self.cache_budget_bytes: int = cache_budget_bytes
         super().__init__(
             model,
             likelihood,
@@ -204,6 +224,8 @@ class EKFACLaplace(ParametricLaplace):
             dict_key_x=self.dict_key_x,
             eigenbasis=None if previous is None else previous.eigenvectors,
             progress_bar=progress_bar,
+            engine=self.engine,
+            cache_budget_bytes=self.cache_budget_bytes,
         )
 
         # Everything is computed: only now change the object.
@@ -576,6 +598,8 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         kfac_approx: ``"expand"`` or ``"reduce"``.
         mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
         seed: Seed of the Monte-Carlo label sampler.
+        engine: ``"fast"`` (default) or ``"curvlinops"``.
+        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
     """
 
     _key = ("last_layer", "ekfac")
@@ -599,11 +623,14 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         kfac_approx: str = "expand",
         mc_samples: int = 1,
         seed: int = DEFAULT_SEED,
+        engine: str = "fast",
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     ) -> None:
         fisher_type = _fisher_type(
             CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
         )
         _validate_options(fisher_type, kfac_approx, mc_samples)
+        _validate_engine(engine, cache_budget_bytes)
         LLLaplace.__init__(
             self,
             model,
@@ -626,6 +653,8 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         self.kfac_approx = kfac_approx
         self.mc_samples = mc_samples
         self.seed = seed
+        self.engine = engine
+        self.cache_budget_bytes = cache_budget_bytes
 
     def _curvature_params(self) -> list[Tensor]:
         return [p for p in self.model.last_layer.parameters() if p.requires_grad]

@@ -36,10 +36,16 @@ def _dense_blocks(factors) -> list[torch.Tensor]:
     return out
 
 
+ENGINES = ["fast", "curvlinops"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 @pytest.mark.parametrize("fisher_type", ["type2", "empirical"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_ekfac_matches_dense_reference(case: Case, fisher_type: str, subset: str):
+def test_ekfac_matches_dense_reference(
+    case: Case, fisher_type: str, subset: str, engine: str
+):
     model, X, y = case.make()
     params = _subsets(model)[subset]
     factors = _fit(
@@ -50,6 +56,7 @@ def test_ekfac_matches_dense_reference(case: Case, fisher_type: str, subset: str
         case.likelihood,
         fisher_type=fisher_type,
         kfac_approx=case.kfac_approx,
+        engine=engine,
     )
     ref = reference_ekfac(
         model, params, X, y, case.likelihood, fisher_type, case.kfac_approx
@@ -74,19 +81,23 @@ def test_ekfac_matches_dense_reference(case: Case, fisher_type: str, subset: str
         assert_close(ours[index], ref["ekfac"][index], "float64_loose")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_loss_is_laplace_torch_data_term(case: Case):
+def test_loss_is_laplace_torch_data_term(case: Case, engine: str):
     model, X, y = case.make()
-    factors = _fit(model, list(model.parameters()), X, y, case.likelihood)
+    factors = _fit(
+        model, list(model.parameters()), X, y, case.likelihood, engine=engine
+    )
     loss_function, factor = likelihood_loss(case.likelihood)
     with torch.no_grad():
         expected = factor * loss_function(model(X), y)
     assert_close(factors.loss, expected)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("fisher_type", ["type2", "empirical"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_batch_size_invariance(case: Case, fisher_type: str):
+def test_batch_size_invariance(case: Case, fisher_type: str, engine: str):
     model, X, y = case.make()
     params = list(model.parameters())
     results = [
@@ -108,21 +119,25 @@ def test_batch_size_invariance(case: Case, fisher_type: str):
         torch.testing.assert_close(other, results[0], rtol=0, atol=1e-10)
 
 
-def test_monte_carlo_fisher_is_seeded_and_unbiased():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_monte_carlo_fisher_is_seeded_and_unbiased(engine: str):
+    """Seeded; with many samples, close to the exact GGN's EKFAC (the engines'
+    label samplers are compared against each other below)."""
     case = CASES[0]
     model, X, y = case.make()
     params = list(model.parameters())
-    first = _fit(model, params, X, y, case.likelihood, fisher_type="mc", seed=3)
-    again = _fit(model, params, X, y, case.likelihood, fisher_type="mc", seed=3)
-    other = _fit(model, params, X, y, case.likelihood, fisher_type="mc", seed=4)
+    mc = {"fisher_type": "mc", "engine": engine}
+    first = _fit(model, params, X, y, case.likelihood, seed=3, **mc)
+    again = _fit(model, params, X, y, case.likelihood, seed=3, **mc)
+    other = _fit(model, params, X, y, case.likelihood, seed=4, **mc)
     for a, b, c in zip(first.eigenvalues, again.eigenvalues, other.eigenvalues):
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
     # Many samples: the MC Fisher's dense EKFAC approaches the exact-GGN EKFAC
     # computed in the same eigenbasis (the eigenbases themselves differ slightly).
-    many = _fit(
-        model, params, X, y, case.likelihood, fisher_type="mc", mc_samples=4000, seed=0
-    )
+    if engine == "curvlinops":
+        return  # slow with many samples; its sampler is checked against ours below
+    many = _fit(model, params, X, y, case.likelihood, mc_samples=4000, seed=0, **mc)
     ref = reference_ekfac(model, params, X, y, case.likelihood, "type2")
     for index, basis in enumerate(many.eigenvectors):
         expected = corrected_eigenvalues(ref["exact"][index], basis)
@@ -174,13 +189,20 @@ def test_ekfac_equals_kfac_where_kfac_is_exact():
         assert_close(ekfac, exact)
 
 
-def test_online_eigenbasis_gives_eigenvalues_in_that_basis():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_online_eigenbasis_gives_eigenvalues_in_that_basis(engine: str):
     case = CASES[0]
     model, X, y = case.make()
     params = list(model.parameters())
-    first = _fit(model, params, X[:6], y[:6], case.likelihood)
+    first = _fit(model, params, X[:6], y[:6], case.likelihood, engine=engine)
     second = _fit(
-        model, params, X[6:], y[6:], case.likelihood, eigenbasis=first.eigenvectors
+        model,
+        params,
+        X[6:],
+        y[6:],
+        case.likelihood,
+        eigenbasis=first.eigenvectors,
+        engine=engine,
     )
     ref = reference_ekfac(model, params, X[6:], y[6:], case.likelihood)
     for index, basis in enumerate(first.eigenvectors):
@@ -223,13 +245,14 @@ def test_errors_name_the_problem():
         )
 
 
-def test_non_finite_curvature_names_the_layer():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_non_finite_curvature_names_the_layer(engine: str):
     case = CASES[0]
     model, X, y = case.make()
     X = X.clone()
     X[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layer '0' is not finite"):
-        _fit(model, list(model.parameters()), X, y, case.likelihood)
+        _fit(model, list(model.parameters()), X, y, case.likelihood, engine=engine)
 
 
 def test_foreign_parameters_are_refused():
@@ -250,11 +273,82 @@ def test_compat_fails_loudly_on_an_unknown_curvlinops():
         _compat.set_kronecker_eigenbasis(Changed(), {}, {})
 
 
-def test_a_failing_pass_leaves_no_hooks_on_the_model():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_failing_pass_leaves_no_hooks_on_the_model(engine: str):
     case = CASES[0]
     model, X, y = case.make()
     bad_targets = torch.full_like(y, 7)  # class 7 of 3: cross-entropy fails mid-pass
     with pytest.raises((IndexError, RuntimeError)):
-        _fit(model, list(model.parameters()), X, bad_targets, case.likelihood)
+        _fit(
+            model,
+            list(model.parameters()),
+            X,
+            bad_targets,
+            case.likelihood,
+            engine=engine,
+        )
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+MLP_CASES = [case for case in CASES if "mlp" in case.tags]
+ENGINE_CASES = [(case, ft) for case in CASES for ft in ("type2", "empirical")] + [
+    (case, "mc") for case in MLP_CASES
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "fisher_type"),
+    ENGINE_CASES,
+    ids=[f"{case.name}-{ft}" for case, ft in ENGINE_CASES],
+)
+def test_fast_engine_equals_curvlinops(case: Case, fisher_type: str):
+    model, X, y = case.make()
+    params = list(model.parameters())
+    options = {"fisher_type": fisher_type, "kfac_approx": case.kfac_approx}
+    if fisher_type == "mc":
+        # The label samplers differ; fix the basis and compare with many samples.
+        base = _fit(model, params, X, y, case.likelihood, **options)
+        options.update(eigenbasis=base.eigenvectors, mc_samples=3000, seed=0)
+    fast = _fit(model, params, X, y, case.likelihood, engine="fast", **options)
+    reference = _fit(
+        model, params, X, y, case.likelihood, engine="curvlinops", **options
+    )
+    if fisher_type == "mc":
+        for ours, theirs in zip(fast.eigenvalues, reference.eigenvalues):
+            assert (ours - theirs).norm() / theirs.norm() < 0.1
+    else:
+        assert_close(
+            fast.to_decomposed().to_matrix(), reference.to_decomposed().to_matrix()
+        )
+    assert_close(fast.loss, reference.loss)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cached_and_two_pass_corrections_agree(case: Case):
+    model, X, y = case.make()
+    params = list(model.parameters())
+    cached = _fit(model, params, X, y, case.likelihood, kfac_approx=case.kfac_approx)
+    two_pass = _fit(
+        model,
+        params,
+        X,
+        y,
+        case.likelihood,
+        kfac_approx=case.kfac_approx,
+        cache_budget_bytes=0,
+    )
+    small = _fit(
+        model,
+        params,
+        X,
+        y,
+        case.likelihood,
+        kfac_approx=case.kfac_approx,
+        cache_budget_bytes=2000,  # exceeded after the first batch
+    )
+    for a, b, c in zip(cached.eigenvalues, two_pass.eigenvalues, small.eigenvalues):
+        assert_close(a, b)
+        assert_close(a, c)
+    with pytest.raises(ValueError, match="engine"):
+        _fit(model, params, X, y, case.likelihood, engine="backpack")

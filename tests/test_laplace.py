@@ -97,10 +97,12 @@ def test_import_registers_ekfac_with_the_factory():
     assert ekfac_laplace.__version__
 
 
+@pytest.mark.parametrize("engine", ["fast", "curvlinops"])
 @pytest.mark.parametrize("subset", SUBSETS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_posterior_matches_dense(case: Case, subset: str):
-    la, model, params, X, y = _fitted(case, subset)
+def test_posterior_matches_dense(case: Case, subset: str, engine: str):
+    la, model, params, X, y = _fitted(case, subset, engine=engine)
+    assert la.engine == engine
     P, prior = _dense_posterior(la, model, params, X)
     Sigma = torch.linalg.inv(P)
     assert_close(la.posterior_precision.to_matrix(), P)
@@ -458,6 +460,16 @@ def test_backends_select_the_fisher_type():
             hessian_structure="ekfac",
             asdl_fisher_kwargs={"damping": 1.0},
         )
+    with pytest.raises(ValueError, match="Unknown engine"):
+        Laplace(model, case.likelihood, "all", hessian_structure="ekfac", engine="x")
+    with pytest.raises(ValueError, match="cache_budget_bytes"):
+        Laplace(
+            model,
+            case.likelihood,
+            "last_layer",
+            hessian_structure="ekfac",
+            cache_budget_bytes=-1,
+        )
     with pytest.raises(ValueError, match="likelihood='classification' or 'regression'"):
         EKFACLaplace(model, "reward_modeling")
 
@@ -526,13 +538,21 @@ def test_fit_errors_leave_the_object_unchanged():
     assert la.H is H and la.mean is mean
 
 
-def test_progress_bar_covers_both_passes(capsys):
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, ["Kronecker factors"]),
+        ({"cache_budget_bytes": 0}, ["Kronecker factors", "eigenvalue correction"]),
+        ({"engine": "curvlinops"}, ["KFAC matrices", "Eigenvalue correction"]),
+    ],
+)
+def test_progress_bar_covers_every_pass(capsys, options, expected):
     case = CASES[0]
     model, X, y = case.make()
-    la = Laplace(model, case.likelihood, "all", hessian_structure="ekfac")
+    la = Laplace(model, case.likelihood, "all", hessian_structure="ekfac", **options)
     la.fit(loader(X, y), progress_bar=True)
     err = capsys.readouterr().err
-    assert "KFAC matrices" in err and "Eigenvalue correction" in err
+    assert all(text in err for text in expected)
 
 
 def test_float32_smoke():
