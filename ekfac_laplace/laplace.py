@@ -343,13 +343,13 @@ class EKFACLaplace(ParametricLaplace):
     ) -> tuple[Tensor, Tensor]:
         """GLM predictive mean and variance, Jacobian-free where possible.
 
-        The marginal (per-input) covariance is computed layer by layer in the
+        The per-input and the joint covariance are computed layer by layer in the
         eigenbasis (:mod:`ekfac_laplace.predictive`) without forming the
-        ``(batch, outputs, parameters)`` Jacobian. The joint covariance, inputs with
-        ``enable_backprop=True`` and models that reuse a layer within one forward
-        pass take laplace-torch's dense-Jacobian path.
+        ``(batch, outputs, parameters)`` Jacobian. ``enable_backprop=True`` and
+        models that reuse a layer within one forward pass take laplace-torch's
+        dense-Jacobian path.
         """
-        if not (joint or self.enable_backprop):
+        if not self.enable_backprop:
             self._check_H_init()
             if isinstance(X, Tensor):
                 X = X.to(self._device)
@@ -359,11 +359,12 @@ class EKFACLaplace(ParametricLaplace):
                     self._curvature_params(),
                     self.posterior_precision,
                     X,
+                    joint=joint,
                 )
             except SharedModuleError:
                 pass
             else:
-                if diagonal_output:
+                if diagonal_output and not joint:
                     f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
                 return f_mu, f_var
         return self._dense_glm_predictive_distribution(X, joint, diagonal_output)

@@ -56,8 +56,9 @@ def glm_predictive_variance(
     params: list[Tensor],
     precision: EKFACDecomposed,
     X: Tensor | MutableMapping[str, Any],
+    joint: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """GLM predictive mean and covariance ``J P⁻¹ Jᵀ`` per input, without Jacobians.
+    """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
     Args:
         model: The network (``params`` must live in ``Linear``/``Conv2d`` modules
@@ -65,9 +66,12 @@ def glm_predictive_variance(
         params: The parameters of the posterior, in vector order.
         precision: The posterior precision over ``params``.
         X: A batch of inputs.
+        joint: Return the joint covariance over all inputs and outputs.
 
     Returns:
-        ``f`` of shape ``(B, K)`` and the covariance of shape ``(B, K, K)``.
+        ``f`` of shape ``(B, K)`` and the covariance of shape ``(B, K, K)``, or
+        with ``joint=True`` ``f.flatten()`` of shape ``(B·K,)`` and the covariance of
+        shape ``(B·K, B·K)`` (ordered input-major, as laplace-torch).
 
     Raises:
         SharedModuleError: If a module runs more than once per forward pass.
@@ -101,7 +105,7 @@ def glm_predictive_variance(
     for c in range(K):
         torch.autograd.grad(f[:, c].sum(), params, retain_graph=c < K - 1)
 
-    variance = f.new_zeros(B, K, K)
+    variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
     for index, ((name, kind), basis) in enumerate(zip(located, precision.eigenvectors)):
         module = modules[name]
         g = torch.stack(
@@ -112,16 +116,24 @@ def glm_predictive_variance(
         inverse = torch.pow(precision.eigenvalues[index] + precision.deltas[index], -1)
         if kind == "bias":
             summed = g_rot.sum(2)
-            variance = variance + torch.einsum(
-                "bki,bli,i->bkl", summed, summed, inverse
-            )
+            pattern = "bki,cli,i->bkcl" if joint else "bki,bli,i->bkl"
+            variance = variance + torch.einsum(pattern, summed, summed, inverse)
             continue
         a_rot = inputs[name] @ basis[1]  # (B, S, in)
         if a_rot.shape[1] == 1:
-            weights = a_rot[:, 0].square() @ inverse.T  # (B, out)
-            g_one = g_rot[:, :, 0]
-            variance = variance + torch.einsum("bki,bli,bi->bkl", g_one, g_one, weights)
+            a_one, g_one = a_rot[:, 0], g_rot[:, :, 0]
+            if joint:
+                # M[b, c, i] = Σ_j ã_bj ã_cj S_ij
+                weights = torch.einsum("bj,cj,ij->bci", a_one, a_one, inverse)
+                term = torch.einsum("bki,cli,bci->bkcl", g_one, g_one, weights)
+            else:
+                weights = a_one.square() @ inverse.T  # (B, out)
+                term = torch.einsum("bki,bli,bi->bkl", g_one, g_one, weights)
         else:
             J = torch.einsum("bksi,bsj->bkij", g_rot, a_rot)
-            variance = variance + torch.einsum("bkij,blij,ij->bkl", J, J, inverse)
+            pattern = "bkij,clij,ij->bkcl" if joint else "bkij,blij,ij->bkl"
+            term = torch.einsum(pattern, J, J, inverse)
+        variance = variance + term
+    if joint:
+        return f.detach().flatten(), variance.reshape(B * K, B * K)
     return f.detach(), variance

@@ -31,6 +31,10 @@ def test_fast_variance_equals_dense_jacobian_path(case: Case, subset: str):
     assert_close(fast_var, dense_var)
     _, fast_diag = la._glm_predictive_distribution(X[:6], diagonal_output=True)
     assert_close(fast_diag, torch.diagonal(dense_var, dim1=-2, dim2=-1))
+    fast_mu, fast_cov = la._glm_predictive_distribution(X[:6], joint=True)
+    dense_mu, dense_cov = la._dense_glm_predictive_distribution(X[:6], True, False)
+    assert_close(fast_mu, dense_mu)
+    assert_close(fast_cov, dense_cov)
 
 
 def test_fast_path_never_asks_for_jacobians(monkeypatch):
@@ -95,7 +99,7 @@ def test_a_layer_used_twice_is_refused_by_fit_and_falls_back_in_prediction():
     assert_close(var, dense)
 
 
-def test_joint_and_backprop_use_the_dense_path():
+def test_backprop_uses_the_dense_path_and_joint_the_fast_one():
     case = CASES[3]  # multi-output regression
     model, X, y = case.make()
     la = _fitted(model, case.likelihood, X, y, enable_backprop=True)
