@@ -294,7 +294,8 @@ def compute_ekfac(
             Hessian roots and a cached correction) or ``"curvlinops"`` (curvlinops'
             ``EKFACLinearOperator``, two passes). Both compute the same matrix.
         cache_budget_bytes: For ``engine="fast"``: bytes of layer inputs and output
-            gradients kept from the first pass to skip the second; ``0`` disables.
+            gradients that may be kept from the first pass to skip the second
+            (default ``0``: two passes, KFAC-level memory).
 
     Returns:
         The eigenbasis, the corrected eigenvalues and the summed loss.

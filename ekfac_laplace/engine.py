@@ -6,10 +6,12 @@ This engine computes the same quantities with
 
 * the loss-Hessian square root in closed form for the whole batch: for cross-entropy
   column ``c`` of ``S`` is ``√p_c (e_c − p)``, for ``MSELoss(sum)`` it is ``√2 e_c``;
-* the layer inputs ``a`` and back-propagated output gradients ``g`` cached during the
-  Kronecker-factor pass when they fit ``cache_budget_bytes``, so that the eigenvalue
-  correction needs no second pass. For a layer without weight sharing it is a single
-  matrix product,
+* back-propagation to one parameter per layer, so autograd skips the weight
+  gradients that the factors never use;
+* optionally, the layer inputs ``a`` and back-propagated output gradients ``g`` cached
+  during the Kronecker-factor pass when they fit ``cache_budget_bytes``, so that the
+  eigenvalue correction needs no second pass. For a layer without weight sharing the
+  correction is a single matrix product,
 
 $$
     λ = \sum_n \Big(\sum_c (Q_G^\top g_{n,c})^{2}\Big)
@@ -35,7 +37,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-DEFAULT_CACHE_BUDGET_BYTES = 512 * 2**20
+# Two passes by default: memory stays at KFAC's level. Caching the first pass's
+# inputs and output gradients (N·(d_in + K·d_out) numbers per layer) skips the second.
+DEFAULT_CACHE_BUDGET_BYTES = 0
 
 
 @dataclass
@@ -69,37 +73,77 @@ def _positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:
     return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
-def _backprop_vectors(
-    f: Tensor,
-    y: Tensor,
-    likelihood: str,
-    fisher_type: str,
-    mc_samples: int,
-    generator: torch.Generator,
-) -> Tensor:
-    """Vectors ``v`` of shape ``(B, K, C)`` with ``Σ_k v vᵀ`` the output curvature."""
-    f = f.detach()
-    if fisher_type == "type2":
-        if likelihood == "regression":
+class OutputCurvature:
+    """The output-space curvature of one batch, ``Λ_n = Σ_k v_{n,k} v_{n,k}ᵀ``.
+
+    For the exact GGN of cross-entropy it is kept as the probabilities ``p`` (then
+    ``Λ = diag(p) − p pᵀ``), so a layer whose output *is* the model output needs
+    neither the ``C`` vectors nor any backward pass: its ``G = Σ_n Λ_n`` and its
+    rotated squares ``Σ_k (Q_Gᵀ v_k)² = (Q_G∘Q_G)ᵀ p − (Q_Gᵀ p)²`` are closed-form.
+    """
+
+    def __init__(
+        self,
+        f: Tensor,
+        y: Tensor,
+        likelihood: str,
+        fisher_type: str,
+        mc_samples: int,
+        generator: torch.Generator,
+    ) -> None:
+        f = f.detach()
+        self.probabilities: Tensor | None = None
+        self._vectors: Tensor | None = None
+        if fisher_type == "type2" and likelihood == "classification":
+            self.probabilities = f.softmax(dim=1)
+        elif fisher_type == "type2":
             eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
-            return math.sqrt(2.0) * eye.expand(f.shape[0], -1, -1)
-        p = f.softmax(dim=1)
-        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
-        # Column c of S: √p_c (e_c − p); row k of the result is column k of S.
-        return p.sqrt().unsqueeze(2) * (eye.unsqueeze(0) - p.unsqueeze(1))
-    if fisher_type == "empirical":
-        return _loss_gradient(f, y, likelihood).unsqueeze(1)
-    samples = []
-    for _ in range(mc_samples):
-        if likelihood == "regression":
-            noise = torch.randn(
-                f.shape, generator=generator, dtype=f.dtype, device=f.device
-            )
-            sampled = f + math.sqrt(0.5) * noise
+            self._vectors = math.sqrt(2.0) * eye.expand(f.shape[0], -1, -1)
+        elif fisher_type == "empirical":
+            self._vectors = _loss_gradient(f, y, likelihood).unsqueeze(1)
         else:
-            sampled = f.softmax(dim=1).multinomial(1, generator=generator).squeeze(1)
-        samples.append(_loss_gradient(f, sampled, likelihood))
-    return torch.stack(samples, dim=1) / math.sqrt(mc_samples)
+            samples = []
+            for _ in range(mc_samples):
+                if likelihood == "regression":
+                    noise = torch.randn(
+                        f.shape, generator=generator, dtype=f.dtype, device=f.device
+                    )
+                    sampled = f + math.sqrt(0.5) * noise
+                else:
+                    probabilities = f.softmax(dim=1)
+                    sampled = probabilities.multinomial(1, generator=generator)
+                    sampled = sampled.squeeze(1)
+                samples.append(_loss_gradient(f, sampled, likelihood))
+            self._vectors = torch.stack(samples, dim=1) / math.sqrt(mc_samples)
+
+    def vectors(self) -> Tensor:
+        """``(B, K, C)`` vectors to back-propagate (``K = C`` for the exact GGN)."""
+        if self._vectors is None:
+            p = self.probabilities
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            # Column c of the root S of diag(p) − p pᵀ is √p_c (e_c − p).
+            return p.sqrt().unsqueeze(2) * (eye.unsqueeze(0) - p.unsqueeze(1))
+        return self._vectors
+
+    def gradient_factor(self) -> Tensor:
+        """``Σ_n Λ_n`` of shape ``(C, C)``."""
+        if self.probabilities is not None:
+            p = self.probabilities
+            return torch.diag(p.sum(0)) - p.T @ p
+        flat = self._vectors.reshape(-1, self._vectors.shape[-1])
+        return flat.T @ flat
+
+    def rotated_squares(self, q_g: Tensor) -> Tensor:
+        """``Σ_k (Q_Gᵀ v_{n,k})²`` of shape ``(B, C)``."""
+        if self.probabilities is not None:
+            p = self.probabilities
+            return p @ q_g.square() - (p @ q_g).square()
+        return (self._vectors @ q_g).square().sum(1)
+
+    def nbytes(self) -> int:
+        """Memory held by this object."""
+        held = self.probabilities if self._vectors is None else self._vectors
+        return held.numel() * held.element_size()
 
 
 def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
@@ -111,18 +155,33 @@ def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
     return f.softmax(dim=1) - y
 
 
+# What a sweep collects per layer: its inputs as (B, S, d_in), and either the output
+# gradients (B, K, S, d_out) or, for the layer producing the model output, the
+# output curvature itself.
+Collected = dict[str, tuple[Tensor, "Tensor | OutputCurvature"]]
+
+
 class _Sweep:
     """Forward and ``K`` backward passes on a batch, collecting ``a`` and ``g``."""
 
     def __init__(self, model: nn.Module, layers: list[_Layer], params: list[Tensor]):
         self.model = model
         self.layers = layers
-        self.params = params
+        # Back-propagating to one parameter per layer (the bias where there is one)
+        # makes every layer's output gradient flow while autograd skips the weight
+        # gradients, which we never use.
+        self.targets = {
+            layer.name: params[
+                layer.weight_index if layer.bias_index is None else layer.bias_index
+            ]
+            for layer in layers
+        }
 
     def __call__(
-        self, X: Any, y: Tensor, likelihood: str, vectors_fn: Any
-    ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        self, X: Any, y: Tensor, curvature_fn: Any
+    ) -> tuple[Tensor, Collected]:
         inputs: dict[str, Tensor] = {}
+        outputs: dict[str, tuple[Tensor, int]] = {}
         grads: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
 
         def forward_hook(name: str):
@@ -135,6 +194,7 @@ class _Sweep:
                         "requires_grad_(False)."
                     )
                 inputs[name] = args[0].detach()
+                outputs[name] = (out, out._version)
                 out.register_hook(lambda grad: grads[name].append(grad.detach()))
 
             return hook
@@ -151,80 +211,107 @@ class _Sweep:
                         f"EKFAC needs model outputs of shape (batch, outputs), got "
                         f"{tuple(f.shape)}."
                     )
-                vectors = vectors_fn(f, y)
-                for k in range(vectors.shape[1]):
-                    torch.autograd.grad(
-                        (f * vectors[:, k]).sum(),
-                        self.params,
-                        retain_graph=k < vectors.shape[1] - 1,
-                    )
+                curvature = curvature_fn(f, y)
+                # A layer whose (unmodified) output is the model output needs no
+                # backward pass: its output gradients are the vectors themselves.
+                hidden = [
+                    layer.name
+                    for layer in self.layers
+                    if outputs[layer.name][0] is not f
+                    or outputs[layer.name][1] != f._version
+                ]
+                if hidden:
+                    vectors = curvature.vectors()
+                    targets = [self.targets[name] for name in hidden]
+                    for k in range(vectors.shape[1]):
+                        torch.autograd.grad(
+                            (f * vectors[:, k]).sum(),
+                            targets,
+                            retain_graph=k < vectors.shape[1] - 1,
+                        )
         finally:
             for handle in handles:
                 handle.remove()
-        collected = {}
+        collected: Collected = {}
         for layer in self.layers:
             a = _positions(layer.module, inputs[layer.name], is_input=True)
-            g = torch.stack(
-                [_positions(layer.module, gk, False) for gk in grads[layer.name]],
-                dim=1,
-            )  # (B, K, S, d_out)
-            collected[layer.name] = (a, g)
+            if layer.name in hidden:
+                g = torch.stack(
+                    [_positions(layer.module, gk, False) for gk in grads[layer.name]],
+                    dim=1,
+                )  # (B, K, S, d_out)
+                collected[layer.name] = (a, g)
+            else:
+                collected[layer.name] = (a, curvature)
         return f.detach(), collected
 
 
-def _accumulate_factors(layer: _Layer, a: Tensor, g: Tensor, kfac_approx: str) -> None:
-    if kfac_approx == "expand":
+def _add(total: Tensor | None, term: Tensor) -> Tensor:
+    return term if total is None else total + term
+
+
+def _accumulate_factors(
+    layer: _Layer, a: Tensor, g: Tensor | OutputCurvature, kfac_approx: str
+) -> None:
+    if isinstance(g, OutputCurvature):  # one position: expand and reduce agree
+        gradient_factor = g.gradient_factor()
+        flat_a = a[:, 0]
+        input_factor = flat_a.T @ flat_a
+    elif kfac_approx == "expand":
         flat_g = g.reshape(-1, g.shape[-1])
         gradient_factor = flat_g.T @ flat_g
         flat_a = a.reshape(-1, a.shape[-1])
-        input_factor = flat_a.T @ flat_a if layer.weight_index is not None else None
+        input_factor = flat_a.T @ flat_a
     else:
         summed_g = g.sum(2).reshape(-1, g.shape[-1])
         gradient_factor = summed_g.T @ summed_g
         mean_a = a.mean(1)
-        input_factor = mean_a.T @ mean_a if layer.weight_index is not None else None
-    layer.gradient_factor = (
-        gradient_factor
-        if layer.gradient_factor is None
-        else layer.gradient_factor + gradient_factor
-    )
-    if input_factor is not None:
-        layer.input_factor = (
-            input_factor
-            if layer.input_factor is None
-            else layer.input_factor + input_factor
-        )
+        input_factor = mean_a.T @ mean_a
+    layer.gradient_factor = _add(layer.gradient_factor, gradient_factor)
+    if layer.weight_index is not None:
+        layer.input_factor = _add(layer.input_factor, input_factor)
 
 
 def _accumulate_correction(
-    layer: _Layer, a: Tensor, g: Tensor, q_g: Tensor, q_a: Tensor | None
+    layer: _Layer,
+    a: Tensor,
+    g: Tensor | OutputCurvature,
+    q_g: Tensor,
+    q_a: Tensor | None,
 ) -> None:
+    if isinstance(g, OutputCurvature) or a.shape[1] == 1:
+        # No weight sharing: λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ.
+        if isinstance(g, OutputCurvature):
+            squares = g.rotated_squares(q_g)  # (B, d_out)
+        else:
+            squares = (g[:, :, 0] @ q_g).square().sum(1)
+        if layer.weight_index is not None:
+            weight = squares.T @ (a[:, 0] @ q_a).square()
+            layer.weight_correction = _add(layer.weight_correction, weight)
+        if layer.bias_index is not None:
+            layer.bias_correction = _add(layer.bias_correction, squares.sum(0))
+        return
     g_rot = g @ q_g  # (B, K, S, d_out)
     if layer.weight_index is not None:
-        a_rot = a @ q_a  # (B, S, d_in)
-        if a.shape[1] == 1:
-            weights = g_rot[:, :, 0].square().sum(1)  # (B, d_out)
-            weight = weights.T @ a_rot[:, 0].square()
-        else:
-            per_example = torch.einsum("bksi,bsj->bkij", g_rot, a_rot)
-            weight = per_example.square().sum((0, 1))
-        layer.weight_correction = (
-            weight
-            if layer.weight_correction is None
-            else layer.weight_correction + weight
-        )
+        per_example = torch.einsum("bksi,bsj->bkij", g_rot, a @ q_a)
+        weight = per_example.square().sum((0, 1))
+        layer.weight_correction = _add(layer.weight_correction, weight)
     if layer.bias_index is not None:
         bias = g_rot.sum(2).square().sum((0, 1))
-        layer.bias_correction = (
-            bias if layer.bias_correction is None else layer.bias_correction + bias
-        )
+        layer.bias_correction = _add(layer.bias_correction, bias)
 
 
-def _cache_bytes(collected: dict[str, tuple[Tensor, Tensor]]) -> int:
-    return sum(
-        a.numel() * a.element_size() + g.numel() * g.element_size()
-        for a, g in collected.values()
-    )
+def _cache_bytes(collected: Collected) -> int:
+    total, seen = 0, set()
+    for a, g in collected.values():
+        total += a.numel() * a.element_size()
+        if isinstance(g, OutputCurvature):
+            if id(g) not in seen:
+                seen.add(id(g))
+                total += g.nbytes()
+        else:
+            total += g.numel() * g.element_size()
+    return total
 
 
 def _eigenvectors(factor: Tensor, description: str) -> Tensor:
@@ -294,16 +381,14 @@ def fast_ekfac(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-        def vectors_fn(f: Tensor, y: Tensor) -> Tensor:
-            return _backprop_vectors(
-                f, y, likelihood, fisher_type, mc_samples, generator
-            )
+        def curvature_fn(f: Tensor, y: Tensor) -> OutputCurvature:
+            return OutputCurvature(f, y, likelihood, fisher_type, mc_samples, generator)
 
         for X, y in tqdm(batches, desc=description, disable=not progress_bar):
             if isinstance(X, Tensor):
                 X = X.to(device)
             y = y.to(device)
-            f, collected = sweep(X, y, likelihood, vectors_fn)
+            f, collected = sweep(X, y, curvature_fn)
             if with_loss:
                 loss = loss + loss_function(f, y)
             consume(collected)
@@ -314,7 +399,7 @@ def fast_ekfac(
         cache_ok = [cache_budget_bytes > 0]
         used = [0]
 
-        def collect_factors(collected: dict[str, tuple[Tensor, Tensor]]) -> None:
+        def collect_factors(collected: Collected) -> None:
             for layer in ordered:
                 a, g = collected[layer.name]
                 _accumulate_factors(layer, a, g, kfac_approx)
@@ -350,7 +435,7 @@ def fast_ekfac(
 
     if need_second_pass:
 
-        def collect_correction(collected: dict[str, tuple[Tensor, Tensor]]) -> None:
+        def collect_correction(collected: Collected) -> None:
             for layer in ordered:
                 a, g = collected[layer.name]
                 _accumulate_correction(layer, a, g, *bases[layer.name])

@@ -328,16 +328,16 @@ def test_fast_engine_equals_curvlinops(case: Case, fisher_type: str):
 def test_cached_and_two_pass_corrections_agree(case: Case):
     model, X, y = case.make()
     params = list(model.parameters())
-    cached = _fit(model, params, X, y, case.likelihood, kfac_approx=case.kfac_approx)
-    two_pass = _fit(
+    cached = _fit(
         model,
         params,
         X,
         y,
         case.likelihood,
         kfac_approx=case.kfac_approx,
-        cache_budget_bytes=0,
+        cache_budget_bytes=2**30,
     )
+    two_pass = _fit(model, params, X, y, case.likelihood, kfac_approx=case.kfac_approx)
     small = _fit(
         model,
         params,
@@ -352,3 +352,28 @@ def test_cached_and_two_pass_corrections_agree(case: Case):
         assert_close(a, c)
     with pytest.raises(ValueError, match="engine"):
         _fit(model, params, X, y, case.likelihood, engine="backpack")
+
+
+class _ScaledInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.head(self.body(x))
+        out *= 2.0  # the head's output is modified in place: not the raw output
+        return out
+
+
+def test_output_layer_shortcut_is_not_fooled_by_in_place_changes():
+    torch.manual_seed(0)
+    model = _ScaledInPlace().double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    params = list(model.parameters())
+    factors = _fit(model, params, X, y, "classification")
+    ref = reference_ekfac(model, params, X, y, "classification")
+    for index, basis in enumerate(factors.eigenvectors):
+        expected = corrected_eigenvalues(ref["exact"][index], basis).clamp_min(0)
+        assert_close(factors.eigenvalues[index].flatten(), expected)
