@@ -155,14 +155,28 @@ def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
     return f.softmax(dim=1) - y
 
 
-# What a sweep collects per layer: its inputs as (B, S, d_in), and either the output
-# gradients (B, K, S, d_out) or, for the layer producing the model output, the
-# output curvature itself.
-Collected = dict[str, tuple[Tensor, "Tensor | OutputCurvature"]]
+class _Consumer:
+    """Receives a layer's inputs ``a`` (``(B, S, d_in)``) and gradients per sweep."""
+
+    def begin(self, layer: _Layer, a: Tensor) -> None:
+        """Before the backward passes of a hidden layer."""
+
+    def gradient(self, layer: _Layer, a: Tensor, g: Tensor) -> None:
+        """One backward pass: output gradients ``g`` of shape ``(B, S, d_out)``."""
+
+    def end(self, layer: _Layer, a: Tensor) -> None:
+        """After the backward passes of a hidden layer."""
+
+    def output(self, layer: _Layer, a: Tensor, curvature: OutputCurvature) -> None:
+        """A layer whose output is the model output (one position)."""
 
 
 class _Sweep:
-    """Forward and ``K`` backward passes on a batch, collecting ``a`` and ``g``."""
+    """A forward pass and ``K`` backward passes on a batch.
+
+    Each layer's inputs and, one backward pass at a time, its output gradients go
+    to a consumer, so no more than one ``(B, S, d_out)`` gradient per layer is held.
+    """
 
     def __init__(self, model: nn.Module, layers: list[_Layer], params: list[Tensor]):
         self.model = model
@@ -178,11 +192,11 @@ class _Sweep:
         }
 
     def __call__(
-        self, X: Any, y: Tensor, curvature_fn: Any
-    ) -> tuple[Tensor, Collected]:
+        self, X: Any, y: Tensor, curvature_fn: Any, consumer: _Consumer
+    ) -> Tensor:
         inputs: dict[str, Tensor] = {}
         outputs: dict[str, tuple[Tensor, int]] = {}
-        grads: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+        grads: dict[str, Tensor] = {}
 
         def forward_hook(name: str):
             def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
@@ -195,7 +209,11 @@ class _Sweep:
                     )
                 inputs[name] = args[0].detach()
                 outputs[name] = (out, out._version)
-                out.register_hook(lambda grad: grads[name].append(grad.detach()))
+
+                def store(grad: Tensor) -> None:
+                    grads[name] = grad.detach()
+
+                out.register_hook(store)
 
             return hook
 
@@ -212,106 +230,156 @@ class _Sweep:
                         f"{tuple(f.shape)}."
                     )
                 curvature = curvature_fn(f, y)
+                positions = {
+                    layer.name: _positions(layer.module, inputs.pop(layer.name), True)
+                    for layer in self.layers
+                }
                 # A layer whose (unmodified) output is the model output needs no
                 # backward pass: its output gradients are the vectors themselves.
                 hidden = [
-                    layer.name
+                    layer
                     for layer in self.layers
                     if outputs[layer.name][0] is not f
                     or outputs[layer.name][1] != f._version
                 ]
+                outputs.clear()
+                for layer in self.layers:
+                    if layer in hidden:
+                        consumer.begin(layer, positions[layer.name])
+                    else:
+                        consumer.output(layer, positions[layer.name], curvature)
                 if hidden:
                     vectors = curvature.vectors()
-                    targets = [self.targets[name] for name in hidden]
+                    targets = [self.targets[layer.name] for layer in hidden]
                     for k in range(vectors.shape[1]):
                         torch.autograd.grad(
                             (f * vectors[:, k]).sum(),
                             targets,
                             retain_graph=k < vectors.shape[1] - 1,
                         )
+                        for layer in hidden:
+                            g = _positions(layer.module, grads.pop(layer.name), False)
+                            consumer.gradient(layer, positions[layer.name], g)
+                    for layer in hidden:
+                        consumer.end(layer, positions[layer.name])
         finally:
             for handle in handles:
                 handle.remove()
-        collected: Collected = {}
-        for layer in self.layers:
-            a = _positions(layer.module, inputs[layer.name], is_input=True)
-            if layer.name in hidden:
-                g = torch.stack(
-                    [_positions(layer.module, gk, False) for gk in grads[layer.name]],
-                    dim=1,
-                )  # (B, K, S, d_out)
-                collected[layer.name] = (a, g)
-            else:
-                collected[layer.name] = (a, curvature)
-        return f.detach(), collected
+        return f.detach()
 
 
 def _add(total: Tensor | None, term: Tensor) -> Tensor:
     return term if total is None else total + term
 
 
-def _accumulate_factors(
-    layer: _Layer, a: Tensor, g: Tensor | OutputCurvature, kfac_approx: str
-) -> None:
-    if isinstance(g, OutputCurvature):  # one position: expand and reduce agree
-        gradient_factor = g.gradient_factor()
-        flat_a = a[:, 0]
-        input_factor = flat_a.T @ flat_a
-    elif kfac_approx == "expand":
-        flat_g = g.reshape(-1, g.shape[-1])
-        gradient_factor = flat_g.T @ flat_g
-        flat_a = a.reshape(-1, a.shape[-1])
-        input_factor = flat_a.T @ flat_a
-    else:
-        summed_g = g.sum(2).reshape(-1, g.shape[-1])
-        gradient_factor = summed_g.T @ summed_g
-        mean_a = a.mean(1)
-        input_factor = mean_a.T @ mean_a
-    layer.gradient_factor = _add(layer.gradient_factor, gradient_factor)
-    if layer.weight_index is not None:
-        layer.input_factor = _add(layer.input_factor, input_factor)
+class _FactorConsumer(_Consumer):
+    """Accumulates ``A`` and ``G``; optionally caches ``a`` and ``g`` for replay."""
+
+    def __init__(
+        self, layers: list[_Layer], kfac_approx: str, cache_budget_bytes: int
+    ) -> None:
+        self.layers = layers
+        self.kfac_approx = kfac_approx
+        self.budget = cache_budget_bytes
+        self.caching = cache_budget_bytes > 0
+        self.used = 0
+        self.pending: dict[str, list[Tensor]] = {}
+
+    def _input_factor(self, layer: _Layer, a: Tensor) -> None:
+        if layer.weight_index is None:
+            return
+        expand = self.kfac_approx == "expand"
+        flat = a.reshape(-1, a.shape[-1]) if expand else a.mean(1)
+        layer.input_factor = _add(layer.input_factor, flat.T @ flat)
+
+    def _remember(self, layer: _Layer, nbytes: int, entry: Any) -> None:
+        if not self.caching:
+            return
+        self.used += nbytes
+        if self.used > self.budget:  # over budget: fall back to a second pass
+            self.caching = False
+            for other in self.layers:
+                other.cache.clear()
+            return
+        layer.cache.append(entry)
+
+    def begin(self, layer: _Layer, a: Tensor) -> None:
+        self._input_factor(layer, a)
+        self.pending[layer.name] = []
+
+    def gradient(self, layer: _Layer, a: Tensor, g: Tensor) -> None:
+        expand = self.kfac_approx == "expand"
+        flat = g.reshape(-1, g.shape[-1]) if expand else g.sum(1)
+        layer.gradient_factor = _add(layer.gradient_factor, flat.T @ flat)
+        if self.caching:
+            self.pending[layer.name].append(g)
+
+    def end(self, layer: _Layer, a: Tensor) -> None:
+        gradients = self.pending.pop(layer.name)
+        if self.caching:
+            g = torch.stack(gradients, dim=1)  # (B, K, S, d_out)
+            self._remember(layer, (a.numel() + g.numel()) * a.element_size(), (a, g))
+
+    def output(self, layer: _Layer, a: Tensor, curvature: OutputCurvature) -> None:
+        self._input_factor(layer, a)
+        layer.gradient_factor = _add(layer.gradient_factor, curvature.gradient_factor())
+        nbytes = a.numel() * a.element_size() + curvature.nbytes()
+        self._remember(layer, nbytes, (a, curvature))
 
 
-def _accumulate_correction(
-    layer: _Layer,
-    a: Tensor,
-    g: Tensor | OutputCurvature,
-    q_g: Tensor,
-    q_a: Tensor | None,
-) -> None:
-    if isinstance(g, OutputCurvature) or a.shape[1] == 1:
-        # No weight sharing: λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ.
-        if isinstance(g, OutputCurvature):
-            squares = g.rotated_squares(q_g)  # (B, d_out)
-        else:
-            squares = (g[:, :, 0] @ q_g).square().sum(1)
+class _CorrectionConsumer(_Consumer):
+    """Accumulates the corrected eigenvalues in fixed eigenbases."""
+
+    def __init__(self, bases: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+        self.bases = bases
+        self.squares: dict[str, Tensor] = {}
+
+    def begin(self, layer: _Layer, a: Tensor) -> None:
+        if a.shape[1] == 1:
+            d_out = self.bases[layer.name][0].shape[0]
+            self.squares[layer.name] = a.new_zeros(a.shape[0], d_out)
+
+    def gradient(self, layer: _Layer, a: Tensor, g: Tensor) -> None:
+        q_g, q_a = self.bases[layer.name]
+        g_rot = g @ q_g  # (B, S, d_out)
+        if a.shape[1] == 1:
+            self.squares[layer.name] += g_rot[:, 0].square()
+            return
         if layer.weight_index is not None:
+            per_example = torch.einsum("bsi,bsj->bij", g_rot, a @ q_a)
+            weight = per_example.square().sum(0)
+            layer.weight_correction = _add(layer.weight_correction, weight)
+        if layer.bias_index is not None:
+            bias = g_rot.sum(1).square().sum(0)
+            layer.bias_correction = _add(layer.bias_correction, bias)
+
+    def end(self, layer: _Layer, a: Tensor) -> None:
+        if a.shape[1] == 1:
+            self._finish(layer, a, self.squares.pop(layer.name))
+
+    def output(self, layer: _Layer, a: Tensor, curvature: OutputCurvature) -> None:
+        self._finish(layer, a, curvature.rotated_squares(self.bases[layer.name][0]))
+
+    def _finish(self, layer: _Layer, a: Tensor, squares: Tensor) -> None:
+        """No weight sharing: ``λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ``."""
+        if layer.weight_index is not None:
+            q_a = self.bases[layer.name][1]
             weight = squares.T @ (a[:, 0] @ q_a).square()
             layer.weight_correction = _add(layer.weight_correction, weight)
         if layer.bias_index is not None:
             layer.bias_correction = _add(layer.bias_correction, squares.sum(0))
-        return
-    g_rot = g @ q_g  # (B, K, S, d_out)
-    if layer.weight_index is not None:
-        per_example = torch.einsum("bksi,bsj->bkij", g_rot, a @ q_a)
-        weight = per_example.square().sum((0, 1))
-        layer.weight_correction = _add(layer.weight_correction, weight)
-    if layer.bias_index is not None:
-        bias = g_rot.sum(2).square().sum((0, 1))
-        layer.bias_correction = _add(layer.bias_correction, bias)
 
-
-def _cache_bytes(collected: Collected) -> int:
-    total, seen = 0, set()
-    for a, g in collected.values():
-        total += a.numel() * a.element_size()
-        if isinstance(g, OutputCurvature):
-            if id(g) not in seen:
-                seen.add(id(g))
-                total += g.nbytes()
-        else:
-            total += g.numel() * g.element_size()
-    return total
+    def replay(self, layer: _Layer) -> None:
+        """Feed the cached first-pass quantities of a layer, then drop them."""
+        for a, g in layer.cache:
+            if isinstance(g, OutputCurvature):
+                self.output(layer, a, g)
+                continue
+            self.begin(layer, a)
+            for k in range(g.shape[1]):
+                self.gradient(layer, a, g[:, k])
+            self.end(layer, a)
+        layer.cache.clear()
 
 
 def _eigenvectors(factor: Tensor, description: str) -> Tensor:
@@ -376,7 +444,7 @@ def fast_ekfac(
         else nn.CrossEntropyLoss(reduction="sum")
     )
 
-    def run_pass(description: str, consume: Any, with_loss: bool) -> None:
+    def run_pass(description: str, consumer: _Consumer, with_loss: bool) -> None:
         nonlocal loss
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
@@ -388,32 +456,15 @@ def fast_ekfac(
             if isinstance(X, Tensor):
                 X = X.to(device)
             y = y.to(device)
-            f, collected = sweep(X, y, curvature_fn)
+            f = sweep(X, y, curvature_fn, consumer)
             if with_loss:
                 loss = loss + loss_function(f, y)
-            consume(collected)
 
     bases: dict[str, tuple[Tensor, Tensor | None]] = {}
     factors: dict[str, Tensor] = {}
     if eigenbasis is None:
-        cache_ok = [cache_budget_bytes > 0]
-        used = [0]
-
-        def collect_factors(collected: Collected) -> None:
-            for layer in ordered:
-                a, g = collected[layer.name]
-                _accumulate_factors(layer, a, g, kfac_approx)
-            if cache_ok[0]:
-                used[0] += _cache_bytes(collected)
-                if used[0] > cache_budget_bytes:
-                    cache_ok[0] = False
-                    for layer in ordered:
-                        layer.cache.clear()
-                else:
-                    for layer in ordered:
-                        layer.cache.append(collected[layer.name])
-
-        run_pass("EKFAC: Kronecker factors", collect_factors, with_loss=True)
+        factor_consumer = _FactorConsumer(ordered, kfac_approx, cache_budget_bytes)
+        run_pass("EKFAC: Kronecker factors", factor_consumer, with_loss=True)
         for layer in ordered:
             factors[f"{layer.name}.G"] = layer.gradient_factor
             q_g = _eigenvectors(
@@ -426,30 +477,23 @@ def fast_ekfac(
                     layer.input_factor, f"input factor of layer '{layer.name}'"
                 )
             bases[layer.name] = (q_g, q_a)
-        need_second_pass = not cache_ok[0]
+        need_second_pass = not factor_consumer.caching
     else:
         for (name, kind), basis in zip(located, eigenbasis):
             q_g, q_a = bases.get(name, (basis[0], None))
             bases[name] = (q_g, basis[1] if kind == "weight" else q_a)
         need_second_pass = True
 
+    correction = _CorrectionConsumer(bases)
     if need_second_pass:
-
-        def collect_correction(collected: Collected) -> None:
-            for layer in ordered:
-                a, g = collected[layer.name]
-                _accumulate_correction(layer, a, g, *bases[layer.name])
-
         run_pass(
             "EKFAC: eigenvalue correction",
-            collect_correction,
+            correction,
             with_loss=eigenbasis is not None,
         )
     else:
         for layer in ordered:
-            for a, g in layer.cache:
-                _accumulate_correction(layer, a, g, *bases[layer.name])
-            layer.cache.clear()
+            correction.replay(layer)
 
     eigenvectors: list[tuple[Tensor, ...]] = []
     eigenvalues: list[Tensor] = []
