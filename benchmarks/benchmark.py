@@ -44,7 +44,7 @@ CASES: dict[str, dict[str, Any]] = {
     "mlp": {"n_data": 8192, "subset": "all"},
     "cnn": {"n_data": 4096, "subset": "all"},
     # laplace-torch's diagonal GGN needs 1,000 backward passes per batch here.
-    "last_layer_1000": {"n_data": 8192, "subset": "last_layer", "skip": ["diag"]},
+    "last_layer_1000": {"n_data": 4096, "subset": "last_layer", "skip": ["diag"]},
 }
 # Dense (batch, classes, parameters) Jacobians larger than this are not attempted.
 JACOBIAN_LIMIT_BYTES = 6 * 2**30
@@ -304,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         name += "_quick"
     payload = {"machine": machine(), "rows": rows}
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    if not args.scaling:
+        command = "python benchmarks/benchmark.py" + (" --quick" if args.quick else "")
+        report = (
+            f"Machine: {json.dumps(payload['machine'])}\n\n"
+            f"Command: `{command}`\n\n{markdown_table(rows)}\n"
+        )
+        (args.out / f"{name}.md").write_text(report)
     return 1 if any("error" in row for row in rows) else 0
 
 
