@@ -333,20 +333,24 @@ class _CorrectionConsumer(_Consumer):
     def __init__(self, bases: dict[str, tuple[Tensor, Tensor | None]]) -> None:
         self.bases = bases
         self.squares: dict[str, Tensor] = {}
+        self.rotated_inputs: dict[str, Tensor] = {}
 
     def begin(self, layer: _Layer, a: Tensor) -> None:
         if a.shape[1] == 1:
             d_out = self.bases[layer.name][0].shape[0]
             self.squares[layer.name] = a.new_zeros(a.shape[0], d_out)
+        elif layer.weight_index is not None:
+            # Rotated once per batch, used by each of the K backward passes.
+            self.rotated_inputs[layer.name] = a @ self.bases[layer.name][1]
 
     def gradient(self, layer: _Layer, a: Tensor, g: Tensor) -> None:
-        q_g, q_a = self.bases[layer.name]
-        g_rot = g @ q_g  # (B, S, d_out)
+        g_rot = g @ self.bases[layer.name][0]  # (B, S, d_out)
         if a.shape[1] == 1:
             self.squares[layer.name] += g_rot[:, 0].square()
             return
         if layer.weight_index is not None:
-            per_example = torch.einsum("bsi,bsj->bij", g_rot, a @ q_a)
+            a_rot = self.rotated_inputs[layer.name]
+            per_example = torch.einsum("bsi,bsj->bij", g_rot, a_rot)
             weight = per_example.square().sum(0)
             layer.weight_correction = _add(layer.weight_correction, weight)
         if layer.bias_index is not None:
@@ -356,6 +360,7 @@ class _CorrectionConsumer(_Consumer):
     def end(self, layer: _Layer, a: Tensor) -> None:
         if a.shape[1] == 1:
             self._finish(layer, a, self.squares.pop(layer.name))
+        self.rotated_inputs.pop(layer.name, None)
 
     def output(self, layer: _Layer, a: Tensor, curvature: OutputCurvature) -> None:
         self._finish(layer, a, curvature.rotated_squares(self.bases[layer.name][0]))

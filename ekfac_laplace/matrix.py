@@ -34,6 +34,8 @@ class EKFACDecomposed:
     where ``vec`` is row-major, matching ``torch.nn.utils.parameters_to_vector``. This
     is the form of the EKFAC approximation of George et al. (2018), "Fast Approximate
     Natural Gradient Descent in a Kronecker-factored Eigenbasis", with damping.
+    Multiplying by a scalar ``c`` is kept lazy (``scale``): the matrix is
+    ``Q diag(c λ + c δ) Qᵀ`` without copying the eigenvalues.
 
     Args:
         eigenvectors: Per block, ``(Q_G, Q_A)`` for a weight or ``(Q_G,)`` for a bias;
@@ -42,6 +44,7 @@ class EKFACDecomposed:
             for a weight and ``(out,)`` for a bias.
         deltas: Additive constant per block, shape ``()``, ``(1,)`` or
             ``(len(eigenvalues),)``; zero if ``None``.
+        scale: Factor applied to ``eigenvalues`` (not to ``deltas``); ``None`` is 1.
 
     Raises:
         ValueError: If the blocks are empty or their shapes do not fit together.
@@ -52,6 +55,7 @@ class EKFACDecomposed:
         eigenvectors: Sequence[tuple[Tensor, ...]],
         eigenvalues: Sequence[Tensor],
         deltas: Tensor | None = None,
+        scale: Tensor | float | None = None,
     ) -> None:
         if len(eigenvectors) == 0:
             raise ValueError("EKFACDecomposed needs at least one block, got none.")
@@ -82,6 +86,7 @@ class EKFACDecomposed:
                 len(self), device=reference.device, dtype=reference.dtype
             )
         self.deltas: Tensor = self._broadcast_deltas(deltas)
+        self.scale: Tensor | float | None = scale
 
     # ------------------------------------------------------------------ structure
     def __len__(self) -> int:
@@ -130,6 +135,8 @@ class EKFACDecomposed:
         """
         self.eigenvalues = [values.detach() for values in self.eigenvalues]
         self.deltas = self.deltas.detach()
+        if isinstance(self.scale, Tensor):
+            self.scale = self.scale.detach()
         return self
 
     def __add__(self, deltas: Tensor | float) -> EKFACDecomposed:
@@ -152,6 +159,7 @@ class EKFACDecomposed:
             self.eigenvectors,
             self.eigenvalues,
             self.deltas + self._broadcast_deltas(deltas),
+            self.scale,
         )
 
     def __mul__(self, scalar: _Scalar) -> EKFACDecomposed:
@@ -178,18 +186,30 @@ class EKFACDecomposed:
                 "Can only multiply EKFACDecomposed by a scalar, got "
                 f"{type(scalar).__name__}."
             )
+        scale = scalar if self.scale is None else self.scale * scalar
         return EKFACDecomposed(
-            self.eigenvectors,
-            [values * scalar for values in self.eigenvalues],
-            self.deltas * scalar,
+            self.eigenvectors, self.eigenvalues, self.deltas * scalar, scale
         )
 
     __radd__ = __add__
     __rmul__ = __mul__
 
     # ----------------------------------------------------------------- spectrum
-    def _damped(self, index: int) -> Tensor:
-        return self.eigenvalues[index] + self.deltas[index]
+    def damped_eigenvalues(self, index: int) -> Tensor:
+        """Eigenvalues of block ``index`` of the matrix: ``scale·λ + δ``.
+
+        Args:
+            index: Block index.
+
+        Returns:
+            Shape of the block's eigenvalues.
+        """
+        values, delta = self.eigenvalues[index], self.deltas[index]
+        if self.scale is None:
+            return values + delta
+        return torch.addcmul(delta, values, torch.as_tensor(self.scale))
+
+    _damped = damped_eigenvalues
 
     def _powered(self, index: int, exponent: float) -> Tensor:
         damped = self._damped(index)

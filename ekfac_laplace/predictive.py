@@ -113,7 +113,7 @@ def glm_predictive_variance(
             dim=1,
         )  # (B, K, S, out)
         g_rot = g @ basis[0]
-        inverse = torch.pow(precision.eigenvalues[index] + precision.deltas[index], -1)
+        inverse = torch.pow(precision.damped_eigenvalues(index), -1)
         if kind == "bias":
             summed = g_rot.sum(2)
             pattern = "bki,cli,i->bkcl" if joint else "bki,bli,i->bkl"

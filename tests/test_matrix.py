@@ -153,3 +153,12 @@ def test_deltas_must_be_a_tensor():
     base = _random_ekfac()
     with pytest.raises(ValueError, match="deltas must be a torch.Tensor"):
         EKFACDecomposed(base.eigenvectors, base.eigenvalues, deltas=[1.0, 2.0])
+
+
+def test_lazy_scale_survives_addition_and_repeated_multiplication():
+    base = _random_ekfac()
+    delta = torch.tensor(0.3, dtype=torch.float64)
+    chained = (base * 2.0 + delta) * torch.tensor(1.5, dtype=torch.float64)
+    identity = torch.eye(base.n_params, dtype=torch.float64)
+    assert_close(chained.to_matrix(), 1.5 * (2.0 * base.to_matrix() + 0.3 * identity))
+    assert chained.eigenvalues[0] is base.eigenvalues[0]  # no copy of the spectrum
