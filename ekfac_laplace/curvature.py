@@ -295,7 +295,8 @@ def compute_ekfac(
             ``EKFACLinearOperator``, two passes). Both compute the same matrix.
         cache_budget_bytes: For ``engine="fast"``: bytes of layer inputs and output
             gradients that may be kept from the first pass to skip the second
-            (default ``0``: two passes, KFAC-level memory).
+            (default 64 MiB, projected from the first batch; ``0``: always two
+            passes).
 
     Returns:
         The eigenbasis, the corrected eigenvalues and the summed loss.

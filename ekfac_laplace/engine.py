@@ -37,9 +37,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-# Two passes by default: memory stays at KFAC's level. Caching the first pass's
-# inputs and output gradients (N·(d_in + K·d_out) numbers per layer) skips the second.
-DEFAULT_CACHE_BUDGET_BYTES = 0
+# Caching the first pass's inputs and output gradients (N·(d_in + K·d_out) numbers per
+# layer; N·(d_in + C) for the output layer) skips the second pass. By default only
+# small caches are kept (last-layer and small problems); whether the whole data set
+# fits is projected from the first batch, so an oversized cache is never built.
+DEFAULT_CACHE_BUDGET_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -276,14 +278,33 @@ class _FactorConsumer(_Consumer):
     """Accumulates ``A`` and ``G``; optionally caches ``a`` and ``g`` for replay."""
 
     def __init__(
-        self, layers: list[_Layer], kfac_approx: str, cache_budget_bytes: int
+        self,
+        layers: list[_Layer],
+        kfac_approx: str,
+        cache_budget_bytes: int,
+        num_data: int,
     ) -> None:
         self.layers = layers
         self.kfac_approx = kfac_approx
         self.budget = cache_budget_bytes
+        self.num_data = num_data
         self.caching = cache_budget_bytes > 0
         self.used = 0
+        self.examples_seen = 0
         self.pending: dict[str, list[Tensor]] = {}
+
+    def batch_done(self, batch_size: int) -> None:
+        """After the first batch, stop caching if the whole set would not fit."""
+        self.examples_seen += batch_size
+        if self.caching and self.examples_seen == batch_size:
+            projected = self.used * self.num_data / batch_size
+            if projected > self.budget:
+                self._stop_caching()
+
+    def _stop_caching(self) -> None:
+        self.caching = False
+        for layer in self.layers:
+            layer.cache.clear()
 
     def _input_factor(self, layer: _Layer, a: Tensor) -> None:
         if layer.weight_index is None:
@@ -296,12 +317,9 @@ class _FactorConsumer(_Consumer):
         if not self.caching:
             return
         self.used += nbytes
-        if self.used > self.budget:  # over budget: fall back to a second pass
-            self.caching = False
-            for other in self.layers:
-                other.cache.clear()
-            return
         layer.cache.append(entry)
+        if self.used > self.budget:  # over budget: fall back to a second pass
+            self._stop_caching()
 
     def begin(self, layer: _Layer, a: Tensor) -> None:
         self._input_factor(layer, a)
@@ -420,7 +438,7 @@ def fast_ekfac(
         located: ``(module name, "weight"|"bias")`` for each parameter.
         batches: Re-iterable ``(X, y)`` pairs.
         likelihood: ``"classification"`` or ``"regression"``.
-        num_data: Number of training points (for the progress bars' totals only).
+        num_data: Number of training points (projects the cache size).
         fisher_type: ``"type2"``, ``"mc"`` or ``"empirical"``.
         kfac_approx: ``"expand"`` or ``"reduce"``.
         mc_samples: Labels per example for ``"mc"``.
@@ -434,7 +452,6 @@ def fast_ekfac(
         Eigenvectors and corrected eigenvalues per parameter, the summed loss, and the
         Kronecker factors per module name (empty when ``eigenbasis`` is given).
     """
-    del num_data
     layers: dict[str, _Layer] = {}
     for index, (name, kind) in enumerate(located):
         layer = layers.setdefault(name, _Layer(name, model.get_submodule(name)))
@@ -464,11 +481,15 @@ def fast_ekfac(
             f = sweep(X, y, curvature_fn, consumer)
             if with_loss:
                 loss = loss + loss_function(f, y)
+            if isinstance(consumer, _FactorConsumer):
+                consumer.batch_done(f.shape[0])
 
     bases: dict[str, tuple[Tensor, Tensor | None]] = {}
     factors: dict[str, Tensor] = {}
     if eigenbasis is None:
-        factor_consumer = _FactorConsumer(ordered, kfac_approx, cache_budget_bytes)
+        factor_consumer = _FactorConsumer(
+            ordered, kfac_approx, cache_budget_bytes, num_data
+        )
         run_pass("EKFAC: Kronecker factors", factor_consumer, with_loss=True)
         for layer in ordered:
             factors[f"{layer.name}.G"] = layer.gradient_factor

@@ -424,6 +424,30 @@ class EKFACLaplace(ParametricLaplace):
         return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
 
     # ------------------------------------------------------------------ prior
+    def _block_sizes(self) -> list[int]:
+        return [p.numel() for p in self._curvature_params()]
+
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        """``log det P₀ = Σ_b n_b log δ_b``, without forming the diagonal."""
+        prior = self.prior_precision
+        sizes = self._block_sizes()
+        if len(prior) == 1:
+            return sum(sizes) * prior[0].log()
+        return (torch.as_tensor(sizes, device=prior.device) * prior.log()).sum()
+
+    @property
+    def scatter(self) -> Tensor:
+        """``(θ* − μ₀)ᵀ P₀ (θ* − μ₀) = Σ_b δ_b ‖θ*_b − μ₀_b‖²``."""
+        prior = self.prior_precision
+        delta = self.mean - self.prior_mean
+        if len(prior) == 1:
+            return prior[0] * delta.square().sum()
+        norms = torch.stack(
+            [chunk.square().sum() for chunk in delta.split(self._block_sizes())]
+        )
+        return (prior * norms).sum()
+
     @property
     def prior_precision_diag(self) -> Tensor:
         """Diagonal of the prior precision (scalar or per-layer prior), ``(P,)``."""
@@ -665,6 +689,8 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
 
     # LLLaplace's version knows only scalar and diagonal priors; ours adds per-layer.
     prior_precision_diag = EKFACLaplace.prior_precision_diag
+    log_det_prior_precision = EKFACLaplace.log_det_prior_precision
+    scatter = EKFACLaplace.scatter
 
     _glm_predictive_distribution = EKFACLaplace._glm_predictive_distribution
 

@@ -541,8 +541,8 @@ def test_fit_errors_leave_the_object_unchanged():
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, ["Kronecker factors", "eigenvalue correction"]),
-        ({"cache_budget_bytes": 2**30}, ["Kronecker factors"]),
+        ({"cache_budget_bytes": 0}, ["Kronecker factors", "eigenvalue correction"]),
+        ({}, ["Kronecker factors"]),  # a tiny problem fits the default cache
         ({"engine": "curvlinops"}, ["KFAC matrices", "Eigenvalue correction"]),
     ],
 )
