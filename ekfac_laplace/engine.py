@@ -172,6 +172,14 @@ class _Consumer:
     def output(self, layer: _Layer, a: Tensor, curvature: OutputCurvature) -> None:
         """A layer whose output is the model output (one position)."""
 
+    def plan(self, inputs: dict[str, Tensor], hidden: list[_Layer], k: int) -> None:
+        """Before anything else of a batch: the inputs and the number of passes."""
+
+
+def _out_features(layer: _Layer) -> int:
+    module = layer.module
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
 
 class _Sweep:
     """A forward pass and ``K`` backward passes on a batch.
@@ -245,13 +253,15 @@ class _Sweep:
                     or outputs[layer.name][1] != f._version
                 ]
                 outputs.clear()
+                vectors = curvature.vectors() if hidden else None
+                passes = 0 if vectors is None else vectors.shape[1]
+                consumer.plan(positions, hidden, passes)
                 for layer in self.layers:
                     if layer in hidden:
                         consumer.begin(layer, positions[layer.name])
                     else:
                         consumer.output(layer, positions[layer.name], curvature)
                 if hidden:
-                    vectors = curvature.vectors()
                     targets = [self.targets[layer.name] for layer in hidden]
                     for k in range(vectors.shape[1]):
                         torch.autograd.grad(
@@ -293,13 +303,24 @@ class _FactorConsumer(_Consumer):
         self.examples_seen = 0
         self.pending: dict[str, list[Tensor]] = {}
 
+    def plan(self, inputs: dict[str, Tensor], hidden: list[_Layer], k: int) -> None:
+        """On the first batch, give up caching if the whole set would not fit."""
+        if not self.caching or self.examples_seen:
+            return
+        batch = next(iter(inputs.values())).shape[0]
+        per_batch = 0
+        for a in inputs.values():
+            per_batch += a.numel() * a.element_size()
+        for layer in hidden:
+            a = inputs[layer.name]
+            gradients = k * a.shape[0] * a.shape[1] * _out_features(layer)
+            per_batch += gradients * a.element_size()
+        if per_batch * self.num_data / batch > self.budget:
+            self._stop_caching()
+
     def batch_done(self, batch_size: int) -> None:
-        """After the first batch, stop caching if the whole set would not fit."""
+        """Count the examples of the factor pass."""
         self.examples_seen += batch_size
-        if self.caching and self.examples_seen == batch_size:
-            projected = self.used * self.num_data / batch_size
-            if projected > self.budget:
-                self._stop_caching()
 
     def _stop_caching(self) -> None:
         self.caching = False
