@@ -59,8 +59,17 @@ class _Layer:
     bias_correction: Tensor | None = None
 
 
-def _positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:
-    """Inputs (as patches) or output gradients of a layer as ``(B, S, d)``."""
+def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:
+    """Inputs (as patches) or output gradients of a layer as ``(B, S, d)``.
+
+    Args:
+        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        tensor: The layer's input (``is_input=True``) or output-shaped tensor.
+        is_input: Whether ``tensor`` is the input (``Conv2d``: unfolded to patches).
+
+    Returns:
+        Shape ``(B, S, d)`` with ``S`` the shared positions.
+    """
     if isinstance(module, nn.Conv2d):
         if is_input:
             patches = F.unfold(
@@ -241,7 +250,9 @@ class _Sweep:
                     )
                 curvature = curvature_fn(f, y)
                 positions = {
-                    layer.name: _positions(layer.module, inputs.pop(layer.name), True)
+                    layer.name: layer_positions(
+                        layer.module, inputs.pop(layer.name), True
+                    )
                     for layer in self.layers
                 }
                 # A layer whose (unmodified) output is the model output needs no
@@ -270,7 +281,9 @@ class _Sweep:
                             retain_graph=k < vectors.shape[1] - 1,
                         )
                         for layer in hidden:
-                            g = _positions(layer.module, grads.pop(layer.name), False)
+                            g = layer_positions(
+                                layer.module, grads.pop(layer.name), False
+                            )
                             consumer.gradient(layer, positions[layer.name], g)
                     for layer in hidden:
                         consumer.end(layer, positions[layer.name])

@@ -24,30 +24,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ekfac_laplace.curvature import _owning_modules
+from ekfac_laplace.engine import layer_positions
 from ekfac_laplace.matrix import EKFACDecomposed
 
 
 class SharedModuleError(RuntimeError):
     """A module ran more than once in one forward pass; use the dense path."""
-
-
-def _as_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:
-    """Layer inputs (as patches) or output gradients as ``(B, S, d)``."""
-    if isinstance(module, nn.Conv2d):
-        if is_input:
-            patches = F.unfold(
-                tensor,
-                module.kernel_size,
-                dilation=module.dilation,
-                padding=module.padding,
-                stride=module.stride,
-            )
-            return patches.transpose(1, 2)
-        return tensor.flatten(start_dim=2).transpose(1, 2)
-    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
 @torch.enable_grad()
@@ -86,7 +70,7 @@ def glm_predictive_variance(
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             if name in inputs:
                 raise SharedModuleError(f"module '{name}' ran twice")
-            inputs[name] = _as_positions(module, args[0].detach(), is_input=True)
+            inputs[name] = layer_positions(module, args[0].detach(), is_input=True)
             output.register_hook(lambda grad: grads[name].append(grad.detach()))
 
         return hook
@@ -109,7 +93,7 @@ def glm_predictive_variance(
     for index, ((name, kind), basis) in enumerate(zip(located, precision.eigenvectors)):
         module = modules[name]
         g = torch.stack(
-            [_as_positions(module, grad, is_input=False) for grad in grads[name]],
+            [layer_positions(module, grad, is_input=False) for grad in grads[name]],
             dim=1,
         )  # (B, K, S, out)
         g_rot = g @ basis[0]
