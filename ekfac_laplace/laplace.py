@@ -47,7 +47,20 @@ def _fisher_type(backend: type[CurvatureInterface], backend_kwargs: dict) -> str
     )
 
 
-def _validate_engine(engine: str, cache_budget_bytes: int) -> None:
+def _validated_options(
+    backend: type[CurvatureInterface] | None,
+    backend_kwargs: dict[str, Any] | None,
+    kfac_approx: str,
+    mc_samples: int,
+    seed: int,
+    engine: str,
+    cache_budget_bytes: int,
+) -> dict[str, Any]:
+    """The EKFAC options of a Laplace object, checked before anything is set."""
+    fisher_type = _fisher_type(
+        CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
+    )
+    _validate_options(fisher_type, kfac_approx, mc_samples)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
     if not isinstance(cache_budget_bytes, int) or cache_budget_bytes < 0:
@@ -55,6 +68,14 @@ def _validate_engine(engine: str, cache_budget_bytes: int) -> None:
             f"cache_budget_bytes must be a non-negative integer, got "
             f"{cache_budget_bytes!r}."
         )
+    return {
+        "fisher_type": fisher_type,
+        "kfac_approx": kfac_approx,
+        "mc_samples": mc_samples,
+        "seed": seed,
+        "engine": engine,
+        "cache_budget_bytes": cache_budget_bytes,
+    }
 
 
 class EKFACLaplace(ParametricLaplace):
@@ -133,19 +154,16 @@ class EKFACLaplace(ParametricLaplace):
                 f"asdl_fisher_kwargs keys {sorted(unknown)} are not used by EKFAC; "
                 "only 'kfac_approx' and 'mc_samples' are."
             )
-        kfac_approx = extra.get("kfac_approx", kfac_approx)
-        mc_samples = extra.get("mc_samples", mc_samples)
-        fisher_type = _fisher_type(
-            CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
+        options = _validated_options(
+            backend,
+            backend_kwargs,
+            extra.get("kfac_approx", kfac_approx),
+            extra.get("mc_samples", mc_samples),
+            seed,
+            engine,
+            cache_budget_bytes,
         )
-        _validate_options(fisher_type, kfac_approx, mc_samples)
-        _validate_engine(engine, cache_budget_bytes)
-        self.fisher_type: str = fisher_type
-        self.kfac_approx: str = kfac_approx
-        self.mc_samples: int = mc_samples
-        self.seed: int = seed
-        self.engine: str = engine
-        self.cache_budget_bytes: int = cache_budget_bytes
+        self._set_options(options)
         super().__init__(
             model,
             likelihood,
@@ -159,6 +177,14 @@ class EKFACLaplace(ParametricLaplace):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
+
+    def _set_options(self, options: dict[str, Any]) -> None:
+        self.fisher_type: str = options["fisher_type"]
+        self.kfac_approx: str = options["kfac_approx"]
+        self.mc_samples: int = options["mc_samples"]
+        self.seed: int = options["seed"]
+        self.engine: str = options["engine"]
+        self.cache_budget_bytes: int = options["cache_budget_bytes"]
 
     # ----------------------------------------------------------------- fitting
     def _init_H(self) -> None:
@@ -651,11 +677,15 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     ) -> None:
-        fisher_type = _fisher_type(
-            CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
+        options = _validated_options(
+            backend,
+            backend_kwargs,
+            kfac_approx,
+            mc_samples,
+            seed,
+            engine,
+            cache_budget_bytes,
         )
-        _validate_options(fisher_type, kfac_approx, mc_samples)
-        _validate_engine(engine, cache_budget_bytes)
         LLLaplace.__init__(
             self,
             model,
@@ -674,12 +704,7 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
         # LLLaplace.__init__ ran EKFACLaplace.__init__ with default options.
-        self.fisher_type = fisher_type
-        self.kfac_approx = kfac_approx
-        self.mc_samples = mc_samples
-        self.seed = seed
-        self.engine = engine
-        self.cache_budget_bytes = cache_budget_bytes
+        self._set_options(options)
 
     def _curvature_params(self) -> list[Tensor]:
         return [p for p in self.model.last_layer.parameters() if p.requires_grad]
