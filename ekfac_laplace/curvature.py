@@ -95,15 +95,11 @@ class LaplaceBatches:
     Args:
         loader: Iterable of ``(X, y)`` tuples or of dict-like batches.
         dict_key_y: Key of the targets in dict-like batches.
-        likelihood: Used to check the targets' shape for regression.
     """
 
-    def __init__(
-        self, loader: Iterable[Any], dict_key_y: str = "labels", likelihood: str = ""
-    ) -> None:
+    def __init__(self, loader: Iterable[Any], dict_key_y: str = "labels") -> None:
         self.loader = loader
         self.dict_key_y = dict_key_y
-        self.likelihood = likelihood
         self.current_targets: Tensor | None = None
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
@@ -315,7 +311,7 @@ def compute_ekfac(
             "parameter tensors."
         )
     if engine == "fast":
-        eigenvectors, raw_eigenvalues, total_loss, _ = fast_ekfac(
+        eigenvectors, raw_eigenvalues, total_loss = fast_ekfac(
             model,
             list(params),
             located,

@@ -463,7 +463,7 @@ def fast_ekfac(
     eigenbasis: list[tuple[Tensor, ...]] | None = None,
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     progress_bar: bool = False,
-) -> tuple[list[tuple[Tensor, ...]], list[Tensor], Tensor, dict[str, Tensor]]:
+) -> tuple[list[tuple[Tensor, ...]], list[Tensor], Tensor]:
     """EKFAC factors in the scale of the summed torch loss.
 
     Args:
@@ -483,8 +483,7 @@ def fast_ekfac(
         progress_bar: Show tqdm progress bars.
 
     Returns:
-        Eigenvectors and corrected eigenvalues per parameter, the summed loss, and the
-        Kronecker factors per module name (empty when ``eigenbasis`` is given).
+        Eigenvectors and corrected eigenvalues per parameter, and the summed loss.
     """
     layers: dict[str, _Layer] = {}
     for index, (name, kind) in enumerate(located):
@@ -519,20 +518,17 @@ def fast_ekfac(
                 consumer.batch_done(f.shape[0])
 
     bases: dict[str, tuple[Tensor, Tensor | None]] = {}
-    factors: dict[str, Tensor] = {}
     if eigenbasis is None:
         factor_consumer = _FactorConsumer(
             ordered, kfac_approx, cache_budget_bytes, num_data
         )
         run_pass("EKFAC: Kronecker factors", factor_consumer, with_loss=True)
         for layer in ordered:
-            factors[f"{layer.name}.G"] = layer.gradient_factor
             q_g = _eigenvectors(
                 layer.gradient_factor, f"gradient factor of layer '{layer.name}'"
             )
             q_a = None
             if layer.input_factor is not None:
-                factors[f"{layer.name}.A"] = layer.input_factor
                 q_a = _eigenvectors(
                     layer.input_factor, f"input factor of layer '{layer.name}'"
                 )
@@ -566,4 +562,4 @@ def fast_ekfac(
         else:
             eigenvectors.append((q_g,))
             eigenvalues.append(layer.bias_correction)
-    return eigenvectors, eigenvalues, loss, factors
+    return eigenvectors, eigenvalues, loss

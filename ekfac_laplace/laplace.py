@@ -196,9 +196,6 @@ class EKFACLaplace(ParametricLaplace):
                 f"{type(self).__name__} is not fitted: call .fit(train_loader) first."
             )
 
-    def _curvature_model(self) -> nn.Module:
-        return self.model
-
     def _curvature_params(self) -> list[Tensor]:
         return [p for p in self.params]
 
@@ -233,12 +230,12 @@ class EKFACLaplace(ParametricLaplace):
         """
         num_data = self._dataset_size(train_loader)
         self.model.eval()
-        batches = LaplaceBatches(train_loader, self.dict_key_y, self.likelihood)
+        batches = LaplaceBatches(train_loader, self.dict_key_y)
         n_outputs = self._infer_n_outputs(train_loader)
 
         previous = None if override else self.H
         factors = compute_ekfac(
-            self._curvature_model(),
+            self.model,
             self._curvature_params(),
             batches,
             self.likelihood,

@@ -209,10 +209,8 @@ class EKFACDecomposed:
             return values + delta
         return torch.addcmul(delta, values, torch.as_tensor(self.scale))
 
-    _damped = damped_eigenvalues
-
     def _powered(self, index: int, exponent: float) -> Tensor:
-        damped = self._damped(index)
+        damped = self.damped_eigenvalues(index)
         if exponent == 1:
             return damped
         return torch.pow(damped, exponent)
@@ -223,7 +221,9 @@ class EKFACDecomposed:
         Returns:
             Scalar tensor.
         """
-        return sum(torch.log(self._damped(i)).sum() for i in range(len(self)))
+        return sum(
+            torch.log(self.damped_eigenvalues(i)).sum() for i in range(len(self))
+        )
 
     # -------------------------------------------------------------- rotations
     def _split(self, W: Tensor) -> list[Tensor]:
