@@ -10,9 +10,11 @@ Importing the package registers ``hessian_structure="ekfac"`` with
                  hessian_structure="ekfac")
 """
 
+from ekfac_laplace.calibration import evaluate, predict
 from ekfac_laplace.curvature import EKFACFactors, compute_ekfac
 from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
 from ekfac_laplace.matrix import EKFACDecomposed
+from ekfac_laplace.selection import Candidate, Comparison, compare, select
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,11 @@ __all__ = [
     # Curvature
     "EKFACFactors",
     "compute_ekfac",
+    # Evaluation and selection
+    "evaluate",
+    "predict",
+    "compare",
+    "select",
+    "Candidate",
+    "Comparison",
 ]

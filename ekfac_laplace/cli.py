@@ -1,0 +1,744 @@
+"""The ``ekfac-laplace`` command: compare Laplace approximations, draw samples.
+
+``ekfac-laplace compare`` trains (or loads) a MAP network on a bundled data set, fits
+every candidate Laplace approximation around it, prints one table and writes
+``results.json``, ``results.csv`` and plots. ``ekfac-laplace sample`` fits EKFAC
+Laplace, draws posterior samples in the eigenbasis and writes their predictive
+summary and a plot. Run ``ekfac-laplace <command> --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+DATASETS = ("digits", "moons", "toy1d", "diabetes")
+DEFAULT_OUT = "ekfac-laplace-results"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(ValueError):
+    """A bad combination of command-line arguments (exit status 2)."""
+
+
+@dataclass
+class Problem:
+    """A data set ready for the command: loaders and the extra evaluation sets."""
+
+    splits: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    ood_loader: DataLoader | None
+    shift_loaders: dict[str, dict[float, DataLoader]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ekfac-laplace`` argument parser.
+
+    Returns:
+        The parser with the ``compare`` and ``sample`` commands.
+    """
+    from ekfac_laplace.selection import (
+        DEFAULT_CANDIDATES,
+        PRIOR_TUNINGS,
+        SELECTION_CRITERIA,
+    )
+
+    parser = _Parser(
+        prog="ekfac-laplace",
+        description=(
+            "Laplace approximations for neural networks, EKFAC included. "
+            "'compare' fits several Laplace approximations around one trained "
+            "network and reports calibration, evidence and cost; 'sample' draws "
+            "EKFAC posterior samples. Everything runs offline on bundled data."
+        ),
+        epilog="Example: ekfac-laplace compare --out results/",
+    )
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser
+    )
+    commands.required = True
+
+    common = _Parser(add_help=False)
+    data = common.add_argument_group("data and model")
+    data.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="bundled data set: digits (8x8 images, 10 classes; with rotation/noise "
+        "shift and natural-image OOD sets), moons (2-D, 2 classes), toy1d (1-D "
+        "regression with a gap), diabetes (tabular regression). Default: digits.",
+    )
+    data.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="network trained to the MAP (cnn needs an image data set). Default: mlp.",
+    )
+    data.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="load the MAP weights from this state_dict file instead of training",
+    )
+    data.add_argument(
+        "--save-checkpoint",
+        type=Path,
+        help="save the trained MAP weights (a state_dict) to this file",
+    )
+    data.add_argument(
+        "--epochs", type=_positive_int, default=60, help="MAP training epochs (60)"
+    )
+    data.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="batch size (64)"
+    )
+    data.add_argument("--seed", type=int, default=0, help="seed of everything (0)")
+    output = common.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_OUT),
+        help=f"output folder (default: ./{DEFAULT_OUT})",
+    )
+    output.add_argument("--no-plots", action="store_true", help="skip the figures")
+    output.add_argument(
+        "--quiet", action="store_true", help="no progress bars, only the results"
+    )
+
+    compare = commands.add_parser(
+        "compare",
+        parents=[common],
+        help="fit and compare Laplace approximations (the main job)",
+        description=(
+            "Train the MAP network, fit every candidate Laplace approximation around "
+            "it, tune each prior precision, and evaluate accuracy, NLL, ECE, Brier, "
+            "OOD detection and robustness to shift. Writes results.json, results.csv "
+            "and plots to --out. The defaults take about two minutes on 2 CPU cores."
+        ),
+    )
+    compare.add_argument(
+        "--candidates",
+        nargs="+",
+        default=list(DEFAULT_CANDIDATES),
+        metavar="SPEC",
+        help="'map' or '<ll|all>_<diag|kron|ekfac|full|lowrank>[:<ggn|mc|ef>]', "
+        f"e.g. all_ekfac ll_kron:mc (default: {' '.join(DEFAULT_CANDIDATES)})",
+    )
+    _add_laplace_options(compare, PRIOR_TUNINGS)
+    compare.add_argument(
+        "--pred",
+        choices=("glm", "nn"),
+        default="glm",
+        help="predictive: glm (linearised, default) or nn (sampled networks)",
+    )
+    compare.add_argument(
+        "--link",
+        choices=("probit", "bridge", "bridge_norm", "mc"),
+        default="probit",
+        help="GLM link approximation for classification (default: probit)",
+    )
+    compare.add_argument(
+        "--select-by",
+        choices=SELECTION_CRITERIA,
+        help="how to pick the recommended candidate (default: evidence with "
+        "--prior-tuning marglik, else val_nll)",
+    )
+    compare.set_defaults(handler=run_compare)
+
+    sample = commands.add_parser(
+        "sample",
+        parents=[common],
+        help="draw EKFAC posterior samples and summarise their predictive",
+        description=(
+            "Train the MAP network, fit EKFAC Laplace, tune the prior, draw posterior "
+            "samples theta = theta* + Q diag((lambda+delta)^-1/2) z and compare the "
+            "sampled predictive with the linearised one. Writes samples.json, a plot "
+            "and (with --save-samples) the samples themselves."
+        ),
+    )
+    sample.add_argument(
+        "--subset",
+        choices=("all", "last_layer"),
+        default="all",
+        help="weights treated as random (default: all)",
+    )
+    _add_laplace_options(sample, ("marglik", "none"))
+    sample.add_argument(
+        "--save-samples",
+        action="store_true",
+        help="also write the samples (n_samples x n_params) to samples.pt",
+    )
+    sample.set_defaults(handler=run_sample)
+    return parser
+
+
+def _add_laplace_options(
+    parser: argparse.ArgumentParser, tunings: Sequence[str]
+) -> None:
+    parser.add_argument(
+        "--prior-tuning",
+        choices=tunings,
+        default="marglik",
+        help="tune the prior precision by marginal likelihood (marglik, default)"
+        + (", validation NLL (gridsearch)" if "gridsearch" in tunings else "")
+        + " or not at all (none)",
+    )
+    parser.add_argument(
+        "--prior-structure",
+        choices=("scalar", "layerwise"),
+        default="scalar",
+        help="one prior precision, or one per parameter tensor (default: scalar)",
+    )
+    parser.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=100,
+        help="samples for the nn / mc predictives and for 'sample' (100)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ekfac-laplace`` command.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad arguments.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_arguments(args)
+        return args.handler(args)
+    except UsageError as error:
+        print(f"ekfac-laplace {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``ekfac-laplace compare``: fit, evaluate and report every candidate.
+
+    Args:
+        args: Parsed arguments.
+
+    Returns:
+        Exit status 0.
+    """
+    from ekfac_laplace.selection import compare
+
+    torch.manual_seed(args.seed)
+    problem = load_problem(args.dataset, args.seed, args.batch_size)
+    model = map_model(args, problem)
+    started = time.perf_counter()
+    comparison = compare(
+        model,
+        problem.splits.likelihood,
+        problem.train_loader,
+        problem.test_loader,
+        candidates=args.candidates,
+        val_loader=problem.val_loader,
+        ood_loader=problem.ood_loader,
+        shift_loaders=problem.shift_loaders,
+        prior_tuning=args.prior_tuning,
+        prior_structure=args.prior_structure,
+        pred_type=args.pred,
+        link_approx=args.link,
+        n_samples=args.n_samples,
+        progress_bar=not args.quiet,
+        keep_fitted=not args.no_plots and args.dataset in ("moons", "toy1d"),
+    )
+    comparison.config.update(
+        dataset=args.dataset,
+        model=args.model,
+        seed=args.seed,
+        epochs=args.epochs,
+        description=problem.splits.description,
+        seconds=time.perf_counter() - started,
+    )
+    if args.select_by is None:
+        args.select_by = "evidence" if args.prior_tuning == "marglik" else "val_nll"
+    try:
+        selection = comparison.select(args.select_by)
+        comparison.config["selection"] = vars(selection)
+    except ValueError as error:
+        selection = None
+        comparison.config["selection"] = {"error": str(error)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = [comparison.to_json(args.out / "results.json")]
+    written.append(comparison.to_csv(args.out / "results.csv"))
+    (args.out / "results.md").write_text(comparison.table(markdown=True) + "\n")
+    written.append(args.out / "results.md")
+    if not args.no_plots:
+        written += write_comparison_plots(comparison, problem, args.out)
+
+    print(f"\n{problem.splits.description}")
+    print(comparison.table())
+    if selection is not None:
+        print(f"\nRecommended ({args.select_by}): {selection.reason}")
+    failed = [row.candidate for row in comparison.rows if not row.ok]
+    if failed:
+        print(f"Failed candidates (see the error column): {', '.join(failed)}")
+    print("\nWrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """``ekfac-laplace sample``: EKFAC posterior samples and their predictive.
+
+    Args:
+        args: Parsed arguments.
+
+    Returns:
+        Exit status 0.
+    """
+    from laplace import Laplace
+
+    from ekfac_laplace.calibration import (
+        ClassificationPredictions,
+        classification_metrics,
+        predict,
+        regression_metrics,
+    )
+
+    torch.manual_seed(args.seed)
+    problem = load_problem(args.dataset, args.seed, args.batch_size)
+    model = map_model(args, problem)
+    likelihood = problem.splits.likelihood
+    la = Laplace(
+        model,
+        likelihood,
+        subset_of_weights=args.subset,
+        hessian_structure="ekfac",
+        sigma_noise=_noise_scale(model, problem) if likelihood == "regression" else 1,
+    )
+    la.fit(problem.train_loader, progress_bar=not args.quiet)
+    if args.prior_tuning == "marglik":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="By default `link_approx`")
+            la.optimize_prior_precision(
+                method="marglik", prior_structure=args.prior_structure
+            )
+    generator = torch.Generator().manual_seed(args.seed)
+    samples = la.sample(args.n_samples, generator=generator)
+
+    # Samples against the analytic posterior: mean and marginal variances.
+    analytic_variance = la.posterior_variance
+    sample_variance = samples.var(0)
+    relative_error = (sample_variance / analytic_variance - 1).abs()
+    mean_error = ((samples.mean(0) - la.mean).abs() / analytic_variance.sqrt()).mean()
+
+    metrics: dict[str, dict[str, float]] = {}
+    predictions: dict[str, Any] = {}
+    for name, options in {
+        "map": {"likelihood": likelihood, "sigma_noise": float(la.sigma_noise)},
+        "glm": {"pred_type": "glm", "link_approx": "probit"},
+        "samples": {
+            "pred_type": "nn",
+            "link_approx": "mc",
+            "n_samples": args.n_samples,
+        },
+    }.items():
+        predictor = model if name == "map" else la
+        torch.manual_seed(args.seed)
+        predictions[name] = predict(predictor, problem.test_loader, **options)
+        metrics[name] = (
+            classification_metrics(predictions[name])
+            if isinstance(predictions[name], ClassificationPredictions)
+            else regression_metrics(predictions[name])
+        )
+    summary = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "subset_of_weights": args.subset,
+        "n_params": int(la.n_params),
+        "n_samples": args.n_samples,
+        "prior_precision": la.prior_precision.flatten().tolist(),
+        "log_marginal_likelihood": float(la.log_marginal_likelihood()),
+        "posterior_std_mean": float(analytic_variance.sqrt().mean()),
+        "sample_variance_relative_error_median": float(relative_error.median()),
+        "sample_variance_relative_error_expected": math.sqrt(2 / (args.n_samples - 1))
+        if args.n_samples > 1
+        else None,
+        "sample_mean_error_in_std": float(mean_error),
+        "test_metrics": metrics,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = [args.out / "samples.json"]
+    written[0].write_text(json.dumps(summary, indent=2) + "\n")
+    if args.save_samples:
+        torch.save(samples, args.out / "samples.pt")
+        written.append(args.out / "samples.pt")
+    if not args.no_plots:
+        written.append(
+            write_sample_plot(
+                predictions,
+                analytic_variance,
+                sample_variance,
+                args.out / "samples.png",
+            )
+        )
+
+    print(f"\n{problem.splits.description}")
+    print(
+        f"EKFAC Laplace ({args.subset} weights, {summary['n_params']:,} parameters), "
+        f"{args.n_samples} samples; log marginal likelihood "
+        f"{summary['log_marginal_likelihood']:.1f}"
+    )
+    print(
+        "sample variance vs analytic: median relative error "
+        f"{summary['sample_variance_relative_error_median']:.3f} (Monte-Carlo "
+        f"expectation ~{summary['sample_variance_relative_error_expected'] or 0:.3f})"
+    )
+    for name, values in metrics.items():
+        shown = "  ".join(f"{key} {value:.4f}" for key, value in values.items())
+        print(f"{name:<8} {shown}")
+    print("\nWrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def load_problem(dataset: str, seed: int, batch_size: int) -> Problem:
+    """Load a bundled data set with its evaluation loaders.
+
+    Args:
+        dataset: One of :data:`DATASETS`.
+        seed: Seed of the split, the shifts and the OOD set.
+        batch_size: Batch size of every loader.
+
+    Returns:
+        The loaders; digits adds the OOD patches and the rotation / noise shifts.
+    """
+    from ekfac_laplace import data
+
+    loaders = {
+        "digits": data.load_digits_splits,
+        "moons": data.two_moons,
+        "toy1d": data.toy_regression_1d,
+        "diabetes": data.load_diabetes_splits,
+    }
+    splits = loaders[dataset](seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    def loader(dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+        )
+
+    ood_loader, shift_loaders = None, {}
+    if dataset == "digits":
+        ood_loader = loader(data.load_ood_patches(seed=seed))
+        shift_loaders = {
+            kind: {
+                strength: loader(data.shifted(splits.test, kind, strength, seed=seed))
+                for strength in strengths
+            }
+            for kind, strengths in data.SHIFTS.items()
+        }
+    return Problem(
+        splits,
+        loader(splits.train, shuffle=True),
+        loader(splits.val),
+        loader(splits.test),
+        ood_loader,
+        shift_loaders,
+    )
+
+
+def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:
+    """Train the MAP network, or load it from ``--checkpoint``.
+
+    Args:
+        args: Parsed arguments (model, checkpoint, epochs, seed, quiet).
+        problem: The data.
+
+    Returns:
+        The network in eval mode.
+
+    Raises:
+        UsageError: If the checkpoint cannot be read or does not fit the model.
+    """
+    from ekfac_laplace.models import build_model, train_map
+
+    splits = problem.splits
+    model = build_model(
+        args.model, splits.input_shape, splits.n_outputs, seed=args.seed
+    )
+    if args.checkpoint is not None:
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError, TypeError) as error:
+            first_line = str(error).strip().split("\n")[0]
+            raise UsageError(
+                f"cannot load --checkpoint {args.checkpoint} into the {args.model} "
+                f"for {args.dataset}: {first_line}"
+            ) from error
+        return model.eval()
+    train_map(
+        model,
+        problem.train_loader,
+        splits.likelihood,
+        epochs=args.epochs,
+        seed=args.seed,
+        progress_bar=not args.quiet,
+    )
+    if args.save_checkpoint is not None:
+        args.save_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), args.save_checkpoint)
+    return model
+
+
+def write_comparison_plots(comparison: Any, problem: Problem, out: Path) -> list[Path]:
+    """Write the figures of a comparison.
+
+    Classification: reliability diagrams and confidence histograms per candidate,
+    OOD entropy histograms, metric-vs-shift-strength curves; on ``moons`` also
+    confidence maps. Regression on ``toy1d``: uncertainty bands per candidate.
+
+    Args:
+        comparison: The :class:`~ekfac_laplace.selection.Comparison`.
+        problem: The data it was computed on.
+        out: Output folder.
+
+    Returns:
+        The files written.
+    """
+    from ekfac_laplace import plotting
+    from ekfac_laplace.calibration import ClassificationPredictions, predictive_entropy
+
+    names = [row.candidate for row in comparison.rows if row.ok]
+    written: list[Path] = []
+    if not names:
+        return written
+    tests = {name: comparison.predictions[name]["test"] for name in names}
+    if isinstance(next(iter(tests.values())), ClassificationPredictions):
+        fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
+        for ax, name in zip(axes, names):
+            plotting.reliability_diagram(
+                tests[name].probs, tests[name].targets, ax=ax, title=name
+            )
+        written.append(plotting.save_figure(fig, out / "reliability.png"))
+        fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
+        for ax, name in zip(axes, names):
+            plotting.confidence_histogram(
+                tests[name].probs, tests[name].targets, ax=ax, title=name
+            )
+        written.append(plotting.save_figure(fig, out / "confidence.png"))
+        if problem.ood_loader is not None:
+            fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
+            for ax, name in zip(axes, names):
+                ood = comparison.predictions[name]["ood"]
+                plotting.ood_histogram(
+                    predictive_entropy(tests[name].probs),
+                    predictive_entropy(ood.probs),
+                    ax=ax,
+                    title=name,
+                )
+            written.append(plotting.save_figure(fig, out / "ood_entropy.png"))
+    for kind in problem.shift_loaders:
+        fig, axes = plotting.new_figure(2, ncols=2, size=(5.0, 3.6))
+        for ax, metric in zip(axes, ("nll", "ece")):
+            # Strength 0 is the unshifted test set.
+            curves = {
+                row.candidate: {
+                    0.0: row.test[metric],
+                    **{s: v[metric] for s, v in row.shift[kind].items()},
+                }
+                for row in comparison.rows
+                if row.ok
+            }
+            plotting.shift_curves(curves, metric=metric, shift=kind, ax=ax)
+        written.append(plotting.save_figure(fig, out / f"shift_{kind}.png"))
+    if comparison.fitted and problem.splits.input_shape == (2,):
+        written.append(
+            _confidence_maps(comparison, problem, out / "confidence_maps.png")
+        )
+    if comparison.fitted and problem.splits.input_shape == (1,):
+        written.append(_regression_bands(comparison, problem, out / "bands.png"))
+    return written
+
+
+def _predictor_options(comparison: Any, name: str) -> dict[str, Any]:
+    if name == "map":
+        return {
+            "likelihood": comparison.config["likelihood"],
+            "sigma_noise": comparison.config["sigma_noise"],
+        }
+    return {
+        key: comparison.config[key] for key in ("pred_type", "link_approx", "n_samples")
+    }
+
+
+def _grid_predictions(comparison: Any, name: str, inputs: torch.Tensor) -> Any:
+    from ekfac_laplace.calibration import predict
+
+    dummy = torch.zeros(len(inputs), dtype=torch.long)
+    if comparison.config["likelihood"] == "regression":
+        dummy = torch.zeros(len(inputs), 1)
+    loader = DataLoader(TensorDataset(inputs, dummy), batch_size=512)
+    return predict(
+        comparison.fitted[name], loader, **_predictor_options(comparison, name)
+    )
+
+
+def _confidence_maps(comparison: Any, problem: Problem, path: Path) -> Path:
+    from ekfac_laplace import plotting
+
+    names = list(comparison.fitted)
+    X, y = problem.splits.train.tensors
+    fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
+    for ax, name in zip(axes, names):
+        plotting.confidence_map(
+            lambda grid, name=name: _grid_predictions(comparison, name, grid).probs,
+            X,
+            y,
+            ax=ax,
+            title=name,
+        )
+    return plotting.save_figure(fig, path)
+
+
+def _regression_bands(comparison: Any, problem: Problem, path: Path) -> Path:
+    from ekfac_laplace import data, plotting
+
+    names = list(comparison.fitted)
+    X, y = problem.splits.train.tensors
+    grid = data.regression_grid()
+    fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
+    for ax, name in zip(axes, names):
+        predictions = _grid_predictions(comparison, name, grid)
+        plotting.regression_bands(
+            X.flatten(),
+            y.flatten(),
+            grid.flatten(),
+            predictions.mean.flatten(),
+            predictions.variance.sqrt().flatten(),
+            ax=ax,
+            title=name,
+        )
+    return plotting.save_figure(fig, path)
+
+
+def write_sample_plot(
+    predictions: dict[str, Any],
+    analytic_variance: torch.Tensor,
+    sample_variance: torch.Tensor,
+    path: Path,
+) -> Path:
+    """Plot sample vs analytic marginal variances and the predictives' confidence.
+
+    Args:
+        predictions: ``{"map", "glm", "samples"}`` test predictions.
+        analytic_variance: Posterior marginal variances, shape ``(P,)``.
+        sample_variance: Variances of the samples, shape ``(P,)``.
+        path: Output file.
+
+    Returns:
+        The file written.
+    """
+    from ekfac_laplace import plotting
+    from ekfac_laplace.calibration import ClassificationPredictions
+
+    fig, axes = plotting.new_figure(2, ncols=2, size=(4.4, 3.6))
+    ax = axes[0]
+    ax.loglog(analytic_variance.numpy(), sample_variance.numpy(), ".", ms=2, alpha=0.4)
+    low = float(min(analytic_variance.min(), sample_variance.min()))
+    high = float(max(analytic_variance.max(), sample_variance.max()))
+    ax.plot([low, high], [low, high], "k--", lw=1, label="equal")
+    ax.set_xlabel("analytic posterior variance")
+    ax.set_ylabel("sample variance")
+    ax.set_title("marginal variances per parameter")
+    ax.legend()
+    ax = axes[1]
+    if isinstance(predictions["glm"], ClassificationPredictions):
+        for name, prediction in predictions.items():
+            ax.hist(
+                prediction.probs.max(-1).values.numpy(),
+                bins=20,
+                range=(0, 1),
+                histtype="step",
+                label=name,
+            )
+        ax.set_xlabel("top-label confidence on test")
+    else:
+        for name, prediction in predictions.items():
+            ax.hist(
+                prediction.variance.sqrt().flatten().numpy(),
+                bins=20,
+                histtype="step",
+                label=name,
+            )
+        ax.set_xlabel("predictive standard deviation on test")
+    ax.set_ylabel("count")
+    ax.legend()
+    return plotting.save_figure(fig, path)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    from ekfac_laplace.selection import Candidate
+
+    if args.model == "cnn" and args.dataset not in ("digits",):
+        raise UsageError(
+            f"--model cnn needs an image data set; {args.dataset} has vector inputs "
+            "(use --model mlp or --dataset digits)"
+        )
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} is not a file")
+    if args.command == "compare":
+        try:
+            for spec in args.candidates:
+                Candidate.parse(spec)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        if len(set(args.candidates)) != len(args.candidates):
+            raise UsageError(f"--candidates lists a candidate twice: {args.candidates}")
+        if args.prior_tuning == "gridsearch" and args.prior_structure != "scalar":
+            raise UsageError(
+                "--prior-tuning gridsearch tunes a scalar prior; drop "
+                "--prior-structure layerwise or use --prior-tuning marglik"
+            )
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+
+
+def _noise_scale(model: nn.Module, problem: Problem) -> float:
+    from ekfac_laplace.selection import residual_noise_scale
+
+    return residual_noise_scale(model, problem.train_loader)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""Figures for calibration and predictive uncertainty.
+
+Every function draws into a given matplotlib ``Axes`` or, with ``ax=None``, into a
+new one from :func:`new_figure`, and returns it. Figures are built from
+``matplotlib.figure.Figure`` directly, not through ``pyplot``, so nothing here picks
+a backend or needs a display; :func:`save_figure` writes them to disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ekfac_laplace.calibration import (
+    _check_classification,
+    _check_n_bins,
+    _check_probs,
+    _check_scores,
+    accuracy,
+    calibration_bins,
+    expected_calibration_error,
+)
+
+ArrayLike = Tensor | np.ndarray
+
+ACCURACY_COLOR = "tab:blue"
+GAP_COLOR = "tab:red"
+SAVE_DPI = 120
+
+
+# ------------------------------------------------------------------- figures
+def new_figure(
+    n_axes: int = 1, *, ncols: int | None = None, size: tuple[float, float] = (4.0, 3.2)
+) -> tuple[Figure, list[Axes]]:
+    """A figure with ``n_axes`` axes on a grid (constrained layout).
+
+    Args:
+        n_axes: Number of axes.
+        ncols: Columns of the grid; default ``min(n_axes, 3)``.
+        size: Width and height of one axes' cell, in inches.
+
+    Returns:
+        The figure and its axes, row by row.
+
+    Raises:
+        ValueError: If ``n_axes`` or ``ncols`` is not a positive integer.
+    """
+    n_axes = _positive_int("n_axes", n_axes)
+    ncols = min(n_axes, 3) if ncols is None else _positive_int("ncols", ncols)
+    nrows = math.ceil(n_axes / ncols)
+    figure = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = list(figure.subplots(nrows, ncols, squeeze=False).flat)
+    for unused in axes[n_axes:]:
+        figure.delaxes(unused)
+    return figure, axes[:n_axes]
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure to ``path`` (dpi 120), creating missing parent directories.
+
+    Args:
+        fig: The figure.
+        path: Target file; its suffix picks the format, ``.png`` if it has none.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=SAVE_DPI)
+    return path
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def _axes(ax: Axes | None) -> Axes:
+    return new_figure()[1][0] if ax is None else ax
+
+
+def _vector(name: str, values: ArrayLike) -> np.ndarray:
+    """A float64 NumPy vector from shape ``(N,)`` or ``(N, 1)``."""
+    tensor = torch.as_tensor(values)
+    if tensor.ndim == 2 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tensor.ndim != 1 or tensor.numel() == 0:
+        raise ValueError(
+            f"{name} must have shape (N,) or (N, 1) with N >= 1, got shape "
+            f"{tuple(tensor.shape)}."
+        )
+    return tensor.detach().cpu().double().numpy()
+
+
+def _same_length(**vectors: np.ndarray) -> None:
+    lengths = {name: len(vector) for name, vector in vectors.items()}
+    if len(set(lengths.values())) != 1:
+        described = ", ".join(f"{name} {n}" for name, n in lengths.items())
+        raise ValueError(f"Lengths must match, got {described}.")
+
+
+# --------------------------------------------------------------- calibration
+def reliability_diagram(
+    probs: ArrayLike,
+    targets: ArrayLike,
+    *,
+    n_bins: int = 15,
+    binning: str = "width",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """Per-bin accuracy against confidence, with the gap to perfect calibration.
+
+    Bars show the accuracy of each non-empty bin of
+    :func:`~ekfac_laplace.calibration.calibration_bins`; hatched red bars span the
+    gap to the bin's mean confidence; the dashed diagonal is perfect calibration;
+    the number of examples is written in each bar and the ECE in the legend.
+
+    Args:
+        probs: Predictive probabilities, shape ``(N, C)``.
+        targets: Integer labels, shape ``(N,)``.
+        n_bins: Number of bins.
+        binning: ``"width"`` or ``"mass"``.
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: For bad probabilities, labels or binning options.
+    """
+    probs, targets = torch.as_tensor(probs), torch.as_tensor(targets)
+    bins = calibration_bins(probs, targets, n_bins=n_bins, binning=binning)
+    ece = expected_calibration_error(probs, targets, n_bins=n_bins, binning=binning)
+    ax = _axes(ax)
+    edges = bins.edges.detach().cpu().double().numpy()
+    counts = bins.counts.cpu().numpy()
+    filled = counts > 0
+    left, width = edges[:-1][filled], np.diff(edges)[filled]
+    bin_accuracy = bins.accuracy.detach().cpu().double().numpy()[filled]
+    bin_confidence = bins.confidence.detach().cpu().double().numpy()[filled]
+    ax.bar(
+        left,
+        bin_accuracy,
+        width=width,
+        align="edge",
+        color=ACCURACY_COLOR,
+        edgecolor="black",
+        linewidth=0.6,
+        label="accuracy",
+    )
+    ax.bar(
+        left,
+        bin_confidence - bin_accuracy,
+        bottom=bin_accuracy,
+        width=width,
+        align="edge",
+        color=GAP_COLOR,
+        alpha=0.3,
+        edgecolor=GAP_COLOR,
+        hatch="//",
+        linewidth=0.6,
+        label="gap to confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for x, count in zip(left + width / 2, counts[filled]):
+        ax.text(x, 0.02, str(count), rotation=90, ha="center", va="bottom", fontsize=6)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+    ax.legend(loc="upper left", fontsize=7, title=f"ECE = {ece:.3f}", title_fontsize=8)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def confidence_histogram(
+    probs: ArrayLike,
+    targets: ArrayLike,
+    *,
+    n_bins: int = 20,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """Histogram of top-label confidence, with the mean confidence and accuracy.
+
+    A mean confidence right of the accuracy line means overconfidence.
+
+    Args:
+        probs: Predictive probabilities, shape ``(N, C)``.
+        targets: Integer labels, shape ``(N,)``.
+        n_bins: Number of equal-width bins on ``[0, 1]``.
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: For bad probabilities, labels or ``n_bins``.
+    """
+    n_bins = _check_n_bins(n_bins)
+    probs, targets = _check_classification(
+        torch.as_tensor(probs), torch.as_tensor(targets)
+    )
+    confidence = probs.max(dim=1).values.detach().cpu().double().numpy()
+    ax = _axes(ax)
+    ax.hist(
+        confidence,
+        bins=np.linspace(0, 1, n_bins + 1),
+        weights=np.full(confidence.shape, 1 / confidence.size),
+        color=ACCURACY_COLOR,
+        edgecolor="black",
+        linewidth=0.6,
+    )
+    mean_confidence = float(confidence.mean())
+    ax.axvline(mean_confidence, color="black", linestyle="--", label="mean confidence")
+    ax.axvline(
+        accuracy(probs, targets), color=GAP_COLOR, linestyle=":", label="accuracy"
+    )
+    ax.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction of examples")
+    ax.legend(loc="upper left", fontsize=7)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def shift_curves(
+    results: Mapping[str, Mapping[float, float]],
+    *,
+    metric: str,
+    shift: str,
+    ax: Axes | None = None,
+) -> Axes:
+    """One line per candidate: a metric against the strength of a data shift.
+
+    Args:
+        results: ``{candidate name: {shift strength: metric value}}``.
+        metric: Name of the metric (the y label).
+        shift: Name of the shift; the x axis is labelled ``"<shift> strength"``.
+        ax: Axes to draw into; a new figure if ``None``.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: If ``results`` or one candidate's curve is empty.
+    """
+    if not results:
+        raise ValueError("results is empty; pass {name: {strength: value}}.")
+    ax = _axes(ax)
+    for name, curve in results.items():
+        if not curve:
+            raise ValueError(f"The curve of {name!r} is empty; give it one point.")
+        strengths = sorted(curve)
+        values = [curve[strength] for strength in strengths]
+        ax.plot(strengths, values, marker="o", markersize=4, label=name)
+    ax.set(xlabel=f"{shift} strength", ylabel=metric)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def ood_histogram(
+    scores_in: ArrayLike,
+    scores_out: ArrayLike,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    xlabel: str = "predictive entropy",
+) -> Axes:
+    """Overlaid densities of a score on in-distribution and OOD inputs.
+
+    Args:
+        scores_in: Scores of in-distribution inputs, shape ``(N_in,)``.
+        scores_out: Scores of OOD inputs, shape ``(N_out,)``.
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+        xlabel: Name of the score.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: If either set of scores is empty, not 1-D or not finite.
+    """
+    scores_in = _check_scores("scores_in", torch.as_tensor(scores_in))
+    scores_out = _check_scores("scores_out", torch.as_tensor(scores_out))
+    inside = scores_in.detach().cpu().double().numpy()
+    outside = scores_out.detach().cpu().double().numpy()
+    edges = np.histogram_bin_edges(np.concatenate([inside, outside]), bins=30)
+    ax = _axes(ax)
+    style = {"bins": edges, "density": True, "alpha": 0.5, "edgecolor": "black"}
+    ax.hist(inside, color=ACCURACY_COLOR, label="in-distribution", **style)
+    ax.hist(outside, color=GAP_COLOR, label="out-of-distribution", **style)
+    ax.set(xlabel=xlabel, ylabel="density")
+    ax.legend(fontsize=7)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+# --------------------------------------------------------- predictive shapes
+def regression_bands(
+    x_train: ArrayLike,
+    y_train: ArrayLike,
+    x_grid: ArrayLike,
+    mean: ArrayLike,
+    std: ArrayLike,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    n_std: float = 2.0,
+) -> Axes:
+    """1-D regression: training points, predictive mean and a ``±n_std`` band.
+
+    Args:
+        x_train: Training inputs, shape ``(N,)`` or ``(N, 1)``.
+        y_train: Training targets, same length.
+        x_grid: Inputs of the predictive, shape ``(M,)`` or ``(M, 1)``.
+        mean: Predictive mean on ``x_grid``, same length.
+        std: Predictive standard deviation on ``x_grid`` (non-negative).
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+        n_std: Half-width of the band in standard deviations (> 0).
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: For mismatched lengths, a negative ``std`` or ``n_std <= 0``.
+    """
+    x_train, y_train = _vector("x_train", x_train), _vector("y_train", y_train)
+    _same_length(x_train=x_train, y_train=y_train)
+    x_grid, mean, std = (
+        _vector("x_grid", x_grid),
+        _vector("mean", mean),
+        _vector("std", std),
+    )
+    _same_length(x_grid=x_grid, mean=mean, std=std)
+    if (std < 0).any():
+        raise ValueError(f"std must be non-negative, got minimum {std.min():.4g}.")
+    if not n_std > 0:
+        raise ValueError(f"n_std must be positive, got {n_std!r}.")
+    order = np.argsort(x_grid)
+    x_grid, mean, std = x_grid[order], mean[order], std[order]
+    ax = _axes(ax)
+    ax.fill_between(
+        x_grid,
+        mean - n_std * std,
+        mean + n_std * std,
+        color=ACCURACY_COLOR,
+        alpha=0.25,
+        label=f"±{n_std:g} std",
+    )
+    ax.plot(x_grid, mean, color=ACCURACY_COLOR, label="predictive mean")
+    ax.scatter(x_train, y_train, s=10, color="black", zorder=3, label="training data")
+    ax.set(xlabel="x", ylabel="y")
+    ax.legend(fontsize=7)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def confidence_map(
+    predict_proba: Callable[[Tensor], Tensor],
+    X: ArrayLike,
+    y: ArrayLike,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    resolution: int = 100,
+    margin: float = 0.5,
+) -> Axes:
+    """2-D classification: filled contours of the maximum predictive probability.
+
+    Args:
+        predict_proba: Maps inputs of shape ``(M, 2)`` (dtype and device of ``X``)
+            to probabilities of shape ``(M, C)``, e.g.
+            ``lambda x: la(x, link_approx="probit")``.
+        X: Training inputs, shape ``(N, 2)``.
+        y: Integer training labels, shape ``(N,)``; colour the points.
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+        resolution: Grid points per axis (>= 2).
+        margin: Extent of the grid beyond the data on each side (>= 0).
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: For bad shapes, options, or outputs of ``predict_proba``.
+    """
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    if X.ndim != 2 or X.shape[1] != 2 or X.shape[0] == 0:
+        raise ValueError(f"X must have shape (N, 2), got shape {tuple(X.shape)}.")
+    if y.shape != (X.shape[0],):
+        raise ValueError(
+            f"y must have shape (N,) = ({X.shape[0]},) to match X, got shape "
+            f"{tuple(y.shape)}."
+        )
+    if _positive_int("resolution", resolution) < 2:
+        raise ValueError(f"resolution must be at least 2, got {resolution!r}.")
+    if not margin >= 0:
+        raise ValueError(f"margin must be non-negative, got {margin!r}.")
+    dtype = X.dtype if X.is_floating_point() else torch.get_default_dtype()
+    low, high = X.min(dim=0).values - margin, X.max(dim=0).values + margin
+    axis_0 = torch.linspace(low[0].item(), high[0].item(), resolution, dtype=dtype)
+    axis_1 = torch.linspace(low[1].item(), high[1].item(), resolution, dtype=dtype)
+    grid_0, grid_1 = torch.meshgrid(axis_0, axis_1, indexing="xy")
+    points = torch.stack([grid_0.reshape(-1), grid_1.reshape(-1)], dim=1)
+    with torch.no_grad():
+        probs = predict_proba(points.to(X.device))
+    probs = _check_probs(torch.as_tensor(probs), "predict_proba(grid)")
+    if probs.shape[0] != points.shape[0]:
+        raise ValueError(
+            f"predict_proba returned {probs.shape[0]} rows for {points.shape[0]} "
+            "grid points; it must return shape (M, C)."
+        )
+    n_classes = probs.shape[1]
+    max_prob = probs.max(dim=1).values.reshape(resolution, resolution)
+    ax = _axes(ax)
+    contours = ax.contourf(
+        grid_0.double().numpy(),
+        grid_1.double().numpy(),
+        max_prob.detach().cpu().double().numpy(),
+        levels=np.linspace(1 / n_classes, 1, 11),
+        cmap="viridis",
+    )
+    ax.get_figure().colorbar(contours, ax=ax, label="max probability")
+    points_x = X.detach().cpu().double().numpy()
+    ax.scatter(
+        points_x[:, 0],
+        points_x[:, 1],
+        c=y.detach().cpu().numpy() % 10,
+        cmap="tab10",
+        vmin=0,
+        vmax=9,
+        s=14,
+        edgecolors="white",
+        linewidths=0.5,
+    )
+    ax.set(xlabel="$x_1$", ylabel="$x_2$")
+    if title is not None:
+        ax.set_title(title)
+    return ax

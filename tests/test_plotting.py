@@ -1,0 +1,225 @@
+"""Every figure renders to a real, non-constant PNG; bad inputs raise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ekfac_laplace.plotting import (
+    confidence_histogram,
+    confidence_map,
+    new_figure,
+    ood_histogram,
+    regression_bands,
+    reliability_diagram,
+    save_figure,
+    shift_curves,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def classification() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    probs = (2 * torch.randn(200, 3, generator=generator, dtype=F64)).softmax(dim=1)
+    targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return probs, targets
+
+
+def _assert_real_image(fig: Figure, path: Path) -> None:
+    written = save_figure(fig, path)
+    assert written == path and path.exists()
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 50 and image.shape[1] > 50
+    assert np.ptp(image) > 0
+
+
+def _toy_classifier(x: Tensor) -> Tensor:
+    logits = torch.stack([x[:, 0], x[:, 1], -x[:, 0] - x[:, 1]], dim=1)
+    return (2 * logits).softmax(dim=1)
+
+
+def _draw_all(axes: list[Axes], classification) -> None:
+    probs, targets = classification
+    reliability_diagram(probs, targets, ax=axes[0], title="width")
+    reliability_diagram(probs, targets, binning="mass", n_bins=10, ax=axes[1])
+    confidence_histogram(probs, targets, ax=axes[2], title="confidence")
+    results = {"MAP": {0.0: 0.1, 2.0: 0.3, 1.0: 0.2}, "EKFAC": {0.0: 0.05, 2.0: 0.1}}
+    shift_curves(results, metric="ECE", shift="rotation", ax=axes[3])
+    x_train = torch.linspace(-2, 2, 20, dtype=F64)
+    x_grid = torch.linspace(-3, 3, 50, dtype=F64)
+    regression_bands(
+        x_train,
+        x_train.sin(),
+        x_grid,
+        x_grid.sin(),
+        0.1 + x_grid.abs() / 5,
+        ax=axes[4],
+        title="bands",
+    )
+    X = torch.randn(30, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = _toy_classifier(X).argmax(dim=1)
+    confidence_map(_toy_classifier, X, y, ax=axes[5], resolution=30, title="map")
+    scores_in, scores_out = torch.rand(100) * 0.5, torch.rand(80) * 0.8 + 0.3
+    ood_histogram(scores_in, scores_out, ax=axes[6], title="OOD")
+
+
+def test_all_functions_share_one_figure(tmp_path, classification):
+    fig, axes = new_figure(7)
+    _draw_all(axes, classification)
+    _assert_real_image(fig, tmp_path / "all.png")
+
+
+def test_each_function_draws_a_real_image(tmp_path, classification):
+    probs, targets = classification
+    draws = {
+        "reliability": lambda ax: reliability_diagram(probs, targets, ax=ax),
+        "confidence": lambda ax: confidence_histogram(probs, targets, ax=ax),
+        "shift": lambda ax: shift_curves(
+            {"MAP": {0.0: 0.1, 1.0: 0.2}}, metric="NLL", shift="noise", ax=ax
+        ),
+        "bands": lambda ax: regression_bands(
+            torch.arange(5.0),
+            torch.arange(5.0),
+            torch.arange(5.0),
+            torch.arange(5.0),
+            torch.ones(5),
+            ax=ax,
+        ),
+        "map": lambda ax: confidence_map(
+            _toy_classifier,
+            torch.randn(10, 2),
+            torch.arange(10) % 3,
+            ax=ax,
+            resolution=20,
+        ),
+        "ood": lambda ax: ood_histogram(torch.rand(20), torch.rand(20) + 0.5, ax=ax),
+    }
+    for name, draw in draws.items():
+        fig, (ax,) = new_figure()
+        assert draw(ax) is ax
+        _assert_real_image(fig, tmp_path / name / f"{name}.png")
+
+
+def test_ax_none_creates_a_figure(tmp_path, classification):
+    probs, targets = classification
+    axes = [
+        reliability_diagram(probs, targets),
+        confidence_histogram(probs, targets),
+        shift_curves({"MAP": {0.0: 1.0, 1.0: 2.0}}, metric="NLL", shift="noise"),
+        regression_bands(
+            torch.arange(4.0),
+            torch.arange(4.0),
+            torch.arange(4.0),
+            torch.zeros(4),
+            torch.ones(4),
+        ),
+        confidence_map(
+            _toy_classifier, torch.randn(8, 2), torch.arange(8) % 3, resolution=10
+        ),
+        ood_histogram(torch.rand(10), torch.rand(10)),
+    ]
+    for index, ax in enumerate(axes):
+        assert isinstance(ax, Axes) and isinstance(ax.get_figure(), Figure)
+        _assert_real_image(ax.get_figure(), tmp_path / f"own_{index}.png")
+
+
+def test_new_figure_and_save_figure(tmp_path):
+    fig, axes = new_figure(4, ncols=3)
+    assert len(axes) == 4 and len(fig.axes) == 4
+    assert tuple(fig.get_size_inches()) == pytest.approx((12.0, 6.4))
+    for ax in axes:
+        ax.plot([0, 1], [1, 0])
+    # no suffix: .png is added; parents are created
+    assert save_figure(fig, tmp_path / "a" / "b" / "grid") == tmp_path / "a/b/grid.png"
+    assert (tmp_path / "a/b/grid.png").exists()
+    with pytest.raises(ValueError, match="n_axes must be a positive integer, got 0"):
+        new_figure(0)
+    with pytest.raises(ValueError, match="ncols must be a positive integer"):
+        new_figure(2, ncols=0)
+
+
+def test_bad_inputs_raise(classification):
+    probs, targets = classification
+    with pytest.raises(ValueError, match=r"targets must have shape \(N,\) = \(200,\)"):
+        reliability_diagram(probs, targets[:-1])
+    with pytest.raises(ValueError, match=r"Unknown binning"):
+        reliability_diagram(probs, targets, binning="log")
+    with pytest.raises(ValueError, match=r"targets must have shape \(N,\)"):
+        confidence_histogram(probs, targets[:10])
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        confidence_histogram(probs, targets, n_bins=0)
+    with pytest.raises(ValueError, match="results is empty"):
+        shift_curves({}, metric="NLL", shift="noise")
+    with pytest.raises(ValueError, match="curve of 'MAP' is empty"):
+        shift_curves({"MAP": {}}, metric="NLL", shift="noise")
+    with pytest.raises(ValueError, match=r"x_train 5, y_train 4"):
+        regression_bands(
+            torch.zeros(5),
+            torch.zeros(4),
+            torch.zeros(3),
+            torch.zeros(3),
+            torch.ones(3),
+        )
+    with pytest.raises(ValueError, match=r"x_grid 3, mean 3, std 2"):
+        regression_bands(
+            torch.zeros(5),
+            torch.zeros(5),
+            torch.zeros(3),
+            torch.zeros(3),
+            torch.ones(2),
+        )
+    with pytest.raises(ValueError, match=r"mean must have shape \(N,\) or \(N, 1\)"):
+        regression_bands(
+            torch.zeros(5),
+            torch.zeros(5),
+            torch.zeros(3),
+            torch.zeros(3, 2),
+            torch.ones(3),
+        )
+    with pytest.raises(ValueError, match="std must be non-negative"):
+        regression_bands(
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.zeros(2),
+            -torch.ones(2),
+        )
+    with pytest.raises(ValueError, match="n_std must be positive"):
+        regression_bands(
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.zeros(2),
+            torch.ones(2),
+            n_std=0,
+        )
+    with pytest.raises(
+        ValueError, match=r"X must have shape \(N, 2\), got shape \(4, 3\)"
+    ):
+        confidence_map(_toy_classifier, torch.zeros(4, 3), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"y must have shape \(N,\) = \(4,\)"):
+        confidence_map(_toy_classifier, torch.zeros(4, 2), torch.zeros(5))
+    with pytest.raises(ValueError, match="resolution must be at least 2"):
+        confidence_map(_toy_classifier, torch.zeros(4, 2), torch.zeros(4), resolution=1)
+    with pytest.raises(ValueError, match="margin must be non-negative"):
+        confidence_map(_toy_classifier, torch.zeros(4, 2), torch.zeros(4), margin=-1)
+    with pytest.raises(ValueError, match=r"predict_proba\(grid\).*softmax"):
+        confidence_map(lambda x: x * 5, torch.randn(4, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match="returned 1 rows for 100 grid points"):
+        confidence_map(
+            lambda x: torch.full((1, 2), 0.5),
+            torch.randn(4, 2),
+            torch.zeros(4),
+            resolution=10,
+        )
+    with pytest.raises(ValueError, match=r"scores_out must have shape \(N,\)"):
+        ood_histogram(torch.rand(5), torch.rand(5, 2))
