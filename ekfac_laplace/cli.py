@@ -224,6 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 2 for bad arguments.
     """
+    # A deprecation notice that laplace-torch's dependencies trigger on import; it is
+    # not actionable for users of the command.
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -265,6 +270,7 @@ def run_compare(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         progress_bar=not args.quiet,
         keep_fitted=not args.no_plots and args.dataset in ("moons", "toy1d"),
+        seed=args.seed,
     )
     comparison.config.update(
         dataset=args.dataset,

@@ -177,8 +177,19 @@ def reliability_diagram(
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     for x, count in zip(left + width / 2, counts[filled]):
         ax.text(x, 0.02, str(count), rotation=90, ha="center", va="bottom", fontsize=6)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    ax.legend(loc="upper left", fontsize=7, title=f"ECE = {ece:.3f}", title_fontsize=8)
+    # The legend sits in a strip above accuracy 1, so it never hides a bar.
+    ax.set(xlim=(0, 1), ylim=(0, 1.32), xlabel="confidence", ylabel="accuracy")
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.legend(
+        loc="upper center",
+        ncol=2,
+        fontsize=6,
+        title=f"ECE = {ece:.3f}",
+        title_fontsize=7,
+        frameon=False,
+        borderaxespad=0.2,
+    )
     if title is not None:
         ax.set_title(title)
     return ax

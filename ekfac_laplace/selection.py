@@ -447,6 +447,7 @@ def compare(
     n_bins: int = 15,
     progress_bar: bool = False,
     keep_fitted: bool = False,
+    seed: int = 0,
 ) -> Comparison:
     """Fit and evaluate every candidate on the same MAP model and data.
 
@@ -483,6 +484,10 @@ def compare(
         progress_bar: Show tqdm bars over candidates and fits.
         keep_fitted: Keep every fitted Laplace object in ``Comparison.fitted`` (they
             share the model; memory grows with the number of candidates).
+        seed: Seed of torch's random generator at the start of every candidate
+            (Monte-Carlo predictives, sampled Fisher), so rows are reproducible and
+            independent of the candidates before them; the caller's generator state
+            is restored afterwards.
 
     Returns:
         The :class:`Comparison`.
@@ -520,6 +525,7 @@ def compare(
         "shifts": {k: sorted(v) for k, v in (shift_loaders or {}).items()},
         "sigma_noise": sigma_noise,
         "n_bins": n_bins,
+        "seed": seed,
         **evaluation,
     }
     comparison = Comparison(rows=[], config=config)
@@ -532,28 +538,30 @@ def compare(
             candidate.backend,
         )
         try:
-            predictions = _run_candidate(
-                candidate,
-                row,
-                model,
-                likelihood,
-                train_loader,
-                test_loader,
-                val_loader,
-                ood_loader,
-                shift_loaders or {},
-                prior_tuning,
-                prior_structure,
-                prior_grid,
-                marglik_steps,
-                evaluation,
-                sigma_noise,
-                n_bins,
-                progress_bar,
-            )
-            comparison.predictions[candidate.name] = predictions.pop("predictions")
-            if keep_fitted:
-                comparison.fitted[candidate.name] = predictions["predictor"]
+            with torch.random.fork_rng(devices=_rng_devices(model)):
+                torch.manual_seed(seed)
+                predictions = _run_candidate(
+                    candidate,
+                    row,
+                    model,
+                    likelihood,
+                    train_loader,
+                    test_loader,
+                    val_loader,
+                    ood_loader,
+                    shift_loaders or {},
+                    prior_tuning,
+                    prior_structure,
+                    prior_grid,
+                    marglik_steps,
+                    evaluation,
+                    sigma_noise,
+                    n_bins,
+                    progress_bar,
+                )
+                comparison.predictions[candidate.name] = predictions.pop("predictions")
+                if keep_fitted:
+                    comparison.fitted[candidate.name] = predictions["predictor"]
         except Exception as error:  # noqa: BLE001  (a failed candidate is a row)
             row.status = "failed"
             row.error = f"{type(error).__name__}: {error}".split("\n")[0]
@@ -561,6 +569,13 @@ def compare(
             model.load_state_dict(saved_state)
         comparison.rows.append(row)
     return comparison
+
+
+def _rng_devices(model: nn.Module) -> list[int]:
+    """CUDA devices whose generators a candidate may use (forked and restored)."""
+    return sorted(
+        {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+    )
 
 
 def select(rows: Sequence[ComparisonRow], by: str = "evidence") -> Selection:

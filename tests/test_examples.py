@@ -1,4 +1,4 @@
-"""Every example script runs (at small sizes)."""
+"""Every example script runs (at small sizes), prints its summary and its figures."""
 
 from __future__ import annotations
 
@@ -6,23 +6,80 @@ import runpy
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 SMALL_ARGUMENTS = {
     "example_quickstart.py": ["--n-train", "200", "--hidden", "16", "--epochs", "2"],
+    "example_regression.py": ["--n-train", "30", "--hidden", "8", "--epochs", "20"],
+    "example_classification_2d.py": [
+        *("--n-train", "40", "--hidden", "8", "--epochs", "3"),
+        *("--resolution", "20"),
+    ],
+    "example_calibration.py": [
+        *("--n-train", "100", "--n-test", "60", "--hidden", "8", "--epochs", "2"),
+    ],
+    "example_sampling.py": [
+        *("--hidden", "8", "--epochs", "2"),
+        *("--n-samples", "50", "--n-predictive-samples", "5"),
+    ],
+    "example_continual.py": [
+        *("--n-train", "60", "--hidden", "8", "--epochs", "2"),
+        *("--strengths", "1"),
+    ],
+}
+
+#: Substrings each script's standard output must contain.
+EXPECTED_OUTPUT = {
+    "example_quickstart.py": ("all ekfac", "acc"),
+    "example_regression.py": ("EKFAC", "cov90", "std_gap"),
+    "example_classification_2d.py": ("all EKFAC", "LL EKFAC", "max_prob@r=10"),
+    "example_calibration.py": ("all KFAC", "brier", "Rotated test set: ece"),
+    "example_sampling.py": ("last-layer bias", "marginal variances", "NN samples"),
+    "example_continual.py": ("A's eigenbasis kept: True", "after B, Laplace s=1"),
+}
+
+#: Figures each script writes by default, relative to the working directory.
+EXPECTED_FIGURES = {
+    "example_quickstart.py": (),
+    "example_regression.py": ("example-output/regression/regression_bands.png",),
+    "example_classification_2d.py": (
+        "example-output/classification_2d/confidence_maps.png",
+    ),
+    "example_calibration.py": (
+        "example-output/calibration/reliability.png",
+        "example-output/calibration/rotation.png",
+    ),
+    "example_sampling.py": ("example-output/sampling/sampling.png",),
+    "example_continual.py": ("example-output/continual/continual.png",),
 }
 
 
 def test_every_example_has_small_arguments():
     scripts = sorted(p.name for p in EXAMPLES.glob("example_*.py"))
     assert scripts and set(scripts) == set(SMALL_ARGUMENTS)
+    assert set(EXPECTED_OUTPUT) == set(SMALL_ARGUMENTS) == set(EXPECTED_FIGURES)
 
 
 @pytest.mark.parametrize("script", sorted(SMALL_ARGUMENTS))
-def test_example_runs(script: str, monkeypatch, capsys):
+def test_example_runs(script: str, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # figures go to ./example-output/ by default
     monkeypatch.setattr(sys, "argv", [script, *SMALL_ARGUMENTS[script]])
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "all ekfac" in out and "acc" in out
+    for expected in EXPECTED_OUTPUT[script]:
+        assert expected in out, expected
+    for figure in EXPECTED_FIGURES[script]:
+        image = matplotlib.image.imread(tmp_path / figure)
+        assert image.shape[0] > 50 and image.shape[1] > 50 and image.std() > 0
+
+
+def test_example_out_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = runpy.run_path(str(EXAMPLES / "example_regression.py"))
+    out = tmp_path / "figures"
+    namespace["main"]([*SMALL_ARGUMENTS["example_regression.py"], "--out", str(out)])
+    assert (out / "regression_bands.png").is_file()
+    assert not (tmp_path / "example-output").exists()

@@ -311,3 +311,34 @@ def test_bad_arguments_fail_before_fitting(classification, kwargs, match):
     kwargs = {"likelihood": "classification", **kwargs}
     with pytest.raises(ValueError, match=match), warnings.catch_warnings():
         compare(model, train_loader=train, test_loader=test, **kwargs)
+
+
+def test_rows_are_reproducible_and_leave_the_global_rng(classification):
+    model, train, _, test, _, _ = classification
+    options = {
+        "candidates": ["all_ekfac:mc", "ll_ekfac"],
+        "pred_type": "nn",
+        "n_samples": 5,
+        "marglik_steps": 5,
+    }
+    timing = ("fit_seconds", "tune_seconds", "predict_seconds", "fit_memory_mib")
+    torch.manual_seed(123)
+    first = compare(model, "classification", train, test, **options).records()
+    after_compare = torch.rand(1)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    # The second candidate alone gives the same row as after the first one.
+    second = compare(model, "classification", train, test, **options).records()
+    alone = compare(
+        model, "classification", train, test, **{**options, "candidates": ["ll_ekfac"]}
+    ).records()
+    assert torch.equal(after_compare, expected)
+    for a, b in zip(first, second):
+        assert {k: v for k, v in a.items() if k not in timing} == {
+            k: v for k, v in b.items() if k not in timing
+        }
+    assert alone[0]["test_nll"] == first[1]["test_nll"]
+    other_seed = compare(
+        model, "classification", train, test, **{**options, "seed": 1}
+    ).records()
+    assert other_seed[1]["test_nll"] != first[1]["test_nll"]
