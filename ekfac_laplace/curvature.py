@@ -19,13 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from curvlinops import EKFACLinearOperator, FisherType
 from torch import Tensor, nn
 
 from ekfac_laplace import _compat
+from ekfac_laplace.diagonal import check_diagonal_module
 from ekfac_laplace.engine import DEFAULT_CACHE_BUDGET_BYTES, fast_ekfac
 from ekfac_laplace.matrix import EKFACDecomposed
 
@@ -36,9 +37,9 @@ _CURVLINOPS_FISHER_TYPES = {
     "empirical": FisherType.EMPIRICAL,
 }
 KFAC_APPROXIMATIONS = ("expand", "reduce")
-SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
 DEFAULT_SEED = 2147483647
 ENGINES = ("fast", "curvlinops")
+UNSUPPORTED_LAYERS = ("diagonal", "raise")
 
 
 @dataclass
@@ -131,12 +132,56 @@ class LaplaceBatches:
         return None
 
 
-def _owning_modules(model: nn.Module, params: list[Tensor]) -> list[tuple[str, str]]:
-    """Module and parameter names of each parameter, refusing unsupported layers."""
-    owners: dict[int, tuple[str, str, nn.Module]] = {}
-    for module_name, module in model.named_modules():
+class Located(NamedTuple):
+    """Where a parameter lives and which kind of block it gets.
+
+    Attributes:
+        module: Name of the owning module in the model.
+        name: Name of the parameter in that module (``"weight"``, ``"bias"``, ...).
+        diagonal: ``True`` for a diagonal block (EKFAC in the identity basis), for
+            parameters of modules KFAC cannot factorise.
+    """
+
+    module: str
+    name: str
+    diagonal: bool
+
+
+def kfac_supported(module: nn.Module) -> bool:
+    """Whether KFAC factorises the curvature of ``module``'s parameters.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        ``True`` for ``nn.Linear`` and for ``nn.Conv2d`` with ``groups=1`` and zero
+        padding.
+    """
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def _owning_modules(
+    model: nn.Module, params: list[Tensor], unsupported_layers: str = "diagonal"
+) -> list[Located]:
+    """Module and parameter names of each parameter, and its kind of block.
+
+    Parameters of ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``, zero padding) get
+    Kronecker-factored blocks; all others a diagonal block, or an error with
+    ``unsupported_layers="raise"``.
+    """
+    if unsupported_layers not in UNSUPPORTED_LAYERS:
+        raise ValueError(
+            f"Unknown unsupported_layers {unsupported_layers!r}; choose one of "
+            f"{UNSUPPORTED_LAYERS}."
+        )
+    owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), (module_name, param_name, module))
+            entries = owners.setdefault(id(param), [])
+            if all(entry[2] is not module for entry in entries):
+                entries.append((module_name, param_name, module))
     located = []
     for param in params:
         if id(param) not in owners:
@@ -144,20 +189,35 @@ def _owning_modules(model: nn.Module, params: list[Tensor]) -> list[tuple[str, s
                 f"A parameter of shape {tuple(param.shape)} is not a parameter of the "
                 "model; pass the model's own parameters."
             )
-        module_name, param_name, module = owners[id(param)]
-        if not isinstance(module, SUPPORTED_MODULES):
+        entries = owners[id(param)]
+        if len(entries) > 1:
+            names = [f"{name}.{param_name}" for name, param_name, _ in entries]
             raise ValueError(
-                f"Parameter '{module_name}.{param_name}' belongs to a "
-                f"{type(module).__name__}, which EKFAC cannot factorise; supported are "
-                "nn.Linear and nn.Conv2d. Freeze it with requires_grad_(False) or use "
-                "subset_of_weights='last_layer'."
+                f"The parameter {names[0]} is shared by several modules ({names}: "
+                "weight tying), so its curvature mixes their factors. Untie the "
+                "weights, or freeze the shared parameter with requires_grad_(False)."
             )
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
+        module_name, param_name, module = entries[0]
+        if kfac_supported(module):
+            located.append(Located(module_name, param_name, False))
+            continue
+        if unsupported_layers == "raise":
+            reason = (
+                f"groups={module.groups}"
+                if isinstance(module, nn.Conv2d) and module.groups != 1
+                else f"padding_mode={module.padding_mode!r}"
+                if isinstance(module, nn.Conv2d)
+                else f"a {type(module).__name__}"
+            )
             raise ValueError(
-                f"Conv2d '{module_name}' has groups={module.groups}; EKFAC supports "
-                "only groups=1. Freeze it with requires_grad_(False)."
+                f"Parameter '{module_name}.{param_name}' belongs to {reason}, which "
+                "KFAC cannot factorise (supported: nn.Linear, nn.Conv2d with groups=1 "
+                "and zero padding). Use unsupported_layers='diagonal' (the default) "
+                "for an exact diagonal block, freeze it with requires_grad_(False), "
+                "or use subset_of_weights='last_layer'."
             )
-        located.append((module_name, param_name))
+        check_diagonal_module(module_name, module)
+        located.append(Located(module_name, param_name, True))
     return located
 
 
@@ -220,7 +280,7 @@ def _removing_leftover_hooks(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def _refuse_reused_modules(
-    model: nn.Module, located: list[tuple[str, str]], batches: LaplaceBatches
+    model: nn.Module, located: list[Located], batches: LaplaceBatches
 ) -> None:
     """One forward pass on the first batch, refusing layers that run twice."""
     calls: dict[str, int] = {}
@@ -233,7 +293,7 @@ def _refuse_reused_modules(
 
     handles = [
         model.get_submodule(name).register_forward_pre_hook(count_call(name))
-        for name in {name for name, _ in located}
+        for name in {entry.module for entry in located}
     ]
     try:
         X, _ = next(iter(batches))
@@ -267,12 +327,14 @@ def compute_ekfac(
     progress_bar: bool = False,
     engine: str = "fast",
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+    unsupported_layers: str = "diagonal",
 ) -> EKFACFactors:
     """EKFAC of the log-likelihood GGN / Fisher of ``model`` over a whole data set.
 
     Args:
-        model: The network; parameters in ``params`` must live in ``nn.Linear`` or
-            ``nn.Conv2d`` modules.
+        model: The network. Parameters of ``nn.Linear`` / ``nn.Conv2d`` get
+            Kronecker-factored eigenbases; all others diagonal blocks (see
+            ``unsupported_layers``).
         params: Parameters to approximate the curvature for, in vector order.
         batches: The training data.
         likelihood: ``"classification"`` or ``"regression"``.
@@ -293,6 +355,11 @@ def compute_ekfac(
             gradients that may be kept from the first pass to skip the second
             (default 64 MiB, projected from the first batch; ``0``: always two
             passes).
+        unsupported_layers: ``"diagonal"`` (default): parameters of other modules
+            (norm layers, embeddings, grouped convolutions, ...) get the exact
+            diagonal of the GGN / Fisher, i.e. EKFAC in the identity basis
+            (eigenvectors ``()``, eigenvalues shaped like the parameter; fast engine
+            only). ``"raise"``: refuse them.
 
     Returns:
         The eigenbasis, the corrected eigenvalues and the summed loss.
@@ -304,7 +371,14 @@ def compute_ekfac(
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
     loss_function, factor = likelihood_loss(likelihood)
-    located = _owning_modules(model, params)
+    located = _owning_modules(model, params, unsupported_layers)
+    if engine == "curvlinops" and any(entry.diagonal for entry in located):
+        entry = next(entry for entry in located if entry.diagonal)
+        raise ValueError(
+            f"engine='curvlinops' supports only nn.Linear and nn.Conv2d, but "
+            f"'{entry.module}.{entry.name}' needs a diagonal block; use "
+            "engine='fast' (the default)."
+        )
     if eigenbasis is not None and len(eigenbasis) != len(params):
         raise ValueError(
             f"The eigenbasis has {len(eigenbasis)} blocks but there are {len(params)} "
@@ -343,10 +417,10 @@ def compute_ekfac(
             progress_bar=progress_bar,
         )
     eigenvalues = []
-    for (module_name, param_name), values in zip(located, raw_eigenvalues):
+    for entry, values in zip(located, raw_eigenvalues):
         if not torch.isfinite(values).all():
             raise ValueError(
-                f"The curvature of '{module_name}.{param_name}' is not finite (NaN or "
+                f"The curvature of '{entry.module}.{entry.name}' is not finite (NaN or "
                 "Inf); check the model's outputs and the data for NaN/Inf."
             )
         eigenvalues.append(values.mul(factor).clamp_min(0.0))
@@ -356,7 +430,7 @@ def compute_ekfac(
 def _curvlinops_ekfac(
     model: nn.Module,
     params: list[Tensor],
-    located: list[tuple[str, str]],
+    located: list[Located],
     batches: LaplaceBatches,
     loss_function: nn.Module,
     num_data: int,
@@ -395,7 +469,7 @@ def _curvlinops_ekfac(
         _check_finite_factors(operator.state_dict())
     else:
         input_eigenvectors, gradient_eigenvectors = {}, {}
-        for (module_name, param_name), basis in zip(located, eigenbasis):
+        for (module_name, param_name, _), basis in zip(located, eigenbasis):
             gradient_eigenvectors[module_name] = basis[0]
             if param_name == "weight":
                 input_eigenvectors[module_name] = basis[1]
@@ -423,7 +497,7 @@ def _curvlinops_ekfac(
     state = operator.state_dict()
     eigenvectors: list[tuple[Tensor, ...]] = []
     eigenvalues: list[Tensor] = []
-    for index, ((module_name, param_name), param) in enumerate(zip(located, params)):
+    for index, ((module_name, param_name, _), param) in enumerate(zip(located, params)):
         position = mapping[module_name][param_name]
         assert position == index
         q_g = state["gradient_covariances_eigenvectors"][module_name]

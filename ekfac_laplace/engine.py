@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ekfac_laplace.diagonal import detach_inputs, per_example_gradients
+
 # Caching the first pass's inputs and output gradients (N·(d_in + K·d_out) numbers per
 # layer; N·(d_in + C) for the output layer) skips the second pass. By default only
 # small caches are kept (last-layer and small problems); whether the whole data set
@@ -57,6 +59,34 @@ class _Layer:
     cache: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     weight_correction: Tensor | None = None
     bias_correction: Tensor | None = None
+
+
+@dataclass
+class _DiagonalModule:
+    """A module whose parameters get diagonal blocks, and their running squares."""
+
+    name: str
+    module: nn.Module
+    param_names: list[str]
+    indices: list[int]
+    squares: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def target(self) -> Tensor:
+        """A parameter to back-propagate to, so gradients reach the module."""
+        return self.module.get_parameter(self.param_names[0])
+
+    def accumulate(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], grad_output: Tensor
+    ) -> None:
+        """Add ``Σ_n (∂⟨g_n, m(x_n)⟩/∂θ)²`` of one backward pass."""
+        grads = per_example_gradients(
+            self.module, self.param_names, args, kwargs, grad_output
+        )
+        if not self.squares:
+            self.squares = [None] * len(grads)
+        for i, grad in enumerate(grads):
+            self.squares[i] = _add(self.squares[i], grad.square().sum(0))
 
 
 def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:
@@ -197,9 +227,16 @@ class _Sweep:
     to a consumer, so no more than one ``(B, S, d_out)`` gradient per layer is held.
     """
 
-    def __init__(self, model: nn.Module, layers: list[_Layer], params: list[Tensor]):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[_Layer],
+        params: list[Tensor],
+        diagonal: list[_DiagonalModule] | None = None,
+    ):
         self.model = model
         self.layers = layers
+        self.diagonal = diagonal or []
         # Back-propagating to one parameter per layer (the bias where there is one)
         # makes every layer's output gradient flow while autograd skips the weight
         # gradients, which we never use.
@@ -211,11 +248,18 @@ class _Sweep:
         }
 
     def __call__(
-        self, X: Any, y: Tensor, curvature_fn: Any, consumer: _Consumer
+        self,
+        X: Any,
+        y: Tensor,
+        curvature_fn: Any,
+        consumer: _Consumer,
+        collect_diagonal: bool = False,
     ) -> Tensor:
         inputs: dict[str, Tensor] = {}
         outputs: dict[str, tuple[Tensor, int]] = {}
         grads: dict[str, Tensor] = {}
+        calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        diagonal = self.diagonal if collect_diagonal else []
 
         def forward_hook(name: str):
             def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
@@ -236,13 +280,55 @@ class _Sweep:
 
             return hook
 
+        def diagonal_hook(name: str):
+            def hook(
+                module: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                out: Any,
+            ) -> None:
+                if name in calls:
+                    raise ValueError(
+                        f"Module '{name}' runs more than once per forward pass (a "
+                        "reused layer); its diagonal curvature would mix the uses. "
+                        "Use a separate module per use, or freeze it with "
+                        "requires_grad_(False)."
+                    )
+                if not isinstance(out, Tensor):
+                    raise ValueError(
+                        f"Module '{name}' ({type(module).__name__}) returns "
+                        f"{type(out).__name__}, not a tensor; diagonal blocks need "
+                        "modules with one tensor output. Freeze its parameters with "
+                        "requires_grad_(False)."
+                    )
+                calls[name] = (detach_inputs(args), detach_inputs(kwargs))
+
+                def store(grad: Tensor) -> None:
+                    grads[name] = grad.detach()
+
+                out.register_hook(store)
+
+            return hook
+
         handles = [
             layer.module.register_forward_hook(forward_hook(layer.name))
             for layer in self.layers
         ]
+        handles += [
+            entry.module.register_forward_hook(
+                diagonal_hook(entry.name), with_kwargs=True
+            )
+            for entry in diagonal
+        ]
         try:
             with torch.enable_grad():
-                f = self.model(X)
+                try:
+                    f = self.model(X)
+                finally:
+                    # The per-example gradients of diagonal blocks call modules
+                    # again; the forward hooks must not see those calls.
+                    for handle in handles:
+                        handle.remove()
                 if f.ndim != 2:
                     raise ValueError(
                         f"EKFAC needs model outputs of shape (batch, outputs), got "
@@ -264,7 +350,8 @@ class _Sweep:
                     or outputs[layer.name][1] != f._version
                 ]
                 outputs.clear()
-                vectors = curvature.vectors() if hidden else None
+                backward = bool(hidden) or bool(diagonal)
+                vectors = curvature.vectors() if backward else None
                 passes = 0 if vectors is None else vectors.shape[1]
                 consumer.plan(positions, hidden, passes)
                 for layer in self.layers:
@@ -272,19 +359,26 @@ class _Sweep:
                         consumer.begin(layer, positions[layer.name])
                     else:
                         consumer.output(layer, positions[layer.name], curvature)
-                if hidden:
+                if backward:
                     targets = [self.targets[layer.name] for layer in hidden]
+                    targets += [entry.target for entry in diagonal]
                     for k in range(vectors.shape[1]):
                         torch.autograd.grad(
                             (f * vectors[:, k]).sum(),
                             targets,
                             retain_graph=k < vectors.shape[1] - 1,
+                            allow_unused=True,
                         )
                         for layer in hidden:
                             g = layer_positions(
                                 layer.module, grads.pop(layer.name), False
                             )
                             consumer.gradient(layer, positions[layer.name], g)
+                        for entry in diagonal:
+                            if entry.name in grads:  # unused modules add nothing
+                                entry.accumulate(
+                                    *calls[entry.name], grads.pop(entry.name)
+                                )
                     for layer in hidden:
                         consumer.end(layer, positions[layer.name])
         finally:
@@ -451,7 +545,7 @@ def _eigenvectors(factor: Tensor, description: str) -> Tensor:
 def fast_ekfac(
     model: nn.Module,
     params: list[Tensor],
-    located: list[tuple[str, str]],
+    located: list[tuple[str, str, bool]],
     batches: Iterable[tuple[Any, Tensor]],
     likelihood: str,
     num_data: int,
@@ -469,7 +563,9 @@ def fast_ekfac(
     Args:
         model: The network.
         params: Parameters in vector order.
-        located: ``(module name, "weight"|"bias")`` for each parameter.
+        located: ``(module name, parameter name, diagonal)`` for each parameter;
+            diagonal blocks get eigenvectors ``()`` and the exact GGN / Fisher
+            diagonal, shaped like the parameter.
         batches: Re-iterable ``(X, y)`` pairs.
         likelihood: ``"classification"`` or ``"regression"``.
         num_data: Number of training points (projects the cache size).
@@ -486,11 +582,19 @@ def fast_ekfac(
         Eigenvectors and corrected eigenvalues per parameter, and the summed loss.
     """
     layers: dict[str, _Layer] = {}
-    for index, (name, kind) in enumerate(located):
+    diagonal: dict[str, _DiagonalModule] = {}
+    for index, (name, kind, is_diagonal) in enumerate(located):
+        if is_diagonal:
+            entry = diagonal.setdefault(
+                name, _DiagonalModule(name, model.get_submodule(name), [], [])
+            )
+            entry.param_names.append(kind)
+            entry.indices.append(index)
+            continue
         layer = layers.setdefault(name, _Layer(name, model.get_submodule(name)))
         setattr(layer, f"{kind}_index", index)
     ordered = list(layers.values())
-    sweep = _Sweep(model, ordered, list(params))
+    sweep = _Sweep(model, ordered, list(params), list(diagonal.values()))
     device = params[0].device
     loss = torch.zeros((), dtype=params[0].dtype, device=device)
     loss_function = (
@@ -511,7 +615,7 @@ def fast_ekfac(
             if isinstance(X, Tensor):
                 X = X.to(device)
             y = y.to(device)
-            f = sweep(X, y, curvature_fn, consumer)
+            f = sweep(X, y, curvature_fn, consumer, collect_diagonal=with_loss)
             if with_loss:
                 loss = loss + loss_function(f, y)
             if isinstance(consumer, _FactorConsumer):
@@ -533,9 +637,11 @@ def fast_ekfac(
                     layer.input_factor, f"input factor of layer '{layer.name}'"
                 )
             bases[layer.name] = (q_g, q_a)
-        need_second_pass = not factor_consumer.caching
+        need_second_pass = bool(ordered) and not factor_consumer.caching
     else:
-        for (name, kind), basis in zip(located, eigenbasis):
+        for (name, kind, is_diagonal), basis in zip(located, eigenbasis):
+            if is_diagonal:
+                continue
             q_g, q_a = bases.get(name, (basis[0], None))
             bases[name] = (q_g, basis[1] if kind == "weight" else q_a)
         need_second_pass = True
@@ -551,15 +657,20 @@ def fast_ekfac(
         for layer in ordered:
             correction.replay(layer)
 
-    eigenvectors: list[tuple[Tensor, ...]] = []
-    eigenvalues: list[Tensor] = []
-    for (name, kind), param in zip(located, params):
+    eigenvectors: list[tuple[Tensor, ...]] = [()] * len(located)
+    eigenvalues: list[Tensor] = [torch.zeros_like(p) for p in params]
+    for entry in diagonal.values():
+        for index, squares in zip(entry.indices, entry.squares):
+            eigenvalues[index] = squares
+    for index, ((name, kind, is_diagonal), param) in enumerate(zip(located, params)):
+        if is_diagonal:
+            continue
         layer = layers[name]
         q_g, q_a = bases[name]
         if kind == "weight":
-            eigenvectors.append((q_g, q_a))
-            eigenvalues.append(layer.weight_correction.reshape(param.shape[0], -1))
+            eigenvectors[index] = (q_g, q_a)
+            eigenvalues[index] = layer.weight_correction.reshape(param.shape[0], -1)
         else:
-            eigenvectors.append((q_g,))
-            eigenvalues.append(layer.bias_correction)
+            eigenvectors[index] = (q_g,)
+            eigenvalues[index] = layer.bias_correction
     return eigenvectors, eigenvalues, loss

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ekfac_laplace.curvature import (
     DEFAULT_SEED,
     ENGINES,
+    UNSUPPORTED_LAYERS,
     LaplaceBatches,
     _validate_options,
     compute_ekfac,
@@ -55,6 +56,7 @@ def _validated_options(
     seed: int,
     engine: str,
     cache_budget_bytes: int,
+    unsupported_layers: str = "diagonal",
 ) -> dict[str, Any]:
     """The EKFAC options of a Laplace object, checked before anything is set."""
     fisher_type = _fisher_type(
@@ -68,7 +70,13 @@ def _validated_options(
             f"cache_budget_bytes must be a non-negative integer, got "
             f"{cache_budget_bytes!r}."
         )
+    if unsupported_layers not in UNSUPPORTED_LAYERS:
+        raise ValueError(
+            f"Unknown unsupported_layers {unsupported_layers!r}; choose one of "
+            f"{UNSUPPORTED_LAYERS}."
+        )
     return {
+        "unsupported_layers": unsupported_layers,
         "fisher_type": fisher_type,
         "kfac_approx": kfac_approx,
         "mc_samples": mc_samples,
@@ -94,8 +102,10 @@ class EKFACLaplace(ParametricLaplace):
     root (for sampling) and GLM predictive are exact in the eigenbasis.
 
     Args:
-        model: The MAP network. Parameters with ``requires_grad=True`` must live in
-            ``nn.Linear`` or ``nn.Conv2d`` modules.
+        model: The MAP network. Parameters (``requires_grad=True``) of ``nn.Linear``
+            and ``nn.Conv2d`` get Kronecker-factored eigenbases; those of other
+            modules (norm layers, embeddings, grouped convolutions, ...) diagonal
+            blocks, the exact GGN / Fisher diagonal (see ``unsupported_layers``).
         likelihood: ``"classification"`` or ``"regression"``.
         sigma_noise: Observation noise (regression only).
         prior_precision: Scalar or one value per parameter tensor.
@@ -115,6 +125,9 @@ class EKFACLaplace(ParametricLaplace):
         engine: ``"fast"`` (default) or ``"curvlinops"``; see
             :func:`ekfac_laplace.compute_ekfac`.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
+        unsupported_layers: ``"diagonal"`` (default) gives parameters of modules
+            other than ``nn.Linear`` / ``nn.Conv2d`` a diagonal block (EKFAC in the
+            identity basis); ``"raise"`` refuses them at ``fit``.
 
     Raises:
         ValueError: For an unsupported backend or option.
@@ -141,6 +154,7 @@ class EKFACLaplace(ParametricLaplace):
         seed: int = DEFAULT_SEED,
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        unsupported_layers: str = "diagonal",
     ) -> None:
         if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
             raise ValueError(
@@ -162,6 +176,7 @@ class EKFACLaplace(ParametricLaplace):
             seed,
             engine,
             cache_budget_bytes,
+            unsupported_layers,
         )
         self._set_options(options)
         super().__init__(
@@ -185,6 +200,7 @@ class EKFACLaplace(ParametricLaplace):
         self.seed: int = options["seed"]
         self.engine: str = options["engine"]
         self.cache_budget_bytes: int = options["cache_budget_bytes"]
+        self.unsupported_layers: str = options["unsupported_layers"]
 
     # ----------------------------------------------------------------- fitting
     def _init_H(self) -> None:
@@ -249,6 +265,7 @@ class EKFACLaplace(ParametricLaplace):
             progress_bar=progress_bar,
             engine=self.engine,
             cache_budget_bytes=self.cache_budget_bytes,
+            unsupported_layers=self.unsupported_layers,
         )
 
         # Everything is computed: only now change the object.

@@ -24,7 +24,9 @@ class EKFACDecomposed:
     A weight block of shape ``(out, in)`` (for ``Conv2d``, ``in = c_in * kh * kw``) has
     eigenvectors ``(Q_G, Q_A)`` and eigenvalues ``λ`` of shape ``(out, in)``; a bias
     block of size ``out`` has eigenvectors ``(Q_G,)`` and eigenvalues of shape
-    ``(out,)``. With the additive ``δ_b`` (e.g. a prior precision) of block ``b``,
+    ``(out,)``; a diagonal block (a parameter KFAC cannot factorise) has eigenvectors
+    ``()`` — the identity basis — and eigenvalues of any shape. With the additive
+    ``δ_b`` (e.g. a prior precision) of block ``b``,
 
     $$
         M_b = (Q_G \otimes Q_A) \, \mathrm{diag}(\mathrm{vec}(λ_b) + δ_b) \,
@@ -38,10 +40,11 @@ class EKFACDecomposed:
     ``Q diag(c λ + c δ) Qᵀ`` without copying the eigenvalues.
 
     Args:
-        eigenvectors: Per block, ``(Q_G, Q_A)`` for a weight or ``(Q_G,)`` for a bias;
-            orthogonal matrices of shapes ``(out, out)`` and ``(in, in)``.
+        eigenvectors: Per block, ``(Q_G, Q_A)`` for a weight, ``(Q_G,)`` for a bias
+            (orthogonal matrices of shapes ``(out, out)`` and ``(in, in)``), or ``()``
+            for the identity basis.
         eigenvalues: Per block, the eigenvalues in the eigenbasis, shape ``(out, in)``
-            for a weight and ``(out,)`` for a bias.
+            for a weight, ``(out,)`` for a bias, any shape for the identity basis.
         deltas: Additive constant per block, shape ``()``, ``(1,)`` or
             ``(len(eigenvalues),)``; zero if ``None``.
         scale: Factor applied to ``eigenvalues`` (not to ``deltas``); ``None`` is 1.
@@ -66,14 +69,15 @@ class EKFACDecomposed:
             )
         for index, (basis, values) in enumerate(zip(eigenvectors, eigenvalues)):
             expected = tuple(q.shape[0] for q in basis)
-            if len(basis) not in (1, 2) or any(
-                q.shape != (n, n) for q, n in zip(basis, expected)
+            if len(basis) not in (0, 1, 2) or any(
+                q.ndim != 2 or q.shape != (n, n) for q, n in zip(basis, expected)
             ):
                 raise ValueError(
-                    f"Block {index}: eigenvectors must be (Q_G,) or (Q_G, Q_A) with "
-                    f"square matrices, got shapes {[tuple(q.shape) for q in basis]}."
+                    f"Block {index}: eigenvectors must be () (identity basis), (Q_G,) "
+                    f"or (Q_G, Q_A) with square matrices, got shapes "
+                    f"{[tuple(q.shape) for q in basis]}."
                 )
-            if tuple(values.shape) != expected:
+            if basis and tuple(values.shape) != expected:
                 raise ValueError(
                     f"Block {index}: eigenvalues have shape {tuple(values.shape)} but "
                     f"the eigenbasis needs {expected}."
@@ -242,6 +246,8 @@ class EKFACDecomposed:
     def _rotate_in(self, index: int, block: Tensor) -> Tensor:
         """``Q_G^T W Q_A`` (or ``Q_G^T w``) applied over leading batch dimensions."""
         basis = self.eigenvectors[index]
+        if not basis:
+            return block
         if len(basis) == 2:
             return basis[0].T @ block @ basis[1]
         return block @ basis[0]
@@ -249,6 +255,8 @@ class EKFACDecomposed:
     def _rotate_out(self, index: int, block: Tensor) -> Tensor:
         """``Q_G W Q_A^T`` (or ``Q_G w``): the inverse of :meth:`_rotate_in`."""
         basis = self.eigenvectors[index]
+        if not basis:
+            return block
         if len(basis) == 2:
             return basis[0] @ block @ basis[1].T
         return block @ basis[0].T
@@ -346,6 +354,9 @@ class EKFACDecomposed:
         diagonals = []
         for i, basis in enumerate(self.eigenvectors):
             powered = self._powered(i, exponent)
+            if not basis:
+                diagonals.append(powered.flatten())
+                continue
             squared_g = basis[0].square()
             if len(basis) == 2:
                 diagonals.append((squared_g @ powered @ basis[1].square().T).flatten())
@@ -364,6 +375,9 @@ class EKFACDecomposed:
         """
         blocks = []
         for i, basis in enumerate(self.eigenvectors):
+            if not basis:
+                blocks.append(torch.diag(self._powered(i, exponent).flatten()))
+                continue
             Q = torch.kron(basis[0], basis[1]) if len(basis) == 2 else basis[0]
             blocks.append((Q * self._powered(i, exponent).reshape(1, -1)) @ Q.T)
         return torch.block_diag(*blocks)

@@ -14,7 +14,9 @@ $$
 
 which for layers without weight sharing (one position) reduces to
 ``Σ_i g̃_{n,c,i} g̃_{n,c',i} (S ã_n²)_i``: no ``(batch, outputs, parameters)``
-Jacobian is ever formed.
+Jacobian is ever formed. A diagonal block (a parameter KFAC cannot factorise)
+contributes ``Σ_i J_{n,c,i} J_{n,c',i} / (hλ_i+δ)`` from the per-example gradients
+of its module alone.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.curvature import _owning_modules
+from ekfac_laplace.diagonal import detach_inputs, per_example_gradients
 from ekfac_laplace.engine import layer_positions
 from ekfac_laplace.matrix import EKFACDecomposed
 
@@ -45,8 +48,8 @@ def glm_predictive_variance(
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
     Args:
-        model: The network (``params`` must live in ``Linear``/``Conv2d`` modules
-            that run once per forward pass, ``Conv2d`` without ``padding_mode``).
+        model: The network (the modules owning ``params`` must run once per forward
+            pass). Diagonal blocks use per-example gradients of their module.
         params: The parameters of the posterior, in vector order.
         precision: The posterior precision over ``params``.
         X: A batch of inputs.
@@ -61,24 +64,35 @@ def glm_predictive_variance(
         SharedModuleError: If a module runs more than once per forward pass.
     """
     located = _owning_modules(model, params)
-    modules = {name: model.get_submodule(name) for name, _ in located}
-    inputs: dict[str, Tensor] = {}
+    modules = {entry.module: model.get_submodule(entry.module) for entry in located}
+    diagonal = {entry.module for entry in located if entry.diagonal}
+    inputs: dict[str, Any] = {}
     grads: dict[str, list[Tensor]] = {name: [] for name in modules}
     handles = []
 
     def forward_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        def hook(
+            module: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: Tensor,
+        ) -> None:
             if name in inputs:
                 raise SharedModuleError(f"module '{name}' ran twice")
-            inputs[name] = layer_positions(module, args[0].detach(), is_input=True)
+            if not isinstance(output, Tensor):
+                raise SharedModuleError(f"module '{name}' has a non-tensor output")
+            if name in diagonal:
+                inputs[name] = (detach_inputs(args), detach_inputs(kwargs))
+            else:
+                inputs[name] = layer_positions(module, args[0].detach(), is_input=True)
             output.register_hook(lambda grad: grads[name].append(grad.detach()))
 
         return hook
 
     for name, module in modules.items():
-        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            raise SharedModuleError(f"Conv2d '{name}' uses padding_mode")
-        handles.append(module.register_forward_hook(forward_hook(name)))
+        handles.append(
+            module.register_forward_hook(forward_hook(name), with_kwargs=True)
+        )
     try:
         f = model(X)
     finally:
@@ -90,8 +104,24 @@ def glm_predictive_variance(
         torch.autograd.grad(f[:, c].sum(), params, retain_graph=c < K - 1)
 
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
-    for index, ((name, kind), basis) in enumerate(zip(located, precision.eigenvectors)):
+    for index, ((name, kind, is_diagonal), basis) in enumerate(
+        zip(located, precision.eigenvectors)
+    ):
         module = modules[name]
+        if is_diagonal:
+            # Per-example Jacobian rows of this parameter: (B, K, numel).
+            args, kwargs = inputs[name]
+            J = torch.stack(
+                [
+                    per_example_gradients(module, [kind], args, kwargs, grad)[0]
+                    for grad in grads[name]
+                ],
+                dim=1,
+            ).flatten(start_dim=2)
+            inverse = torch.pow(precision.damped_eigenvalues(index), -1).flatten()
+            pattern = "bkp,clp,p->bkcl" if joint else "bkp,blp,p->bkl"
+            variance = variance + torch.einsum(pattern, J, J, inverse)
+            continue
         g = torch.stack(
             [layer_positions(module, grad, is_input=False) for grad in grads[name]],
             dim=1,

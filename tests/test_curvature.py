@@ -230,19 +230,35 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="eigenbasis has 1 blocks"):
         _fit(model, params, X, y, case.likelihood, eigenbasis=[(torch.eye(5),)])
 
+    # With unsupported_layers="raise", layers without a Kronecker factorisation are
+    # refused by name (the default gives them diagonal blocks: tests/test_diagonal).
     normed = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match=r"'1.weight' belongs to a LayerNorm"):
-        _fit(normed, list(normed.parameters()), X, y, case.likelihood)
+        _fit(
+            normed,
+            list(normed.parameters()),
+            X,
+            y,
+            case.likelihood,
+            unsupported_layers="raise",
+        )
+    with pytest.raises(ValueError, match="Unknown unsupported_layers"):
+        _fit(model, params, X, y, case.likelihood, unsupported_layers="ignore")
 
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
-    with pytest.raises(ValueError, match="groups=2"):
-        _fit(
-            grouped,
-            list(grouped.parameters()),
-            torch.randn(3, 2, 3, 3).double(),
-            torch.randint(0, 2, (3,)),
-            "classification",
-        )
+    reflect = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()
+    ).double()
+    for model, message in ((grouped, "groups=2"), (reflect, "padding_mode='reflect'")):
+        with pytest.raises(ValueError, match=message):
+            _fit(
+                model,
+                list(model.parameters()),
+                torch.randn(3, 2, 3, 3).double(),
+                torch.randint(0, 2, (3,)),
+                "classification",
+                unsupported_layers="raise",
+            )
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -1,0 +1,120 @@
+r"""Diagonal blocks for parameters that KFAC cannot factorise.
+
+KFAC needs a layer whose weight gradient is an outer product of an input and an
+output gradient (``nn.Linear``, ``nn.Conv2d``). Every other parameter — the affine
+parameters of BatchNorm / LayerNorm / GroupNorm, embedding tables, grouped or
+depthwise convolutions, custom modules — gets EKFAC *in the identity basis*: its
+eigenbasis is ``I`` and its corrected eigenvalues are the exact diagonal of the
+GGN / Fisher,
+
+$$
+    λ_i = \sum_n \sum_k \big( (J_n^\top v_{n,k})_i \big)^2 ,
+$$
+
+with ``J_n`` the Jacobian of the outputs of example ``n`` and ``v_{n,k}`` the
+columns of the loss-Hessian square root (exact GGN), sampled gradients (MC Fisher)
+or the loss gradient (empirical Fisher). ``J_nᵀ v_{n,k}`` restricted to a module's
+parameters is the vector-Jacobian product of the *module alone* with the gradient
+arriving at its output, so per-example gradients are computed module by module with
+``torch.func`` (``vmap`` over the examples of ``vjp`` through the module's forward),
+never through the whole network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+# Per-example gradients are computed in chunks of examples holding at most this many
+# numbers (chunk × parameters of the module), e.g. 64 MiB in float32.
+CHUNK_NUMBERS = 2**24
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def per_example_gradients(
+    module: nn.Module,
+    names: Sequence[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grad_output: Tensor,
+) -> list[Tensor]:
+    """Per-example gradients of ``module``'s parameters for one output gradient.
+
+    For each example ``n`` this is ``∂⟨g_n, m(x_n; θ)⟩/∂θ``, the vector-Jacobian
+    product of the module's forward on that example alone with its output
+    gradient ``g_n``.
+
+    Args:
+        module: A module whose forward treats examples independently (norm layers in
+            eval mode, embeddings, ...), called with ``args`` / ``kwargs``.
+        names: Names of the parameters of ``module`` (non-recursive) to differentiate.
+        args: Positional inputs of the forward pass; tensors whose first dimension is
+            the batch size are split into examples, everything else is shared.
+        kwargs: Keyword inputs, shared by all examples.
+        grad_output: Gradient at the module's output, shape ``(B, ...)``.
+
+    Returns:
+        One tensor per name, shape ``(B, *parameter.shape)``.
+    """
+    batch = grad_output.shape[0]
+    params = {name: module.get_parameter(name).detach() for name in names}
+    in_dims = tuple(
+        0 if isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch else None
+        for a in args
+    )
+
+    def one_example(example_args: tuple[Any, ...], gradient: Tensor) -> Any:
+        call_args = tuple(
+            a.unsqueeze(0) if dim == 0 else a for a, dim in zip(example_args, in_dims)
+        )
+
+        def forward(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, p, call_args, kwargs)
+
+        _, pullback = vjp(forward, params)
+        return pullback(gradient.unsqueeze(0))[0]
+
+    numbers = sum(p.numel() for p in params.values())
+    chunk = max(1, min(batch, CHUNK_NUMBERS // max(numbers, 1)))
+    grads = vmap(one_example, in_dims=(in_dims, 0), chunk_size=chunk)(args, grad_output)
+    return [grads[name] for name in names]
+
+
+def detach_inputs(value: Any) -> Any:
+    """Detach every tensor in (nested tuples / dicts of) forward inputs.
+
+    Args:
+        value: A tensor, a tuple or dict of them, or anything else (kept).
+
+    Returns:
+        The same structure with detached tensors.
+    """
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(detach_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return {key: detach_inputs(v) for key, v in value.items()}
+    return value
+
+
+def check_diagonal_module(name: str, module: nn.Module) -> None:
+    """Refuse modules whose examples are coupled in the forward pass.
+
+    Args:
+        name: The module's name in the model, for the message.
+        module: The module.
+
+    Raises:
+        ValueError: For a batch-norm layer in training mode (its output depends on
+            the whole batch, so per-example gradients are not defined).
+    """
+    if isinstance(module, BATCH_NORMS) and module.training:
+        raise ValueError(
+            f"{type(module).__name__} '{name}' is in training mode, where its output "
+            "depends on the whole batch; call model.eval() before fitting "
+            "(laplace-torch's fit does)."
+        )
