@@ -332,7 +332,9 @@ class _Sweep:
                 if f.ndim != 2:
                     raise ValueError(
                         f"EKFAC needs model outputs of shape (batch, outputs), got "
-                        f"{tuple(f.shape)}."
+                        f"{tuple(f.shape)}. For sequence models, return "
+                        "logits.flatten(0, -2) (and targets.flatten()) to treat "
+                        "tokens as independent examples."
                     )
                 curvature = curvature_fn(f, y)
                 positions = {
@@ -534,12 +536,33 @@ class _CorrectionConsumer(_Consumer):
 
 
 def _eigenvectors(factor: Tensor, description: str) -> Tensor:
+    """Eigenvectors of a Kronecker factor, robust to ``eigh`` failing to converge.
+
+    ``eigh`` can fail on ill-conditioned float32 factors; it is retried in float64,
+    then in float64 with a shift ``c I`` (which leaves the eigenvectors unchanged).
+    """
     if not torch.isfinite(factor).all():
         raise ValueError(
             f"The Kronecker {description} is not finite (NaN or Inf); check the "
             "model's outputs and the data for NaN/Inf."
         )
-    return torch.linalg.eigh(factor).eigenvectors
+    try:
+        return torch.linalg.eigh(factor).eigenvectors
+    except torch.linalg.LinAlgError:
+        pass
+    double = factor.double()
+    shift = double.diagonal().abs().mean().clamp_min(1.0) * 1e-8
+    identity = torch.eye(len(double), dtype=double.dtype, device=double.device)
+    for candidate in (double, double + shift * identity):
+        try:
+            return torch.linalg.eigh(candidate).eigenvectors.to(factor.dtype)
+        except torch.linalg.LinAlgError:
+            continue
+    raise RuntimeError(
+        f"eigh did not converge on the Kronecker {description}, even in float64 "
+        "with a diagonal shift; the factor is numerically degenerate. Check the "
+        "data scale, or freeze that layer with requires_grad_(False)."
+    )
 
 
 def fast_ekfac(

@@ -27,10 +27,33 @@ from ekfac_laplace.curvature import (
     compute_ekfac,
 )
 from ekfac_laplace.engine import DEFAULT_CACHE_BUDGET_BYTES
-from ekfac_laplace.matrix import EKFACDecomposed
+from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
 from ekfac_laplace.predictive import SharedModuleError, glm_predictive_variance
 
 SUPPORTED_BACKENDS = (CurvlinopsGGN, CurvlinopsEF)
+
+
+def _check_prior_values(prior_precision: float | Tensor) -> None:
+    """Refuse a negative, NaN or infinite prior precision."""
+    values = torch.as_tensor(
+        prior_precision.detach()
+        if isinstance(prior_precision, Tensor)
+        else prior_precision
+    )
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise ValueError(
+            f"prior_precision must be finite and non-negative, got "
+            f"{values.flatten()[:8].tolist()}; a zero prior is allowed only where "
+            "the curvature is positive."
+        )
+
+
+def _check_positive_scalar(name: str, value: float | Tensor) -> None:
+    """Refuse a non-finite or non-positive ``sigma_noise`` / ``temperature``."""
+    values = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value)
+    if values.numel() != 1 or not bool(torch.isfinite(values).all()) or values <= 0:
+        shown = values.flatten()[:8].tolist()
+        raise ValueError(f"{name} must be one finite, positive number, got {shown}.")
 
 
 def _fisher_type(backend: type[CurvatureInterface], backend_kwargs: dict) -> str:
@@ -168,6 +191,7 @@ class EKFACLaplace(ParametricLaplace):
                 f"asdl_fisher_kwargs keys {sorted(unknown)} are not used by EKFAC; "
                 "only 'kfac_approx' and 'mc_samples' are."
             )
+        _check_prior_values(prior_precision)
         options = _validated_options(
             backend,
             backend_kwargs,
@@ -205,6 +229,26 @@ class EKFACLaplace(ParametricLaplace):
     # ----------------------------------------------------------------- fitting
     def _init_H(self) -> None:
         self.H = None
+
+    # Dense results above this size are refused with a MemoryError that says so;
+    # set to None (or a larger number) to allow them.
+    dense_limit_bytes: int | None = DENSE_LIMIT_BYTES
+
+    @property
+    def temperature(self) -> float:
+        """Likelihood temperature ``T`` (finite, positive)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        _check_positive_scalar("temperature", value)
+        self._temperature = float(value)
+
+    @BaseLaplace.sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        """Set the observation noise ``σ`` (finite, positive)."""
+        _check_positive_scalar("sigma_noise", value)
+        BaseLaplace.sigma_noise.fset(self, value)
 
     def _check_H_init(self) -> None:
         if getattr(self, "H", None) is None:
@@ -349,8 +393,13 @@ class EKFACLaplace(ParametricLaplace):
 
     @property
     def posterior_covariance(self) -> Tensor:
-        """Dense posterior covariance ``P⁻¹`` of shape ``(P, P)`` (small models)."""
-        return self.posterior_precision.to_matrix(exponent=-1)
+        """Dense posterior covariance ``P⁻¹`` of shape ``(P, P)`` (small models).
+
+        Refused (``MemoryError``) above ``dense_limit_bytes``.
+        """
+        return self.posterior_precision.to_matrix(
+            exponent=-1, max_bytes=self.dense_limit_bytes
+        )
 
     @property
     def posterior_variance(self) -> Tensor:
@@ -389,8 +438,16 @@ class EKFACLaplace(ParametricLaplace):
         models that reuse a layer within one forward pass take laplace-torch's
         dense-Jacobian path.
         """
+        self._check_H_init()
+        if joint:
+            batch = self._batch_size(X)
+            check_dense_size(
+                (batch * self.n_outputs, batch * self.n_outputs),
+                self._dtype,
+                "joint predictive covariance",
+                self.dense_limit_bytes,
+            )
         if not self.enable_backprop:
-            self._check_H_init()
             if isinstance(X, Tensor):
                 X = X.to(self._device)
             try:
@@ -412,8 +469,24 @@ class EKFACLaplace(ParametricLaplace):
     def _dense_glm_predictive_distribution(
         self, X: Tensor | MutableMapping[str, Any], joint: bool, diagonal_output: bool
     ) -> tuple[Tensor, Tensor]:
+        self._check_jacobian_size(X)
         return ParametricLaplace._glm_predictive_distribution(
             self, X, joint=joint, diagonal_output=diagonal_output
+        )
+
+    def _batch_size(self, X: Tensor | MutableMapping[str, Any]) -> int:
+        if isinstance(X, MutableMapping):
+            return int(X[self.dict_key_x].shape[0])
+        return int(X.shape[0])
+
+    def _check_jacobian_size(self, X: Tensor | MutableMapping[str, Any]) -> None:
+        """laplace-torch's dense path forms ``(B, K, P)`` Jacobians: bound them."""
+        check_dense_size(
+            (self._batch_size(X), self.n_outputs, self.n_params),
+            self._dtype,
+            "Jacobian of laplace-torch's predictive (enable_backprop=True or a "
+            "reused layer)",
+            self.dense_limit_bytes,
         )
 
     def functional_variance(self, Js: Tensor) -> Tensor:
@@ -504,6 +577,7 @@ class EKFACLaplace(ParametricLaplace):
     @BaseLaplace.prior_precision.setter
     def prior_precision(self, prior_precision: float | Tensor) -> None:
         """Set a scalar or per-layer prior precision; per-parameter is refused."""
+        _check_prior_values(prior_precision)
         if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
             n_layers = getattr(self, "n_layers", None)
             if n_layers is not None and len(prior_precision) not in (1, n_layers):
@@ -691,6 +765,7 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     ) -> None:
+        _check_prior_values(prior_precision)
         options = _validated_options(
             backend,
             backend_kwargs,

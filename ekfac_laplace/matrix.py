@@ -16,6 +16,41 @@ from torch import Tensor
 
 _Scalar = float | int | Tensor
 
+#: Dense helpers (:meth:`EKFACDecomposed.to_matrix`, a Laplace object's
+#: ``posterior_covariance`` and joint predictive covariance) refuse results larger
+#: than this unless the caller passes ``max_bytes=None`` (or a larger limit).
+DENSE_LIMIT_BYTES = 2**31
+
+
+def check_dense_size(
+    shape: tuple[int, ...], dtype: torch.dtype, what: str, max_bytes: int | None
+) -> None:
+    """Refuse a dense result that would exceed ``max_bytes``.
+
+    Args:
+        shape: Shape of the dense result.
+        dtype: Its dtype.
+        what: What it is, for the message.
+        max_bytes: The limit; ``None`` disables the check.
+
+    Raises:
+        MemoryError: If the result would be larger than ``max_bytes``.
+    """
+    if max_bytes is None:
+        return
+    numbers = 1
+    for size in shape:
+        numbers *= int(size)
+    nbytes = numbers * torch.empty((), dtype=dtype).element_size()
+    if nbytes > max_bytes:
+        raise MemoryError(
+            f"The dense {what} of shape {tuple(shape)} would take "
+            f"{nbytes / 2**30:.1f} GiB (limit {max_bytes / 2**30:.1f} GiB). Use the "
+            "structured operations instead (bmm, diag, posterior_variance, the "
+            "per-input predictive), or pass max_bytes=None / raise the limit if you "
+            "really want it."
+        )
+
 
 class EKFACDecomposed:
     r"""Block-diagonal matrix in a Kronecker-factored eigenbasis with free eigenvalues.
@@ -211,23 +246,56 @@ class EKFACDecomposed:
         values, delta = self.eigenvalues[index], self.deltas[index]
         if self.scale is None:
             return values + delta
-        return torch.addcmul(delta, values, torch.as_tensor(self.scale))
+        # A Python float scale must not pass through float32 (torch's default).
+        scale = torch.as_tensor(self.scale, dtype=values.dtype, device=values.device)
+        return torch.addcmul(delta, values, scale)
 
-    def _powered(self, index: int, exponent: float) -> Tensor:
+    def powered_eigenvalues(self, index: int, exponent: float) -> Tensor:
+        """``(scale·λ + δ)^exponent`` of block ``index``, refusing singular blocks.
+
+        Args:
+            index: Block index.
+            exponent: Real exponent.
+
+        Returns:
+            Shape of the block's eigenvalues.
+
+        Raises:
+            ValueError: For a negative or fractional power of a singular block.
+        """
         damped = self.damped_eigenvalues(index)
         if exponent == 1:
             return damped
+        if exponent < 0 or exponent != int(exponent):
+            self._check_positive(index, damped, f"a power {exponent:g}")
         return torch.pow(damped, exponent)
+
+    def _check_positive(self, index: int, damped: Tensor, what: str) -> None:
+        """Refuse ``what`` of a singular (or indefinite) block."""
+        bad = int((damped <= 0).sum()) if not torch.isnan(damped).any() else -1
+        if bad:
+            detail = "NaN" if bad < 0 else f"{bad} non-positive"
+            raise ValueError(
+                f"Cannot compute {what} of a singular matrix: block {index} has "
+                f"{detail} eigenvalue(s) (directions with zero curvature and zero "
+                "delta). Use a positive prior precision (delta)."
+            )
 
     def logdet(self) -> Tensor:
         r"""Log determinant ``Σ_b Σ_i log(λ_{b,i} + δ_b)``.
 
         Returns:
             Scalar tensor.
+
+        Raises:
+            ValueError: If the matrix is singular (a zero eigenvalue with zero delta).
         """
-        return sum(
-            torch.log(self.damped_eigenvalues(i)).sum() for i in range(len(self))
-        )
+        total = 0
+        for i in range(len(self)):
+            damped = self.damped_eigenvalues(i)
+            self._check_positive(i, damped, "the log determinant")
+            total = total + torch.log(damped).sum()
+        return total
 
     # -------------------------------------------------------------- rotations
     def _split(self, W: Tensor) -> list[Tensor]:
@@ -268,7 +336,9 @@ class EKFACDecomposed:
         """``W M^exponent`` for ``W`` of shape ``(..., P)`` (``M`` is symmetric)."""
         blocks = self._split(W)
         out = [
-            self._rotate_out(i, self._rotate_in(i, block) * self._powered(i, exponent))
+            self._rotate_out(
+                i, self._rotate_in(i, block) * self.powered_eigenvalues(i, exponent)
+            )
             for i, block in enumerate(blocks)
         ]
         return self._join(out, W.shape[:-1])
@@ -307,7 +377,7 @@ class EKFACDecomposed:
         result = W.new_zeros(W.shape[0], W.shape[1], W.shape[1])
         for i, block in enumerate(self._split(W)):
             rotated = self._rotate_in(i, block).flatten(start_dim=2)
-            scaled = rotated * self._powered(i, exponent).reshape(1, 1, -1)
+            scaled = rotated * self.powered_eigenvalues(i, exponent).reshape(1, 1, -1)
             result = result + scaled @ rotated.transpose(1, 2)
         return result
 
@@ -337,7 +407,7 @@ class EKFACDecomposed:
         """
         blocks = self._split(Z)
         out = [
-            self._rotate_out(i, block * self._powered(i, exponent))
+            self._rotate_out(i, block * self.powered_eigenvalues(i, exponent))
             for i, block in enumerate(blocks)
         ]
         return self._join(out, Z.shape[:-1])
@@ -353,7 +423,7 @@ class EKFACDecomposed:
         """
         diagonals = []
         for i, basis in enumerate(self.eigenvectors):
-            powered = self._powered(i, exponent)
+            powered = self.powered_eigenvalues(i, exponent)
             if not basis:
                 diagonals.append(powered.flatten())
                 continue
@@ -364,20 +434,34 @@ class EKFACDecomposed:
                 diagonals.append(squared_g @ powered)
         return torch.cat(diagonals)
 
-    def to_matrix(self, exponent: float = 1) -> Tensor:
+    def to_matrix(
+        self, exponent: float = 1, *, max_bytes: int | None = DENSE_LIMIT_BYTES
+    ) -> Tensor:
         """Dense ``M^exponent`` of shape ``(P, P)``; for tests and small models only.
 
         Args:
             exponent: Real exponent.
+            max_bytes: Refuse results larger than this (:data:`DENSE_LIMIT_BYTES`,
+                2 GiB, by default); ``None`` for no limit.
 
         Returns:
             Shape ``(P, P)``.
+
+        Raises:
+            MemoryError: If the dense matrix would exceed ``max_bytes``.
         """
+        check_dense_size(
+            (self.n_params, self.n_params), self.dtype, "matrix", max_bytes
+        )
         blocks = []
         for i, basis in enumerate(self.eigenvectors):
             if not basis:
-                blocks.append(torch.diag(self._powered(i, exponent).flatten()))
+                blocks.append(
+                    torch.diag(self.powered_eigenvalues(i, exponent).flatten())
+                )
                 continue
             Q = torch.kron(basis[0], basis[1]) if len(basis) == 2 else basis[0]
-            blocks.append((Q * self._powered(i, exponent).reshape(1, -1)) @ Q.T)
+            blocks.append(
+                (Q * self.powered_eigenvalues(i, exponent).reshape(1, -1)) @ Q.T
+            )
         return torch.block_diag(*blocks)

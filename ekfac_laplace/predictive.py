@@ -118,7 +118,7 @@ def glm_predictive_variance(
                 ],
                 dim=1,
             ).flatten(start_dim=2)
-            inverse = torch.pow(precision.damped_eigenvalues(index), -1).flatten()
+            inverse = precision.powered_eigenvalues(index, -1).flatten()
             pattern = "bkp,clp,p->bkcl" if joint else "bkp,blp,p->bkl"
             variance = variance + torch.einsum(pattern, J, J, inverse)
             continue
@@ -127,7 +127,7 @@ def glm_predictive_variance(
             dim=1,
         )  # (B, K, S, out)
         g_rot = g @ basis[0]
-        inverse = torch.pow(precision.damped_eigenvalues(index), -1)
+        inverse = precision.powered_eigenvalues(index, -1)
         if kind == "bias":
             summed = g_rot.sum(2)
             pattern = "bki,cli,i->bkcl" if joint else "bki,bli,i->bkl"

@@ -1,0 +1,256 @@
+"""Bad input, singular posteriors, memory guards, numerical extremes, devices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from laplace import Laplace
+from torch import nn
+
+from ekfac_laplace import EKFACLaplace, EKFACLLLaplace, compute_ekfac
+from ekfac_laplace import engine as engine_module
+from ekfac_laplace.curvature import LaplaceBatches
+from tests.cases import CASES, loader
+
+
+def _model_and_data(seed: int = 0, n: int = 12, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    X = torch.randn(n, 4, dtype=torch.float64).to(dtype)  # same values for any dtype
+    y = torch.randint(0, 3, (n,))
+    return model, X, y
+
+
+def _fitted(subset: str = "all", **options):
+    model, X, y = _model_and_data()
+    la = Laplace(model, "classification", subset, hessian_structure="ekfac", **options)
+    la.fit(loader(X, y))
+    return la, X, y
+
+
+@pytest.mark.parametrize("cls", [EKFACLaplace, EKFACLLLaplace])
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda la, X: la.sample(2),
+        lambda la, X: la(X),
+        lambda la, X: la(X, pred_type="nn", link_approx="mc", n_samples=2),
+        lambda la, X: la.log_marginal_likelihood(),
+        lambda la, X: la.state_dict(),
+        lambda la, X: la.posterior_covariance,
+        lambda la, X: la.log_det_posterior_precision,
+    ],
+)
+def test_everything_before_fit_says_fit_first(cls, use):
+    model, X, _ = _model_and_data()
+    la = cls(model, "classification")
+    with pytest.raises(AttributeError, match=r"not fitted: call \.fit"):
+        use(la, X)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "match"),
+    [
+        ("prior_precision", -1.0, "prior_precision must be finite and non-negative"),
+        ("prior_precision", float("nan"), "prior_precision must be finite"),
+        ("prior_precision", torch.tensor([1.0, math.inf]), "prior_precision must be"),
+        ("prior_precision", torch.ones(7), "one per parameter tensor"),
+        ("prior_precision", torch.ones(2, 2), "(?i)prior precision"),
+        ("temperature", 0.0, "temperature must be one finite, positive number"),
+        ("temperature", float("inf"), "temperature must be one finite"),
+        ("sigma_noise", -0.5, "sigma_noise must be one finite, positive number"),
+        ("sigma_noise", torch.tensor(float("nan")), "sigma_noise must be one finite"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_and_leave_the_object(attribute, value, match):
+    la, X, _ = _fitted()
+    before = {
+        "prior_precision": la.prior_precision.clone(),
+        "temperature": la.temperature,
+        "sigma_noise": la.sigma_noise.clone(),
+    }
+    with pytest.raises(ValueError, match=match):
+        setattr(la, attribute, value)
+    assert torch.equal(la.prior_precision, before["prior_precision"])
+    assert la.temperature == before["temperature"]
+    assert torch.equal(la.sigma_noise, before["sigma_noise"])
+    assert torch.isfinite(la(X)).all()
+
+
+def test_bad_constructor_values_are_refused():
+    model, _, _ = _model_and_data()
+    with pytest.raises(ValueError, match="temperature must be"):
+        EKFACLaplace(model, "classification", temperature=-1.0)
+    with pytest.raises(ValueError, match="sigma_noise must be"):
+        EKFACLaplace(model, "regression", sigma_noise=0.0)
+    with pytest.raises(ValueError, match="prior_precision must be"):
+        EKFACLLLaplace(model, "classification", prior_precision=float("nan"))
+
+
+def _singular():
+    """A linear model whose last input is always zero: zero curvature directions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    X[:, 3] = 0.0
+    y = torch.randint(0, 3, (10,))
+    la = EKFACLaplace(model, "classification", prior_precision=0.0)
+    la.fit(loader(X, y))
+    return la, X
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda la, X: la.log_det_posterior_precision,
+        lambda la, X: la.log_marginal_likelihood(),
+        lambda la, X: la.posterior_covariance,
+        lambda la, X: la.posterior_variance,
+        lambda la, X: la.sample(3),
+        lambda la, X: la(X),
+    ],
+)
+def test_singular_posterior_is_refused_with_a_hint(use):
+    la, X = _singular()
+    with pytest.raises(ValueError, match="singular.*positive prior precision"):
+        use(la, X)
+    la.prior_precision = 1e-6
+    result = use(la, X)
+    assert torch.isfinite(result).all()
+
+
+def test_dense_helpers_refuse_huge_results_unless_forced():
+    la, X, _ = _fitted(prior_precision=1.0)
+    la.dense_limit_bytes = 1000  # P = 43 parameters: 43² · 8 bytes = 14.8 kB
+    with pytest.raises(MemoryError, match=r"shape \(43, 43\) would take"):
+        _ = la.posterior_covariance
+    with pytest.raises(MemoryError, match="joint predictive covariance"):
+        la._glm_predictive_distribution(X, joint=True)
+    with pytest.raises(MemoryError, match="limit"):
+        la.posterior_precision.to_matrix(max_bytes=1000)
+    assert la(X).shape == (12, 3)  # the per-input predictive is not dense
+    assert la.posterior_variance.shape == (43,)
+    la.dense_limit_bytes = None
+    assert la.posterior_covariance.shape == (43, 43)
+    assert la._glm_predictive_distribution(X, joint=True)[1].shape == (36, 36)
+    # laplace-torch's Jacobian path (enable_backprop=True) is bounded too.
+    backprop = Laplace(la.model, "classification", "all", "ekfac", enable_backprop=True)
+    backprop.fit(loader(X, torch.zeros(12, dtype=torch.long)))
+    backprop.dense_limit_bytes = 1000
+    with pytest.raises(MemoryError, match="Jacobian of laplace-torch's predictive"):
+        backprop(X)
+
+
+def test_eigh_failures_are_retried_in_float64(monkeypatch):
+    model, X, y = _model_and_data(dtype=torch.float32)
+    params = list(model.parameters())
+
+    def fit():
+        return compute_ekfac(
+            model, params, LaplaceBatches(loader(X, y)), "classification", len(X)
+        )
+
+    expected = fit()
+    real_eigh = torch.linalg.eigh
+    calls = {"float32": 0, "float64": 0}
+
+    def flaky(matrix):
+        key = "float64" if matrix.dtype == torch.float64 else "float32"
+        calls[key] += 1
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated: eigh did not converge")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(engine_module.torch.linalg, "eigh", flaky)
+    retried = fit()
+    assert calls["float32"] >= 3 and calls["float64"] == calls["float32"]
+    for a, b in zip(retried.eigenvalues, expected.eigenvalues):
+        torch.testing.assert_close(a.sum(), b.sum(), rtol=1e-4, atol=1e-6)
+    assert all(
+        q.dtype == torch.float32 for basis in retried.eigenvectors for q in basis
+    )
+
+    def broken(matrix):
+        raise torch.linalg.LinAlgError("simulated")
+
+    monkeypatch.setattr(engine_module.torch.linalg, "eigh", broken)
+    with pytest.raises(RuntimeError, match="eigh did not converge .* even in float64"):
+        fit()
+
+
+@pytest.mark.parametrize("prior", [1e-8, 1e8])
+@pytest.mark.parametrize("temperature", [1e-4, 1e4])
+def test_extreme_priors_and_temperatures_stay_finite(prior, temperature):
+    la, X, _ = _fitted(prior_precision=prior, temperature=temperature)
+    assert torch.isfinite(la.log_det_posterior_precision)
+    assert torch.isfinite(la.log_marginal_likelihood())
+    samples = la.sample(5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(samples).all()
+    for options in (
+        {"pred_type": "glm", "link_approx": "probit"},
+        {"pred_type": "glm", "link_approx": "mc", "n_samples": 5},
+        {"pred_type": "nn", "link_approx": "mc", "n_samples": 5},
+    ):
+        probs = la(X, **options)
+        assert torch.isfinite(probs).all()
+        torch.testing.assert_close(probs.sum(-1), torch.ones(12, dtype=probs.dtype))
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_float32_agrees_with_float64(subset: str):
+    """Stated tolerance: relative 1e-4 for log det, LML and variances; 1e-5 for
+    predictive probabilities (float32 has ~7 significant digits)."""
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        model, X, y = _model_and_data(dtype=dtype)
+        la = Laplace(model, "classification", subset, "ekfac", prior_precision=0.5)
+        la.fit(loader(X, y))
+        assert la.H.eigenvalues[0].dtype == dtype
+        assert la.sample(2).dtype == dtype and la(X).dtype == dtype
+        results[dtype] = (
+            la.log_det_posterior_precision,
+            la.log_marginal_likelihood(),
+            la.posterior_variance,
+            la(X),
+        )
+    for a, b, rtol in zip(
+        results[torch.float32], results[torch.float64], (1e-4, 1e-4, 1e-4, 1e-5)
+    ):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol)
+
+
+def test_monte_carlo_fit_depends_only_on_its_seed():
+    case = CASES[0]
+    fits = []
+    for seed, global_seed in ((7, 0), (7, 1), (8, 0)):
+        model, X, y = case.make()
+        torch.manual_seed(global_seed)  # the fit must not depend on the global RNG
+        la = EKFACLaplace(
+            model,
+            case.likelihood,
+            backend_kwargs={"stochastic": True},
+            seed=seed,
+        )
+        la.fit(loader(X, y))
+        fits.append(torch.cat([v.flatten() for v in la.H.eigenvalues]))
+    assert torch.equal(fits[0], fits[1])
+    assert not torch.equal(fits[0], fits[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_cuda_matches_cpu(subset: str):
+    results = {}
+    for device in ("cpu", "cuda"):
+        model, X, y = _model_and_data()
+        model, X, y = model.to(device), X.to(device), y.to(device)
+        la = Laplace(model, "classification", subset, "ekfac", prior_precision=0.5)
+        la.fit(loader(X, y))
+        assert all(v.device.type == device for v in la.H.eigenvalues)
+        samples = la.sample(4, generator=torch.Generator(device).manual_seed(0))
+        assert samples.device.type == device
+        results[device] = (la.log_marginal_likelihood(), la(X), la.posterior_variance)
+    for a, b in zip(results["cuda"], results["cpu"]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-10)
