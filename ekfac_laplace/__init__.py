@@ -10,11 +10,19 @@ Importing the package registers ``hessian_structure="ekfac"`` with
                  hessian_structure="ekfac")
 """
 
-from ekfac_laplace.calibration import evaluate, predict
-from ekfac_laplace.curvature import EKFACFactors, compute_ekfac
-from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
-from ekfac_laplace.matrix import EKFACDecomposed
-from ekfac_laplace.selection import Candidate, Comparison, compare, select
+import warnings
+
+with warnings.catch_warnings():
+    # laplace-torch imports asdl, which calls the deprecated torch.jit.script when
+    # imported; the notice is not actionable for our users.
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+    )
+    from ekfac_laplace.calibration import evaluate, predict
+    from ekfac_laplace.curvature import EKFACFactors, compute_ekfac
+    from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
+    from ekfac_laplace.matrix import EKFACDecomposed
+    from ekfac_laplace.selection import Candidate, Comparison, compare, select
 
 __version__ = "0.1.0"
 
