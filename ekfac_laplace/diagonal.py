@@ -17,7 +17,9 @@ or the loss gradient (empirical Fisher). ``J_nᵀ v_{n,k}`` restricted to a modu
 parameters is the vector-Jacobian product of the *module alone* with the gradient
 arriving at its output, so per-example gradients are computed module by module with
 ``torch.func`` (``vmap`` over the examples of ``vjp`` through the module's forward),
-never through the whole network.
+never through the whole network. Embedding tables are handled in closed form on the
+rows of the batch's tokens (the gradient of a lookup is a scatter of the output
+gradient), so their cost does not grow with the vocabulary.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
@@ -83,6 +86,69 @@ def per_example_gradients(
     return [grads[name] for name in names]
 
 
+def restricted_gradients(
+    module: nn.Module,
+    names: Sequence[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grad_output: Tensor,
+) -> list[tuple[Tensor | None, Tensor]]:
+    """Per-example gradients, restricted to the rows a batch can touch.
+
+    An embedding table only receives gradient in the rows of the tokens of the
+    batch, so its per-example gradients are returned on those rows only (``R`` rows
+    instead of the whole vocabulary); every other parameter is returned whole.
+
+    Args:
+        module: The module (see :func:`per_example_gradients`).
+        names: Names of its parameters to differentiate.
+        args: Positional inputs of its forward pass.
+        kwargs: Keyword inputs.
+        grad_output: Gradient at its output, shape ``(B, ...)``.
+
+    Returns:
+        Per name ``(rows, gradients)``: ``rows`` of shape ``(R,)`` with gradients of
+        shape ``(B, R, D)``, or ``None`` with gradients ``(B, *parameter.shape)``.
+    """
+    if _simple_embedding(module, names, args, kwargs):
+        return [_embedding_rows(module, args[0], grad_output)]
+    grads = per_example_gradients(module, names, args, kwargs, grad_output)
+    return [(None, grad) for grad in grads]
+
+
+def _simple_embedding(
+    module: nn.Module, names: Sequence[str], args: tuple[Any, ...], kwargs: dict
+) -> bool:
+    """Whether ``module`` is an embedding lookup with index inputs.
+
+    ``scale_grad_by_freq`` rescales autograd's gradient, not the Jacobian, so the
+    closed form holds for it too; ``max_norm`` is refused earlier.
+    """
+    return (
+        type(module) is nn.Embedding
+        and list(names) == ["weight"]
+        and len(args) == 1
+        and not kwargs
+        and isinstance(args[0], Tensor)
+        and not args[0].is_floating_point()
+    )
+
+
+def _embedding_rows(
+    module: nn.Embedding, indices: Tensor, grad_output: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-example gradients of an embedding table on the rows the batch uses."""
+    batch = indices.shape[0]
+    tokens = indices.reshape(batch, -1)
+    grads = grad_output.reshape(batch, tokens.shape[1], -1)
+    if module.padding_idx is not None:  # the padding row receives no gradient
+        grads = grads * (tokens != module.padding_idx).unsqueeze(-1)
+    rows, position = torch.unique(tokens, return_inverse=True)
+    summed = grads.new_zeros(batch, len(rows), grads.shape[-1])
+    summed.scatter_add_(1, position.unsqueeze(-1).expand_as(grads), grads)
+    return rows, summed
+
+
 def detach_inputs(value: Any) -> Any:
     """Detach every tensor in (nested tuples / dicts of) forward inputs.
 
@@ -110,8 +176,16 @@ def check_diagonal_module(name: str, module: nn.Module) -> None:
 
     Raises:
         ValueError: For a batch-norm layer in training mode (its output depends on
-            the whole batch, so per-example gradients are not defined).
+            the whole batch, so per-example gradients are not defined) and an
+            embedding with ``max_norm`` (it changes its weights in the forward pass).
     """
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        raise ValueError(
+            f"Embedding '{name}' has max_norm={module.max_norm}: it renormalises its "
+            "weights in place during every forward pass, so there is no fixed MAP "
+            "to linearise around. Use max_norm=None, or freeze it with "
+            "requires_grad_(False)."
+        )
     if isinstance(module, BATCH_NORMS) and module.training:
         raise ValueError(
             f"{type(module).__name__} '{name}' is in training mode, where its output "

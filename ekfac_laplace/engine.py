@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ekfac_laplace.diagonal import detach_inputs, per_example_gradients
+from ekfac_laplace.diagonal import detach_inputs, restricted_gradients
 
 # Caching the first pass's inputs and output gradients (N·(d_in + K·d_out) numbers per
 # layer; N·(d_in + C) for the output layer) skips the second pass. By default only
@@ -69,7 +69,7 @@ class _DiagonalModule:
     module: nn.Module
     param_names: list[str]
     indices: list[int]
-    squares: list[Tensor | None] = field(default_factory=list)
+    squares: list[Tensor] = field(default_factory=list)
 
     @property
     def target(self) -> Tensor:
@@ -80,13 +80,19 @@ class _DiagonalModule:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], grad_output: Tensor
     ) -> None:
         """Add ``Σ_n (∂⟨g_n, m(x_n)⟩/∂θ)²`` of one backward pass."""
-        grads = per_example_gradients(
+        grads = restricted_gradients(
             self.module, self.param_names, args, kwargs, grad_output
         )
         if not self.squares:
-            self.squares = [None] * len(grads)
-        for i, grad in enumerate(grads):
-            self.squares[i] = _add(self.squares[i], grad.square().sum(0))
+            self.squares = [
+                torch.zeros_like(self.module.get_parameter(name).detach())
+                for name in self.param_names
+            ]
+        for squares, (rows, grad) in zip(self.squares, grads):
+            if rows is None:
+                squares += grad.square().sum(0)
+            else:
+                squares.index_add_(0, rows, grad.square().sum(0))
 
 
 def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.curvature import _owning_modules
-from ekfac_laplace.diagonal import detach_inputs, per_example_gradients
+from ekfac_laplace.diagonal import detach_inputs, restricted_gradients
 from ekfac_laplace.engine import layer_positions
 from ekfac_laplace.matrix import EKFACDecomposed
 
@@ -111,14 +111,15 @@ def glm_predictive_variance(
         if is_diagonal:
             # Per-example Jacobian rows of this parameter: (B, K, numel).
             args, kwargs = inputs[name]
-            J = torch.stack(
-                [
-                    per_example_gradients(module, [kind], args, kwargs, grad)[0]
-                    for grad in grads[name]
-                ],
-                dim=1,
-            ).flatten(start_dim=2)
-            inverse = precision.powered_eigenvalues(index, -1).flatten()
+            restricted = [
+                restricted_gradients(module, [kind], args, kwargs, grad)[0]
+                for grad in grads[name]
+            ]
+            rows = restricted[0][0]
+            J = torch.stack([grad for _, grad in restricted], dim=1)
+            J = J.flatten(start_dim=2)  # (B, K, numel), or (B, K, R·D) on used rows
+            inverse = precision.powered_eigenvalues(index, -1)
+            inverse = (inverse if rows is None else inverse[rows]).flatten()
             pattern = "bkp,clp,p->bkcl" if joint else "bkp,blp,p->bkl"
             variance = variance + torch.einsum(pattern, J, J, inverse)
             continue

@@ -17,6 +17,7 @@ from torch import nn
 
 from ekfac_laplace import EKFACLaplace, compute_ekfac
 from ekfac_laplace.curvature import LaplaceBatches
+from ekfac_laplace.diagonal import per_example_gradients, restricted_gradients
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import loader
 from tests.utils import (
@@ -78,9 +79,15 @@ def layernorm_mlp(n_out: int = 3) -> nn.Module:
 class TextClassifier(nn.Module):
     """Embedding, mean over tokens, a hidden and an output layer."""
 
-    def __init__(self, vocabulary: int = 12, width: int = 4, classes: int = 3):
+    def __init__(
+        self,
+        vocabulary: int = 12,
+        width: int = 4,
+        classes: int = 3,
+        padding_idx: int | None = None,
+    ):
         super().__init__()
-        self.embedding = nn.Embedding(vocabulary, width)
+        self.embedding = nn.Embedding(vocabulary, width, padding_idx=padding_idx)
         self.hidden = nn.Linear(width, width)
         self.out = nn.Linear(width, classes)
 
@@ -149,6 +156,13 @@ MODELS = {
     ),
     "embedding_text": (
         TextClassifier,
+        _tokens,
+        "classification",
+        3,
+        {"embedding.weight"},
+    ),
+    "embedding_text_padding": (
+        lambda: TextClassifier(padding_idx=0),
         _tokens,
         "classification",
         3,
@@ -356,3 +370,30 @@ def test_float32_diagonal_blocks_agree_with_float64():
         if basis:  # the eigenbasis may rotate within near-degenerate eigenspaces
             a, b = a.sum(), b.sum()  # the trace does not depend on the basis
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_rows_equal_the_generic_per_example_gradients(padding_idx):
+    torch.manual_seed(0)
+    embedding = nn.Embedding(7, 3, padding_idx=padding_idx).double()
+    tokens = torch.tensor([[1, 2, 2, 5], [2, 2, 2, 2], [0, 6, 1, 1]])
+    grad_output = torch.randn(3, 4, 3, dtype=torch.float64)
+    [(rows, restricted)] = restricted_gradients(
+        embedding, ["weight"], (tokens,), {}, grad_output
+    )
+    [generic] = per_example_gradients(embedding, ["weight"], (tokens,), {}, grad_output)
+    assert rows.tolist() == [0, 1, 2, 5, 6]
+    assert_close(restricted, generic[:, rows])
+    unused = [r for r in range(7) if r not in rows.tolist()]
+    assert generic[:, unused].abs().max() == 0
+
+
+def test_renormalising_embedding_is_refused():
+    torch.manual_seed(0)
+    model = TextClassifier().double()
+    model.embedding.max_norm = 1.0
+    X, y = _tokens(6), torch.randint(0, 3, (6,))
+    la = EKFACLaplace(model, "classification")
+    with pytest.raises(ValueError, match="Embedding 'embedding' has max_norm=1.0"):
+        la.fit(loader(X, y))
+    assert la.H is None
