@@ -19,7 +19,8 @@ arriving at its output, so per-example gradients are computed module by module w
 ``torch.func`` (``vmap`` over the examples of ``vjp`` through the module's forward),
 never through the whole network. Embedding tables are handled in closed form on the
 rows of the batch's tokens (the gradient of a lookup is a scatter of the output
-gradient), so their cost does not grow with the vocabulary.
+gradient), so their cost does not grow with the vocabulary; batch norms (running
+statistics) and layer norms in closed form, ``Σ g ⊙ x̂`` and ``Σ g``.
 """
 
 from __future__ import annotations
@@ -112,8 +113,53 @@ def restricted_gradients(
     """
     if _simple_embedding(module, names, args, kwargs):
         return [_embedding_rows(module, args[0], grad_output)]
-    grads = per_example_gradients(module, names, args, kwargs, grad_output)
+    normalised = _normalised_input(module, args, kwargs)
+    if normalised is not None:
+        grads = _affine_gradients(module, names, normalised, grad_output)
+    else:
+        grads = per_example_gradients(module, names, args, kwargs, grad_output)
     return [(None, grad) for grad in grads]
+
+
+def _normalised_input(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor | None:
+    """``x̂`` of a batch norm (running statistics) or layer norm, else ``None``.
+
+    Both are ``y = γ ⊙ x̂ + β`` with ``x̂`` independent of ``γ`` and ``β``, so the
+    per-example gradients are ``Σ g ⊙ x̂`` and ``Σ g`` over the positions.
+    """
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        return None
+    x = args[0]
+    if type(module) in BATCH_NORMS[:3] and module.running_mean is not None:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = module.running_mean.reshape(shape)
+        var = module.running_var.reshape(shape)
+        return (x - mean) / torch.sqrt(var + module.eps)
+    if type(module) is nn.LayerNorm:
+        dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + module.eps)
+    return None
+
+
+def _affine_gradients(
+    module: nn.Module, names: Sequence[str], normalised: Tensor, grad_output: Tensor
+) -> list[Tensor]:
+    """Per-example ``∂/∂γ = Σ g ⊙ x̂`` and ``∂/∂β = Σ g`` of a normalisation layer."""
+    batch = grad_output.shape[0]
+    if isinstance(module, nn.LayerNorm):
+        shape = tuple(module.normalized_shape)
+        flat = (batch, -1, *shape)  # (B, positions, *normalized_shape)
+        g, x = grad_output.reshape(flat), normalised.reshape(flat)
+    else:  # batch norm: channels in dimension 1
+        channels = grad_output.shape[1]
+        g = grad_output.reshape(batch, channels, -1).transpose(1, 2)
+        x = normalised.reshape(batch, channels, -1).transpose(1, 2)
+    per_name = {"weight": lambda: (g * x).sum(1), "bias": lambda: g.sum(1)}
+    return [per_name[name]() for name in names]
 
 
 def _simple_embedding(
@@ -191,4 +237,11 @@ def check_diagonal_module(name: str, module: nn.Module) -> None:
             f"{type(module).__name__} '{name}' is in training mode, where its output "
             "depends on the whole batch; call model.eval() before fitting "
             "(laplace-torch's fit does)."
+        )
+    if isinstance(module, BATCH_NORMS) and module.running_mean is None:
+        raise ValueError(
+            f"{type(module).__name__} '{name}' has track_running_stats=False, so "
+            "even in eval mode its output depends on the whole batch; per-example "
+            "curvature is not defined. Track running statistics, or freeze it with "
+            "requires_grad_(False)."
         )

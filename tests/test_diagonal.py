@@ -397,3 +397,41 @@ def test_renormalising_embedding_is_refused():
     with pytest.raises(ValueError, match="Embedding 'embedding' has max_norm=1.0"):
         la.fit(loader(X, y))
     assert la.H is None
+
+
+@pytest.mark.parametrize(
+    ("module", "shape"),
+    [
+        (nn.BatchNorm1d(3), (5, 3)),
+        (nn.BatchNorm1d(3), (5, 3, 4)),
+        (nn.BatchNorm2d(3), (5, 3, 4, 2)),
+        (nn.LayerNorm(4), (5, 4)),
+        (nn.LayerNorm((3, 4)), (5, 2, 3, 4)),
+        (nn.LayerNorm(4, bias=False), (5, 6, 4)),
+    ],
+)
+def test_norm_layers_in_closed_form_equal_the_generic_gradients(module, shape):
+    torch.manual_seed(0)
+    module = module.double().eval()
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 2)
+    for param in module.parameters():
+        nn.init.uniform_(param, -1, 1)
+    x = torch.randn(*shape, dtype=torch.float64)
+    grad_output = torch.randn(*shape, dtype=torch.float64)
+    names = [name for name, _ in module.named_parameters()]
+    closed = restricted_gradients(module, names, (x,), {}, grad_output)
+    generic = per_example_gradients(module, names, (x,), {}, grad_output)
+    for (rows, a), b in zip(closed, generic):
+        assert rows is None
+        assert_close(a, b)
+
+
+def test_batchnorm_without_running_statistics_is_refused():
+    model = nn.Sequential(
+        nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 2)
+    ).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        EKFACLaplace(model, "classification").fit(loader(X, y))
