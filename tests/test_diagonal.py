@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from laplace import Laplace
 from laplace.curvature import CurvlinopsEF
 from torch import nn
 
@@ -435,3 +436,57 @@ def test_batchnorm_without_running_statistics_is_refused():
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
     with pytest.raises(ValueError, match="track_running_stats=False"):
         EKFACLaplace(model, "classification").fit(loader(X, y))
+
+
+class _HuggingFaceStyle(nn.Module):
+    """Takes the whole dict batch, like a Hugging Face model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TextClassifier()
+
+    def forward(self, batch):
+        tokens = batch["input_ids"] if isinstance(batch, dict) else batch
+        return self.body(tokens)
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, X, y) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.X[index], "labels": self.y[index]}
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_dict_batches_with_an_embedding_model(subset: str):
+    torch.manual_seed(0)
+    model = _HuggingFaceStyle().double()
+    X, y = _tokens(10), torch.randint(0, 3, (10,))
+    dicts = torch.utils.data.DataLoader(_Dicts(X, y), batch_size=4)
+    fitted = []
+    for data in (dicts, loader(X, y, batch_size=4)):
+        la = Laplace(model, "classification", subset, hessian_structure="ekfac")
+        la.fit(data)
+        fitted.append(la)
+    assert_close(
+        fitted[0].posterior_precision.to_matrix(),
+        fitted[1].posterior_precision.to_matrix(),
+    )
+    if subset == "all":
+        assert fitted[0].H.eigenvectors[0] == ()  # the embedding's diagonal block
+    batch = next(iter(dicts))
+    assert_close(fitted[0](batch), fitted[1](X[:4]))
+
+
+def test_nan_outputs_name_a_layer():
+    model, X, y, likelihood, _ = _make("layernorm_mlp")
+    with torch.no_grad():
+        model[3].bias[0] = float("nan")
+    la = EKFACLaplace(model, likelihood)
+    with pytest.raises(ValueError, match=r"(layer '\d+'|'\d+\.\w+') is not finite"):
+        la.fit(loader(X, y))
+    assert la.H is None
