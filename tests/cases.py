@@ -97,3 +97,16 @@ CASE_IDS = [case.name for case in CASES]
 def last_layer_params(model: nn.Module) -> list[Tensor]:
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     return list(last.parameters())
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """Hugging Face-style examples: ``{"input_ids": x, "labels": y}``."""
+
+    def __init__(self, X: Tensor, y: Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.X[index], "labels": self.y[index]}

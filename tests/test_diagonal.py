@@ -20,7 +20,7 @@ from ekfac_laplace import EKFACLaplace, compute_ekfac
 from ekfac_laplace.curvature import LaplaceBatches
 from ekfac_laplace.diagonal import per_example_gradients, restricted_gradients
 from ekfac_laplace.predictive import glm_predictive_variance
-from tests.cases import loader
+from tests.cases import DictDataset, loader
 from tests.utils import (
     assert_close,
     backprop_vectors,
@@ -450,23 +450,12 @@ class _HuggingFaceStyle(nn.Module):
         return self.body(tokens)
 
 
-class _Dicts(torch.utils.data.Dataset):
-    def __init__(self, X, y) -> None:
-        self.X, self.y = X, y
-
-    def __len__(self) -> int:
-        return len(self.X)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.X[index], "labels": self.y[index]}
-
-
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_dict_batches_with_an_embedding_model(subset: str):
     torch.manual_seed(0)
     model = _HuggingFaceStyle().double()
     X, y = _tokens(10), torch.randint(0, 3, (10,))
-    dicts = torch.utils.data.DataLoader(_Dicts(X, y), batch_size=4)
+    dicts = torch.utils.data.DataLoader(DictDataset(X, y), batch_size=4)
     fitted = []
     for data in (dicts, loader(X, y, batch_size=4)):
         la = Laplace(model, "classification", subset, hessian_structure="ekfac")

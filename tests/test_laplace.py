@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import ekfac_laplace
 from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
-from tests.cases import CASE_IDS, CASES, Case, last_layer_params, loader
+from tests.cases import CASE_IDS, CASES, Case, DictDataset, last_layer_params, loader
 from tests.utils import (
     assert_close,
     blocks,
@@ -618,24 +618,13 @@ class _DictModel(nn.Module):
         return self.net(batch["input_ids"] if isinstance(batch, dict) else batch)
 
 
-class _DictDataset(torch.utils.data.Dataset):
-    def __init__(self, X, y) -> None:
-        self.X, self.y = X, y
-
-    def __len__(self) -> int:
-        return len(self.X)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.X[index], "labels": self.y[index]}
-
-
 @pytest.mark.parametrize("subset", SUBSETS)
 def test_dict_batches_give_the_same_posterior(subset: str):
     torch.manual_seed(0)
     model = _DictModel().double()
     X = torch.randn(12, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (12,))
-    dict_loader = DataLoader(_DictDataset(X, y), batch_size=5)
+    dict_loader = DataLoader(DictDataset(X, y), batch_size=5)
     la_dict = Laplace(model, "classification", subset, hessian_structure="ekfac")
     la_dict.fit(dict_loader)
     la_tensor = Laplace(model, "classification", subset, hessian_structure="ekfac")
@@ -663,7 +652,7 @@ def test_loader_without_batches_and_dict_without_targets_are_refused():
         dict_key_y="targets",
     )
     with pytest.raises(ValueError, match="dict_key_y='targets'"):
-        la.fit(DataLoader(_DictDataset(X, y), batch_size=5))
+        la.fit(DataLoader(DictDataset(X, y), batch_size=5))
     assert la.H is None
 
 
