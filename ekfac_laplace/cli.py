@@ -319,6 +319,7 @@ def run_sample(args: argparse.Namespace) -> int:
         predict,
         regression_metrics,
     )
+    from ekfac_laplace.selection import residual_noise_scale
 
     torch.manual_seed(args.seed)
     problem = load_problem(args.dataset, args.seed, args.batch_size)
@@ -329,7 +330,9 @@ def run_sample(args: argparse.Namespace) -> int:
         likelihood,
         subset_of_weights=args.subset,
         hessian_structure="ekfac",
-        sigma_noise=_noise_scale(model, problem) if likelihood == "regression" else 1,
+        sigma_noise=residual_noise_scale(model, problem.train_loader)
+        if likelihood == "regression"
+        else 1,
     )
     la.fit(problem.train_loader, progress_bar=not args.quiet)
     if args.prior_tuning == "marglik":
@@ -731,12 +734,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
             )
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
-
-
-def _noise_scale(model: nn.Module, problem: Problem) -> float:
-    from ekfac_laplace.selection import residual_noise_scale
-
-    return residual_noise_scale(model, problem.train_loader)
 
 
 def _positive_int(text: str) -> int:

@@ -169,13 +169,8 @@ def _owning_modules(
 
     Parameters of ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``, zero padding) get
     Kronecker-factored blocks; all others a diagonal block, or an error with
-    ``unsupported_layers="raise"``.
+    ``unsupported_layers="raise"`` (validated by :func:`_validate_options`).
     """
-    if unsupported_layers not in UNSUPPORTED_LAYERS:
-        raise ValueError(
-            f"Unknown unsupported_layers {unsupported_layers!r}; choose one of "
-            f"{UNSUPPORTED_LAYERS}."
-        )
     owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
@@ -221,7 +216,17 @@ def _owning_modules(
     return located
 
 
-def _validate_options(fisher_type: str, kfac_approx: str, mc_samples: int) -> None:
+def _validate_options(
+    fisher_type: str,
+    kfac_approx: str,
+    mc_samples: int,
+    unsupported_layers: str = "diagonal",
+) -> None:
+    if unsupported_layers not in UNSUPPORTED_LAYERS:
+        raise ValueError(
+            f"Unknown unsupported_layers {unsupported_layers!r}; choose one of "
+            f"{UNSUPPORTED_LAYERS}."
+        )
     if fisher_type not in FISHER_TYPES:
         raise ValueError(
             f"Unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}."
@@ -367,7 +372,7 @@ def compute_ekfac(
     Raises:
         ValueError: For unsupported options, layers, or non-finite curvature.
     """
-    _validate_options(fisher_type, kfac_approx, mc_samples)
+    _validate_options(fisher_type, kfac_approx, mc_samples, unsupported_layers)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
     loss_function, factor = likelihood_loss(likelihood)

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from ekfac_laplace.curvature import (
     DEFAULT_SEED,
     ENGINES,
-    UNSUPPORTED_LAYERS,
     LaplaceBatches,
     _validate_options,
     compute_ekfac,
@@ -85,18 +84,13 @@ def _validated_options(
     fisher_type = _fisher_type(
         CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
     )
-    _validate_options(fisher_type, kfac_approx, mc_samples)
+    _validate_options(fisher_type, kfac_approx, mc_samples, unsupported_layers)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
     if not isinstance(cache_budget_bytes, int) or cache_budget_bytes < 0:
         raise ValueError(
             f"cache_budget_bytes must be a non-negative integer, got "
             f"{cache_budget_bytes!r}."
-        )
-    if unsupported_layers not in UNSUPPORTED_LAYERS:
-        raise ValueError(
-            f"Unknown unsupported_layers {unsupported_layers!r}; choose one of "
-            f"{UNSUPPORTED_LAYERS}."
         )
     return {
         "unsupported_layers": unsupported_layers,
