@@ -19,7 +19,6 @@ Timings are only comparable within one run: the script prints ratios EKFAC/Kron.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -97,29 +96,13 @@ def build(case: str, n_data: int, quick: bool = False, seed: int = 0):
     return model.eval(), X, y
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict:
     """One measurement in this process."""
     from laplace import Laplace
     from laplace.curvature import CurvlinopsGGN
 
     import ekfac_laplace  # noqa: F401
+    from ekfac_laplace.evaluation.memory import PeakMemory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model, X, y = build(case, spec["n_data"], spec.get("quick", False))
@@ -164,17 +147,14 @@ def measure(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict
             method="marglik", n_steps=100
         ),
     }
-    gc.collect()
-    exact_peak = _reset_peak()
-    before = _rss_kib("VmRSS")
     # Short phases are noisy: take the best of up to three runs within ~10 s.
     runs: list[float] = []
-    while len(runs) < 3 and (not runs or sum(runs) < 10.0):
-        start = time.perf_counter()
-        actions[phase]()
-        runs.append(time.perf_counter() - start)
+    with PeakMemory() as memory:
+        while len(runs) < 3 and (not runs or sum(runs) < 10.0):
+            start = time.perf_counter()
+            actions[phase]()
+            runs.append(time.perf_counter() - start)
     seconds = min(runs)
-    peak = _rss_kib("VmHWM")
     return {
         "case": case,
         "structure": structure,
@@ -183,9 +163,9 @@ def measure(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict
         "n_params": la.n_params,
         "seconds": seconds,
         "runs": len(runs),
-        "peak_rss_mib": peak / 1024,
-        "phase_growth_mib": (peak - before) / 1024,
-        "peak_is_exact": exact_peak,
+        "peak_rss_mib": memory.peak_mib,
+        "phase_growth_mib": memory.peak_mib - memory.before_mib,
+        "peak_is_exact": memory.exact,
     }
 
 

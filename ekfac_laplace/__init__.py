@@ -8,9 +8,18 @@ Importing the package registers ``hessian_structure="ekfac"`` with
 
     la = Laplace(model, "classification", subset_of_weights="all",
                  hessian_structure="ekfac")
+
+The core (this package's modules) imports nothing from the evaluation side,
+:mod:`ekfac_laplace.evaluation` (metrics, comparison, data, plots, command line),
+which loads when it is first used; its main functions are also reachable from here
+(``ekfac_laplace.evaluate``, ``ekfac_laplace.compare``, ...).
 """
 
+from __future__ import annotations
+
+import importlib
 import warnings
+from typing import Any
 
 with warnings.catch_warnings():
     # laplace-torch imports asdl, which calls the deprecated torch.jit.script when
@@ -18,28 +27,53 @@ with warnings.catch_warnings():
     warnings.filterwarnings(
         "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
     )
-    from ekfac_laplace.calibration import evaluate, predict
-    from ekfac_laplace.curvature import EKFACFactors, compute_ekfac
-    from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
+    from ekfac_laplace.curvature import compute_ekfac
+    from ekfac_laplace.factors import EKFACFactors
+    from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace, EKFACPosterior
     from ekfac_laplace.matrix import EKFACDecomposed
-    from ekfac_laplace.selection import Candidate, Comparison, compare, select
+    from ekfac_laplace.options import (
+        EKFACOptions,
+        Engine,
+        FisherType,
+        KFACApprox,
+        UnsupportedLayers,
+    )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = [
-    # Laplace approximations (registered with laplace.Laplace)
-    "EKFACLaplace",
-    "EKFACLLLaplace",
-    # Structured matrix
-    "EKFACDecomposed",
-    # Curvature
-    "EKFACFactors",
-    "compute_ekfac",
-    # Evaluation and selection
+#: Names of the evaluation side re-exported here, loaded on first use.
+_EVALUATION_EXPORTS = (
     "evaluate",
     "predict",
     "compare",
     "select",
     "Candidate",
     "Comparison",
+)
+
+__all__ = [
+    # Laplace approximations (registered with laplace.Laplace)
+    "EKFACLaplace",
+    "EKFACLLLaplace",
+    "EKFACPosterior",
+    # Options
+    "EKFACOptions",
+    "FisherType",
+    "KFACApprox",
+    "Engine",
+    "UnsupportedLayers",
+    # Structured matrix and curvature
+    "EKFACDecomposed",
+    "EKFACFactors",
+    "compute_ekfac",
+    # Evaluation and selection (lazy)
+    *_EVALUATION_EXPORTS,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the evaluation side on first use of one of its names."""
+    if name in _EVALUATION_EXPORTS:
+        evaluation = importlib.import_module("ekfac_laplace.evaluation")
+        return getattr(evaluation, name)
+    raise AttributeError(f"module 'ekfac_laplace' has no attribute {name!r}")

@@ -1,23 +1,33 @@
-"""The only place that touches private attributes of curvlinops or laplace-torch.
+"""The only place that touches private attributes of other libraries.
 
-curvlinops' ``EKFACLinearOperator`` exposes its Kronecker eigenbasis and corrected
-eigenvalues through the public ``state_dict()``, and its two passes through the
-public ``compute_kronecker_factors()`` / ``compute_eigenvalue_correction()``. What it
-does not expose is a way to *set* the eigenbasis before the correction pass, which
-online (continual) fitting needs: the new data's corrected eigenvalues must be
-computed in the basis of the first fit. That single write lives here, guarded so
-that a curvlinops release which renames the attributes fails loudly.
+* curvlinops: ``EKFACLinearOperator`` exposes its Kronecker eigenbasis and corrected
+  eigenvalues through the public ``state_dict()``, and its two passes through the
+  public ``compute_kronecker_factors()`` / ``compute_eigenvalue_correction()``. It has
+  no way to *set* the eigenbasis before the correction pass, which online (continual)
+  fitting needs: the new data's corrected eigenvalues must be computed in the basis of
+  the first fit. That write is :func:`set_kronecker_eigenbasis`, guarded so that a
+  curvlinops release which renames the attributes fails loudly.
+* torch: a module's hook registries (``_forward_hooks``, ``_forward_pre_hooks``), to
+  remove hooks that a failing curvlinops pass leaves behind
+  (:func:`removing_leftover_hooks`), and a tensor's version counter (``_version``),
+  which tells whether a tensor was changed in place (:func:`tensor_version`).
+
+laplace-torch's private attributes are not touched anywhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from curvlinops import EKFACLinearOperator
-from torch import Tensor
+from torch import Tensor, nn
 
 _EIGENVECTOR_ATTRIBUTES = (
     "_input_covariances_eigenvectors",
     "_gradient_covariances_eigenvectors",
 )
+_HOOK_REGISTRIES = ("_forward_hooks", "_forward_pre_hooks")
 
 
 def set_kronecker_eigenbasis(
@@ -48,3 +58,58 @@ def set_kronecker_eigenbasis(
             )
     operator._input_covariances_eigenvectors = dict(input_eigenvectors)
     operator._gradient_covariances_eigenvectors = dict(gradient_eigenvectors)
+
+
+@contextmanager
+def removing_leftover_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove module hooks that a failing pass of another library leaves behind.
+
+    curvlinops installs forward hooks for each pass and removes them only when the
+    pass completes; an exception in between (bad targets, NaN, a reused layer) would
+    otherwise leave the user's model instrumented. Hooks that were there before are
+    kept.
+
+    Args:
+        model: The model the pass runs on.
+
+    Yields:
+        Nothing; on an exception the new hooks are removed and it is re-raised.
+    """
+    before = {
+        (id(module), registry): set(getattr(module, registry))
+        for module in model.modules()
+        for registry in _HOOK_REGISTRIES
+    }
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            for registry in _HOOK_REGISTRIES:
+                hooks = getattr(module, registry)
+                for key in set(hooks) - before.get((id(module), registry), set()):
+                    del hooks[key]
+        raise
+
+
+def tensor_version(tensor: Tensor) -> int:
+    """The version counter of ``tensor``: it grows with every in-place change.
+
+    Args:
+        tensor: Any tensor.
+
+    Returns:
+        Its current version.
+    """
+    return tensor._version
+
+
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or forward-pre hooks (for tests and checks).
+
+    Args:
+        module: Any module.
+
+    Returns:
+        ``True`` if either registry is non-empty.
+    """
+    return any(getattr(module, registry) for registry in _HOOK_REGISTRIES)

@@ -1,39 +1,67 @@
-"""EKFAC Laplace approximations as laplace-torch ``ParametricLaplace`` subclasses.
+r"""EKFAC Laplace approximations as laplace-torch ``ParametricLaplace`` subclasses.
 
 Importing this module registers ``hessian_structure="ekfac"`` with
-``laplace.Laplace(...)`` for ``subset_of_weights="all"`` and ``"last_layer"``.
+``laplace.Laplace(...)`` for ``subset_of_weights="all"`` (:class:`EKFACLaplace`) and
+``"last_layer"`` (:class:`EKFACLLLaplace`). Both share :class:`EKFACPosterior`, the
+maths of the posterior; the curvature comes from :func:`ekfac_laplace.compute_ekfac`,
+the Jacobian-free GLM predictive from :mod:`ekfac_laplace.predictive`.
+
+Why :meth:`EKFACPosterior.fit` does not call laplace-torch's ``ParametricLaplace.fit``:
+that method sums the curvature batch by batch (``H += H_batch``), but EKFAC's
+eigenvalue correction needs the eigenbasis of the *whole* data set's Kronecker factors,
+so the curvature is computed over the whole loader at once. Everything else
+``ParametricLaplace.fit`` sets up is set the same way in one place,
+:meth:`EKFACPosterior._commit_fit`: ``mean`` (detached unless ``enable_backprop``),
+``n_outputs``, ``model.output_size``, ``loss`` and ``n_data`` (accumulated with
+``override=False``). The last-layer class does call laplace-torch's ``LLLaplace.fit``,
+which finds the last layer and then calls ours.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
-from laplace.curvature import CurvatureInterface, CurvlinopsEF, CurvlinopsGGN
+from laplace.curvature import CurvatureInterface
 from laplace.lllaplace import LLLaplace
 from laplace.utils.enums import Likelihood, PriorStructure
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 
-from ekfac_laplace.curvature import (
-    DEFAULT_SEED,
-    ENGINES,
+from ekfac_laplace.backends import laplace_options
+from ekfac_laplace.batches import (
     LaplaceBatches,
-    _validate_options,
-    compute_ekfac,
+    batch_size,
+    dataset_size,
+    output_size,
+    to_device,
 )
-from ekfac_laplace.engine import DEFAULT_CACHE_BUDGET_BYTES
+from ekfac_laplace.curvature import compute_ekfac
+from ekfac_laplace.factors import EKFACFactors
+from ekfac_laplace.layout import CaptureError
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
-from ekfac_laplace.predictive import SharedModuleError, glm_predictive_variance
+from ekfac_laplace.options import (
+    DEFAULT_CACHE_BUDGET_BYTES,
+    DEFAULT_SEED,
+    EKFACOptions,
+)
+from ekfac_laplace.predictive import glm_predictive_variance
 
-SUPPORTED_BACKENDS = (CurvlinopsGGN, CurvlinopsEF)
+_LIKELIHOODS = (Likelihood.CLASSIFICATION, Likelihood.REGRESSION)
 
 
-def _check_prior_values(prior_precision: float | Tensor) -> None:
-    """Refuse a negative, NaN or infinite prior precision."""
+def check_prior_precision(prior_precision: float | Tensor) -> None:
+    """Refuse a negative, NaN or infinite prior precision.
+
+    Args:
+        prior_precision: A number or a tensor of them.
+
+    Raises:
+        ValueError: If any value is negative or not finite.
+    """
     values = torch.as_tensor(
         prior_precision.detach()
         if isinstance(prior_precision, Tensor)
@@ -47,64 +75,32 @@ def _check_prior_values(prior_precision: float | Tensor) -> None:
         )
 
 
-def _check_positive_scalar(name: str, value: float | Tensor) -> None:
-    """Refuse a non-finite or non-positive ``sigma_noise`` / ``temperature``."""
+def check_positive_scalar(name: str, value: float | Tensor) -> None:
+    """Refuse a non-finite or non-positive ``sigma_noise`` / ``temperature``.
+
+    Args:
+        name: The hyperparameter's name, for the message.
+        value: Its value.
+
+    Raises:
+        ValueError: Unless ``value`` is one finite number > 0.
+    """
     values = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value)
     if values.numel() != 1 or not bool(torch.isfinite(values).all()) or values <= 0:
         shown = values.flatten()[:8].tolist()
         raise ValueError(f"{name} must be one finite, positive number, got {shown}.")
 
 
-def _fisher_type(backend: type[CurvatureInterface], backend_kwargs: dict) -> str:
-    """Map a laplace-torch backend to the curvlinops Fisher type it stands for."""
-    if isinstance(backend, type) and issubclass(backend, CurvlinopsEF):
-        return "empirical"
-    if isinstance(backend, type) and issubclass(backend, CurvlinopsGGN):
-        return "mc" if backend_kwargs.get("stochastic", False) else "type2"
-    name = getattr(backend, "__name__", repr(backend))
-    raise ValueError(
-        f"EKFAC Laplace does not support the backend {name}; use "
-        "laplace.curvature.CurvlinopsGGN (exact GGN, or Monte-Carlo Fisher with "
-        "backend_kwargs={'stochastic': True}) or laplace.curvature.CurvlinopsEF "
-        "(empirical Fisher)."
-    )
-
-
-def _validated_options(
-    backend: type[CurvatureInterface] | None,
-    backend_kwargs: dict[str, Any] | None,
-    kfac_approx: str,
-    mc_samples: int,
-    seed: int,
-    engine: str,
-    cache_budget_bytes: int,
-    unsupported_layers: str = "diagonal",
-) -> dict[str, Any]:
-    """The EKFAC options of a Laplace object, checked before anything is set."""
-    fisher_type = _fisher_type(
-        CurvlinopsGGN if backend is None else backend, backend_kwargs or {}
-    )
-    _validate_options(fisher_type, kfac_approx, mc_samples, unsupported_layers)
-    if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}; choose one of {ENGINES}.")
-    if not isinstance(cache_budget_bytes, int) or cache_budget_bytes < 0:
+def _check_likelihood(likelihood: Likelihood | str) -> None:
+    if likelihood not in _LIKELIHOODS:
         raise ValueError(
-            f"cache_budget_bytes must be a non-negative integer, got "
-            f"{cache_budget_bytes!r}."
+            f"EKFAC Laplace supports likelihood='classification' or 'regression', "
+            f"got {likelihood!r}."
         )
-    return {
-        "unsupported_layers": unsupported_layers,
-        "fisher_type": fisher_type,
-        "kfac_approx": kfac_approx,
-        "mc_samples": mc_samples,
-        "seed": seed,
-        "engine": engine,
-        "cache_budget_bytes": cache_budget_bytes,
-    }
 
 
-class EKFACLaplace(ParametricLaplace):
-    r"""Laplace approximation with an EKFAC posterior precision over all weights.
+class EKFACPosterior(ParametricLaplace):
+    r"""The EKFAC posterior shared by :class:`EKFACLaplace` and :class:`EKFACLLLaplace`.
 
     For each parameter tensor (block) ``b`` with Kronecker eigenbasis
     ``Q_b = Q_G ⊗ Q_A`` and corrected eigenvalues ``λ_b`` of the log-likelihood
@@ -116,117 +112,28 @@ class EKFACLaplace(ParametricLaplace):
 
     with prior precision ``δ_b`` (scalar or one per parameter tensor), observation
     noise ``σ`` and temperature ``T``. Its inverse, log determinant, inverse square
-    root (for sampling) and GLM predictive are exact in the eigenbasis.
+    root (for sampling) and GLM predictive are exact in the eigenbasis. Not
+    constructed directly: it has no ``__init__`` and no ``_key``.
 
-    Args:
-        model: The MAP network. Parameters (``requires_grad=True``) of ``nn.Linear``
-            and ``nn.Conv2d`` get Kronecker-factored eigenbases; those of other
-            modules (norm layers, embeddings, grouped convolutions, ...) diagonal
-            blocks, the exact GGN / Fisher diagonal (see ``unsupported_layers``).
-        likelihood: ``"classification"`` or ``"regression"``.
-        sigma_noise: Observation noise (regression only).
-        prior_precision: Scalar or one value per parameter tensor.
-        prior_mean: Scalar or one value per parameter.
-        temperature: Likelihood temperature.
-        enable_backprop: Allow gradients through the predictive w.r.t. the input.
-        dict_key_x: Input key of dict-like batches.
-        dict_key_y: Target key of dict-like batches.
-        backend: ``CurvlinopsGGN`` (default; ``backend_kwargs={"stochastic": True}``
-            for the Monte-Carlo Fisher) or ``CurvlinopsEF`` (empirical Fisher).
-        backend_kwargs: Passed to the backend, which computes the GLM Jacobians.
-        asdl_fisher_kwargs: For compatibility with ``KronLaplace``: may carry
-            ``kfac_approx`` and ``mc_samples``.
-        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
-        mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
-        seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
-        engine: ``"fast"`` (default) or ``"curvlinops"``; see
-            :func:`ekfac_laplace.compute_ekfac`.
-        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
-        unsupported_layers: ``"diagonal"`` (default) gives parameters of modules
-            other than ``nn.Linear`` / ``nn.Conv2d`` a diagonal block (EKFAC in the
-            identity basis); ``"raise"`` refuses them at ``fit``.
-
-    Raises:
-        ValueError: For an unsupported backend or option.
+    Attributes:
+        options: How the curvature is computed (:class:`~ekfac_laplace.EKFACOptions`).
+        dense_limit_bytes: Dense results above this size (posterior covariance, joint
+            predictive covariance, laplace-torch's Jacobians) are refused with a
+            ``MemoryError``; ``None`` allows any size.
     """
 
-    _key = ("all", "ekfac")
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | Tensor = 1.0,
-        prior_precision: float | Tensor = 1.0,
-        prior_mean: float | Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type[CurvatureInterface] | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        kfac_approx: str = "expand",
-        mc_samples: int = 1,
-        seed: int = DEFAULT_SEED,
-        engine: str = "fast",
-        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
-        unsupported_layers: str = "diagonal",
-    ) -> None:
-        if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
-            raise ValueError(
-                f"EKFAC Laplace supports likelihood='classification' or 'regression', "
-                f"got {likelihood!r}."
-            )
-        extra = dict(asdl_fisher_kwargs or {})
-        unknown = set(extra) - {"kfac_approx", "mc_samples"}
-        if unknown:
-            raise ValueError(
-                f"asdl_fisher_kwargs keys {sorted(unknown)} are not used by EKFAC; "
-                "only 'kfac_approx' and 'mc_samples' are."
-            )
-        _check_prior_values(prior_precision)
-        options = _validated_options(
-            backend,
-            backend_kwargs,
-            extra.get("kfac_approx", kfac_approx),
-            extra.get("mc_samples", mc_samples),
-            seed,
-            engine,
-            cache_budget_bytes,
-            unsupported_layers,
-        )
-        self._set_options(options)
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
-
-    def _set_options(self, options: dict[str, Any]) -> None:
-        self.fisher_type: str = options["fisher_type"]
-        self.kfac_approx: str = options["kfac_approx"]
-        self.mc_samples: int = options["mc_samples"]
-        self.seed: int = options["seed"]
-        self.engine: str = options["engine"]
-        self.cache_budget_bytes: int = options["cache_budget_bytes"]
-        self.unsupported_layers: str = options["unsupported_layers"]
-
-    # ----------------------------------------------------------------- fitting
-    def _init_H(self) -> None:
-        self.H = None
-
-    # Dense results above this size are refused with a MemoryError that says so;
-    # set to None (or a larger number) to allow them.
+    options: EKFACOptions
     dense_limit_bytes: int | None = DENSE_LIMIT_BYTES
+
+    # --------------------------------------------------------- hyperparameters
+    def _init_H(self) -> None:
+        self.H: EKFACDecomposed | None = None
+
+    def _check_H_init(self) -> None:
+        if getattr(self, "H", None) is None:
+            raise AttributeError(
+                f"{type(self).__name__} is not fitted: call .fit(train_loader) first."
+            )
 
     @property
     def temperature(self) -> float:
@@ -235,34 +142,50 @@ class EKFACLaplace(ParametricLaplace):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        _check_positive_scalar("temperature", value)
+        check_positive_scalar("temperature", value)
         self._temperature = float(value)
 
     @BaseLaplace.sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
         """Set the observation noise ``σ`` (finite, positive)."""
-        _check_positive_scalar("sigma_noise", value)
+        check_positive_scalar("sigma_noise", value)
         BaseLaplace.sigma_noise.fset(self, value)
 
-    def _check_H_init(self) -> None:
-        if getattr(self, "H", None) is None:
-            raise AttributeError(
-                f"{type(self).__name__} is not fitted: call .fit(train_loader) first."
-            )
+    @BaseLaplace.prior_precision.setter
+    def prior_precision(self, prior_precision: float | Tensor) -> None:
+        """Set a scalar or per-layer prior precision; per-parameter is refused."""
+        check_prior_precision(prior_precision)
+        if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
+            n_layers = getattr(self, "n_layers", None)
+            if n_layers is not None and len(prior_precision) not in (1, n_layers):
+                raise ValueError(
+                    "EKFAC Laplace takes a scalar prior precision or one per "
+                    f"parameter tensor ({n_layers}), got {len(prior_precision)} "
+                    "values. A diagonal (per-parameter) prior is not diagonal in the "
+                    "EKFAC eigenbasis; use hessian_structure='diag' or 'full' for that."
+                )
+        BaseLaplace.prior_precision.fset(self, prior_precision)
 
-    def _curvature_params(self) -> list[Tensor]:
-        return [p for p in self.params]
+    # ----------------------------------------- what the posterior is over
+    def _posterior_params(self) -> list[Tensor]:
+        """The parameters of the posterior, in vector order."""
+        return list(self.params)
 
     def _mean_vector(self) -> Tensor:
+        """The current values of those parameters, flattened."""
         return parameters_to_vector(self.params)
 
+    def _block_sizes(self) -> list[int]:
+        return [p.numel() for p in self._posterior_params()]
+
+    # ------------------------------------------------------------------ fitting
     def fit(
         self,
         train_loader: DataLoader,
         override: bool = True,
         progress_bar: bool = False,
     ) -> None:
-        """Fit EKFAC over the whole training loader (two passes).
+        """Fit EKFAC over the whole training loader (two passes, or one and a replay).
 
         With ``override=False`` after an earlier fit (online / continual learning),
         the eigenbasis of the first fit is kept and the new data's corrected
@@ -276,37 +199,42 @@ class EKFACLaplace(ParametricLaplace):
             train_loader: Batches ``(X, y)`` or dict-like batches;
                 ``train_loader.dataset`` must have a length (``N``).
             override: Start from scratch (default) or add to the previous fit.
-            progress_bar: Show tqdm progress over both passes.
+            progress_bar: Show a progress bar over each pass.
 
         Raises:
             ValueError: For an empty loader, unknown ``N``, mismatched targets,
                 unsupported layers or non-finite curvature. The object is unchanged.
         """
-        num_data = self._dataset_size(train_loader)
+        num_data = dataset_size(train_loader)
         self.model.eval()
         batches = LaplaceBatches(train_loader, self.dict_key_y)
-        n_outputs = self._infer_n_outputs(train_loader)
-
+        n_outputs = output_size(self.model, batches, self.likelihood, self._device)
         previous = None if override else self.H
         factors = compute_ekfac(
             self.model,
-            self._curvature_params(),
+            self._posterior_params(),
             batches,
             self.likelihood,
             num_data,
-            fisher_type=self.fisher_type,
-            kfac_approx=self.kfac_approx,
-            mc_samples=self.mc_samples,
-            seed=self.seed,
-            dict_key_x=self.dict_key_x,
+            self.options,
             eigenbasis=None if previous is None else previous.eigenvectors,
+            dict_key_x=self.dict_key_x,
             progress_bar=progress_bar,
-            engine=self.engine,
-            cache_budget_bytes=self.cache_budget_bytes,
-            unsupported_layers=self.unsupported_layers,
         )
+        self._commit_fit(factors, previous, n_outputs, num_data)
 
-        # Everything is computed: only now change the object.
+    def _commit_fit(
+        self,
+        factors: EKFACFactors,
+        previous: EKFACDecomposed | None,
+        n_outputs: int,
+        num_data: int,
+    ) -> None:
+        """Everything is computed: only now change the object.
+
+        Sets what laplace-torch's ``ParametricLaplace.fit`` sets: the mean, the
+        output size (also on the model), ``H``, ``loss`` and ``n_data``.
+        """
         mean = self._mean_vector()
         self.mean = mean if self.enable_backprop else mean.detach()
         self.n_outputs = n_outputs
@@ -315,70 +243,15 @@ class EKFACLaplace(ParametricLaplace):
             self.H = factors.to_decomposed()
             self.loss = factors.loss
             self.n_data = num_data
-        else:
-            self.H = EKFACDecomposed(
-                previous.eigenvectors,
-                [
-                    old + new
-                    for old, new in zip(previous.eigenvalues, factors.eigenvalues)
-                ],
-            )
-            self.loss = self.loss + factors.loss
-            self.n_data = self.n_data + num_data
+            return
+        self.H = EKFACDecomposed(
+            previous.eigenvectors,
+            [old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)],
+        )
+        self.loss = self.loss + factors.loss
+        self.n_data = self.n_data + num_data
 
-    @staticmethod
-    def _dataset_size(train_loader: DataLoader) -> int:
-        dataset = getattr(train_loader, "dataset", None)
-        try:
-            num_data = len(dataset)  # type: ignore[arg-type]
-        except TypeError:
-            raise ValueError(
-                "fit needs train_loader.dataset with a length (the number of training "
-                "points N); wrap the data in a map-style Dataset such as "
-                "torch.utils.data.TensorDataset."
-            ) from None
-        if num_data == 0:
-            raise ValueError("fit got an empty training set (len(dataset) == 0).")
-        return num_data
-
-    @torch.no_grad()
-    def _infer_n_outputs(self, train_loader: DataLoader) -> int:
-        try:
-            batch = next(iter(train_loader))
-        except StopIteration:
-            raise ValueError("fit got a train_loader that yields no batches.") from None
-        if isinstance(batch, MutableMapping):
-            out = self.model(batch)
-            y = batch.get(self.dict_key_y)
-        else:
-            X, y = batch
-            out = self.model(X.to(self._device))
-        if out.ndim != 2:
-            raise ValueError(
-                f"EKFAC Laplace needs model outputs of shape (batch, outputs), got "
-                f"{tuple(out.shape)}; flatten sequence outputs into the batch "
-                "dimension."
-            )
-        if y is not None:
-            if self.likelihood == Likelihood.REGRESSION and y.shape != out.shape:
-                raise ValueError(
-                    f"Regression targets have shape {tuple(y.shape)} but the model "
-                    f"outputs {tuple(out.shape)}; they must match, e.g. "
-                    "y.reshape(-1, 1)."
-                )
-            is_indices = y.ndim == 1 and y.shape[0] == out.shape[0]
-            is_probabilities = y.shape == out.shape and y.is_floating_point()
-            if self.likelihood == Likelihood.CLASSIFICATION and not (
-                is_indices or is_probabilities
-            ):
-                raise ValueError(
-                    f"Classification targets must be class indices of shape (batch,) "
-                    f"or class probabilities of shape (batch, classes), got "
-                    f"{tuple(y.shape)} for outputs {tuple(out.shape)}."
-                )
-        return out.shape[-1]
-
-    # --------------------------------------------------------------- posterior
+    # ---------------------------------------------------------------- posterior
     @property
     def posterior_precision(self) -> EKFACDecomposed:
         """Posterior precision ``H / (σ² T) + δ`` as an :class:`EKFACDecomposed`."""
@@ -417,71 +290,27 @@ class EKFACLaplace(ParametricLaplace):
         delta = value - self.mean
         return delta @ self.posterior_precision.bmm(delta, exponent=1)
 
-    @torch.enable_grad()
-    def _glm_predictive_distribution(
-        self,
-        X: Tensor | MutableMapping[str, Any],
-        joint: bool = False,
-        diagonal_output: bool = False,
-    ) -> tuple[Tensor, Tensor]:
-        """GLM predictive mean and variance, Jacobian-free where possible.
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Posterior samples ``θ* + Q diag((λ/(σ²T) + δ)^{-1/2}) z``, ``z ~ N(0, I)``.
 
-        The per-input and the joint covariance are computed layer by layer in the
-        eigenbasis (:mod:`ekfac_laplace.predictive`) without forming the
-        ``(batch, outputs, parameters)`` Jacobian. ``enable_backprop=True`` and
-        models that reuse a layer within one forward pass take laplace-torch's
-        dense-Jacobian path.
+        Args:
+            n_samples: Number of samples.
+            generator: Random generator on the model's device.
+
+        Returns:
+            Shape ``(n_samples, P)``.
         """
-        self._check_H_init()
-        if joint:
-            batch = self._batch_size(X)
-            check_dense_size(
-                (batch * self.n_outputs, batch * self.n_outputs),
-                self._dtype,
-                "joint predictive covariance",
-                self.dense_limit_bytes,
-            )
-        if not self.enable_backprop:
-            if isinstance(X, Tensor):
-                X = X.to(self._device)
-            try:
-                f_mu, f_var = glm_predictive_variance(
-                    self.model,
-                    self._curvature_params(),
-                    self.posterior_precision,
-                    X,
-                    joint=joint,
-                )
-            except SharedModuleError:
-                pass
-            else:
-                if diagonal_output and not joint:
-                    f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-                return f_mu, f_var
-        return self._dense_glm_predictive_distribution(X, joint, diagonal_output)
-
-    def _dense_glm_predictive_distribution(
-        self, X: Tensor | MutableMapping[str, Any], joint: bool, diagonal_output: bool
-    ) -> tuple[Tensor, Tensor]:
-        self._check_jacobian_size(X)
-        return ParametricLaplace._glm_predictive_distribution(
-            self, X, joint=joint, diagonal_output=diagonal_output
+        precision = self.posterior_precision
+        z = torch.randn(
+            n_samples,
+            self.n_params,
+            device=self._device,
+            dtype=self._dtype,
+            generator=generator,
         )
-
-    def _batch_size(self, X: Tensor | MutableMapping[str, Any]) -> int:
-        if isinstance(X, MutableMapping):
-            return int(X[self.dict_key_x].shape[0])
-        return int(X.shape[0])
-
-    def _check_jacobian_size(self, X: Tensor | MutableMapping[str, Any]) -> None:
-        """laplace-torch's dense path forms ``(B, K, P)`` Jacobians: bound them."""
-        check_dense_size(
-            (self._batch_size(X), self.n_outputs, self.n_params),
-            self._dtype,
-            "Jacobian of laplace-torch's predictive (enable_backprop=True or a "
-            "reused layer)",
-            self.dense_limit_bytes,
-        )
+        return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
 
     def functional_variance(self, Js: Tensor) -> Tensor:
         """``J P⁻¹ Jᵀ`` per input.
@@ -508,32 +337,7 @@ class EKFACLaplace(ParametricLaplace):
         flat = Js.reshape(1, n_batch * n_outs, n_params)
         return self.posterior_precision.inv_square_form(flat).squeeze(0)
 
-    def sample(
-        self, n_samples: int = 100, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Posterior samples ``θ* + Q diag((λ/(σ²T) + δ)^{-1/2}) z``, ``z ~ N(0, I)``.
-
-        Args:
-            n_samples: Number of samples.
-            generator: Random generator on the model's device.
-
-        Returns:
-            Shape ``(n_samples, P)``.
-        """
-        precision = self.posterior_precision
-        z = torch.randn(
-            n_samples,
-            self.n_params,
-            device=self._device,
-            dtype=self._dtype,
-            generator=generator,
-        )
-        return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
-
-    # ------------------------------------------------------------------ prior
-    def _block_sizes(self) -> list[int]:
-        return [p.numel() for p in self._curvature_params()]
-
+    # -------------------------------------------------------------------- prior
     @property
     def log_det_prior_precision(self) -> Tensor:
         """``log det P₀ = Σ_b n_b log δ_b``, without forming the diagonal."""
@@ -558,7 +362,7 @@ class EKFACLaplace(ParametricLaplace):
     @property
     def prior_precision_diag(self) -> Tensor:
         """Diagonal of the prior precision (scalar or per-layer prior), ``(P,)``."""
-        sizes = [p.numel() for p in self._curvature_params()]
+        sizes = self._block_sizes()
         prior = self.prior_precision
         if len(prior) == 1:
             return prior * torch.ones(
@@ -567,21 +371,6 @@ class EKFACLaplace(ParametricLaplace):
         return torch.repeat_interleave(
             prior, torch.as_tensor(sizes, device=prior.device)
         )
-
-    @BaseLaplace.prior_precision.setter
-    def prior_precision(self, prior_precision: float | Tensor) -> None:
-        """Set a scalar or per-layer prior precision; per-parameter is refused."""
-        _check_prior_values(prior_precision)
-        if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
-            n_layers = getattr(self, "n_layers", None)
-            if n_layers is not None and len(prior_precision) not in (1, n_layers):
-                raise ValueError(
-                    "EKFAC Laplace takes a scalar prior precision or one per "
-                    f"parameter tensor ({n_layers}), got {len(prior_precision)} "
-                    "values. A diagonal (per-parameter) prior is not diagonal in the "
-                    "EKFAC eigenbasis; use hessian_structure='diag' or 'full' for that."
-                )
-        BaseLaplace.prior_precision.fset(self, prior_precision)
 
     def optimize_prior_precision(
         self,
@@ -634,24 +423,74 @@ class EKFACLaplace(ParametricLaplace):
             **kwargs,
         )
 
-    # ---------------------------------------------------------- serialisation
+    # --------------------------------------------------------------- predictive
+    @torch.enable_grad()
+    def _glm_predictive_distribution(
+        self,
+        X: Tensor | Mapping[str, Any],
+        joint: bool = False,
+        diagonal_output: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """GLM predictive mean and variance, Jacobian-free where possible.
+
+        The per-input and the joint covariance are computed block by block in the
+        eigenbasis (:mod:`ekfac_laplace.predictive`) without forming the
+        ``(batch, outputs, parameters)`` Jacobian. ``enable_backprop=True`` and
+        models that reuse a layer within one forward pass take laplace-torch's
+        dense-Jacobian path (bounded by ``dense_limit_bytes``).
+        """
+        self._check_H_init()
+        if joint:
+            size = batch_size(X, self.dict_key_x) * self.n_outputs
+            check_dense_size(
+                (size, size),
+                self._dtype,
+                "joint predictive covariance",
+                self.dense_limit_bytes,
+            )
+        if not self.enable_backprop:
+            try:
+                f_mu, f_var = glm_predictive_variance(
+                    self.model,
+                    self._posterior_params(),
+                    self.posterior_precision,
+                    to_device(X, self._device),
+                    joint=joint,
+                )
+            except CaptureError:
+                pass  # a reused module: laplace-torch's Jacobians handle it
+            else:
+                if diagonal_output and not joint:
+                    f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+                return f_mu, f_var
+        check_dense_size(
+            (batch_size(X, self.dict_key_x), self.n_outputs, self.n_params),
+            self._dtype,
+            "Jacobian of laplace-torch's predictive (enable_backprop=True or a "
+            "reused layer)",
+            self.dense_limit_bytes,
+        )
+        return self._dense_glm_predictive_distribution(X, joint, diagonal_output)
+
+    def _dense_glm_predictive_distribution(
+        self, X: Tensor | Mapping[str, Any], joint: bool, diagonal_output: bool
+    ) -> tuple[Tensor, Tensor]:
+        """laplace-torch's GLM predictive with dense Jacobians from the backend."""
+        return ParametricLaplace._glm_predictive_distribution(
+            self, X, joint=joint, diagonal_output=diagonal_output
+        )
+
+    # ------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, Any]:
-        """State as plain tensors and numbers (``torch.save`` friendly).
+        """State as plain tensors, numbers, strings, lists and tuples.
 
         Returns:
-            laplace-torch's state with ``H`` as eigenvectors and eigenvalues.
+            laplace-torch's state with ``H`` as one ``(λ, *eigenvectors)`` tuple per
+            block and the EKFAC options under ``"ekfac_options"``.
         """
         state = super().state_dict()
-        state["H"] = {
-            "eigenvectors": [list(basis) for basis in self.H.eigenvectors],
-            "eigenvalues": list(self.H.eigenvalues),
-        }
-        state["ekfac"] = {
-            "fisher_type": self.fisher_type,
-            "kfac_approx": self.kfac_approx,
-            "mc_samples": self.mc_samples,
-            "seed": self.seed,
-        }
+        state["H"] = self.H.to_state()
+        state["ekfac_options"] = self.options.to_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -661,7 +500,8 @@ class EKFACLaplace(ParametricLaplace):
             state_dict: A state produced by the same class for the same model.
 
         Raises:
-            ValueError: If the state is from another class, model or likelihood.
+            ValueError: If the state is from another class, model or likelihood, or
+                is not an EKFAC state. The object is unchanged.
         """
         if state_dict.get("cls_name") != type(self).__name__:
             raise ValueError(
@@ -673,32 +513,119 @@ class EKFACLaplace(ParametricLaplace):
                 f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
                 f"Laplace uses {self.likelihood!r}."
             )
-        H = state_dict.get("H")
-        if not isinstance(H, dict) or {"eigenvectors", "eigenvalues"} - set(H):
-            raise ValueError("The state has no EKFAC eigenvectors and eigenvalues.")
-        decomposed = EKFACDecomposed(
-            [tuple(basis) for basis in H["eigenvectors"]], H["eigenvalues"]
-        )
-        self._check_state_blocks(decomposed)
-        super().load_state_dict(state_dict)
-        self.H = decomposed
-        options = state_dict.get("ekfac", {})
-        self.fisher_type = options.get("fisher_type", self.fisher_type)
-        self.kfac_approx = options.get("kfac_approx", self.kfac_approx)
-        self.mc_samples = options.get("mc_samples", self.mc_samples)
-        self.seed = options.get("seed", self.seed)
-
-    def _check_state_blocks(self, decomposed: EKFACDecomposed) -> None:
-        shapes = [p.numel() for p in self._curvature_params()]
-        if decomposed.block_sizes != shapes:
+        decomposed = EKFACDecomposed.from_state(state_dict.get("H"))
+        options = EKFACOptions.from_state(state_dict.get("ekfac_options", ()))
+        sizes = self._block_sizes()
+        if decomposed.block_sizes != sizes:
             raise ValueError(
                 f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but "
-                f"this model's parameter tensors have sizes {shapes}; load it into the "
+                f"this model's parameter tensors have sizes {sizes}; load it into the "
                 "model it was fitted on."
             )
+        super().load_state_dict(state_dict)
+        self.H = decomposed
+        self.options = options
 
 
-class EKFACLLLaplace(LLLaplace, EKFACLaplace):
+class EKFACLaplace(EKFACPosterior):
+    r"""Laplace approximation with an EKFAC posterior precision over all weights.
+
+    The posterior precision of each parameter tensor ``b`` is
+
+    $$
+        P_b = (Q_G \otimes Q_A) \, \mathrm{diag}\big(λ_b / (σ^2 T) + δ_b\big) \,
+        (Q_G \otimes Q_A)^\top
+    $$
+
+    (see :class:`EKFACPosterior`); parameters KFAC cannot factorise get the identity
+    basis and the exact diagonal of the curvature.
+
+    Args:
+        model: The MAP network. Parameters (``requires_grad=True``) of ``nn.Linear``
+            and ``nn.Conv2d`` get Kronecker-factored eigenbases; those of other
+            modules (norm layers, embeddings, grouped convolutions, ...) diagonal
+            blocks, the exact GGN / Fisher diagonal (see ``unsupported_layers``).
+        likelihood: ``"classification"`` or ``"regression"``.
+        sigma_noise: Observation noise (regression only).
+        prior_precision: Scalar or one value per parameter tensor.
+        prior_mean: Scalar or one value per parameter.
+        temperature: Likelihood temperature.
+        enable_backprop: Allow gradients through the predictive w.r.t. the input.
+        dict_key_x: Input key of dict-like batches.
+        dict_key_y: Target key of dict-like batches.
+        backend: ``CurvlinopsGGN`` (default; ``backend_kwargs={"stochastic": True}``
+            for the Monte-Carlo Fisher) or ``CurvlinopsEF`` (empirical Fisher).
+        backend_kwargs: Passed to the backend, which computes the dense Jacobians of
+            laplace-torch's predictive where ours does not apply.
+        asdl_fisher_kwargs: For compatibility with ``KronLaplace``: may carry
+            ``kfac_approx`` and ``mc_samples``.
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
+        mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
+        seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
+        engine: ``"fast"`` (default) or ``"curvlinops"``.
+        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
+        unsupported_layers: ``"diagonal"`` (default) or ``"raise"``.
+
+    The last seven become one :class:`~ekfac_laplace.EKFACOptions`, ``la.options``.
+
+    Raises:
+        ValueError: For an unsupported likelihood, backend, option or
+            hyperparameter, before anything is set.
+    """
+
+    _key = ("all", "ekfac")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[CurvatureInterface] | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        kfac_approx: str = "expand",
+        mc_samples: int = 1,
+        seed: int = DEFAULT_SEED,
+        engine: str = "fast",
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        unsupported_layers: str = "diagonal",
+    ) -> None:
+        _check_likelihood(likelihood)
+        options = laplace_options(
+            backend,
+            backend_kwargs,
+            asdl_fisher_kwargs,
+            kfac_approx=kfac_approx,
+            mc_samples=mc_samples,
+            seed=seed,
+            engine=engine,
+            cache_budget_bytes=cache_budget_bytes,
+            unsupported_layers=unsupported_layers,
+        )
+        check_prior_precision(prior_precision)
+        self.options = options
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+
+
+class EKFACLLLaplace(LLLaplace, EKFACPosterior):
     r"""Last-layer Laplace approximation with an EKFAC posterior precision.
 
     Only the parameters of the last ``nn.Linear`` layer are treated
@@ -709,9 +636,11 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         (Q_G \otimes Q_A)^\top .
     $$
 
-    Unlike laplace-torch's last-layer classes, a per-layer prior (one value for the
-    weight, one for the bias) is supported. ``fit(override=False)`` is refused, as in
-    laplace-torch.
+    laplace-torch's ``LLLaplace`` comes first in the method order: its ``__init__``
+    wraps the model in a feature extractor and its ``fit`` finds the last layer,
+    then runs :meth:`EKFACPosterior.fit`. Unlike laplace-torch's last-layer
+    classes, a per-layer prior (one value for the weight, one for the bias) is
+    supported. ``fit(override=False)`` is refused, as in laplace-torch.
 
     Args:
         model: The MAP network.
@@ -733,6 +662,10 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         seed: Seed of the Monte-Carlo label sampler.
         engine: ``"fast"`` (default) or ``"curvlinops"``.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
+
+    Raises:
+        ValueError: For an unsupported likelihood, backend, option or
+            hyperparameter, before anything is set.
     """
 
     _key = ("last_layer", "ekfac")
@@ -759,18 +692,19 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     ) -> None:
-        _check_prior_values(prior_precision)
-        options = _validated_options(
+        _check_likelihood(likelihood)
+        options = laplace_options(
             backend,
             backend_kwargs,
-            kfac_approx,
-            mc_samples,
-            seed,
-            engine,
-            cache_budget_bytes,
+            kfac_approx=kfac_approx,
+            mc_samples=mc_samples,
+            seed=seed,
+            engine=engine,
+            cache_budget_bytes=cache_budget_bytes,
         )
-        LLLaplace.__init__(
-            self,
+        check_prior_precision(prior_precision)
+        self.options = options
+        super().__init__(
             model,
             likelihood,
             sigma_noise=sigma_noise,
@@ -786,32 +720,29 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
-        # LLLaplace.__init__ ran EKFACLaplace.__init__ with default options.
-        self._set_options(options)
 
-    def _curvature_params(self) -> list[Tensor]:
+    def _posterior_params(self) -> list[Tensor]:
         return [p for p in self.model.last_layer.parameters() if p.requires_grad]
 
     def _mean_vector(self) -> Tensor:
         return parameters_to_vector(self.model.last_layer.parameters())
 
-    # LLLaplace's version knows only scalar and diagonal priors; ours adds per-layer.
-    prior_precision_diag = EKFACLaplace.prior_precision_diag
-    log_det_prior_precision = EKFACLaplace.log_det_prior_precision
-    scatter = EKFACLaplace.scatter
-
-    _glm_predictive_distribution = EKFACLaplace._glm_predictive_distribution
+    # LLLaplace precedes EKFACPosterior in the method order; where it defines a member
+    # for its own structures, ours is chosen explicitly.
+    prior_precision_diag = EKFACPosterior.prior_precision_diag
+    _glm_predictive_distribution = EKFACPosterior._glm_predictive_distribution
 
     def _dense_glm_predictive_distribution(
-        self, X: Tensor | MutableMapping[str, Any], joint: bool, diagonal_output: bool
+        self, X: Tensor | Mapping[str, Any], joint: bool, diagonal_output: bool
     ) -> tuple[Tensor, Tensor]:
+        """laplace-torch's last-layer GLM predictive (last-layer Jacobians)."""
         return LLLaplace._glm_predictive_distribution(
             self, X, joint=joint, diagonal_output=diagonal_output
         )
 
     def _nn_functional_samples(
         self,
-        X: Tensor | MutableMapping[str, Any],
+        X: Tensor | Mapping[str, Any],
         n_samples: int = 100,
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
@@ -821,8 +752,7 @@ class EKFACLLLaplace(LLLaplace, EKFACLaplace):
         Features are computed once; each sample only reruns the last layer.
         """
         last_layer = self.model.last_layer
-        if isinstance(X, Tensor):
-            X = X.to(self._device)
+        X = to_device(X, self._device)
         outputs, features = [], None
         try:
             for sample in self.sample(n_samples, generator):

@@ -10,6 +10,7 @@ precision works with it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -165,6 +166,51 @@ class EKFACDecomposed:
             f"deltas must be a scalar or have one entry per block ({len(self)}), "
             f"got shape {tuple(deltas.shape)}."
         )
+
+    def to_state(self) -> list[tuple[Tensor, ...]]:
+        """The curvature as plain tensors: one ``(λ, *eigenvectors)`` per block.
+
+        Deltas and the lazy scale are not saved: a Laplace object stores the
+        curvature without prior (``H``) and rebuilds its posterior from it.
+
+        Returns:
+            A list of tuples of tensors, which ``torch.save`` stores without pickling
+            any class.
+        """
+        return [
+            (values, *basis)
+            for basis, values in zip(self.eigenvectors, self.eigenvalues)
+        ]
+
+    @classmethod
+    def from_state(cls, state: Any) -> EKFACDecomposed:
+        """Rebuild a matrix (zero deltas) from :meth:`to_state`.
+
+        Args:
+            state: A list of ``(eigenvalues, *eigenvectors)`` tuples.
+
+        Returns:
+            The matrix.
+
+        Raises:
+            ValueError: If ``state`` is not such a list or its shapes do not fit.
+        """
+        if (
+            not isinstance(state, (list, tuple))
+            or not state
+            or not all(
+                isinstance(block, (list, tuple))
+                and 1 <= len(block) <= 3
+                and all(isinstance(t, Tensor) for t in block)
+                for block in state
+            )
+        ):
+            raise ValueError(
+                "The state has no EKFAC eigenvectors and eigenvalues: 'H' must be a "
+                "list of (eigenvalues, *eigenvectors) tuples of tensors, as "
+                "EKFACLaplace.state_dict() writes it."
+            )
+        return cls([tuple(block[1:]) for block in state], [block[0] for block in state])
 
     def detach(self) -> EKFACDecomposed:
         """Detach eigenvalues and deltas from the autograd graph (in place).

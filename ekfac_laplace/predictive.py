@@ -1,55 +1,53 @@
-r"""Jacobian-free GLM predictive variance for EKFAC posteriors.
+r"""Jacobian-free GLM predictive covariance for EKFAC posteriors.
 
-For a ``Linear`` or ``Conv2d`` weight the Jacobian of output ``c`` for example ``n``
-factorises through the layer inputs ``a_{n,s}`` and the back-propagated output
-Jacobians ``g_{n,c,s}`` (``s`` runs over shared positions):
-``∂f_{n,c}/∂W = Σ_s g_{n,c,s} a_{n,s}ᵀ``. In the eigenbasis, with
-``g̃ = Q_Gᵀ g``, ``ã = Q_Aᵀ a`` and ``S = 1/(hλ+δ)``,
+The GLM predictive covariance is ``J P⁻¹ Jᵀ`` with ``J`` the Jacobian of the outputs
+``(B, K)`` w.r.t. the parameters; ``P⁻¹`` is block-diagonal, so the covariance is a
+sum over blocks, and no block needs the ``(B, K, parameters)`` Jacobian. For a
+``Linear`` or ``Conv2d`` weight the Jacobian factorises through the layer inputs
+``a_{n,s}`` and the back-propagated output Jacobians ``g_{n,c,s}`` (``s`` runs over
+the positions sharing the weight): ``∂f_{n,c}/∂W = Σ_s g_{n,c,s} a_{n,s}ᵀ``. In the
+eigenbasis, with ``g̃ = Q_Gᵀ g``, ``ã = Q_Aᵀ a`` and ``S = 1/(hλ+δ)``,
 
 $$
-    \mathrm{Cov}[f_{n,c}, f_{n,c'}]_W = \sum_{i,j} \tilde J_{n,c,i,j}
-    \tilde J_{n,c',i,j} S_{i,j}, \qquad
+    \mathrm{Cov}[f_{n,c}, f_{m,c'}]_W = \sum_{i,j} \tilde J_{n,c,i,j}
+    \tilde J_{m,c',i,j} S_{i,j}, \qquad
     \tilde J_{n,c} = \sum_s \tilde g_{n,c,s} \tilde a_{n,s}^\top ,
 $$
 
-which for layers without weight sharing (one position) reduces to
-``Σ_i g̃_{n,c,i} g̃_{n,c',i} (S ã_n²)_i``: no ``(batch, outputs, parameters)``
-Jacobian is ever formed. A diagonal block (a parameter KFAC cannot factorise)
-contributes ``Σ_i J_{n,c,i} J_{n,c',i} / (hλ_i+δ)`` from the per-example gradients
-of its module alone.
+which without weight sharing (one position) reduces to
+``Σ_i g̃_{n,c,i} g̃_{m,c',i} Σ_j ã_{n,j} ã_{m,j} S_{i,j}``. A bias block contributes
+``Σ_i (Σ_s g̃_{n,c,s,i}) (Σ_s g̃_{m,c',s,i}) S_i``, and a diagonal block (a parameter
+KFAC cannot factorise) ``Σ_i J_{n,c,i} J_{m,c',i} S_i`` from the per-example
+gradients of its module alone. One function per kind of block computes its term,
+per input (``n = m``) or jointly over all inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.curvature import _owning_modules
-from ekfac_laplace.diagonal import detach_inputs, restricted_gradients
-from ekfac_laplace.engine import layer_positions
+from ekfac_laplace.diagonal import restricted_gradients
+from ekfac_laplace.layout import ForwardCapture, ParameterLayout, layer_positions
 from ekfac_laplace.matrix import EKFACDecomposed
-
-
-class SharedModuleError(RuntimeError):
-    """A module ran more than once in one forward pass; use the dense path."""
 
 
 @torch.enable_grad()
 def glm_predictive_variance(
     model: nn.Module,
-    params: list[Tensor],
+    params: Sequence[Tensor],
     precision: EKFACDecomposed,
-    X: Tensor | MutableMapping[str, Any],
+    X: Tensor | Mapping[str, Any],
     joint: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
     Args:
         model: The network (the modules owning ``params`` must run once per forward
-            pass). Diagonal blocks use per-example gradients of their module.
+            pass).
         params: The parameters of the posterior, in vector order.
         precision: The posterior precision over ``params``.
         X: A batch of inputs.
@@ -61,94 +59,145 @@ def glm_predictive_variance(
         shape ``(B·K, B·K)`` (ordered input-major, as laplace-torch).
 
     Raises:
-        SharedModuleError: If a module runs more than once per forward pass.
+        CaptureError: (a ``ValueError``) if a module runs more than once per forward
+            pass or a diagonal module does not return one tensor; the caller can
+            fall back to the dense Jacobian.
     """
-    located = _owning_modules(model, params)
-    modules = {entry.module: model.get_submodule(entry.module) for entry in located}
-    diagonal = {entry.module for entry in located if entry.diagonal}
-    inputs: dict[str, Any] = {}
-    grads: dict[str, list[Tensor]] = {name: [] for name in modules}
-    handles = []
-
-    def forward_hook(name: str):
-        def hook(
-            module: nn.Module,
-            args: tuple[Any, ...],
-            kwargs: dict[str, Any],
-            output: Tensor,
-        ) -> None:
-            if name in inputs:
-                raise SharedModuleError(f"module '{name}' ran twice")
-            if not isinstance(output, Tensor):
-                raise SharedModuleError(f"module '{name}' has a non-tensor output")
-            if name in diagonal:
-                inputs[name] = (detach_inputs(args), detach_inputs(kwargs))
-            else:
-                inputs[name] = layer_positions(module, args[0].detach(), is_input=True)
-            output.register_hook(lambda grad: grads[name].append(grad.detach()))
-
-        return hook
-
-    for name, module in modules.items():
-        handles.append(
-            module.register_forward_hook(forward_hook(name), with_kwargs=True)
-        )
-    try:
+    layout = ParameterLayout(model, params)
+    capture = ForwardCapture(layout)
+    with capture:
         f = model(X)
-    finally:
-        for handle in handles:
-            handle.remove()
-
     B, K = f.shape
+    targets = [layer.target for layer in layout.layers]
+    targets += [entry.target for entry in layout.diagonal_modules]
     for c in range(K):
-        torch.autograd.grad(f[:, c].sum(), params, retain_graph=c < K - 1)
-
+        torch.autograd.grad(
+            f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
+        )
+    gradients = {
+        name: capture.take_gradients(name)
+        for name in [layer.name for layer in layout.layers]
+        + [entry.name for entry in layout.diagonal_modules]
+    }
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
-    for index, ((name, kind, is_diagonal), basis) in enumerate(
-        zip(located, precision.eigenvectors)
-    ):
-        module = modules[name]
-        if is_diagonal:
-            # Per-example Jacobian rows of this parameter: (B, K, numel).
-            args, kwargs = inputs[name]
-            restricted = [
-                restricted_gradients(module, [kind], args, kwargs, grad)[0]
-                for grad in grads[name]
-            ]
-            rows = restricted[0][0]
-            J = torch.stack([grad for _, grad in restricted], dim=1)
-            J = J.flatten(start_dim=2)  # (B, K, numel), or (B, K, R·D) on used rows
-            inverse = precision.powered_eigenvalues(index, -1)
-            inverse = (inverse if rows is None else inverse[rows]).flatten()
-            pattern = "bkp,clp,p->bkcl" if joint else "bkp,blp,p->bkl"
-            variance = variance + torch.einsum(pattern, J, J, inverse)
-            continue
-        g = torch.stack(
-            [layer_positions(module, grad, is_input=False) for grad in grads[name]],
-            dim=1,
-        )  # (B, K, S, out)
-        g_rot = g @ basis[0]
+    for index, (block, basis) in enumerate(zip(layout.blocks, precision.eigenvectors)):
         inverse = precision.powered_eigenvalues(index, -1)
-        if kind == "bias":
-            summed = g_rot.sum(2)
-            pattern = "bki,cli,i->bkcl" if joint else "bki,bli,i->bkl"
-            variance = variance + torch.einsum(pattern, summed, summed, inverse)
-            continue
-        a_rot = inputs[name] @ basis[1]  # (B, S, in)
-        if a_rot.shape[1] == 1:
-            a_one, g_one = a_rot[:, 0], g_rot[:, :, 0]
-            if joint:
-                # M[b, c, i] = Σ_j ã_bj ã_cj S_ij
-                weights = torch.einsum("bj,cj,ij->bci", a_one, a_one, inverse)
-                term = torch.einsum("bki,cli,bci->bkcl", g_one, g_one, weights)
-            else:
-                weights = a_one.square() @ inverse.T  # (B, out)
-                term = torch.einsum("bki,bli,bi->bkl", g_one, g_one, weights)
+        module = model.get_submodule(block.module)
+        output_gradients = gradients[block.module]
+        if block.diagonal:
+            args, kwargs = capture.calls[block.module]
+            term = _diagonal_term(
+                module, block.name, args, kwargs, output_gradients, inverse, joint
+            )
         else:
-            J = torch.einsum("bksi,bsj->bkij", g_rot, a_rot)
-            pattern = "bkij,clij,ij->bkcl" if joint else "bkij,blij,ij->bkl"
-            term = torch.einsum(pattern, J, J, inverse)
+            g = torch.stack(
+                [layer_positions(module, grad, False) for grad in output_gradients],
+                dim=1,
+            )  # (B, K, S, out)
+            g_rot = g @ basis[0]
+            if block.name == "bias":
+                term = _bias_term(g_rot, inverse, joint)
+            else:
+                a = layer_positions(module, capture.inputs[block.module], True)
+                a_rot = a @ basis[1]  # (B, S, in)
+                if a_rot.shape[1] == 1:
+                    term = _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
+                else:
+                    term = _shared_weight_term(g_rot, a_rot, inverse, joint)
         variance = variance + term
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
     return f.detach(), variance
+
+
+def _pair(per_input: str, joint: str, use_joint: bool) -> str:
+    return joint if use_joint else per_input
+
+
+def _bias_term(g_rot: Tensor, inverse: Tensor, joint: bool) -> Tensor:
+    """A bias: ``Σ_i (Σ_s g̃_{n,c,s,i}) (Σ_s g̃_{m,c',s,i}) S_i``.
+
+    Args:
+        g_rot: Rotated output Jacobians, ``(B, K, S, out)``.
+        inverse: ``S = 1/(hλ+δ)``, ``(out,)``.
+        joint: Over all pairs of inputs, or per input.
+
+    Returns:
+        ``(B, K, B, K)`` or ``(B, K, K)``.
+    """
+    summed = g_rot.sum(2)
+    pattern = _pair("bki,bli,i->bkl", "bki,cli,i->bkcl", joint)
+    return torch.einsum(pattern, summed, summed, inverse)
+
+
+def _weight_term(g_rot: Tensor, a_rot: Tensor, inverse: Tensor, joint: bool) -> Tensor:
+    """A weight without sharing: ``Σ_i g̃_{n,c,i} g̃_{m,c',i} Σ_j ã_{n,j} ã_{m,j} S_ij``.
+
+    Args:
+        g_rot: Rotated output Jacobians, ``(B, K, out)``.
+        a_rot: Rotated inputs, ``(B, in)``.
+        inverse: ``S``, ``(out, in)``.
+        joint: Over all pairs of inputs, or per input.
+
+    Returns:
+        ``(B, K, B, K)`` or ``(B, K, K)``.
+    """
+    if joint:
+        weights = torch.einsum("bj,cj,ij->bci", a_rot, a_rot, inverse)
+        return torch.einsum("bki,cli,bci->bkcl", g_rot, g_rot, weights)
+    weights = a_rot.square() @ inverse.T  # (B, out)
+    return torch.einsum("bki,bli,bi->bkl", g_rot, g_rot, weights)
+
+
+def _shared_weight_term(
+    g_rot: Tensor, a_rot: Tensor, inverse: Tensor, joint: bool
+) -> Tensor:
+    """A weight shared over positions: ``J̃ = Σ_s g̃ ãᵀ`` squared against ``S``.
+
+    Args:
+        g_rot: Rotated output Jacobians, ``(B, K, S, out)``.
+        a_rot: Rotated inputs, ``(B, S, in)``.
+        inverse: ``S``, ``(out, in)``.
+        joint: Over all pairs of inputs, or per input.
+
+    Returns:
+        ``(B, K, B, K)`` or ``(B, K, K)``.
+    """
+    J = torch.einsum("bksi,bsj->bkij", g_rot, a_rot)
+    pattern = _pair("bkij,blij,ij->bkl", "bkij,clij,ij->bkcl", joint)
+    return torch.einsum(pattern, J, J, inverse)
+
+
+def _diagonal_term(
+    module: nn.Module,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output_gradients: list[Tensor],
+    inverse: Tensor,
+    joint: bool,
+) -> Tensor:
+    """A diagonal block: ``Σ_i J_{n,c,i} J_{m,c',i} S_i`` from per-example gradients.
+
+    Args:
+        module: The owning module.
+        name: The parameter's name in it.
+        args: The module's forward inputs.
+        kwargs: Its keyword inputs.
+        output_gradients: One output Jacobian row per output ``c`` (``K`` tensors).
+        inverse: ``S``, shaped like the parameter.
+        joint: Over all pairs of inputs, or per input.
+
+    Returns:
+        ``(B, K, B, K)`` or ``(B, K, K)``.
+    """
+    restricted = [
+        restricted_gradients(module, [name], args, kwargs, grad)[0]
+        for grad in output_gradients
+    ]
+    rows = restricted[0][0]
+    # Per-example Jacobian rows: (B, K, numel), or (B, K, R·D) on the used rows.
+    J = torch.stack([grad for _, grad in restricted], dim=1).flatten(start_dim=2)
+    inverse = (inverse if rows is None else inverse[rows]).flatten()
+    pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)
+    return torch.einsum(pattern, J, J, inverse)

@@ -3,7 +3,7 @@
 Trains an MLP (the MAP) on scikit-learn's bundled 8×8 digits, fits all-weights KFAC
 (``hessian_structure="kron"``), all-weights EKFAC and last-layer EKFAC Laplace
 approximations, tunes each prior precision by marginal likelihood and evaluates the
-probit GLM predictive with :func:`ekfac_laplace.calibration.evaluate`. It prints a
+probit GLM predictive with :func:`ekfac_laplace.evaluate`. It prints a
 table of accuracy, NLL, ECE, MCE and Brier score on the test set, and the NLL, ECE
 and accuracy on the test set rotated by each strength of
 ``data.SHIFTS["rotation"]`` (15° to 60°), where a calibrated posterior should lose
@@ -27,9 +27,8 @@ from laplace import Laplace
 from torch.utils.data import DataLoader, TensorDataset
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-from ekfac_laplace import data, plotting
-from ekfac_laplace.calibration import classification_metrics, predict
-from ekfac_laplace.models import mlp, train_map
+from ekfac_laplace.evaluation import classification_metrics, data, plotting, predict
+from ekfac_laplace.evaluation.models import mlp, train_map
 
 # laplace-torch reminds on every prior tuning that the default link is probit; we use
 # probit throughout.

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-from ekfac_laplace import data, plotting
-from ekfac_laplace.calibration import evaluate
-from ekfac_laplace.models import mlp, train_map
+from ekfac_laplace.evaluation import data, evaluate, plotting
+from ekfac_laplace.evaluation.models import mlp, train_map
 
 # laplace-torch reminds on every prior tuning that the default link is probit; we use
 # probit throughout.

@@ -45,9 +45,14 @@ from torch.func import functional_call, jacrev, vmap
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader, TensorDataset
 
-from ekfac_laplace import EKFACDecomposed, data, plotting  # registers "ekfac"
-from ekfac_laplace.calibration import ClassificationPredictions, classification_metrics
-from ekfac_laplace.models import mlp, train_map
+from ekfac_laplace import EKFACDecomposed  # registers "ekfac"
+from ekfac_laplace.evaluation import (
+    ClassificationPredictions,
+    classification_metrics,
+    data,
+    plotting,
+)
+from ekfac_laplace.evaluation.models import mlp, train_map
 
 # laplace-torch reminds on every prior tuning that the default link is probit; we use
 # probit throughout.

@@ -31,10 +31,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-from ekfac_laplace import data, plotting
-from ekfac_laplace.calibration import RegressionPredictions, predict, regression_metrics
-from ekfac_laplace.models import mlp, train_map
-from ekfac_laplace.selection import residual_noise_scale
+from ekfac_laplace.evaluation import (
+    RegressionPredictions,
+    data,
+    plotting,
+    predict,
+    regression_metrics,
+    residual_noise_scale,
+)
+from ekfac_laplace.evaluation.models import mlp, train_map
 
 GAP = (-1.0, 1.0)
 DOMAIN = (-4.0, 4.0)

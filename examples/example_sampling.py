@@ -43,9 +43,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-from ekfac_laplace import data, plotting
-from ekfac_laplace.calibration import ClassificationPredictions, classification_metrics
-from ekfac_laplace.models import mlp, train_map
+from ekfac_laplace.evaluation import (
+    ClassificationPredictions,
+    classification_metrics,
+    data,
+    plotting,
+)
+from ekfac_laplace.evaluation.models import mlp, train_map
 
 # laplace-torch reminds on every prior tuning that the default link is probit; we use
 # probit for the GLM predictive.

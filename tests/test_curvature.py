@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ekfac_laplace.curvature import LaplaceBatches, compute_ekfac, likelihood_loss
+from ekfac_laplace import EKFACOptions, compute_ekfac
+from ekfac_laplace.batches import LaplaceBatches
+from ekfac_laplace.factors import likelihood_loss
 from tests.cases import CASE_IDS, CASES, Case, last_layer_params, loader
 from tests.utils import (
     assert_close,
@@ -16,9 +18,17 @@ from tests.utils import (
 )
 
 
-def _fit(model, params, X, y, likelihood, batch_size=5, **kwargs):
+def _fit(model, params, X, y, likelihood, batch_size=5, eigenbasis=None, **options):
     batches = LaplaceBatches(loader(X, y, batch_size))
-    return compute_ekfac(model, params, batches, likelihood, len(X), **kwargs)
+    return compute_ekfac(
+        model,
+        params,
+        batches,
+        likelihood,
+        len(X),
+        EKFACOptions(**options),
+        eigenbasis=eigenbasis,
+    )
 
 
 def _subsets(model: nn.Module) -> dict[str, list[torch.Tensor]]:
@@ -110,6 +120,7 @@ def test_batch_size_invariance(case: Case, fisher_type: str, engine: str):
             batch_size=b,
             fisher_type=fisher_type,
             kfac_approx=case.kfac_approx,
+            engine=engine,
         )
         .to_decomposed()
         .to_matrix()

@@ -17,7 +17,7 @@ from laplace.curvature import CurvlinopsEF
 from torch import nn
 
 from ekfac_laplace import EKFACLaplace, compute_ekfac
-from ekfac_laplace.curvature import LaplaceBatches
+from ekfac_laplace.batches import LaplaceBatches
 from ekfac_laplace.diagonal import per_example_gradients, restricted_gradients
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import DictDataset, loader

@@ -102,7 +102,7 @@ def test_import_registers_ekfac_with_the_factory():
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_posterior_matches_dense(case: Case, subset: str, engine: str):
     la, model, params, X, y = _fitted(case, subset, engine=engine)
-    assert la.engine == engine
+    assert la.options.engine == engine
     P, prior = _dense_posterior(la, model, params, X)
     Sigma = torch.linalg.inv(P)
     assert_close(la.posterior_precision.to_matrix(), P)
@@ -397,7 +397,7 @@ def test_backends_select_the_fisher_type():
     la = Laplace(
         model, case.likelihood, "all", hessian_structure="ekfac", backend=CurvlinopsEF
     )
-    assert la.fisher_type == "empirical"
+    assert la.options.fisher_type == "empirical"
     la.fit(loader(X, y))
     P, _ = _dense_posterior(la, model, params, X, "empirical", y)
     assert_close(la.posterior_precision.to_matrix(), P)
@@ -415,7 +415,7 @@ def test_backends_select_the_fisher_type():
         for _ in range(2)
     ]
     for la in mc:
-        assert la.fisher_type == "mc"
+        assert la.options.fisher_type == "mc"
         la.fit(loader(X, y))
     assert torch.equal(
         mc[0].posterior_precision.to_matrix(), mc[1].posterior_precision.to_matrix()
@@ -427,7 +427,7 @@ def test_backends_select_the_fisher_type():
             "all",
             hessian_structure="ekfac",
             asdl_fisher_kwargs={"kfac_approx": "reduce"},
-        ).kfac_approx
+        ).options.kfac_approx
         == "reduce"
     )
     ll = Laplace(
@@ -441,7 +441,13 @@ def test_backends_select_the_fisher_type():
         kfac_approx="reduce",
         seed=1,
     )
-    assert (ll.fisher_type, ll.mc_samples, ll.kfac_approx, ll.seed) == (
+    options = ll.options
+    assert (
+        options.fisher_type,
+        options.mc_samples,
+        options.kfac_approx,
+        options.seed,
+    ) == (
         "mc",
         3,
         "reduce",

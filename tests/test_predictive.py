@@ -7,7 +7,8 @@ import torch
 from laplace import Laplace
 from torch import nn
 
-from ekfac_laplace.predictive import SharedModuleError, glm_predictive_variance
+from ekfac_laplace.layout import ReusedModuleError
+from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import CASE_IDS, CASES, Case, loader
 from tests.utils import assert_close
 
@@ -90,7 +91,7 @@ def test_a_layer_used_twice_is_refused_by_fit_and_falls_back_in_prediction():
     once.load_state_dict(model.state_dict())
     la = _fitted(once, "classification", X, y)
     la.model, la.params = model, list(model.parameters())
-    with pytest.raises(SharedModuleError, match="ran twice"):
+    with pytest.raises(ReusedModuleError, match="runs more than once"):
         glm_predictive_variance(
             model, list(model.parameters()), la.posterior_precision, X
         )

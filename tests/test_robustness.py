@@ -11,7 +11,7 @@ from torch import nn
 
 from ekfac_laplace import EKFACLaplace, EKFACLLLaplace, compute_ekfac
 from ekfac_laplace import engine as engine_module
-from ekfac_laplace.curvature import LaplaceBatches
+from ekfac_laplace.batches import LaplaceBatches
 from tests.cases import CASES, loader
 
 

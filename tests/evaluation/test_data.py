@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from ekfac_laplace.data import (
+from ekfac_laplace.evaluation.data import (
     SHIFTS,
     DataSplits,
     _digits_split_indices,

@@ -10,7 +10,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from ekfac_laplace.cli import main
+from ekfac_laplace.evaluation.cli import main
 
 QUICK = ["--epochs", "3", "--quiet"]
 
@@ -224,7 +224,7 @@ def test_wrong_checkpoint_is_a_usage_error(tmp_path, capsys):
 
 def test_console_entry_point_help():
     result = subprocess.run(
-        [sys.executable, "-m", "ekfac_laplace.cli", "compare", "--help"],
+        [sys.executable, "-m", "ekfac_laplace.evaluation.cli", "compare", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -18,11 +18,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ekfac_laplace.calibration import (
-    _check_classification,
-    _check_n_bins,
-    _check_probs,
-    _check_scores,
+from ekfac_laplace.evaluation.checks import (
+    check_classification,
+    check_n_bins,
+    check_probs,
+    check_scores,
+)
+from ekfac_laplace.evaluation.metrics import (
     accuracy,
     calibration_bins,
     expected_calibration_error,
@@ -123,8 +125,8 @@ def reliability_diagram(
     """Per-bin accuracy against confidence, with the gap to perfect calibration.
 
     Bars show the accuracy of each non-empty bin of
-    :func:`~ekfac_laplace.calibration.calibration_bins`; hatched red bars span the
-    gap to the bin's mean confidence; the dashed diagonal is perfect calibration;
+    :func:`~ekfac_laplace.evaluation.metrics.calibration_bins`; hatched red bars span
+    the gap to the bin's mean confidence; the dashed diagonal is perfect calibration;
     the number of examples is written in each bar and the ECE in the legend.
 
     Args:
@@ -220,8 +222,8 @@ def confidence_histogram(
     Raises:
         ValueError: For bad probabilities, labels or ``n_bins``.
     """
-    n_bins = _check_n_bins(n_bins)
-    probs, targets = _check_classification(
+    n_bins = check_n_bins(n_bins)
+    probs, targets = check_classification(
         torch.as_tensor(probs), torch.as_tensor(targets)
     )
     confidence = probs.max(dim=1).values.detach().cpu().double().numpy()
@@ -304,8 +306,8 @@ def ood_histogram(
     Raises:
         ValueError: If either set of scores is empty, not 1-D or not finite.
     """
-    scores_in = _check_scores("scores_in", torch.as_tensor(scores_in))
-    scores_out = _check_scores("scores_out", torch.as_tensor(scores_out))
+    scores_in = check_scores("scores_in", torch.as_tensor(scores_in))
+    scores_out = check_scores("scores_out", torch.as_tensor(scores_out))
     inside = scores_in.detach().cpu().double().numpy()
     outside = scores_out.detach().cpu().double().numpy()
     edges = np.histogram_bin_edges(np.concatenate([inside, outside]), bins=30)
@@ -431,7 +433,7 @@ def confidence_map(
     points = torch.stack([grid_0.reshape(-1), grid_1.reshape(-1)], dim=1)
     with torch.no_grad():
         probs = predict_proba(points.to(X.device))
-    probs = _check_probs(torch.as_tensor(probs), "predict_proba(grid)")
+    probs = check_probs(torch.as_tensor(probs), "predict_proba(grid)")
     if probs.shape[0] != points.shape[0]:
         raise ValueError(
             f"predict_proba returned {probs.shape[0]} rows for {points.shape[0]} "

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ekfac_laplace.models import build_model, cnn, map_loss, mlp, train_map
+from ekfac_laplace.evaluation.models import build_model, cnn, map_loss, mlp, train_map
 
 
 def test_mlp_and_cnn_shapes():

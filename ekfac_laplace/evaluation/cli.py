@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-DATASETS = ("digits", "moons", "toy1d", "diabetes")
+from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
+from ekfac_laplace.evaluation.comparison import (
+    PRIOR_TUNINGS,
+    EvaluationSettings,
+    compare,
+    residual_noise_scale,
+    tune_prior,
+)
+from ekfac_laplace.evaluation.problems import DATASETS, Problem, load_problem
+from ekfac_laplace.evaluation.report import SELECTION_CRITERIA
+
 DEFAULT_OUT = "ekfac-laplace-results"
 
 
@@ -39,30 +45,12 @@ class UsageError(ValueError):
     """A bad combination of command-line arguments (exit status 2)."""
 
 
-@dataclass
-class Problem:
-    """A data set ready for the command: loaders and the extra evaluation sets."""
-
-    splits: Any
-    train_loader: DataLoader
-    val_loader: DataLoader
-    test_loader: DataLoader
-    ood_loader: DataLoader | None
-    shift_loaders: dict[str, dict[float, DataLoader]]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``ekfac-laplace`` argument parser.
 
     Returns:
         The parser with the ``compare`` and ``sample`` commands.
     """
-    from ekfac_laplace.selection import (
-        DEFAULT_CANDIDATES,
-        PRIOR_TUNINGS,
-        SELECTION_CRITERIA,
-    )
-
     parser = _Parser(
         prog="ekfac-laplace",
         description=(
@@ -243,29 +231,32 @@ def run_compare(args: argparse.Namespace) -> int:
     Returns:
         Exit status 0.
     """
-    from ekfac_laplace.selection import compare
+    from ekfac_laplace.evaluation.figures import write_comparison_plots
 
     torch.manual_seed(args.seed)
     problem = load_problem(args.dataset, args.seed, args.batch_size)
     model = map_model(args, problem)
+    settings = EvaluationSettings(
+        prior_tuning=args.prior_tuning,
+        prior_structure=args.prior_structure,
+        pred_type=args.pred,
+        link_approx=args.link,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        progress_bar=not args.quiet,
+        keep_fitted=not args.no_plots and args.dataset in ("moons", "toy1d"),
+    )
     started = time.perf_counter()
     comparison = compare(
         model,
-        problem.splits.likelihood,
+        problem.likelihood,
         problem.train_loader,
         problem.test_loader,
         candidates=args.candidates,
         val_loader=problem.val_loader,
         ood_loader=problem.ood_loader,
         shift_loaders=problem.shift_loaders,
-        prior_tuning=args.prior_tuning,
-        prior_structure=args.prior_structure,
-        pred_type=args.pred,
-        link_approx=args.link,
-        n_samples=args.n_samples,
-        progress_bar=not args.quiet,
-        keep_fitted=not args.no_plots and args.dataset in ("moons", "toy1d"),
-        seed=args.seed,
+        settings=settings,
     )
     comparison.config.update(
         dataset=args.dataset,
@@ -313,18 +304,15 @@ def run_sample(args: argparse.Namespace) -> int:
     """
     from laplace import Laplace
 
-    from ekfac_laplace.calibration import (
-        ClassificationPredictions,
-        classification_metrics,
-        predict,
-        regression_metrics,
-    )
-    from ekfac_laplace.selection import residual_noise_scale
+    from ekfac_laplace.evaluation.figures import write_sample_plot
+    from ekfac_laplace.evaluation.metrics import metrics_of
+    from ekfac_laplace.evaluation.predictions import predict
+    from ekfac_laplace.evaluation.sampling import check_samples
 
     torch.manual_seed(args.seed)
     problem = load_problem(args.dataset, args.seed, args.batch_size)
     model = map_model(args, problem)
-    likelihood = problem.splits.likelihood
+    likelihood = problem.likelihood
     la = Laplace(
         model,
         likelihood,
@@ -335,23 +323,16 @@ def run_sample(args: argparse.Namespace) -> int:
         else 1,
     )
     la.fit(problem.train_loader, progress_bar=not args.quiet)
-    if args.prior_tuning == "marglik":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="By default `link_approx`")
-            la.optimize_prior_precision(
-                method="marglik", prior_structure=args.prior_structure
-            )
+    settings = EvaluationSettings(
+        prior_tuning=args.prior_tuning, prior_structure=args.prior_structure
+    )
+    tune_prior(la, settings)
     generator = torch.Generator().manual_seed(args.seed)
     samples = la.sample(args.n_samples, generator=generator)
-
-    # Samples against the analytic posterior: mean and marginal variances.
-    analytic_variance = la.posterior_variance
-    sample_variance = samples.var(0)
-    relative_error = (sample_variance / analytic_variance - 1).abs()
-    mean_error = ((samples.mean(0) - la.mean).abs() / analytic_variance.sqrt()).mean()
+    check = check_samples(la, samples)
 
     metrics: dict[str, dict[str, float]] = {}
-    predictions: dict[str, Any] = {}
+    predictions = {}
     for name, options in {
         "map": {"likelihood": likelihood, "sigma_noise": float(la.sigma_noise)},
         "glm": {"pred_type": "glm", "link_approx": "probit"},
@@ -364,11 +345,7 @@ def run_sample(args: argparse.Namespace) -> int:
         predictor = model if name == "map" else la
         torch.manual_seed(args.seed)
         predictions[name] = predict(predictor, problem.test_loader, **options)
-        metrics[name] = (
-            classification_metrics(predictions[name])
-            if isinstance(predictions[name], ClassificationPredictions)
-            else regression_metrics(predictions[name])
-        )
+        metrics[name] = metrics_of(predictions[name])
     summary = {
         "dataset": args.dataset,
         "model": args.model,
@@ -377,15 +354,12 @@ def run_sample(args: argparse.Namespace) -> int:
         "n_samples": args.n_samples,
         "prior_precision": la.prior_precision.flatten().tolist(),
         "log_marginal_likelihood": float(la.log_marginal_likelihood()),
-        "posterior_std_mean": float(analytic_variance.sqrt().mean()),
-        "sample_variance_relative_error_median": float(relative_error.median()),
-        # For Gaussian samples s²/σ² - 1 has standard deviation sqrt(2/(S-1)); the
-        # median of its absolute value is 0.6745 times that.
-        "sample_variance_relative_error_expected_median": 0.6745
-        * math.sqrt(2 / (args.n_samples - 1))
-        if args.n_samples > 1
-        else None,
-        "sample_mean_error_in_std": float(mean_error),
+        "posterior_std_mean": float(check.analytic_variance.sqrt().mean()),
+        "sample_variance_relative_error_median": check.median_relative_error,
+        "sample_variance_relative_error_expected_median": (
+            check.expected_median_relative_error
+        ),
+        "sample_mean_error_in_std": check.mean_error_in_std,
         "test_metrics": metrics,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -395,14 +369,7 @@ def run_sample(args: argparse.Namespace) -> int:
         torch.save(samples, args.out / "samples.pt")
         written.append(args.out / "samples.pt")
     if not args.no_plots:
-        written.append(
-            write_sample_plot(
-                predictions,
-                analytic_variance,
-                sample_variance,
-                args.out / "samples.png",
-            )
-        )
+        written.append(write_sample_plot(predictions, check, args.out / "samples.png"))
 
     print(f"\n{problem.splits.description}")
     print(
@@ -410,10 +377,10 @@ def run_sample(args: argparse.Namespace) -> int:
         f"{args.n_samples} samples; log marginal likelihood "
         f"{summary['log_marginal_likelihood']:.1f}"
     )
-    expected = summary["sample_variance_relative_error_expected_median"] or 0.0
+    expected = check.expected_median_relative_error or 0.0
     print(
         "sample variance vs analytic: median relative error "
-        f"{summary['sample_variance_relative_error_median']:.3f} (Monte-Carlo "
+        f"{check.median_relative_error:.3f} (Monte-Carlo "
         f"expectation for {args.n_samples} samples: {expected:.3f})"
     )
     for name, values in metrics.items():
@@ -429,56 +396,6 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_problem(dataset: str, seed: int, batch_size: int) -> Problem:
-    """Load a bundled data set with its evaluation loaders.
-
-    Args:
-        dataset: One of :data:`DATASETS`.
-        seed: Seed of the split, the shifts and the OOD set.
-        batch_size: Batch size of every loader.
-
-    Returns:
-        The loaders; digits adds the OOD patches and the rotation / noise shifts.
-    """
-    from ekfac_laplace import data
-
-    loaders = {
-        "digits": data.load_digits_splits,
-        "moons": data.two_moons,
-        "toy1d": data.toy_regression_1d,
-        "diabetes": data.load_diabetes_splits,
-    }
-    splits = loaders[dataset](seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-
-    def loader(dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-        )
-
-    ood_loader, shift_loaders = None, {}
-    if dataset == "digits":
-        ood_loader = loader(data.load_ood_patches(seed=seed))
-        shift_loaders = {
-            kind: {
-                strength: loader(data.shifted(splits.test, kind, strength, seed=seed))
-                for strength in strengths
-            }
-            for kind, strengths in data.SHIFTS.items()
-        }
-    return Problem(
-        splits,
-        loader(splits.train, shuffle=True),
-        loader(splits.val),
-        loader(splits.test),
-        ood_loader,
-        shift_loaders,
-    )
-
-
 def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:
     """Train the MAP network, or load it from ``--checkpoint``.
 
@@ -492,7 +409,7 @@ def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:
     Raises:
         UsageError: If the checkpoint cannot be read or does not fit the model.
     """
-    from ekfac_laplace.models import build_model, train_map
+    from ekfac_laplace.evaluation.models import build_model, train_map
 
     splits = problem.splits
     model = build_model(
@@ -523,195 +440,7 @@ def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:
     return model
 
 
-def write_comparison_plots(comparison: Any, problem: Problem, out: Path) -> list[Path]:
-    """Write the figures of a comparison.
-
-    Classification: reliability diagrams and confidence histograms per candidate,
-    OOD entropy histograms, metric-vs-shift-strength curves; on ``moons`` also
-    confidence maps. Regression on ``toy1d``: uncertainty bands per candidate.
-
-    Args:
-        comparison: The :class:`~ekfac_laplace.selection.Comparison`.
-        problem: The data it was computed on.
-        out: Output folder.
-
-    Returns:
-        The files written.
-    """
-    from ekfac_laplace import plotting
-    from ekfac_laplace.calibration import ClassificationPredictions, predictive_entropy
-
-    names = [row.candidate for row in comparison.rows if row.ok]
-    written: list[Path] = []
-    if not names:
-        return written
-    tests = {name: comparison.predictions[name]["test"] for name in names}
-    if isinstance(next(iter(tests.values())), ClassificationPredictions):
-        fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
-        for ax, name in zip(axes, names):
-            plotting.reliability_diagram(
-                tests[name].probs, tests[name].targets, ax=ax, title=name
-            )
-        written.append(plotting.save_figure(fig, out / "reliability.png"))
-        fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
-        for ax, name in zip(axes, names):
-            plotting.confidence_histogram(
-                tests[name].probs, tests[name].targets, ax=ax, title=name
-            )
-        written.append(plotting.save_figure(fig, out / "confidence.png"))
-        if problem.ood_loader is not None:
-            fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
-            for ax, name in zip(axes, names):
-                ood = comparison.predictions[name]["ood"]
-                plotting.ood_histogram(
-                    predictive_entropy(tests[name].probs),
-                    predictive_entropy(ood.probs),
-                    ax=ax,
-                    title=name,
-                )
-            written.append(plotting.save_figure(fig, out / "ood_entropy.png"))
-    for kind in problem.shift_loaders:
-        fig, axes = plotting.new_figure(2, ncols=2, size=(5.0, 3.6))
-        for ax, metric in zip(axes, ("nll", "ece")):
-            # Strength 0 is the unshifted test set.
-            curves = {
-                row.candidate: {
-                    0.0: row.test[metric],
-                    **{s: v[metric] for s, v in row.shift[kind].items()},
-                }
-                for row in comparison.rows
-                if row.ok
-            }
-            plotting.shift_curves(curves, metric=metric, shift=kind, ax=ax)
-        written.append(plotting.save_figure(fig, out / f"shift_{kind}.png"))
-    if comparison.fitted and problem.splits.input_shape == (2,):
-        written.append(
-            _confidence_maps(comparison, problem, out / "confidence_maps.png")
-        )
-    if comparison.fitted and problem.splits.input_shape == (1,):
-        written.append(_regression_bands(comparison, problem, out / "bands.png"))
-    return written
-
-
-def _predictor_options(comparison: Any, name: str) -> dict[str, Any]:
-    if name == "map":
-        return {
-            "likelihood": comparison.config["likelihood"],
-            "sigma_noise": comparison.config["sigma_noise"],
-        }
-    return {
-        key: comparison.config[key] for key in ("pred_type", "link_approx", "n_samples")
-    }
-
-
-def _grid_predictions(comparison: Any, name: str, inputs: torch.Tensor) -> Any:
-    from ekfac_laplace.calibration import predict
-
-    dummy = torch.zeros(len(inputs), dtype=torch.long)
-    if comparison.config["likelihood"] == "regression":
-        dummy = torch.zeros(len(inputs), 1)
-    loader = DataLoader(TensorDataset(inputs, dummy), batch_size=512)
-    return predict(
-        comparison.fitted[name], loader, **_predictor_options(comparison, name)
-    )
-
-
-def _confidence_maps(comparison: Any, problem: Problem, path: Path) -> Path:
-    from ekfac_laplace import plotting
-
-    names = list(comparison.fitted)
-    X, y = problem.splits.train.tensors
-    fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
-    for ax, name in zip(axes, names):
-        plotting.confidence_map(
-            lambda grid, name=name: _grid_predictions(comparison, name, grid).probs,
-            X,
-            y,
-            ax=ax,
-            title=name,
-        )
-    return plotting.save_figure(fig, path)
-
-
-def _regression_bands(comparison: Any, problem: Problem, path: Path) -> Path:
-    from ekfac_laplace import data, plotting
-
-    names = list(comparison.fitted)
-    X, y = problem.splits.train.tensors
-    grid = data.regression_grid()
-    fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
-    for ax, name in zip(axes, names):
-        predictions = _grid_predictions(comparison, name, grid)
-        plotting.regression_bands(
-            X.flatten(),
-            y.flatten(),
-            grid.flatten(),
-            predictions.mean.flatten(),
-            predictions.variance.sqrt().flatten(),
-            ax=ax,
-            title=name,
-        )
-    return plotting.save_figure(fig, path)
-
-
-def write_sample_plot(
-    predictions: dict[str, Any],
-    analytic_variance: torch.Tensor,
-    sample_variance: torch.Tensor,
-    path: Path,
-) -> Path:
-    """Plot sample vs analytic marginal variances and the predictives' confidence.
-
-    Args:
-        predictions: ``{"map", "glm", "samples"}`` test predictions.
-        analytic_variance: Posterior marginal variances, shape ``(P,)``.
-        sample_variance: Variances of the samples, shape ``(P,)``.
-        path: Output file.
-
-    Returns:
-        The file written.
-    """
-    from ekfac_laplace import plotting
-    from ekfac_laplace.calibration import ClassificationPredictions
-
-    fig, axes = plotting.new_figure(2, ncols=2, size=(4.4, 3.6))
-    ax = axes[0]
-    ax.loglog(analytic_variance.numpy(), sample_variance.numpy(), ".", ms=2, alpha=0.4)
-    low = float(min(analytic_variance.min(), sample_variance.min()))
-    high = float(max(analytic_variance.max(), sample_variance.max()))
-    ax.plot([low, high], [low, high], "k--", lw=1, label="equal")
-    ax.set_xlabel("analytic posterior variance")
-    ax.set_ylabel("sample variance")
-    ax.set_title("marginal variances per parameter")
-    ax.legend()
-    ax = axes[1]
-    if isinstance(predictions["glm"], ClassificationPredictions):
-        for name, prediction in predictions.items():
-            ax.hist(
-                prediction.probs.max(-1).values.numpy(),
-                bins=20,
-                range=(0, 1),
-                histtype="step",
-                label=name,
-            )
-        ax.set_xlabel("top-label confidence on test")
-    else:
-        for name, prediction in predictions.items():
-            ax.hist(
-                prediction.variance.sqrt().flatten().numpy(),
-                bins=20,
-                histtype="step",
-                label=name,
-            )
-        ax.set_xlabel("predictive standard deviation on test")
-    ax.set_ylabel("count")
-    ax.legend()
-    return plotting.save_figure(fig, path)
-
-
 def _check_arguments(args: argparse.Namespace) -> None:
-    from ekfac_laplace.selection import Candidate
-
     if args.model == "cnn" and args.dataset not in ("digits",):
         raise UsageError(
             f"--model cnn needs an image data set; {args.dataset} has vector inputs "

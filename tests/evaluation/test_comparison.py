@@ -1,4 +1,4 @@
-"""compare / select: rows, failures, prior tuning, files."""
+"""compare: every candidate fitted, tuned and evaluated the same way."""
 
 from __future__ import annotations
 
@@ -10,23 +10,43 @@ import warnings
 import pytest
 import torch
 from laplace import Laplace
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ekfac_laplace.calibration import (
-    classification_metrics,
-    predict,
-    regression_metrics,
-)
-from ekfac_laplace.models import mlp, train_map
-from ekfac_laplace.selection import (
-    DEFAULT_CANDIDATES,
-    Candidate,
-    ComparisonRow,
+from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
+from ekfac_laplace.evaluation.comparison import (
+    EvaluationSettings,
     compare,
     residual_noise_scale,
-    select,
 )
+from ekfac_laplace.evaluation.metrics import classification_metrics, regression_metrics
+from ekfac_laplace.evaluation.models import mlp, train_map
+from ekfac_laplace.evaluation.predictions import predict
+
+
+def _compare(
+    model,
+    likelihood,
+    train_loader,
+    test_loader,
+    *,
+    candidates=DEFAULT_CANDIDATES,
+    val_loader=None,
+    ood_loader=None,
+    shift_loaders=None,
+    **settings,
+):
+    """compare with the evaluation settings as keywords."""
+    return compare(
+        model,
+        likelihood,
+        train_loader,
+        test_loader,
+        candidates=candidates,
+        val_loader=val_loader,
+        ood_loader=ood_loader,
+        shift_loaders=shift_loaders,
+        settings=EvaluationSettings(**settings),
+    )
 
 
 def _loaders(likelihood: str, seed: int = 0):
@@ -69,28 +89,10 @@ class _OutOfMemory(Candidate):
         raise MemoryError("simulated: not enough memory for the Hessian")
 
 
-def test_candidate_parse():
-    assert Candidate.parse("map").is_map
-    candidate = Candidate.parse("ll_kron:mc")
-    assert (candidate.subset_of_weights, candidate.hessian_structure) == (
-        "last_layer",
-        "kron",
-    )
-    assert candidate.backend == "mc"
-    assert Candidate.parse("all_ekfac").backend == "ggn"
-    for spec in DEFAULT_CANDIDATES:
-        assert Candidate.parse(spec).name == spec
-    for bad in ("all", "some_kron", "all_block", "ll_kron:hessian", "all_ekfac:"):
-        with pytest.raises(ValueError, match="Unknown candidate"):
-            Candidate.parse(bad)
-    with pytest.raises(ValueError, match="no Laplace approximation"):
-        Candidate.parse("map").build(nn.Linear(2, 2), "classification")
-
-
 def test_compare_classification_rows_match_direct_evaluation(classification):
     model, train, val, test, shift, ood = classification
     before = [p.detach().clone() for p in model.parameters()]
-    comparison = compare(
+    comparison = _compare(
         model,
         "classification",
         train,
@@ -159,7 +161,7 @@ def test_failed_candidate_is_a_row_and_leaves_the_model(classification, tmp_path
     model, train, _, test, _, _ = classification
     before = [p.detach().clone() for p in model.parameters()]
     failing = _OutOfMemory("all_full", "all", "full", "ggn")
-    comparison = compare(
+    comparison = _compare(
         model, "classification", train, test, candidates=[failing, "ll_ekfac"]
     )
     first, second = comparison.rows
@@ -183,7 +185,7 @@ def test_failed_candidate_is_a_row_and_leaves_the_model(classification, tmp_path
 def test_gridsearch_picks_the_lowest_validation_nll(classification):
     model, train, val, test, _, _ = classification
     grid = (0.01, 1.0, 100.0)
-    comparison = compare(
+    comparison = _compare(
         model,
         "classification",
         train,
@@ -206,7 +208,7 @@ def test_gridsearch_picks_the_lowest_validation_nll(classification):
 
 def test_layerwise_marglik_prior(classification):
     model, train, _, test, _, _ = classification
-    row = compare(
+    row = _compare(
         model,
         "classification",
         train,
@@ -225,7 +227,7 @@ def test_compare_regression_estimates_the_noise():
     torch.manual_seed(0)
     train, val, test = _loaders("regression")
     model = train_map(mlp((3,), 1, hidden=(8,)), train, "regression", epochs=40)
-    comparison = compare(
+    comparison = _compare(
         model,
         "regression",
         train,
@@ -257,42 +259,6 @@ def _fit(model, train, sigma):
     return la
 
 
-def test_select_by_evidence_and_validation_nll():
-    rows = [
-        ComparisonRow("map", None, None, None, val={"nll": 0.50}),
-        ComparisonRow(
-            "ll_kron", "last_layer", "kron", "ggn", log_marginal_likelihood=-120.0
-        ),
-        ComparisonRow(
-            "all_ekfac",
-            "all",
-            "ekfac",
-            "ggn",
-            log_marginal_likelihood=-100.0,
-            val={"nll": 0.30},
-        ),
-        ComparisonRow(
-            "all_kron",
-            "all",
-            "kron",
-            "ggn",
-            status="failed",
-            error="MemoryError",
-            log_marginal_likelihood=10.0,
-        ),
-    ]
-    evidence = select(rows, "evidence")
-    assert evidence.candidate == "all_ekfac" and evidence.value == -100.0
-    assert "runner-up ll_kron" in evidence.reason and "margin 20" in evidence.reason
-    assert "different weights as random" in evidence.reason
-    validation = select(rows, by="val_nll")
-    assert validation.candidate == "all_ekfac" and "runner-up map" in validation.reason
-    with pytest.raises(ValueError, match="Unknown selection criterion"):
-        select(rows, by="test_nll")
-    with pytest.raises(ValueError, match="needs a Laplace candidate"):
-        select(rows[:1], by="evidence")
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -310,7 +276,7 @@ def test_bad_arguments_fail_before_fitting(classification, kwargs, match):
     model, train, _, test, _, _ = classification
     kwargs = {"likelihood": "classification", **kwargs}
     with pytest.raises(ValueError, match=match), warnings.catch_warnings():
-        compare(model, train_loader=train, test_loader=test, **kwargs)
+        _compare(model, train_loader=train, test_loader=test, **kwargs)
 
 
 def test_rows_are_reproducible_and_leave_the_global_rng(classification):
@@ -323,13 +289,13 @@ def test_rows_are_reproducible_and_leave_the_global_rng(classification):
     }
     timing = ("fit_seconds", "tune_seconds", "predict_seconds", "fit_memory_mib")
     torch.manual_seed(123)
-    first = compare(model, "classification", train, test, **options).records()
+    first = _compare(model, "classification", train, test, **options).records()
     after_compare = torch.rand(1)
     torch.manual_seed(123)
     expected = torch.rand(1)
     # The second candidate alone gives the same row as after the first one.
-    second = compare(model, "classification", train, test, **options).records()
-    alone = compare(
+    second = _compare(model, "classification", train, test, **options).records()
+    alone = _compare(
         model, "classification", train, test, **{**options, "candidates": ["ll_ekfac"]}
     ).records()
     assert torch.equal(after_compare, expected)
@@ -338,7 +304,7 @@ def test_rows_are_reproducible_and_leave_the_global_rng(classification):
             k: v for k, v in b.items() if k not in timing
         }
     assert alone[0]["test_nll"] == first[1]["test_nll"]
-    other_seed = compare(
+    other_seed = _compare(
         model, "classification", train, test, **{**options, "seed": 1}
     ).records()
     assert other_seed[1]["test_nll"] != first[1]["test_nll"]

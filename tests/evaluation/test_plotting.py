@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ekfac_laplace.plotting import (
+from ekfac_laplace.evaluation.plotting import (
     confidence_histogram,
     confidence_map,
     new_figure,

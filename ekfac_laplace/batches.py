@@ -1,0 +1,200 @@
+"""Training and test batches as laplace-torch passes them: ``(X, y)`` or a dict.
+
+laplace-torch accepts two kinds of batches: ``(X, y)`` tuples and dict-like
+(Hugging Face style) batches, which are passed to the model *whole* with the targets
+under ``dict_key_y`` and the inputs under ``dict_key_x``. This module is the one place
+that takes batches apart: :func:`split_batch` for a single batch,
+:class:`LaplaceBatches` for a re-iterable loader, and the checks :meth:`fit
+<ekfac_laplace.EKFACLaplace.fit>` makes on a loader before its first pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def split_batch(batch: Any, dict_key_y: str = "labels") -> tuple[Any, Tensor]:
+    """The model input and the targets of one batch.
+
+    Args:
+        batch: ``(X, y)`` (a tuple or list; extra entries are ignored) or a dict-like
+            batch, which is the model input whole.
+        dict_key_y: Key of the targets in a dict-like batch.
+
+    Returns:
+        ``(X, y)``; for a dict-like batch ``(batch, batch[dict_key_y])``.
+
+    Raises:
+        ValueError: If a dict-like batch has no ``dict_key_y`` or the batch is
+            neither a dict nor a pair.
+    """
+    if isinstance(batch, Mapping):
+        if dict_key_y not in batch:
+            raise ValueError(
+                f"A dict-like batch has no target key {dict_key_y!r} (keys: "
+                f"{sorted(batch)}); the targets are read from batch[dict_key_y] with "
+                f"dict_key_y={dict_key_y!r}: set dict_key_y on the Laplace object, or "
+                "rename the key."
+            )
+        return batch, batch[dict_key_y]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        "Loader batches must be (x, y) tuples/lists or dicts with inputs and targets "
+        f"(under dict_key_y), got {type(batch).__name__}."
+    )
+
+
+def batch_size(X: Any, dict_key_x: str = "input_ids") -> int:
+    """Number of examples in a model input (a tensor or a dict-like batch).
+
+    Args:
+        X: A tensor of shape ``(B, ...)`` or a dict-like batch.
+        dict_key_x: Key of the inputs in a dict-like batch.
+
+    Returns:
+        ``B``.
+    """
+    if isinstance(X, Mapping):
+        return int(X[dict_key_x].shape[0])
+    return int(X.shape[0])
+
+
+def to_device(X: Any, device: torch.device) -> Any:
+    """Move a model input (a tensor or the tensors of a dict) to ``device``.
+
+    A dict-like batch whose tensors are all on ``device`` already is returned as it
+    is (keeping its type, e.g. a Hugging Face ``BatchEncoding``); otherwise as a
+    ``dict`` of moved tensors.
+
+    Args:
+        X: A tensor, a dict-like batch, or anything else (returned as is).
+        device: The target device.
+
+    Returns:
+        The input on ``device``.
+    """
+    if isinstance(X, Tensor):
+        return X.to(device)
+    if isinstance(X, Mapping):
+        tensors = [value for value in X.values() if isinstance(value, Tensor)]
+        if all(value.device == torch.device(device) for value in tensors):
+            return X
+        return {
+            key: value.to(device) if isinstance(value, Tensor) else value
+            for key, value in X.items()
+        }
+    return X
+
+
+class LaplaceBatches:
+    """Re-iterable view of a training loader as ``(X, y)`` pairs.
+
+    Dict-like batches yield ``(batch, batch[dict_key_y])``; the model gets the batch
+    whole, as laplace-torch does. The most recent targets are kept in
+    :attr:`current_targets`, so that a forward hook can compute the loss.
+
+    Args:
+        loader: Iterable of ``(X, y)`` tuples or of dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
+    """
+
+    def __init__(self, loader: Iterable[Any], dict_key_y: str = "labels") -> None:
+        self.loader = loader
+        self.dict_key_y = dict_key_y
+        self.current_targets: Tensor | None = None
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for batch in self.loader:
+            X, y = split_batch(batch, self.dict_key_y)
+            self.current_targets = y
+            yield X, y
+
+    def first(self) -> tuple[Any, Tensor]:
+        """The first batch.
+
+        Returns:
+            ``(X, y)`` of the first batch.
+
+        Raises:
+            ValueError: If the loader yields no batches.
+        """
+        try:
+            return next(iter(self))
+        except StopIteration:
+            raise ValueError(
+                "fit got a train_loader that yields no batches (an empty loader, or "
+                "drop_last=True with fewer examples than the batch size)."
+            ) from None
+
+
+def dataset_size(loader: Any) -> int:
+    """The number of training points ``N`` of a loader, ``len(loader.dataset)``.
+
+    Args:
+        loader: A ``DataLoader`` (anything with a sized ``dataset``).
+
+    Returns:
+        ``N >= 1``.
+
+    Raises:
+        ValueError: If the dataset has no length or is empty.
+    """
+    dataset = getattr(loader, "dataset", None)
+    try:
+        num_data = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            "fit needs train_loader.dataset with a length (the number of training "
+            "points N); wrap the data in a map-style Dataset such as "
+            "torch.utils.data.TensorDataset."
+        ) from None
+    if num_data == 0:
+        raise ValueError("fit got an empty training set (len(dataset) == 0).")
+    return num_data
+
+
+@torch.no_grad()
+def output_size(
+    model: nn.Module, batches: LaplaceBatches, likelihood: str, device: torch.device
+) -> int:
+    """The number of model outputs, checked against the first batch's targets.
+
+    Args:
+        model: The network (in eval mode).
+        batches: The training batches.
+        likelihood: ``"classification"`` or ``"regression"``.
+        device: Device of the model.
+
+    Returns:
+        The output width ``C`` of outputs of shape ``(B, C)``.
+
+    Raises:
+        ValueError: For an empty loader, outputs that are not ``(batch, outputs)``,
+            or targets whose shape does not fit the outputs.
+    """
+    X, y = batches.first()
+    out = model(to_device(X, device))
+    if out.ndim != 2:
+        raise ValueError(
+            f"EKFAC Laplace needs model outputs of shape (batch, outputs), got "
+            f"{tuple(out.shape)}; flatten sequence outputs into the batch dimension."
+        )
+    if likelihood == "regression" and y.shape != out.shape:
+        raise ValueError(
+            f"Regression targets have shape {tuple(y.shape)} but the model outputs "
+            f"{tuple(out.shape)}; they must match, e.g. y.reshape(-1, 1)."
+        )
+    is_indices = y.ndim == 1 and y.shape[0] == out.shape[0]
+    is_probabilities = y.shape == out.shape and y.is_floating_point()
+    if likelihood == "classification" and not (is_indices or is_probabilities):
+        raise ValueError(
+            f"Classification targets must be class indices of shape (batch,) or "
+            f"class probabilities of shape (batch, classes), got {tuple(y.shape)} "
+            f"for outputs {tuple(out.shape)}."
+        )
+    return int(out.shape[-1])

@@ -1,0 +1,66 @@
+"""Evaluating, comparing and choosing Laplace approximations.
+
+The evaluation side of ``ekfac_laplace``; the core (the Laplace classes and their
+curvature) imports nothing from here. One concern per module:
+
+- :mod:`~ekfac_laplace.evaluation.checks`: validation of the inputs below;
+- :mod:`~ekfac_laplace.evaluation.metrics`: calibration and accuracy metrics;
+- :mod:`~ekfac_laplace.evaluation.predictions`: running a predictor over a loader
+  (:func:`predict`, :func:`evaluate`);
+- :mod:`~ekfac_laplace.evaluation.candidates`: the candidates of a comparison;
+- :mod:`~ekfac_laplace.evaluation.comparison`: fit, tune, evaluate each
+  (:func:`compare`);
+- :mod:`~ekfac_laplace.evaluation.report`: its rows, tables, files and
+  :func:`select`;
+- :mod:`~ekfac_laplace.evaluation.memory`: peak-memory measurement;
+- :mod:`~ekfac_laplace.evaluation.sampling`: samples against the analytic posterior;
+- :mod:`~ekfac_laplace.evaluation.data`, :mod:`~ekfac_laplace.evaluation.problems`:
+  bundled offline data sets (scikit-learn), loaders by name;
+- :mod:`~ekfac_laplace.evaluation.models`: reference networks and MAP training;
+- :mod:`~ekfac_laplace.evaluation.plotting`, :mod:`~ekfac_laplace.evaluation.figures`:
+  single plots (matplotlib) and the figures of a run;
+- :mod:`~ekfac_laplace.evaluation.cli`: the ``ekfac-laplace`` command.
+
+Importing this package loads the metrics and the comparison harness; scikit-learn
+and matplotlib load with the data, plotting and command-line modules.
+"""
+
+from __future__ import annotations
+
+from ekfac_laplace.evaluation.candidates import Candidate
+from ekfac_laplace.evaluation.comparison import (
+    EvaluationData,
+    EvaluationSettings,
+    compare,
+    residual_noise_scale,
+    tune_prior,
+)
+from ekfac_laplace.evaluation.metrics import (
+    ClassificationPredictions,
+    RegressionPredictions,
+    classification_metrics,
+    metrics_of,
+    regression_metrics,
+)
+from ekfac_laplace.evaluation.predictions import evaluate, predict
+from ekfac_laplace.evaluation.report import Comparison, ComparisonRow, Selection, select
+
+__all__ = [
+    "Candidate",
+    "ClassificationPredictions",
+    "Comparison",
+    "ComparisonRow",
+    "EvaluationData",
+    "EvaluationSettings",
+    "RegressionPredictions",
+    "Selection",
+    "classification_metrics",
+    "compare",
+    "evaluate",
+    "metrics_of",
+    "predict",
+    "regression_metrics",
+    "residual_noise_scale",
+    "select",
+    "tune_prior",
+]

@@ -1,0 +1,123 @@
+"""Candidates of a comparison: the MAP, or a laplace-torch Laplace approximation.
+
+A candidate is written ``"map"`` or ``"<subset>_<structure>[:<backend>]"``, e.g.
+``"all_ekfac"``, ``"ll_kron:mc"``; :meth:`Candidate.parse` reads it and
+:meth:`Candidate.build` creates the (unfitted) Laplace object through
+``laplace.Laplace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from laplace import Laplace
+from laplace.baselaplace import BaseLaplace
+from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+from torch import nn
+
+import ekfac_laplace.laplace  # noqa: F401  (registers hessian_structure="ekfac")
+
+DEFAULT_CANDIDATES = (
+    "map",
+    "ll_kron",
+    "ll_ekfac",
+    "ll_full",
+    "all_diag",
+    "all_kron",
+    "all_ekfac",
+)
+SUBSETS = {"ll": "last_layer", "all": "all"}
+STRUCTURES = ("diag", "kron", "ekfac", "full", "lowrank")
+BACKENDS = {
+    "ggn": (CurvlinopsGGN, {}),
+    "mc": (CurvlinopsGGN, {"stochastic": True}),
+    "ef": (CurvlinopsEF, {}),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One Laplace approximation to compare, or the MAP baseline.
+
+    Written as ``"<subset>_<structure>[:<backend>]"``: ``subset`` is ``ll`` (last
+    layer) or ``all``; ``structure`` one of ``diag``, ``kron``, ``ekfac``, ``full``,
+    ``lowrank``; ``backend`` ``ggn`` (exact GGN, default), ``mc`` (Monte-Carlo
+    Fisher) or ``ef`` (empirical Fisher). ``"map"`` is the network without Laplace.
+
+    Attributes:
+        name: The spec it was parsed from, used as the row's name.
+        subset_of_weights: ``"last_layer"`` or ``"all"``; ``None`` for the MAP.
+        hessian_structure: laplace-torch Hessian structure; ``None`` for the MAP.
+        backend: ``"ggn"``, ``"mc"`` or ``"ef"``; ``None`` for the MAP.
+    """
+
+    name: str
+    subset_of_weights: str | None = None
+    hessian_structure: str | None = None
+    backend: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Candidate:
+        """Parse ``"map"`` or ``"<subset>_<structure>[:<backend>]"``.
+
+        Args:
+            spec: The candidate, e.g. ``"all_ekfac"`` or ``"ll_kron:mc"``.
+
+        Returns:
+            The candidate.
+
+        Raises:
+            ValueError: If the spec does not name a known subset, structure, backend.
+        """
+        spec = spec.strip()
+        if spec == "map":
+            return cls("map")
+        head, colon, backend = spec.partition(":")
+        subset, _, structure = head.partition("_")
+        backend = backend if colon else "ggn"
+        if (
+            subset not in SUBSETS
+            or structure not in STRUCTURES
+            or backend not in BACKENDS
+        ):
+            raise ValueError(
+                f"Unknown candidate {spec!r}: write 'map' or "
+                f"'<subset>_<structure>[:<backend>]' with subset in "
+                f"{tuple(SUBSETS)}, structure in {STRUCTURES} and backend in "
+                f"{tuple(BACKENDS)}, e.g. 'all_ekfac' or 'll_kron:mc'."
+            )
+        return cls(spec, SUBSETS[subset], structure, backend)
+
+    @property
+    def is_map(self) -> bool:
+        """Whether this is the MAP baseline (no Laplace approximation)."""
+        return self.subset_of_weights is None
+
+    def build(
+        self, model: nn.Module, likelihood: str, *, sigma_noise: float = 1.0
+    ) -> BaseLaplace:
+        """Create the (unfitted) laplace-torch object for this candidate.
+
+        Args:
+            model: The MAP network.
+            likelihood: ``"classification"`` or ``"regression"``.
+            sigma_noise: Observation noise for regression.
+
+        Returns:
+            The Laplace approximation, ready for ``fit``.
+
+        Raises:
+            ValueError: For the MAP candidate, which has no Laplace object.
+        """
+        if self.is_map:
+            raise ValueError("The MAP candidate has no Laplace approximation.")
+        backend, backend_kwargs = BACKENDS[self.backend]
+        return Laplace(
+            model,
+            likelihood,
+            subset_of_weights=self.subset_of_weights,
+            hessian_structure=self.hessian_structure,
+            backend=backend,
+            backend_kwargs=dict(backend_kwargs),
+            sigma_noise=sigma_noise,
+        )

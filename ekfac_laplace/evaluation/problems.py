@@ -1,0 +1,113 @@
+"""Bundled problems: a data set with its loaders and evaluation sets, by name.
+
+The command line and the examples evaluate on the offline data sets of
+:mod:`~ekfac_laplace.evaluation.data`; :func:`load_problem` turns a name into the
+loaders a comparison needs (digits also gets its out-of-distribution patches and its
+rotation / pixel-noise shifts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ekfac_laplace.evaluation import data
+from ekfac_laplace.evaluation.comparison import EvaluationData
+
+DATASETS = ("digits", "moons", "toy1d", "diabetes")
+
+
+@dataclass
+class Problem:
+    """A bundled data set ready for evaluation.
+
+    Attributes:
+        name: One of :data:`DATASETS`.
+        splits: The train / validation / test splits and their description.
+        train_loader: Shuffled (seeded) training batches.
+        val_loader: Validation batches.
+        test_loader: Test batches.
+        ood_loader: Out-of-distribution inputs (digits only).
+        shift_loaders: ``{kind: {strength: loader}}`` shifted test sets (digits only).
+    """
+
+    name: str
+    splits: data.DataSplits
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    ood_loader: DataLoader | None = None
+    shift_loaders: dict[str, dict[float, DataLoader]] = field(default_factory=dict)
+
+    @property
+    def likelihood(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        return self.splits.likelihood
+
+    def evaluation_data(self) -> EvaluationData:
+        """The loaders as a comparison takes them.
+
+        Returns:
+            The evaluation data.
+        """
+        return EvaluationData(
+            self.train_loader,
+            self.test_loader,
+            self.val_loader,
+            self.ood_loader,
+            self.shift_loaders,
+        )
+
+
+def load_problem(name: str, seed: int = 0, batch_size: int = 64) -> Problem:
+    """Load a bundled data set with its evaluation loaders.
+
+    Args:
+        name: One of :data:`DATASETS`.
+        seed: Seed of the split, the shuffling, the shifts and the OOD set.
+        batch_size: Batch size of every loader.
+
+    Returns:
+        The problem; digits adds the OOD patches and the rotation / noise shifts.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    loaders = {
+        "digits": data.load_digits_splits,
+        "moons": data.two_moons,
+        "toy1d": data.toy_regression_1d,
+        "diabetes": data.load_diabetes_splits,
+    }
+    if name not in loaders:
+        raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
+    splits = loaders[name](seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    def loader(dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+        )
+
+    problem = Problem(
+        name,
+        splits,
+        loader(splits.train, shuffle=True),
+        loader(splits.val),
+        loader(splits.test),
+    )
+    if name == "digits":
+        problem.ood_loader = loader(data.load_ood_patches(seed=seed))
+        problem.shift_loaders = {
+            kind: {
+                strength: loader(data.shifted(splits.test, kind, strength, seed=seed))
+                for strength in strengths
+            }
+            for kind, strengths in data.SHIFTS.items()
+        }
+    return problem

@@ -1,0 +1,94 @@
+r"""EKFAC factors of a data set and the scale they are in.
+
+The engines compute, per parameter tensor, a Kronecker eigenbasis and the corrected
+eigenvalues (George et al., 2018)
+
+$$
+    λ = \operatorname{diag}\Big(Q^\top
+        \Big(\sum_n \sum_k g_{n,k} g_{n,k}^\top\Big) Q\Big),
+    \qquad Q = Q_G \otimes Q_A ,
+$$
+
+of the summed torch loss (``CrossEntropyLoss(reduction="sum")`` or
+``MSELoss(reduction="sum")``), with ``g_{n,k}`` the per-example (pseudo-)gradients.
+laplace-torch's curvature is that of the negative log likelihood: cross-entropy
+itself, and for regression ``½·MSE-sum`` (a Gaussian with unit variance; σ and the
+temperature enter later through ``1/(σ² T)``). :func:`likelihood_loss` gives the loss
+and the factor between the two scales; :meth:`EKFACFactors.scaled` applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ekfac_laplace.matrix import EKFACDecomposed
+
+LIKELIHOODS = ("classification", "regression")
+
+
+def likelihood_loss(likelihood: str) -> tuple[nn.Module, float]:
+    """laplace-torch's summed loss of a likelihood and its factor to the NLL.
+
+    Args:
+        likelihood: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        The summed torch loss and the factor converting it to a negative log
+        likelihood (``1`` and ``½``).
+
+    Raises:
+        ValueError: For another likelihood.
+    """
+    if likelihood == "classification":
+        return nn.CrossEntropyLoss(reduction="sum"), 1.0
+    if likelihood == "regression":
+        return nn.MSELoss(reduction="sum"), 0.5
+    raise ValueError(
+        f"EKFAC supports the likelihoods 'classification' and 'regression', got "
+        f"{likelihood!r}."
+    )
+
+
+@dataclass
+class EKFACFactors:
+    """EKFAC of a data set: eigenbases, corrected eigenvalues and the data term.
+
+    Attributes:
+        eigenvectors: Per parameter tensor, ``(Q_G, Q_A)`` (weight), ``(Q_G,)``
+            (bias) or ``()`` (diagonal block: the identity basis).
+        eigenvalues: Per parameter tensor, the corrected eigenvalues summed over the
+            data set: shape ``(out, in)`` for a weight, ``(out,)`` for a bias, the
+            parameter's shape for a diagonal block.
+        loss: The data term: ``Σ_n loss(f(x_n), y_n)``, in the same scale as the
+            eigenvalues (laplace-torch stores it as ``Laplace.loss``).
+    """
+
+    eigenvectors: list[tuple[Tensor, ...]]
+    eigenvalues: list[Tensor]
+    loss: Tensor
+
+    def scaled(self, factor: float) -> EKFACFactors:
+        """The factors in another scale, eigenvalues clamped at zero.
+
+        Args:
+            factor: Multiplies the eigenvalues and the loss (e.g. ``½`` from the
+                summed MSE to the Gaussian NLL).
+
+        Returns:
+            New factors sharing the eigenbases.
+        """
+        return EKFACFactors(
+            self.eigenvectors,
+            [values.mul(factor).clamp_min(0.0) for values in self.eigenvalues],
+            factor * self.loss,
+        )
+
+    def to_decomposed(self) -> EKFACDecomposed:
+        """The curvature as an :class:`EKFACDecomposed` with zero deltas.
+
+        Returns:
+            The structured matrix.
+        """
+        return EKFACDecomposed(self.eigenvectors, self.eigenvalues)

@@ -1,0 +1,191 @@
+"""The options of an EKFAC fit, validated once and passed whole.
+
+Seven settings decide how the EKFAC curvature is computed: which curvature
+(``fisher_type``), how weight-sharing layers are factorised (``kfac_approx``), the
+Monte-Carlo sampler (``mc_samples``, ``seed``), which engine computes it and how much
+memory it may keep (``engine``, ``cache_budget_bytes``), and what happens to parameters
+KFAC cannot factorise (``unsupported_layers``). :class:`EKFACOptions` holds them as one
+frozen value: built (and checked) once where a user passes them, handed whole to
+:func:`ekfac_laplace.compute_ekfac` and the engines, and saved whole in a Laplace
+object's ``state_dict``. The string choices are enums, as curvlinops' ``FisherType``
+and ``KFACType``; plain strings are accepted and converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any
+
+#: Seed of the Monte-Carlo label sampler unless one is given (curvlinops' default).
+DEFAULT_SEED = 2147483647
+#: Bytes of first-pass inputs and output gradients the fast engine may keep to skip
+#: its second pass (projected from the first batch; see :mod:`ekfac_laplace.engine`).
+DEFAULT_CACHE_BUDGET_BYTES = 64 * 2**20
+
+
+class _Choice(str, Enum):
+    """A string-valued choice that prints as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def parse(cls, value: object, name: str) -> _Choice:
+        """The member for ``value`` (a member or its string).
+
+        Args:
+            value: The value given by the user.
+            name: The option's name, for the message.
+
+        Returns:
+            The enum member.
+
+        Raises:
+            ValueError: If ``value`` is not one of the choices.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            choices = tuple(member.value for member in cls)
+            raise ValueError(
+                f"Unknown {name} {value!r}; choose one of {choices}."
+            ) from None
+
+
+class FisherType(_Choice):
+    """Which curvature EKFAC approximates.
+
+    ``TYPE2`` is the exact generalised Gauss-Newton (GGN), ``MC`` the Monte-Carlo
+    Fisher (labels sampled from the model), ``EMPIRICAL`` the empirical Fisher.
+    """
+
+    TYPE2 = "type2"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+
+class KFACApprox(_Choice):
+    """How weight-sharing layers (``Conv2d``) are factorised.
+
+    ``EXPAND`` treats every position as an example, ``REDUCE`` sums the positions
+    first (Eschenhagen et al., 2023, "Kronecker-Factored Approximate Curvature for
+    Modern Neural Network Architectures").
+    """
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+class Engine(_Choice):
+    """Which implementation computes EKFAC: ours (``FAST``) or curvlinops'."""
+
+    FAST = "fast"
+    CURVLINOPS = "curvlinops"
+
+
+class UnsupportedLayers(_Choice):
+    """Parameters KFAC cannot factorise: a diagonal block, or an error."""
+
+    DIAGONAL = "diagonal"
+    RAISE = "raise"
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class EKFACOptions:
+    """How the EKFAC curvature of a Laplace approximation is computed.
+
+    Attributes:
+        fisher_type: The curvature: exact GGN (``"type2"``, default), Monte-Carlo
+            Fisher (``"mc"``) or empirical Fisher (``"empirical"``).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
+        mc_samples: Labels drawn per example for the Monte-Carlo Fisher (``1``
+            otherwise).
+        seed: Seed of the Monte-Carlo label sampler; every pass draws the same labels,
+            so fits are reproducible and independent of torch's global generator.
+        engine: ``"fast"`` (default, ours) or ``"curvlinops"`` (curvlinops'
+            ``EKFACLinearOperator``, the reference); both compute the same matrix.
+        cache_budget_bytes: Bytes of first-pass layer inputs and output gradients the
+            fast engine may keep to skip its second pass (``0``: always two passes).
+        unsupported_layers: ``"diagonal"`` (default): parameters of modules KFAC
+            cannot factorise get the exact GGN / Fisher diagonal; ``"raise"``: refuse
+            them.
+
+    Raises:
+        ValueError: For an unknown choice, a non-integer or out-of-range number, or
+            ``mc_samples != 1`` without ``fisher_type="mc"``.
+    """
+
+    fisher_type: FisherType = FisherType.TYPE2
+    kfac_approx: KFACApprox = KFACApprox.EXPAND
+    mc_samples: int = 1
+    seed: int = DEFAULT_SEED
+    engine: Engine = Engine.FAST
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
+    unsupported_layers: UnsupportedLayers = UnsupportedLayers.DIAGONAL
+
+    def __post_init__(self) -> None:
+        parsed = {
+            "unsupported_layers": UnsupportedLayers.parse(
+                self.unsupported_layers, "unsupported_layers"
+            ),
+            "fisher_type": FisherType.parse(self.fisher_type, "fisher_type"),
+            "kfac_approx": KFACApprox.parse(self.kfac_approx, "kfac_approx"),
+            "engine": Engine.parse(self.engine, "engine"),
+            "mc_samples": _check_int("mc_samples", self.mc_samples, 1),
+            "cache_budget_bytes": _check_int(
+                "cache_budget_bytes", self.cache_budget_bytes, 0
+            ),
+        }
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if parsed["mc_samples"] != 1 and parsed["fisher_type"] != FisherType.MC:
+            raise ValueError(
+                f"mc_samples={self.mc_samples} only applies to fisher_type='mc'; "
+                f"with fisher_type={str(parsed['fisher_type'])!r} use mc_samples=1."
+            )
+        for name, value in parsed.items():
+            object.__setattr__(self, name, value)
+
+    def to_state(self) -> tuple[tuple[str, str | int], ...]:
+        """The options as ``(name, value)`` pairs of strings and integers.
+
+        Returns:
+            A tuple that ``torch.save`` stores without pickling any class.
+        """
+        return tuple(
+            (field.name, value.value if isinstance(value, Enum) else value)
+            for field in fields(self)
+            for value in (getattr(self, field.name),)
+        )
+
+    @classmethod
+    def from_state(
+        cls, state: Sequence[tuple[str, Any]] | Mapping[str, Any]
+    ) -> EKFACOptions:
+        """Rebuild options saved by :meth:`to_state`, validating them.
+
+        Args:
+            state: ``(name, value)`` pairs (or a mapping).
+
+        Returns:
+            The options.
+
+        Raises:
+            ValueError: For unknown names or invalid values.
+        """
+        values = dict(state.items() if isinstance(state, Mapping) else state)
+        unknown = set(values) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ValueError(
+                f"The saved EKFAC options have unknown names {sorted(unknown)}."
+            )
+        return cls(**values)

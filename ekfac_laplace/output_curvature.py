@@ -1,0 +1,151 @@
+r"""The curvature of the loss in output space, in closed form for a whole batch.
+
+Every curvature EKFAC approximates has the form ``Σ_n J_nᵀ Λ_n J_n`` with ``J_n`` the
+Jacobian of the outputs of example ``n`` and ``Λ_n = Σ_k v_{n,k} v_{n,k}ᵀ`` a sum of
+outer products of output-space vectors:
+
+* exact GGN (``type2``): ``v_{n,k}`` the columns of a square root of the loss Hessian,
+  for cross-entropy ``√p_c (e_c − p)`` (``Λ = diag(p) − p pᵀ``), for the summed MSE
+  ``√2 e_c``;
+* Monte-Carlo Fisher: ``v_{n,k} = ∇_f loss(f_n, ŷ_{n,k}) / √S`` for ``S`` labels
+  ``ŷ`` drawn from the model's predictive;
+* empirical Fisher: ``v_n = ∇_f loss(f_n, y_n)``.
+
+Back-propagating the ``v_{n,k}`` through the network gives the per-example
+(pseudo-)gradients that the Kronecker factors and the eigenvalue correction need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ekfac_laplace.options import EKFACOptions, FisherType
+
+
+def loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
+    """Gradient of the summed torch loss w.r.t. the outputs, per example.
+
+    Args:
+        f: Outputs, shape ``(B, C)``.
+        y: Class indices ``(B,)`` or probabilities ``(B, C)``; regression targets
+            ``(B, C)``.
+        likelihood: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        Shape ``(B, C)``.
+    """
+    if likelihood == "regression":
+        return 2.0 * (f - y)
+    if y.ndim == 1:
+        return f.softmax(dim=1) - F.one_hot(y, f.shape[1]).to(f.dtype)
+    return f.softmax(dim=1) - y
+
+
+class OutputCurvature:
+    """The output-space curvature of one batch, ``Λ_n = Σ_k v_{n,k} v_{n,k}ᵀ``.
+
+    For the exact GGN of cross-entropy it is kept as the probabilities ``p`` (then
+    ``Λ = diag(p) − p pᵀ``), so a layer whose output *is* the model output needs
+    neither the ``C`` vectors nor any backward pass: its ``G = Σ_n Λ_n`` and its
+    rotated squares ``Σ_k (Q_Gᵀ v_k)² = (Q_G∘Q_G)ᵀ p − (Q_Gᵀ p)²`` are closed-form.
+
+    Args:
+        f: Model outputs of the batch, shape ``(B, C)``.
+        y: Targets of the batch.
+        likelihood: ``"classification"`` or ``"regression"``.
+        options: The EKFAC options (``fisher_type``, ``mc_samples``).
+        generator: Random generator of the Monte-Carlo labels.
+    """
+
+    def __init__(
+        self,
+        f: Tensor,
+        y: Tensor,
+        likelihood: str,
+        options: EKFACOptions,
+        generator: torch.Generator,
+    ) -> None:
+        f = f.detach()
+        self.probabilities: Tensor | None = None
+        self._vectors: Tensor | None = None
+        if options.fisher_type == FisherType.TYPE2:
+            if likelihood == "classification":
+                self.probabilities = f.softmax(dim=1)
+            else:
+                eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+                self._vectors = math.sqrt(2.0) * eye.expand(f.shape[0], -1, -1)
+        elif options.fisher_type == FisherType.EMPIRICAL:
+            self._vectors = loss_gradient(f, y, likelihood).unsqueeze(1)
+        else:
+            self._vectors = _sampled_gradients(
+                f, likelihood, options.mc_samples, generator
+            )
+
+    def vectors(self) -> Tensor:
+        """The vectors ``v`` to back-propagate.
+
+        Returns:
+            Shape ``(B, K, C)`` (``K = C`` for the exact GGN).
+        """
+        if self._vectors is None:
+            p = self.probabilities
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            # Column c of the root S of diag(p) − p pᵀ is √p_c (e_c − p).
+            return p.sqrt().unsqueeze(2) * (eye.unsqueeze(0) - p.unsqueeze(1))
+        return self._vectors
+
+    def gradient_factor(self) -> Tensor:
+        """``Σ_n Λ_n``: the gradient factor ``G`` of a layer that is the output.
+
+        Returns:
+            Shape ``(C, C)``.
+        """
+        if self.probabilities is not None:
+            p = self.probabilities
+            return torch.diag(p.sum(0)) - p.T @ p
+        flat = self._vectors.reshape(-1, self._vectors.shape[-1])
+        return flat.T @ flat
+
+    def rotated_squares(self, q_g: Tensor) -> Tensor:
+        """``Σ_k (Q_Gᵀ v_{n,k})²`` per example.
+
+        Args:
+            q_g: Eigenvectors of ``G``, shape ``(C, C)``.
+
+        Returns:
+            Shape ``(B, C)``.
+        """
+        if self.probabilities is not None:
+            p = self.probabilities
+            return p @ q_g.square() - (p @ q_g).square()
+        return (self._vectors @ q_g).square().sum(1)
+
+    def nbytes(self) -> int:
+        """Memory held by this object.
+
+        Returns:
+            Bytes.
+        """
+        held = self.probabilities if self._vectors is None else self._vectors
+        return held.numel() * held.element_size()
+
+
+def _sampled_gradients(
+    f: Tensor, likelihood: str, mc_samples: int, generator: torch.Generator
+) -> Tensor:
+    """``(B, S, C)`` loss gradients at labels drawn from the model, over ``√S``."""
+    samples = []
+    for _ in range(mc_samples):
+        if likelihood == "regression":
+            noise = torch.randn(
+                f.shape, generator=generator, dtype=f.dtype, device=f.device
+            )
+            sampled = f + math.sqrt(0.5) * noise
+        else:
+            sampled = f.softmax(dim=1).multinomial(1, generator=generator).squeeze(1)
+        samples.append(loss_gradient(f, sampled, likelihood))
+    return torch.stack(samples, dim=1) / math.sqrt(mc_samples)

@@ -1,0 +1,40 @@
+"""Candidates: parsing specs and building Laplace objects."""
+
+from __future__ import annotations
+
+import pytest
+from laplace.baselaplace import BaseLaplace
+from torch import nn
+
+from ekfac_laplace import EKFACLLLaplace
+from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
+
+
+def test_candidate_parse():
+    assert Candidate.parse("map").is_map
+    candidate = Candidate.parse("ll_kron:mc")
+    assert (candidate.subset_of_weights, candidate.hessian_structure) == (
+        "last_layer",
+        "kron",
+    )
+    assert candidate.backend == "mc"
+    assert Candidate.parse("all_ekfac").backend == "ggn"
+    for spec in DEFAULT_CANDIDATES:
+        assert Candidate.parse(spec).name == spec
+    for bad in ("all", "some_kron", "all_block", "ll_kron:hessian", "all_ekfac:"):
+        with pytest.raises(ValueError, match="Unknown candidate"):
+            Candidate.parse(bad)
+    with pytest.raises(ValueError, match="no Laplace approximation"):
+        Candidate.parse("map").build(nn.Linear(2, 2), "classification")
+
+
+def test_build_gives_the_laplace_object_with_its_backend():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    la = Candidate.parse("ll_ekfac:mc").build(model, "classification")
+    assert isinstance(la, EKFACLLLaplace) and isinstance(la, BaseLaplace)
+    assert la.options.fisher_type == "mc"
+    regression = Candidate.parse("all_kron:ef").build(
+        model, "regression", sigma_noise=0.3
+    )
+    assert type(regression).__name__ == "KronLaplace"
+    assert float(regression.sigma_noise) == pytest.approx(0.3)
