@@ -73,7 +73,7 @@ def build(case: str, n_data: int, quick: bool = False, seed: int = 0):
         X = torch.randn(n_data, 784)
         classes = 10
     elif case == "cnn":
-        channels = 4 if quick else 16
+        channels, side = (4, 16) if quick else (16, 32)
         model = nn.Sequential(
             nn.Conv2d(3, channels, 3, padding=1),
             nn.ReLU(),
@@ -82,13 +82,15 @@ def build(case: str, n_data: int, quick: bool = False, seed: int = 0):
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(2 * channels * 8 * 8, 10),
+            nn.Linear(2 * channels * (side // 4) ** 2, 10),
         )
-        X = torch.randn(n_data, 3, 32, 32)
+        X = torch.randn(n_data, 3, side, side)
         classes = 10
     elif case == "last_layer_1000":
-        classes = 50 if quick else 1000
-        model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, classes))
+        classes, width = (50, 16) if quick else (1000, 512)
+        model = nn.Sequential(
+            nn.Linear(64, width), nn.ReLU(), nn.Linear(width, classes)
+        )
         X = torch.randn(n_data, 64)
     else:
         raise ValueError(f"unknown case {case!r}")
@@ -147,10 +149,12 @@ def measure(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict
             method="marglik", n_steps=100
         ),
     }
-    # Short phases are noisy: take the best of up to three runs within ~10 s.
+    # Short phases are noisy: take the best of up to three runs within ~10 s (one
+    # run in the --quick smoke test, which checks that everything runs).
+    max_runs = 1 if spec.get("quick", False) else 3
     runs: list[float] = []
     with PeakMemory() as memory:
-        while len(runs) < 3 and (not runs or sum(runs) < 10.0):
+        while len(runs) < max_runs and (not runs or sum(runs) < 10.0):
             start = time.perf_counter()
             actions[phase]()
             runs.append(time.perf_counter() - start)

@@ -24,6 +24,7 @@ the passes over the data set. Results are in the scale of the summed torch loss;
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -275,9 +276,7 @@ class FastEKFAC:
         generator = torch.Generator(device=device)
         generator.manual_seed(self.options.seed)
 
-        def curvature_fn(f: Tensor, y: Tensor) -> OutputCurvature:
-            return OutputCurvature(f, y, self.likelihood, self.options, generator)
-
+        curvature_fn = functools.partial(self._output_curvature, generator)
         loss = torch.zeros((), dtype=reference.dtype, device=device)
         for X, y in tqdm(batches, desc=description, disable=not self.progress_bar):
             y = y.to(device)
@@ -286,6 +285,11 @@ class FastEKFAC:
             loss = loss + self.loss_function(f, y)
             accumulator.batch_done(f.shape[0])
         return loss
+
+    def _output_curvature(
+        self, generator: torch.Generator, f: Tensor, y: Tensor
+    ) -> OutputCurvature:
+        return OutputCurvature(f, y, self.likelihood, self.options, generator)
 
     def _layer_bases(
         self, eigenbasis: list[tuple[Tensor, ...]]

@@ -206,6 +206,18 @@ class ParameterLayout:
         """Whether any parameter gets a diagonal block."""
         return bool(self.diagonal_modules)
 
+    def backprop_targets(self) -> list[Tensor]:
+        """One parameter per module of the layout (see :attr:`KroneckerLayer.target`).
+
+        Back-propagating to these makes the gradient flow to every module's output
+        while autograd skips the other weight gradients.
+
+        Returns:
+            The parameters, Kronecker layers first.
+        """
+        targets = [layer.target for layer in self.layers]
+        return targets + [entry.target for entry in self.diagonal_modules]
+
     def first_diagonal(self) -> ParameterBlock | None:
         """The first parameter with a diagonal block, for messages.
 

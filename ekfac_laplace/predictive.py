@@ -31,7 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.diagonal import restricted_gradients
-from ekfac_laplace.layout import ForwardCapture, ParameterLayout, layer_positions
+from ekfac_laplace.layout import (
+    ForwardCapture,
+    ParameterBlock,
+    ParameterLayout,
+    layer_positions,
+)
 from ekfac_laplace.matrix import EKFACDecomposed
 
 
@@ -68,46 +73,64 @@ def glm_predictive_variance(
     with capture:
         f = model(X)
     B, K = f.shape
-    targets = [layer.target for layer in layout.layers]
-    targets += [entry.target for entry in layout.diagonal_modules]
+    targets = layout.backprop_targets()
     for c in range(K):
         torch.autograd.grad(
             f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
         )
-    gradients = {
-        name: capture.take_gradients(name)
-        for name in [layer.name for layer in layout.layers]
-        + [entry.name for entry in layout.diagonal_modules]
-    }
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
     for index, (block, basis) in enumerate(zip(layout.blocks, precision.eigenvectors)):
+        output_gradients = capture.gradients.get(block.module)
+        if not output_gradients:
+            continue  # the module does not influence the outputs
         inverse = precision.powered_eigenvalues(index, -1)
-        module = model.get_submodule(block.module)
-        output_gradients = gradients[block.module]
-        if block.diagonal:
-            args, kwargs = capture.calls[block.module]
-            term = _diagonal_term(
-                module, block.name, args, kwargs, output_gradients, inverse, joint
-            )
-        else:
-            g = torch.stack(
-                [layer_positions(module, grad, False) for grad in output_gradients],
-                dim=1,
-            )  # (B, K, S, out)
-            g_rot = g @ basis[0]
-            if block.name == "bias":
-                term = _bias_term(g_rot, inverse, joint)
-            else:
-                a = layer_positions(module, capture.inputs[block.module], True)
-                a_rot = a @ basis[1]  # (B, S, in)
-                if a_rot.shape[1] == 1:
-                    term = _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
-                else:
-                    term = _shared_weight_term(g_rot, a_rot, inverse, joint)
-        variance = variance + term
+        variance = variance + _block_term(
+            model, block, basis, inverse, capture, output_gradients, joint
+        )
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
     return f.detach(), variance
+
+
+def _block_term(
+    model: nn.Module,
+    block: ParameterBlock,
+    basis: tuple[Tensor, ...],
+    inverse: Tensor,
+    capture: ForwardCapture,
+    output_gradients: list[Tensor],
+    joint: bool,
+) -> Tensor:
+    """The covariance term of one block, by its kind.
+
+    Args:
+        model: The network.
+        block: The parameter block.
+        basis: Its eigenvectors (``()``, ``(Q_G,)`` or ``(Q_G, Q_A)``).
+        inverse: ``S = 1/(hλ+δ)``, shaped like the block's eigenvalues.
+        capture: What the modules saw in the forward pass.
+        output_gradients: The module's output Jacobian row per output (``K``).
+        joint: Over all pairs of inputs, or per input.
+
+    Returns:
+        ``(B, K, B, K)`` or ``(B, K, K)``.
+    """
+    module = model.get_submodule(block.module)
+    if block.diagonal:
+        args, kwargs = capture.calls[block.module]
+        return _diagonal_term(
+            module, block.name, args, kwargs, output_gradients, inverse, joint
+        )
+    g = torch.stack(
+        [layer_positions(module, grad, False) for grad in output_gradients], dim=1
+    )  # (B, K, S, out)
+    g_rot = g @ basis[0]
+    if block.name == "bias":
+        return _bias_term(g_rot, inverse, joint)
+    a_rot = layer_positions(module, capture.inputs[block.module], True) @ basis[1]
+    if a_rot.shape[1] == 1:
+        return _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
+    return _shared_weight_term(g_rot, a_rot, inverse, joint)
 
 
 def _pair(per_input: str, joint: str, use_joint: bool) -> str:

@@ -6,7 +6,7 @@ approximations, tunes each prior precision by marginal likelihood and evaluates 
 probit GLM predictive with :func:`ekfac_laplace.evaluate`. It prints a
 table of accuracy, NLL, ECE, MCE and Brier score on the test set, and the NLL, ECE
 and accuracy on the test set rotated by each strength of
-``data.SHIFTS["rotation"]`` (15° to 60°), where a calibrated posterior should lose
+``shifts.SHIFTS["rotation"]`` (15° to 60°), where a calibrated posterior should lose
 confidence as fast as it loses accuracy. Figures: ``reliability.png``
 (reliability diagrams and confidence histograms on the test set) and
 ``rotation.png`` (NLL and ECE against the rotation angle).
@@ -27,7 +27,13 @@ from laplace import Laplace
 from torch.utils.data import DataLoader, TensorDataset
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-from ekfac_laplace.evaluation import classification_metrics, data, plotting, predict
+from ekfac_laplace.evaluation import (
+    classification_metrics,
+    data,
+    plotting,
+    predict,
+    shifts,
+)
 from ekfac_laplace.evaluation.models import mlp, train_map
 
 # laplace-torch reminds on every prior tuning that the default link is probit; we use
@@ -66,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     fit_loader = DataLoader(train, batch_size=256)
     test = TensorDataset(*(t[: args.n_test] for t in splits.test.tensors))
     test_sets = {0.0: test} | {
-        angle: data.shifted(test, "rotation", angle)
-        for angle in data.SHIFTS["rotation"]
+        angle: shifts.shifted(test, "rotation", angle)
+        for angle in shifts.SHIFTS["rotation"]
     }
 
     torch.manual_seed(args.seed)

@@ -27,12 +27,15 @@ import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
 warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
 
 
-def load_data(n_train: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
+def load_data(
+    n_train: int, n_test: int | None, seed: int
+) -> tuple[TensorDataset, TensorDataset]:
     digits = load_digits()
     X = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:n_train], order[n_train:]
+    end = None if n_test is None else n_train + n_test
+    train, test = order[:n_train], order[n_train:end]
     return TensorDataset(X[train], y[train]), TensorDataset(X[test], y[test])
 
 
@@ -80,12 +83,15 @@ def report(name: str, probs: torch.Tensor, y: torch.Tensor, extra: str = "") -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument(
+        "--n-test", type=int, default=None, help="test points (default: the rest)"
+    )
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    train, test = load_data(args.n_train, args.seed)
+    train, test = load_data(args.n_train, args.n_test, args.seed)
     model = train_map(train, args.hidden, args.epochs, args.seed)
     train_loader = DataLoader(train, batch_size=128)
     X_test, y_test = test.tensors

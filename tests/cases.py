@@ -8,6 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ekfac_laplace import EKFACFactors, EKFACOptions, compute_ekfac
+from ekfac_laplace.batches import LaplaceBatches
+
 
 @dataclass
 class Case:
@@ -33,6 +36,28 @@ class Case:
 
 def loader(X: Tensor, y: Tensor, batch_size: int = 5) -> DataLoader:
     return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=False)
+
+
+def fit_factors(
+    model: nn.Module,
+    params: list[Tensor],
+    X: Tensor,
+    y: Tensor,
+    likelihood: str,
+    batch_size: int = 5,
+    eigenbasis: list[tuple[Tensor, ...]] | None = None,
+    **options: object,
+) -> EKFACFactors:
+    """compute_ekfac over ``(X, y)`` with the options as keywords."""
+    return compute_ekfac(
+        model,
+        params,
+        LaplaceBatches(loader(X, y, batch_size)),
+        likelihood,
+        len(X),
+        EKFACOptions(**options),
+        eigenbasis=eigenbasis,
+    )
 
 
 def _mlp(bias: bool = True, n_out: int = 3) -> nn.Module:

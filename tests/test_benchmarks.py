@@ -16,25 +16,29 @@ def _module():
     return module
 
 
+def _run(benchmark, out: Path, *arguments: str) -> dict:
+    structures = ("--structures", "kron", "ekfac", "ekfac_cache")
+    assert benchmark.main(["--quick", *structures, "--out", str(out), *arguments]) == 0
+    return json.loads((out / "benchmark_quick.json").read_text())
+
+
 def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
+    """Every phase on the MLP; the CNN's fits and the wide last layer's marglik."""
     benchmark = _module()
-    code = benchmark.main(
-        [
-            "--quick",
-            "--structures",
-            "kron",
-            "ekfac",
-            "ekfac_cache",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    assert code == 0
+    payload = _run(benchmark, tmp_path, "--cases", "mlp")
     out = capsys.readouterr().out
     assert "| mlp | glm128 |" in out and "EKFAC/Kron time" in out
-    payload = json.loads((tmp_path / "benchmark_quick.json").read_text())
     assert payload["machine"]["torch"]
-    phases = {(row["case"], row["structure"], row["phase"]) for row in payload["rows"]}
-    assert ("last_layer_1000", "ekfac", "marglik100") in phases
-    assert ("cnn", "ekfac_cache", "fit_ggn") in phases
+    phases = {row["phase"] for row in payload["rows"]}
+    assert phases == set(benchmark.PHASES)
+    payload = _run(
+        benchmark,
+        tmp_path,
+        *("--cases", "cnn", "last_layer_1000"),
+        *("--phases", "fit_ggn", "marglik100"),
+    )
+    rows = {(row["case"], row["structure"], row["phase"]) for row in payload["rows"]}
+    assert ("last_layer_1000", "ekfac", "marglik100") in rows
+    assert ("cnn", "ekfac_cache", "fit_ggn") in rows
     assert all(row["seconds"] >= 0 for row in payload["rows"])
+    assert all(row["peak_rss_mib"] > 0 for row in payload["rows"])

@@ -6,29 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from ekfac_laplace import EKFACOptions, compute_ekfac
-from ekfac_laplace.batches import LaplaceBatches
+from ekfac_laplace._compat import has_module_hooks
 from ekfac_laplace.factors import likelihood_loss
-from tests.cases import CASE_IDS, CASES, Case, last_layer_params, loader
+from tests.cases import CASE_IDS, CASES, Case, fit_factors, last_layer_params
 from tests.utils import (
     assert_close,
     corrected_eigenvalues,
     ekfac_in_basis,
     reference_ekfac,
 )
-
-
-def _fit(model, params, X, y, likelihood, batch_size=5, eigenbasis=None, **options):
-    batches = LaplaceBatches(loader(X, y, batch_size))
-    return compute_ekfac(
-        model,
-        params,
-        batches,
-        likelihood,
-        len(X),
-        EKFACOptions(**options),
-        eigenbasis=eigenbasis,
-    )
 
 
 def _subsets(model: nn.Module) -> dict[str, list[torch.Tensor]]:
@@ -58,7 +44,7 @@ def test_ekfac_matches_dense_reference(
 ):
     model, X, y = case.make()
     params = _subsets(model)[subset]
-    factors = _fit(
+    factors = fit_factors(
         model,
         params,
         X,
@@ -95,7 +81,7 @@ def test_ekfac_matches_dense_reference(
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_loss_is_laplace_torch_data_term(case: Case, engine: str):
     model, X, y = case.make()
-    factors = _fit(
+    factors = fit_factors(
         model, list(model.parameters()), X, y, case.likelihood, engine=engine
     )
     loss_function, factor = likelihood_loss(case.likelihood)
@@ -111,7 +97,7 @@ def test_batch_size_invariance(case: Case, fisher_type: str, engine: str):
     model, X, y = case.make()
     params = list(model.parameters())
     results = [
-        _fit(
+        fit_factors(
             model,
             params,
             X,
@@ -131,31 +117,21 @@ def test_batch_size_invariance(case: Case, fisher_type: str, engine: str):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_monte_carlo_fisher_is_seeded_and_unbiased(engine: str):
-    """Seeded; with many samples, close to the exact GGN's EKFAC (the engines'
-    label samplers are compared against each other below)."""
+def test_monte_carlo_fisher_is_seeded(engine: str):
+    """Same seed, same labels (whatever the global generator); another seed differs.
+    That the estimate is unbiased, with the right variance, is tested against the
+    exact moments in tests/test_curvlinops_engine.py."""
     case = CASES[0]
     model, X, y = case.make()
     params = list(model.parameters())
     mc = {"fisher_type": "mc", "engine": engine}
-    first = _fit(model, params, X, y, case.likelihood, seed=3, **mc)
-    again = _fit(model, params, X, y, case.likelihood, seed=3, **mc)
-    other = _fit(model, params, X, y, case.likelihood, seed=4, **mc)
+    first = fit_factors(model, params, X, y, case.likelihood, seed=3, **mc)
+    torch.manual_seed(1)
+    again = fit_factors(model, params, X, y, case.likelihood, seed=3, **mc)
+    other = fit_factors(model, params, X, y, case.likelihood, seed=4, **mc)
     for a, b, c in zip(first.eigenvalues, again.eigenvalues, other.eigenvalues):
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
-    # Many samples: the MC Fisher's dense EKFAC approaches the exact-GGN EKFAC
-    # computed in the same eigenbasis (the eigenbases themselves differ slightly).
-    if engine == "curvlinops":
-        return  # slow with many samples; its sampler is checked against ours below
-    many = _fit(model, params, X, y, case.likelihood, mc_samples=4000, seed=0, **mc)
-    ref = reference_ekfac(model, params, X, y, case.likelihood, "type2")
-    for index, basis in enumerate(many.eigenvectors):
-        expected = corrected_eigenvalues(ref["exact"][index], basis)
-        relative = (
-            many.eigenvalues[index].flatten() - expected
-        ).norm() / expected.norm()
-        assert relative < 0.1
 
 
 @pytest.mark.parametrize("fisher_type", ["type2", "empirical"])
@@ -167,7 +143,7 @@ def test_ekfac_never_further_from_exact_than_kfac(case: Case, fisher_type: str):
         model, params, X, y, case.likelihood, fisher_type, case.kfac_approx
     )
     ours = _dense_blocks(
-        _fit(
+        fit_factors(
             model,
             params,
             X,
@@ -194,7 +170,7 @@ def test_ekfac_equals_kfac_where_kfac_is_exact():
     model, X, y = case.make()
     params = list(model.parameters())
     ref = reference_ekfac(model, params, X, y, "regression")
-    ours = _dense_blocks(_fit(model, params, X, y, "regression"))
+    ours = _dense_blocks(fit_factors(model, params, X, y, "regression"))
     for exact, kfac, ekfac in zip(ref["exact"], ref["kfac"], ours):
         assert_close(kfac, exact)
         assert_close(ekfac, exact)
@@ -205,8 +181,8 @@ def test_online_eigenbasis_gives_eigenvalues_in_that_basis(engine: str):
     case = CASES[0]
     model, X, y = case.make()
     params = list(model.parameters())
-    first = _fit(model, params, X[:6], y[:6], case.likelihood, engine=engine)
-    second = _fit(
+    first = fit_factors(model, params, X[:6], y[:6], case.likelihood, engine=engine)
+    second = fit_factors(
         model,
         params,
         X[6:],
@@ -229,23 +205,25 @@ def test_errors_name_the_problem():
     model, X, y = case.make()
     params = list(model.parameters())
     with pytest.raises(ValueError, match="fisher_type"):
-        _fit(model, params, X, y, case.likelihood, fisher_type="gauss")
+        fit_factors(model, params, X, y, case.likelihood, fisher_type="gauss")
     with pytest.raises(ValueError, match="kfac_approx"):
-        _fit(model, params, X, y, case.likelihood, kfac_approx="both")
+        fit_factors(model, params, X, y, case.likelihood, kfac_approx="both")
     with pytest.raises(ValueError, match="mc_samples=3 only applies"):
-        _fit(model, params, X, y, case.likelihood, mc_samples=3)
+        fit_factors(model, params, X, y, case.likelihood, mc_samples=3)
     with pytest.raises(ValueError, match="positive integer"):
-        _fit(model, params, X, y, case.likelihood, fisher_type="mc", mc_samples=0)
+        fit_factors(
+            model, params, X, y, case.likelihood, fisher_type="mc", mc_samples=0
+        )
     with pytest.raises(ValueError, match="likelihoods"):
-        _fit(model, params, X, y, "reward_modeling")
+        fit_factors(model, params, X, y, "reward_modeling")
     with pytest.raises(ValueError, match="eigenbasis has 1 blocks"):
-        _fit(model, params, X, y, case.likelihood, eigenbasis=[(torch.eye(5),)])
+        fit_factors(model, params, X, y, case.likelihood, eigenbasis=[(torch.eye(5),)])
 
     # With unsupported_layers="raise", layers without a Kronecker factorisation are
     # refused by name (the default gives them diagonal blocks: tests/test_diagonal).
     normed = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match=r"'1.weight' belongs to a LayerNorm"):
-        _fit(
+        fit_factors(
             normed,
             list(normed.parameters()),
             X,
@@ -254,7 +232,7 @@ def test_errors_name_the_problem():
             unsupported_layers="raise",
         )
     with pytest.raises(ValueError, match="Unknown unsupported_layers"):
-        _fit(model, params, X, y, case.likelihood, unsupported_layers="ignore")
+        fit_factors(model, params, X, y, case.likelihood, unsupported_layers="ignore")
 
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
     reflect = nn.Sequential(
@@ -262,7 +240,7 @@ def test_errors_name_the_problem():
     ).double()
     for model, message in ((grouped, "groups=2"), (reflect, "padding_mode='reflect'")):
         with pytest.raises(ValueError, match=message):
-            _fit(
+            fit_factors(
                 model,
                 list(model.parameters()),
                 torch.randn(3, 2, 3, 3).double(),
@@ -279,7 +257,9 @@ def test_non_finite_curvature_names_the_layer(engine: str):
     X = X.clone()
     X[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layer '0' is not finite"):
-        _fit(model, list(model.parameters()), X, y, case.likelihood, engine=engine)
+        fit_factors(
+            model, list(model.parameters()), X, y, case.likelihood, engine=engine
+        )
 
 
 def test_foreign_parameters_are_refused():
@@ -287,17 +267,7 @@ def test_foreign_parameters_are_refused():
     model, X, y = case.make()
     stranger = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="not a parameter of the model"):
-        _fit(model, [stranger], X, y, case.likelihood)
-
-
-def test_compat_fails_loudly_on_an_unknown_curvlinops():
-    from ekfac_laplace import _compat
-
-    class Changed:
-        pass
-
-    with pytest.raises(RuntimeError, match="curvlinops-for-pytorch"):
-        _compat.set_kronecker_eigenbasis(Changed(), {}, {})
+        fit_factors(model, [stranger], X, y, case.likelihood)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -306,7 +276,7 @@ def test_a_failing_pass_leaves_no_hooks_on_the_model(engine: str):
     model, X, y = case.make()
     bad_targets = torch.full_like(y, 7)  # class 7 of 3: cross-entropy fails mid-pass
     with pytest.raises((IndexError, RuntimeError)):
-        _fit(
+        fit_factors(
             model,
             list(model.parameters()),
             X,
@@ -314,101 +284,4 @@ def test_a_failing_pass_leaves_no_hooks_on_the_model(engine: str):
             case.likelihood,
             engine=engine,
         )
-    for module in model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
-
-
-MLP_CASES = [case for case in CASES if "mlp" in case.tags]
-ENGINE_CASES = [(case, ft) for case in CASES for ft in ("type2", "empirical")] + [
-    (case, "mc") for case in MLP_CASES
-]
-
-
-@pytest.mark.parametrize(
-    ("case", "fisher_type"),
-    ENGINE_CASES,
-    ids=[f"{case.name}-{ft}" for case, ft in ENGINE_CASES],
-)
-def test_fast_engine_equals_curvlinops(case: Case, fisher_type: str):
-    model, X, y = case.make()
-    params = list(model.parameters())
-    options = {"fisher_type": fisher_type, "kfac_approx": case.kfac_approx}
-    if fisher_type == "mc":
-        # The label samplers differ; fix the basis and compare with many samples.
-        base = _fit(model, params, X, y, case.likelihood, **options)
-        options.update(eigenbasis=base.eigenvectors, mc_samples=3000, seed=0)
-    fast = _fit(model, params, X, y, case.likelihood, engine="fast", **options)
-    reference = _fit(
-        model, params, X, y, case.likelihood, engine="curvlinops", **options
-    )
-    if fisher_type == "mc":
-        for ours, theirs in zip(fast.eigenvalues, reference.eigenvalues):
-            assert (ours - theirs).norm() / theirs.norm() < 0.1
-    else:
-        assert_close(
-            fast.to_decomposed().to_matrix(), reference.to_decomposed().to_matrix()
-        )
-    assert_close(fast.loss, reference.loss)
-
-
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_cached_and_two_pass_corrections_agree(case: Case):
-    model, X, y = case.make()
-    params = list(model.parameters())
-    cached = _fit(
-        model,
-        params,
-        X,
-        y,
-        case.likelihood,
-        kfac_approx=case.kfac_approx,
-        cache_budget_bytes=2**30,
-    )
-    two_pass = _fit(
-        model,
-        params,
-        X,
-        y,
-        case.likelihood,
-        kfac_approx=case.kfac_approx,
-        cache_budget_bytes=0,
-    )
-    small = _fit(
-        model,
-        params,
-        X,
-        y,
-        case.likelihood,
-        kfac_approx=case.kfac_approx,
-        cache_budget_bytes=2000,  # the first batch projects more than that
-    )
-    for a, b, c in zip(cached.eigenvalues, two_pass.eigenvalues, small.eigenvalues):
-        assert_close(a, b)
-        assert_close(a, c)
-    with pytest.raises(ValueError, match="engine"):
-        _fit(model, params, X, y, case.likelihood, engine="backpack")
-
-
-class _ScaledInPlace(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        out = self.head(self.body(x))
-        out *= 2.0  # the head's output is modified in place: not the raw output
-        return out
-
-
-def test_output_layer_shortcut_is_not_fooled_by_in_place_changes():
-    torch.manual_seed(0)
-    model = _ScaledInPlace().double()
-    X = torch.randn(10, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (10,))
-    params = list(model.parameters())
-    factors = _fit(model, params, X, y, "classification")
-    ref = reference_ekfac(model, params, X, y, "classification")
-    for index, basis in enumerate(factors.eigenvectors):
-        expected = corrected_eigenvalues(ref["exact"][index], basis).clamp_min(0)
-        assert_close(factors.eigenvalues[index].flatten(), expected)
+    assert not any(has_module_hooks(module) for module in model.modules())

@@ -12,7 +12,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 SMALL_ARGUMENTS = {
-    "example_quickstart.py": ["--n-train", "200", "--hidden", "16", "--epochs", "2"],
+    "example_quickstart.py": [
+        *("--n-train", "200", "--n-test", "200", "--hidden", "16", "--epochs", "2"),
+    ],
     "example_regression.py": ["--n-train", "30", "--hidden", "8", "--epochs", "20"],
     "example_classification_2d.py": [
         *("--n-train", "40", "--hidden", "8", "--epochs", "3"),

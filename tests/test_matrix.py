@@ -162,3 +162,20 @@ def test_lazy_scale_survives_addition_and_repeated_multiplication():
     identity = torch.eye(base.n_params, dtype=torch.float64)
     assert_close(chained.to_matrix(), 1.5 * (2.0 * base.to_matrix() + 0.3 * identity))
     assert chained.eigenvalues[0] is base.eigenvalues[0]  # no copy of the spectrum
+
+
+def test_state_round_trip_is_plain_tensors():
+    matrix = _random_ekfac(shapes=((3, 4), (3,)))
+    identity = EKFACDecomposed([()], [torch.rand(2, 2, dtype=torch.float64)])
+    matrix = EKFACDecomposed(
+        [*matrix.eigenvectors, ()], [*matrix.eigenvalues, identity.eigenvalues[0]]
+    )  # a weight, a bias and a diagonal block
+    state = matrix.to_state()
+    assert isinstance(state, list)
+    assert all(isinstance(t, torch.Tensor) for block in state for t in block)
+    assert [len(block) for block in state] == [3, 2, 1]
+    restored = EKFACDecomposed.from_state(state)
+    assert_close(restored.to_matrix(), matrix.to_matrix())
+    for bad in (None, [], [("not a tensor",)], {"eigenvectors": []}, [()]):
+        with pytest.raises(ValueError, match="no EKFAC eigenvectors and eigenvalues"):
+            EKFACDecomposed.from_state(bad)

@@ -273,3 +273,49 @@ def glm_log_likelihood(
         )
     loss = F.cross_entropy(f, y, reduction="sum")
     return -loss / temperature
+
+
+def mc_fisher_moments(
+    model: nn.Module,
+    params: list[Tensor],
+    X: Tensor,
+    likelihood: str,
+    eigenvectors: list[tuple[Tensor, ...]],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Exact mean and variance of one-label Monte-Carlo corrected eigenvalues.
+
+    With one sampled label per example, the corrected eigenvalue of direction ``i``
+    of a block is ``λ̂_i = Σ_n X_{n,i}`` with ``X_{n,i} = (u_{n,i}ᵀ v_n)²``, where
+    ``u_{n,i}`` is column ``i`` of the rotated Jacobian ``J_n Q`` and ``v_n`` the
+    sampled loss gradient (laplace-torch's scale). For cross-entropy
+    ``v = p − e_y`` with ``y ~ Cat(p)``: both moments are sums over the ``C`` labels.
+    For the Gaussian (½·MSE) ``v = ε ~ N(0, I)``: ``X = (uᵀε)²`` has mean ``|u|²`` and
+    variance ``2|u|⁴``. With ``S`` labels per example the estimator averages ``S``
+    such terms: mean unchanged, variance divided by ``S``.
+
+    Returns:
+        Per block, the mean (the exact GGN's corrected eigenvalues) and the variance
+        of ``λ̂`` for one label per example, both flattened.
+    """
+    J, f = jacobians(model, params, X)  # (N, C, P)
+    means, variances = [], []
+    start = 0
+    for basis in eigenvectors:
+        size = 1
+        for q in basis:
+            size *= q.shape[0]
+        Q = torch.kron(basis[0], basis[1]) if len(basis) == 2 else basis[0]
+        U = J[:, :, start : start + size] @ Q  # (N, C, size)
+        start += size
+        if likelihood == "regression":
+            squared = U.square().sum(1)  # |u|², (N, size)
+            mean, second = squared, 3 * squared.square()
+        else:
+            p = f.softmax(-1)  # (N, C)
+            # X(y) = (uᵀp − u_y)² for each label y: (N, C, size)
+            values = (torch.einsum("nc,ncs->ns", p, U).unsqueeze(1) - U).square()
+            mean = torch.einsum("nc,ncs->ns", p, values)
+            second = torch.einsum("nc,ncs->ns", p, values.square())
+        means.append(mean.sum(0))
+        variances.append((second - mean.square()).sum(0))
+    return means, variances

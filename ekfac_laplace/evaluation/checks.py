@@ -1,15 +1,17 @@
 """Validation of the evaluation side's inputs: one message per kind of mistake.
 
-Every metric, figure and predictor check their inputs here, so that the same mistake
-(logits instead of probabilities, labels out of range, mismatched shapes) gets the
-same message wherever it is made.
+Every metric, figure, predictor and data generator checks its inputs here, so that
+the same mistake (logits instead of probabilities, labels out of range, mismatched
+shapes, a bad seed or fraction) gets the same message wherever it is made.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -249,3 +251,124 @@ def check_levels(levels: Iterable[float] | None) -> tuple[float, ...]:
     if not levels:
         raise ValueError("levels must not be empty; pass e.g. (0.5, 0.9, 0.95).")
     return tuple(check_level(level, "every level") for level in levels)
+
+
+# ------------------------------------------------------------ data generation
+def check_seed(seed: int) -> None:
+    """A seed for numpy and scikit-learn: an integer in ``[0, 2**32)``.
+
+    Args:
+        seed: The seed.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed must be an int, got {seed!r}; pass e.g. seed=0.")
+    if not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed must lie in [0, 2**32), got {seed}; pass a non-negative seed."
+        )
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """A floating-point torch dtype.
+
+    Args:
+        dtype: The dtype.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch dtype, got {dtype!r}; pass e.g. "
+            "torch.float32 or torch.float64."
+        )
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Validation and test fractions in ``(0, 1)`` that leave training data.
+
+    Args:
+        val_fraction: Fraction of all examples for validation.
+        test_fraction: Fraction of all examples for testing.
+
+    Raises:
+        ValueError: If either lies outside ``(0, 1)`` or they sum to 1 or more.
+    """
+    for name, value in (
+        ("val_fraction", val_fraction),
+        ("test_fraction", test_fraction),
+    ):
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"{name} must lie strictly between 0 and 1, got {value}; pass e.g. "
+                f"{name}=0.2."
+            )
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be below 1 to leave training data, got "
+            f"{val_fraction} + {test_fraction} = {val_fraction + test_fraction}; "
+            "lower one of them."
+        )
+
+
+def check_positive_int(name: str, value: int, minimum: int = 1) -> None:
+    """An integer of at least ``minimum``.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value.
+        minimum: The smallest allowed value.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(
+            f"{name} must be at least {minimum}, got {value}; pass a larger {name}."
+        )
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """A finite number ``>= 0``.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite non-negative number, got {value}; pass "
+            f"{name} >= 0."
+        )
+
+
+def check_interval(name: str, interval: tuple[float, float]) -> tuple[float, float]:
+    """A finite interval ``(low, high)`` with ``low < high``.
+
+    Args:
+        name: The argument's name, for the message.
+        interval: The pair.
+
+    Returns:
+        ``(low, high)`` as floats.
+
+    Raises:
+        ValueError: Otherwise.
+    """
+    if len(interval) != 2:
+        raise ValueError(f"{name} must be a pair (low, high), got {interval!r}.")
+    low, high = float(interval[0]), float(interval[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"{name} must be a finite interval (low, high) with low < high, got "
+            f"{interval!r}; swap or widen the bounds."
+        )
+    return low, high

@@ -15,9 +15,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
+from laplace.baselaplace import BaseLaplace
 from torch import nn
 
 from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
@@ -28,8 +29,10 @@ from ekfac_laplace.evaluation.comparison import (
     residual_noise_scale,
     tune_prior,
 )
+from ekfac_laplace.evaluation.metrics import Predictions
 from ekfac_laplace.evaluation.problems import DATASETS, Problem, load_problem
 from ekfac_laplace.evaluation.report import SELECTION_CRITERIA
+from ekfac_laplace.evaluation.sampling import SampleCheck
 
 DEFAULT_OUT = "ekfac-laplace-results"
 
@@ -65,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", parser_class=_Parser
     )
     commands.required = True
+    common = _common_arguments()
+    _add_compare_command(commands, common)
+    _add_sample_command(commands, common)
+    return parser
 
+
+def _common_arguments() -> argparse.ArgumentParser:
+    """The data, model and output arguments both commands share."""
     common = _Parser(add_help=False)
     data = common.add_argument_group("data and model")
     data.add_argument(
@@ -110,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--quiet", action="store_true", help="no progress bars, only the results"
     )
+    return common
 
+
+def _add_compare_command(commands: Any, common: argparse.ArgumentParser) -> None:
     compare = commands.add_parser(
         "compare",
         parents=[common],
@@ -151,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(handler=run_compare)
 
+
+def _add_sample_command(commands: Any, common: argparse.ArgumentParser) -> None:
     sample = commands.add_parser(
         "sample",
         parents=[common],
@@ -175,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the samples (n_samples x n_params) to samples.pt",
     )
     sample.set_defaults(handler=run_sample)
-    return parser
 
 
 def _add_laplace_options(
@@ -302,50 +316,18 @@ def run_sample(args: argparse.Namespace) -> int:
     Returns:
         Exit status 0.
     """
-    from laplace import Laplace
-
     from ekfac_laplace.evaluation.figures import write_sample_plot
-    from ekfac_laplace.evaluation.metrics import metrics_of
-    from ekfac_laplace.evaluation.predictions import predict
     from ekfac_laplace.evaluation.sampling import check_samples
 
     torch.manual_seed(args.seed)
     problem = load_problem(args.dataset, args.seed, args.batch_size)
     model = map_model(args, problem)
-    likelihood = problem.likelihood
-    la = Laplace(
-        model,
-        likelihood,
-        subset_of_weights=args.subset,
-        hessian_structure="ekfac",
-        sigma_noise=residual_noise_scale(model, problem.train_loader)
-        if likelihood == "regression"
-        else 1,
+    la = _fitted_ekfac(args, model, problem)
+    samples = la.sample(
+        args.n_samples, generator=torch.Generator().manual_seed(args.seed)
     )
-    la.fit(problem.train_loader, progress_bar=not args.quiet)
-    settings = EvaluationSettings(
-        prior_tuning=args.prior_tuning, prior_structure=args.prior_structure
-    )
-    tune_prior(la, settings)
-    generator = torch.Generator().manual_seed(args.seed)
-    samples = la.sample(args.n_samples, generator=generator)
     check = check_samples(la, samples)
-
-    metrics: dict[str, dict[str, float]] = {}
-    predictions = {}
-    for name, options in {
-        "map": {"likelihood": likelihood, "sigma_noise": float(la.sigma_noise)},
-        "glm": {"pred_type": "glm", "link_approx": "probit"},
-        "samples": {
-            "pred_type": "nn",
-            "link_approx": "mc",
-            "n_samples": args.n_samples,
-        },
-    }.items():
-        predictor = model if name == "map" else la
-        torch.manual_seed(args.seed)
-        predictions[name] = predict(predictor, problem.test_loader, **options)
-        metrics[name] = metrics_of(predictions[name])
+    predictions, metrics = _sample_predictives(args, model, la, problem)
     summary = {
         "dataset": args.dataset,
         "model": args.model,
@@ -370,8 +352,67 @@ def run_sample(args: argparse.Namespace) -> int:
         written.append(args.out / "samples.pt")
     if not args.no_plots:
         written.append(write_sample_plot(predictions, check, args.out / "samples.png"))
-
     print(f"\n{problem.splits.description}")
+    _print_sample_summary(args, summary, check, metrics)
+    print("\nWrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _fitted_ekfac(
+    args: argparse.Namespace, model: nn.Module, problem: Problem
+) -> BaseLaplace:
+    """EKFAC Laplace on the problem's training data, its prior tuned as asked."""
+    from laplace import Laplace
+
+    sigma_noise = 1.0
+    if problem.likelihood == "regression":
+        sigma_noise = residual_noise_scale(model, problem.train_loader)
+    la = Laplace(
+        model,
+        problem.likelihood,
+        subset_of_weights=args.subset,
+        hessian_structure="ekfac",
+        sigma_noise=sigma_noise,
+    )
+    la.fit(problem.train_loader, progress_bar=not args.quiet)
+    settings = EvaluationSettings(
+        prior_tuning=args.prior_tuning, prior_structure=args.prior_structure
+    )
+    tune_prior(la, settings)
+    return la
+
+
+def _sample_predictives(
+    args: argparse.Namespace, model: nn.Module, la: BaseLaplace, problem: Problem
+) -> tuple[dict[str, Predictions], dict[str, dict[str, float]]]:
+    """Test predictions and metrics of the MAP, the GLM and the sampled networks."""
+    from ekfac_laplace.evaluation.metrics import metrics_of
+    from ekfac_laplace.evaluation.predictions import predict
+
+    options = {
+        "map": {"likelihood": problem.likelihood, "sigma_noise": float(la.sigma_noise)},
+        "glm": {"pred_type": "glm", "link_approx": "probit"},
+        "samples": {
+            "pred_type": "nn",
+            "link_approx": "mc",
+            "n_samples": args.n_samples,
+        },
+    }
+    predictions, metrics = {}, {}
+    for name, kwargs in options.items():
+        predictor = model if name == "map" else la
+        torch.manual_seed(args.seed)
+        predictions[name] = predict(predictor, problem.test_loader, **kwargs)
+        metrics[name] = metrics_of(predictions[name])
+    return predictions, metrics
+
+
+def _print_sample_summary(
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    check: SampleCheck,
+    metrics: dict[str, dict[str, float]],
+) -> None:
     print(
         f"EKFAC Laplace ({args.subset} weights, {summary['n_params']:,} parameters), "
         f"{args.n_samples} samples; log marginal likelihood "
@@ -392,8 +433,6 @@ def run_sample(args: argparse.Namespace) -> int:
             "('glm') one, as is common for wide all-weights posteriors (Immer et al., "
             "2021); the GLM predictive is the one consistent with the GGN posterior."
         )
-    print("\nWrote " + ", ".join(str(path) for path in written))
-    return 0
 
 
 def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ekfac_laplace.evaluation import data
+from ekfac_laplace.evaluation import data, shifts
 from ekfac_laplace.evaluation.comparison import EvaluationData
 
 DATASETS = ("digits", "moons", "toy1d", "diabetes")
@@ -102,12 +102,12 @@ def load_problem(name: str, seed: int = 0, batch_size: int = 64) -> Problem:
         loader(splits.test),
     )
     if name == "digits":
-        problem.ood_loader = loader(data.load_ood_patches(seed=seed))
+        problem.ood_loader = loader(shifts.load_ood_patches(seed=seed))
         problem.shift_loaders = {
             kind: {
-                strength: loader(data.shifted(splits.test, kind, strength, seed=seed))
+                strength: loader(shifts.shifted(splits.test, kind, strength, seed=seed))
                 for strength in strengths
             }
-            for kind, strengths in data.SHIFTS.items()
+            for kind, strengths in shifts.SHIFTS.items()
         }
     return problem

@@ -1,0 +1,172 @@
+"""The engine's accumulators: factors, cache, corrections, diagonal squares, eigh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ekfac_laplace.accumulators import (
+    CorrectionAccumulator,
+    DiagonalSquares,
+    FactorAccumulator,
+    robust_eigenvectors,
+)
+from ekfac_laplace.layout import DiagonalModule, KroneckerLayer
+from ekfac_laplace.options import EKFACOptions, KFACApprox
+from ekfac_laplace.output_curvature import OutputCurvature
+from tests.utils import assert_close
+
+F64 = torch.float64
+B, S, D_IN, D_OUT, K = 5, 3, 4, 2, 3
+
+
+def _layer(weight: bool = True, bias: bool = True) -> KroneckerLayer:
+    return KroneckerLayer(
+        "layer",
+        nn.Linear(D_IN, D_OUT),
+        weight_index=0 if weight else None,
+        bias_index=1 if bias else None,
+    )
+
+
+def _data(positions: int = S):
+    torch.manual_seed(0)
+    a = torch.randn(B, positions, D_IN, dtype=F64)
+    g = torch.randn(K, B, positions, D_OUT, dtype=F64)
+    return a, g
+
+
+def _feed(accumulator, layer, a, g) -> None:
+    accumulator.begin(layer, a)
+    for g_k in g:
+        accumulator.gradient(layer, a, g_k)
+    accumulator.end(layer, a)
+    accumulator.batch_done(a.shape[0])
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=generator))[0]
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_factor_accumulator_sums_the_kronecker_factors(kfac_approx):
+    a, g = _data()
+    layer = _layer()
+    factors = FactorAccumulator([layer], KFACApprox(kfac_approx), 0, num_data=B)
+    _feed(factors, layer, a, g)
+    if kfac_approx == "expand":
+        A = torch.einsum("bsi,bsj->ij", a, a)
+        G = torch.einsum("kbsi,kbsj->ij", g, g)
+    else:
+        A = a.mean(1).T @ a.mean(1)
+        G = torch.einsum("kbi,kbj->ij", g.sum(2), g.sum(2))
+    assert_close(factors.input_factors["layer"], A)
+    assert_close(factors.gradient_factors["layer"], G)
+    q_g, q_a = factors.eigenbases()["layer"]
+    for q, M in ((q_g, G), (q_a, A)):
+        rotated = q.T @ M @ q
+        assert_close(rotated - torch.diag(torch.diagonal(rotated)), torch.zeros_like(M))
+    # Without the weight in the posterior there is no input factor.
+    bias_only = _layer(weight=False)
+    factors = FactorAccumulator([bias_only], KFACApprox.EXPAND, 0, num_data=B)
+    _feed(factors, bias_only, a, g)
+    assert "layer" not in factors.input_factors
+    assert factors.eigenbases()["layer"][1] is None
+
+
+def test_cache_is_projected_from_the_first_batch_and_dropped_over_budget():
+    a, g = _data()
+    layer = _layer()
+    per_batch = (a.numel() + g.numel()) * 8
+    fits = FactorAccumulator([layer], KFACApprox.EXPAND, 3 * per_batch, num_data=2 * B)
+    fits.plan({"layer": a}, [layer], K)
+    assert fits.caching
+    _feed(fits, layer, a, g)
+    assert fits.cache_bytes == per_batch and len(fits.cache["layer"]) == 1
+    cached_a, cached_g = fits.cache["layer"][0]
+    assert torch.equal(cached_a, a) and torch.equal(cached_g, g.transpose(0, 1))
+    # Projected over budget from the first batch: never starts caching.
+    too_small = FactorAccumulator([layer], KFACApprox.EXPAND, per_batch, num_data=2 * B)
+    too_small.plan({"layer": a}, [layer], K)
+    assert not too_small.caching
+    # A projection that was too low: the cache is dropped once over budget.
+    fits.plan({"layer": a}, [layer], K)  # only the first batch projects
+    for _ in range(3):
+        _feed(fits, layer, a, g)
+    assert not fits.caching and fits.cache["layer"] == []
+
+
+@pytest.mark.parametrize("positions", [1, S])
+def test_correction_accumulator_squares_rotated_per_example_gradients(positions):
+    a, g = _data(positions)
+    layer = _layer()
+    q_g, q_a = _orthogonal(D_OUT, 1), _orthogonal(D_IN, 2)
+    correction = CorrectionAccumulator({"layer": (q_g, q_a)})
+    _feed(correction, layer, a, g)
+    per_example = torch.einsum("kbso,kbsi->kboi", g, a.expand(K, -1, -1, -1))
+    rotated = q_g.T @ per_example @ q_a
+    assert_close(correction.weight_corrections["layer"], rotated.square().sum((0, 1)))
+    bias = (g.sum(2) @ q_g).square().sum((0, 1))
+    assert_close(correction.bias_corrections["layer"], bias)
+
+
+def test_replay_and_the_output_layer_closed_form_equal_a_second_pass():
+    torch.manual_seed(0)
+    f = torch.randn(B, D_OUT, dtype=F64)
+    curvature = OutputCurvature(
+        f, torch.zeros(B, dtype=torch.long), "classification", EKFACOptions(), None
+    )
+    a = torch.randn(B, 1, D_IN, dtype=F64)
+    layer = _layer()
+    bases = {"layer": (_orthogonal(D_OUT, 3), _orthogonal(D_IN, 4))}
+    # The output layer's closed form against its vectors fed as gradients.
+    closed = CorrectionAccumulator(bases)
+    closed.output(layer, a, curvature)
+    explicit = CorrectionAccumulator(bases)
+    vectors = curvature.vectors().transpose(0, 1).unsqueeze(2)  # (K, B, 1, C)
+    _feed(explicit, layer, a, vectors)
+    for name in ("weight_corrections", "bias_corrections"):
+        assert_close(getattr(closed, name)["layer"], getattr(explicit, name)["layer"])
+    # Replaying a cache (an output-layer entry and a hidden-layer entry).
+    hidden_a, g = _data()
+    replayed = CorrectionAccumulator(bases)
+    cache = [(a, curvature), (hidden_a, g.transpose(0, 1))]
+    replayed.replay(layer, cache)
+    assert cache == []
+    second_pass = CorrectionAccumulator(bases)
+    second_pass.output(layer, a, curvature)
+    _feed(second_pass, layer, hidden_a, g)
+    assert_close(
+        replayed.weight_corrections["layer"], second_pass.weight_corrections["layer"]
+    )
+
+
+def test_diagonal_squares_sum_per_example_gradient_squares():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(4).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    entry = DiagonalModule("norm", norm, ["weight", "bias"], [0, 1])
+    x = torch.randn(B, 3, 4, dtype=F64)
+    g = torch.randn(B, 3, 4, dtype=F64)
+    squares = DiagonalSquares([entry])
+    squares.add(entry, ((x,), {}), g)
+    params = {name: p.detach() for name, p in norm.named_parameters()}
+
+    def inner(p, x_n, g_n):
+        return (functional_call(norm, p, (x_n,)) * g_n).sum()
+
+    per_example = vmap(grad(inner), in_dims=(None, 0, 0))(params, x, g)
+    for name, total in zip(entry.param_names, squares.squares["norm"]):
+        assert_close(total, per_example[name].square().sum(0))
+
+
+def test_robust_eigenvectors_refuses_non_finite_factors():
+    with pytest.raises(ValueError, match="input factor of layer 'x' is not finite"):
+        robust_eigenvectors(
+            torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "input factor of layer 'x'"
+        )

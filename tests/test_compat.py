@@ -1,0 +1,41 @@
+"""The one module touching other libraries' private attributes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ekfac_laplace import _compat
+
+
+def test_set_kronecker_eigenbasis_fails_loudly_on_an_unknown_curvlinops():
+    class Changed:
+        pass
+
+    with pytest.raises(RuntimeError, match="curvlinops-for-pytorch"):
+        _compat.set_kronecker_eigenbasis(Changed(), {}, {})
+
+
+def test_leftover_hooks_are_removed_on_failure_only():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    own = model[0].register_forward_hook(lambda *_: None)
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        with _compat.removing_leftover_hooks(model):
+            model[1].register_forward_hook(lambda *_: None)
+            model[1].register_forward_pre_hook(lambda *_: None)
+            raise RuntimeError("mid-pass")
+    assert _compat.has_module_hooks(model[0])  # the user's hook stays
+    assert not _compat.has_module_hooks(model[1])
+    with _compat.removing_leftover_hooks(model):
+        model[1].register_forward_hook(lambda *_: None)
+    assert _compat.has_module_hooks(model[1])  # success: nothing removed
+    own.remove()
+
+
+def test_tensor_version_counts_in_place_changes():
+    tensor = torch.zeros(3)
+    before = _compat.tensor_version(tensor)
+    tensor += 1
+    assert _compat.tensor_version(tensor) == before + 1
+    assert _compat.tensor_version(tensor + 1) == 0

@@ -1,0 +1,166 @@
+"""The parameter layout and the forward capture shared by engine and predictive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ekfac_laplace._compat import has_module_hooks
+from ekfac_laplace.layout import (
+    ForwardCapture,
+    NonTensorOutputError,
+    ParameterBlock,
+    ParameterLayout,
+    ReusedModuleError,
+    kfac_supported,
+    layer_positions,
+)
+
+
+def _mixed() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),  # 0: Kronecker
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5, bias=False),  # 2: Kronecker, weight only
+        nn.LayerNorm(5),  # 3: diagonal
+        nn.Linear(5, 2),  # 4: Kronecker
+    )
+
+
+def test_layout_assigns_blocks_and_groups_modules():
+    model = _mixed()
+    layout = ParameterLayout(model, list(model.parameters()))
+    assert layout.blocks == [
+        ParameterBlock("0", "weight", False),
+        ParameterBlock("0", "bias", False),
+        ParameterBlock("2", "weight", False),
+        ParameterBlock("3", "weight", True),
+        ParameterBlock("3", "bias", True),
+        ParameterBlock("4", "weight", False),
+        ParameterBlock("4", "bias", False),
+    ]
+    assert len(layout) == 7 and layout.has_diagonal
+    assert [
+        (layer.name, layer.weight_index, layer.bias_index) for layer in layout.layers
+    ] == [
+        ("0", 0, 1),
+        ("2", 2, None),
+        ("4", 5, 6),
+    ]
+    assert [layer.out_features for layer in layout.layers] == [3, 5, 2]
+    (norm,) = layout.diagonal_modules
+    assert (norm.name, norm.param_names, norm.indices) == (
+        "3",
+        ["weight", "bias"],
+        [3, 4],
+    )
+    assert layout.first_diagonal() == ParameterBlock("3", "weight", True)
+    # One back-propagation target per module: the bias where there is one.
+    targets = layout.backprop_targets()
+    assert targets[0] is model[0].bias and targets[1] is model[2].weight
+    assert targets[2] is model[4].bias and targets[3] is model[3].weight
+
+
+def test_layout_of_a_subset_and_its_refusals():
+    model = _mixed()
+    last = ParameterLayout(model, [model[4].weight])
+    assert [layer.name for layer in last.layers] == ["4"] and not last.has_diagonal
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        ParameterLayout(model, [nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="no parameters"):
+        ParameterLayout(model, [])
+    with pytest.raises(ValueError, match=r"'3.weight' belongs to a LayerNorm"):
+        ParameterLayout(model, list(model.parameters()), "raise")
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="weight tying"):
+        ParameterLayout(tied, list(tied.parameters()))
+    norm = nn.BatchNorm1d(3).train()
+    with pytest.raises(ValueError, match="training mode"):
+        ParameterLayout(norm, list(norm.parameters()))
+
+
+def test_kfac_supported_and_layer_positions():
+    assert kfac_supported(nn.Linear(2, 2)) and kfac_supported(nn.Conv2d(2, 2, 3))
+    assert not kfac_supported(nn.Conv2d(2, 2, 3, groups=2))
+    assert not kfac_supported(nn.Conv2d(2, 2, 3, padding_mode="reflect"))
+    assert not kfac_supported(nn.LayerNorm(2))
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    x = torch.randn(4, 2, 6, 6)
+    patches = layer_positions(conv, x, is_input=True)
+    assert patches.shape == (4, 9, 18)
+    out = conv(x)
+    # The convolution is the patches times the flattened kernel.
+    assert torch.allclose(
+        patches @ conv.weight.flatten(1).T + conv.bias,
+        layer_positions(conv, out, is_input=False),
+        atol=1e-6,
+    )
+    tokens = torch.randn(4, 7, 5)
+    assert layer_positions(nn.Linear(5, 2), tokens, True).shape == (4, 7, 5)
+
+
+def test_capture_records_inputs_calls_and_gradients_then_removes_its_hooks():
+    model = _mixed()
+    layout = ParameterLayout(model, list(model.parameters()))
+    x = torch.randn(3, 2, 4, 4)
+    with ForwardCapture(layout) as capture:
+        f = model(x)
+    assert not any(has_module_hooks(module) for module in model.modules())
+    assert torch.equal(capture.inputs["0"], x)
+    assert capture.outputs["4"][0] is f
+    (norm_input,), kwargs = capture.calls["3"]
+    assert norm_input.shape == (3, 5) and kwargs == {} and not norm_input.requires_grad
+    v = torch.randn_like(f)
+    torch.autograd.grad((f * v).sum(), layout.backprop_targets())
+    hidden = model[:4](x)
+    (expected,) = torch.autograd.grad((model[4](hidden) * v).sum(), hidden)
+    (gradient,) = capture.take_gradients("3")
+    assert torch.allclose(gradient, expected)
+    assert capture.take_gradients("3") == []
+    # Without the diagonal modules, their calls are not recorded.
+    with ForwardCapture(layout, diagonal=False) as capture:
+        model(x)
+    assert "3" not in capture.calls and "0" in capture.inputs
+
+
+class _Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.inner(torch.tanh(self.inner(x)))
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale, x
+
+
+def test_capture_refuses_reuse_and_tuples_and_still_removes_its_hooks():
+    model = _Reused()
+    with pytest.raises(ReusedModuleError, match="'inner' runs more than once"):
+        with ForwardCapture(ParameterLayout(model, list(model.parameters()))):
+            model(torch.randn(2, 3))
+    assert not has_module_hooks(model.inner)
+    pair = _Pair()
+    with pytest.raises(NonTensorOutputError, match="returns tuple, not a tensor"):
+        with ForwardCapture(ParameterLayout(pair, [pair.scale])):
+            pair(torch.randn(2, 3))
+    assert not has_module_hooks(pair)
+    assert issubclass(ReusedModuleError, ValueError)
+
+
+def test_outputs_without_grad_get_no_gradient_hook():
+    model = nn.Linear(3, 2)
+    layout = ParameterLayout(model, list(model.parameters()))
+    with torch.no_grad(), ForwardCapture(layout) as capture:
+        out = model(torch.randn(4, 3))
+    assert not out.requires_grad and capture.gradients == {}

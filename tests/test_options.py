@@ -1,0 +1,92 @@
+"""EKFACOptions: validated once, enums, frozen, saved and restored whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from ekfac_laplace import (
+    EKFACOptions,
+    Engine,
+    FisherType,
+    KFACApprox,
+    UnsupportedLayers,
+)
+from ekfac_laplace.options import DEFAULT_CACHE_BUDGET_BYTES, DEFAULT_SEED
+
+
+def test_defaults_and_string_choices_become_enums():
+    options = EKFACOptions()
+    assert options == EKFACOptions(
+        FisherType.TYPE2,
+        KFACApprox.EXPAND,
+        1,
+        DEFAULT_SEED,
+        Engine.FAST,
+        DEFAULT_CACHE_BUDGET_BYTES,
+        UnsupportedLayers.DIAGONAL,
+    )
+    parsed = EKFACOptions(
+        fisher_type="mc",
+        kfac_approx="reduce",
+        mc_samples=3,
+        engine="curvlinops",
+        unsupported_layers="raise",
+    )
+    assert parsed.fisher_type is FisherType.MC
+    assert parsed.kfac_approx is KFACApprox.REDUCE
+    assert parsed.engine is Engine.CURVLINOPS
+    assert parsed.unsupported_layers is UnsupportedLayers.RAISE
+    # The enums are strings: they compare and print as their values.
+    assert parsed.fisher_type == "mc" and str(parsed.engine) == "curvlinops"
+    assert f"{parsed.kfac_approx}" == "reduce"
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"fisher_type": "gauss"}, r"Unknown fisher_type 'gauss'; choose one of"),
+        ({"kfac_approx": "both"}, "Unknown kfac_approx 'both'"),
+        ({"engine": "backpack"}, "Unknown engine 'backpack'"),
+        ({"unsupported_layers": "skip"}, "Unknown unsupported_layers 'skip'"),
+        ({"fisher_type": "mc", "mc_samples": 0}, "mc_samples must be a positive"),
+        ({"fisher_type": "mc", "mc_samples": 2.0}, "mc_samples must be a positive"),
+        ({"fisher_type": "mc", "mc_samples": True}, "mc_samples must be a positive"),
+        ({"mc_samples": 3}, "mc_samples=3 only applies to fisher_type='mc'"),
+        ({"cache_budget_bytes": -1}, "cache_budget_bytes must be a non-negative"),
+        ({"cache_budget_bytes": 1.5}, "cache_budget_bytes must be a non-negative"),
+        ({"seed": "0"}, "seed must be an integer"),
+    ],
+)
+def test_invalid_options_name_the_problem(changes, match):
+    with pytest.raises(ValueError, match=match):
+        EKFACOptions(**changes)
+
+
+def test_options_are_frozen():
+    options = EKFACOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.engine = "curvlinops"
+
+
+def test_state_round_trip_stores_plain_values():
+    options = EKFACOptions(
+        fisher_type="mc", mc_samples=2, seed=5, cache_budget_bytes=0, engine="fast"
+    )
+    state = options.to_state()
+    assert all(
+        isinstance(name, str) and type(value) in (str, int) for name, value in state
+    )
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # no classes to unpickle
+    assert EKFACOptions.from_state(loaded) == options
+    assert EKFACOptions.from_state(dict(state)) == options
+    with pytest.raises(ValueError, match=r"unknown names \['damping'\]"):
+        EKFACOptions.from_state((*state, ("damping", 1)))
+    with pytest.raises(ValueError, match="Unknown engine"):
+        EKFACOptions.from_state({"engine": "asdl"})
