@@ -12,7 +12,8 @@ Importing the package registers ``hessian_structure="ekfac"`` with
 The core (this package's modules) imports nothing from the evaluation side,
 :mod:`ekfac_laplace.evaluation` (metrics, comparison, data, plots, command line),
 which loads when it is first used; its main functions are also reachable from here
-(``ekfac_laplace.evaluate``, ``ekfac_laplace.compare``, ...).
+(``ekfac_laplace.evaluate``, ``ekfac_laplace.compare``,
+``ekfac_laplace.EvaluationSettings``, ...).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _EVALUATION_EXPORTS = (
     "select",
     "Candidate",
     "Comparison",
+    "EvaluationSettings",
 )
 
 __all__ = [

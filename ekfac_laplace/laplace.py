@@ -91,12 +91,34 @@ def check_positive_scalar(name: str, value: float | Tensor) -> None:
         raise ValueError(f"{name} must be one finite, positive number, got {shown}.")
 
 
-def _check_likelihood(likelihood: Likelihood | str) -> None:
+def _checked_options(
+    likelihood: Likelihood | str,
+    prior_precision: float | Tensor,
+    *args: Any,
+    **kwargs: Any,
+) -> EKFACOptions:
+    """A constructor's checks, before anything is set, and its EKFAC options.
+
+    Args:
+        likelihood: The Laplace object's likelihood.
+        prior_precision: Its initial prior precision.
+        *args: The backend arguments of :func:`~ekfac_laplace.backends.laplace_options`.
+        **kwargs: Its EKFAC keywords.
+
+    Returns:
+        The options.
+
+    Raises:
+        ValueError: For an unsupported likelihood, backend or option, or a bad prior.
+    """
     if likelihood not in _LIKELIHOODS:
         raise ValueError(
             f"EKFAC Laplace supports likelihood='classification' or 'regression', "
             f"got {likelihood!r}."
         )
+    options = laplace_options(*args, **kwargs)
+    check_prior_precision(prior_precision)
+    return options
 
 
 class EKFACPosterior(ParametricLaplace):
@@ -596,8 +618,9 @@ class EKFACLaplace(EKFACPosterior):
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         unsupported_layers: str = "diagonal",
     ) -> None:
-        _check_likelihood(likelihood)
-        options = laplace_options(
+        self.options = _checked_options(
+            likelihood,
+            prior_precision,
             backend,
             backend_kwargs,
             asdl_fisher_kwargs,
@@ -608,8 +631,6 @@ class EKFACLaplace(EKFACPosterior):
             cache_budget_bytes=cache_budget_bytes,
             unsupported_layers=unsupported_layers,
         )
-        check_prior_precision(prior_precision)
-        self.options = options
         super().__init__(
             model,
             likelihood,
@@ -692,8 +713,10 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     ) -> None:
-        _check_likelihood(likelihood)
-        options = laplace_options(
+        # laplace-torch's LLLaplace refuses asdl_fisher_kwargs itself.
+        self.options = _checked_options(
+            likelihood,
+            prior_precision,
             backend,
             backend_kwargs,
             kfac_approx=kfac_approx,
@@ -702,8 +725,6 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             engine=engine,
             cache_budget_bytes=cache_budget_bytes,
         )
-        check_prior_precision(prior_precision)
-        self.options = options
         super().__init__(
             model,
             likelihood,

@@ -594,6 +594,19 @@ def test_float32_smoke():
     )
 
 
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_prior_precision_diag_repeats_the_prior_per_block(subset: str):
+    la, model, params, X, y = _fitted(CASES[0], subset)
+    sizes = torch.tensor([p.numel() for p in params])
+    assert_close(
+        la.prior_precision_diag, torch.repeat_interleave(la.prior_precision, sizes)
+    )
+    la.prior_precision = 0.3
+    assert_close(
+        la.prior_precision_diag, torch.full((la.n_params,), 0.3, dtype=torch.float64)
+    )
+
+
 def test_scatter_and_prior_mean_enter_the_marginal_likelihood():
     case = CASES[0]
     model, X, y = case.make()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import ekfac_laplace
 
 PACKAGE = Path(ekfac_laplace.__file__).parent
@@ -45,6 +47,43 @@ def test_the_core_imports_nothing_from_the_evaluation_side():
         assert not wing, f"{module} imports {sorted(wing)}"
 
 
+#: The core's layers, as docs/architecture.md draws them: a module may import only
+#: modules of lower layers.
+CORE_LAYERS = {
+    "options": 0,
+    "matrix": 0,
+    "diagonal": 0,
+    "batches": 0,
+    "_compat": 0,
+    "factors": 1,
+    "layout": 1,
+    "output_curvature": 1,
+    "backends": 1,
+    "accumulators": 2,
+    "predictive": 2,
+    "curvlinops_engine": 2,
+    "engine": 3,
+    "curvature": 4,
+    "laplace": 5,
+}
+
+
+def test_core_modules_import_only_lower_layers():
+    graph = _imports()
+    core = {
+        name.removeprefix("ekfac_laplace."): targets
+        for name, targets in graph.items()
+        if name.startswith("ekfac_laplace.")
+        and ".evaluation" not in name
+        and name != "ekfac_laplace.evaluation"
+    }
+    assert set(core) == set(CORE_LAYERS), "add new core modules to CORE_LAYERS"
+    for module, targets in core.items():
+        for target in targets:
+            target = target.removeprefix("ekfac_laplace.")
+            assert CORE_LAYERS[target] < CORE_LAYERS[module], f"{module} -> {target}"
+
+
 def test_the_import_graph_has_no_cycles():
     graph = _imports()
     graph = {m: {t for t in ts if t != "ekfac_laplace"} for m, ts in graph.items()}
@@ -62,6 +101,11 @@ def test_the_import_graph_has_no_cycles():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_unknown_attributes_are_attribute_errors():
+    with pytest.raises(AttributeError, match="no attribute 'evaluation_side'"):
+        ekfac_laplace.evaluation_side  # noqa: B018
 
 
 def test_private_names_stay_in_their_module():

@@ -111,3 +111,39 @@ def test_backprop_uses_the_dense_path_and_joint_the_fast_one():
     la = _fitted(model, case.likelihood, X, y)
     mean, cov = la(X[:3], pred_type="glm", joint=True)
     assert cov.shape == (6, 6)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.unused_norm = nn.LayerNorm(5)  # a diagonal block that never runs
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_module_that_does_not_run_adds_nothing_to_the_variance():
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    la = _fitted(model, "classification", X, y)
+    # Its curvature is zero: the posterior there is the prior.
+    assert all(v.abs().max() == 0 for v in la.H.eigenvalues[-2:])
+    fast_mu, fast_var = la._glm_predictive_distribution(X[:4])
+    dense_mu, dense_var = la._dense_glm_predictive_distribution(X[:4], False, False)
+    assert_close(fast_mu, dense_mu)
+    assert_close(fast_var, dense_var)
+
+
+def test_a_kronecker_layer_that_does_not_run_is_refused_at_fit():
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    model.unused_norm = nn.Linear(5, 5).double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    with pytest.raises(
+        ValueError, match="'unused_norm' has parameters in the posterior"
+    ):
+        _fitted(model, "classification", X, y)

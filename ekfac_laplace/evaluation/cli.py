@@ -247,9 +247,7 @@ def run_compare(args: argparse.Namespace) -> int:
     """
     from ekfac_laplace.evaluation.figures import write_comparison_plots
 
-    torch.manual_seed(args.seed)
-    problem = load_problem(args.dataset, args.seed, args.batch_size)
-    model = map_model(args, problem)
+    problem, model = _problem_and_model(args)
     settings = EvaluationSettings(
         prior_tuning=args.prior_tuning,
         prior_structure=args.prior_structure,
@@ -319,9 +317,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from ekfac_laplace.evaluation.figures import write_sample_plot
     from ekfac_laplace.evaluation.sampling import check_samples
 
-    torch.manual_seed(args.seed)
-    problem = load_problem(args.dataset, args.seed, args.batch_size)
-    model = map_model(args, problem)
+    problem, model = _problem_and_model(args)
     la = _fitted_ekfac(args, model, problem)
     samples = la.sample(
         args.n_samples, generator=torch.Generator().manual_seed(args.seed)
@@ -433,6 +429,13 @@ def _print_sample_summary(
             "('glm') one, as is common for wide all-weights posteriors (Immer et al., "
             "2021); the GLM predictive is the one consistent with the GGN posterior."
         )
+
+
+def _problem_and_model(args: argparse.Namespace) -> tuple[Problem, nn.Module]:
+    """Seed everything, load the data set, train (or load) the MAP network."""
+    torch.manual_seed(args.seed)
+    problem = load_problem(args.dataset, args.seed, args.batch_size)
+    return problem, map_model(args, problem)
 
 
 def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:

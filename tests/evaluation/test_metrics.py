@@ -35,23 +35,13 @@ from ekfac_laplace.evaluation.metrics import (
     regression_metrics,
     rmse,
 )
+from tests.evaluation.expected import (
+    CLASSIFICATION_KEYS,
+    OOD_KEYS,
+    REGRESSION_KEYS,
+)
 
 F64 = torch.float64
-CLASSIFICATION_KEYS = {"accuracy", "nll", "ece", "ece_adaptive", "mce", "brier"}
-OOD_KEYS = {
-    "ood_auroc_max_prob",
-    "ood_fpr95_max_prob",
-    "ood_auroc_entropy",
-    "ood_fpr95_entropy",
-}
-REGRESSION_KEYS = {
-    "nll",
-    "rmse",
-    "coverage_50",
-    "coverage_90",
-    "coverage_95",
-    "calibration_error",
-}
 
 
 @pytest.fixture

@@ -18,56 +18,13 @@ from ekfac_laplace.evaluation.metrics import (
     negative_log_likelihood,
 )
 from ekfac_laplace.evaluation.predictions import evaluate, predict
+from tests.evaluation.expected import (
+    CLASSIFICATION_KEYS,
+    OOD_KEYS,
+    REGRESSION_KEYS,
+)
 
 F64 = torch.float64
-CLASSIFICATION_KEYS = {"accuracy", "nll", "ece", "ece_adaptive", "mce", "brier"}
-OOD_KEYS = {
-    "ood_auroc_max_prob",
-    "ood_fpr95_max_prob",
-    "ood_auroc_entropy",
-    "ood_fpr95_entropy",
-}
-REGRESSION_KEYS = {
-    "nll",
-    "rmse",
-    "coverage_50",
-    "coverage_90",
-    "coverage_95",
-    "calibration_error",
-}
-
-
-@pytest.fixture
-def hand_case() -> tuple[Tensor, Tensor]:
-    """Five examples, three classes; confidence, prediction and hit per row.
-
-    row  probs              label  conf  pred  correct
-    1    (0.70 0.20 0.10)   0      0.7   0     yes
-    2    (0.20 0.50 0.30)   2      0.5   1     no
-    3    (0.10 0.10 0.80)   2      0.8   2     yes
-    4    (0.60 0.30 0.10)   1      0.6   0     no
-    5    (0.25 0.35 0.40)   2      0.4   2     yes
-    """
-    probs = torch.tensor(
-        [
-            [0.70, 0.20, 0.10],
-            [0.20, 0.50, 0.30],
-            [0.10, 0.10, 0.80],
-            [0.60, 0.30, 0.10],
-            [0.25, 0.35, 0.40],
-        ],
-        dtype=F64,
-    )
-    return probs, torch.tensor([0, 2, 2, 1, 2])
-
-
-def _calibrated(n: int, n_classes: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Labels drawn from the predicted probabilities: perfectly calibrated."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = 2 * torch.randn(n, n_classes, generator=generator, dtype=F64)
-    probs = logits.softmax(dim=1)
-    targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return probs, targets
 
 
 # ------------------------------------------------------------ predict/evaluate
