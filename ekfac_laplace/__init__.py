@@ -30,7 +30,7 @@ with warnings.catch_warnings():
     )
     from ekfac_laplace.curvature import compute_ekfac
     from ekfac_laplace.factors import EKFACFactors
-    from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace, EKFACPosterior
+    from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
     from ekfac_laplace.matrix import EKFACDecomposed
     from ekfac_laplace.options import (
         EKFACOptions,
@@ -39,6 +39,7 @@ with warnings.catch_warnings():
         KFACApprox,
         UnsupportedLayers,
     )
+    from ekfac_laplace.posterior import EKFACPosterior
 
 __version__ = "0.2.0"
 

@@ -95,11 +95,13 @@ class Sweep:
         with torch.enable_grad():
             f = self._forward(X, capture)
             curvature = curvature_fn(f, y)
-            positions = {
-                name: layer_positions(self._module(name), a, is_input=True)
-                for name, a in capture.inputs.items()
-            }
             hidden = self._hidden_layers(capture, f)
+            positions = {  # the raw inputs are released as they are unfolded
+                layer.name: layer_positions(
+                    layer.module, capture.inputs.pop(layer.name), is_input=True
+                )
+                for layer in self.layout.layers
+            }
             backward = bool(hidden) or diagonal is not None
             vectors = curvature.vectors() if backward else None
             passes = 0 if vectors is None else vectors.shape[1]
@@ -114,9 +116,6 @@ class Sweep:
                     f, vectors, hidden, capture, positions, accumulator, diagonal
                 )
         return f.detach()
-
-    def _module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
 
     def _forward(self, X: Any, capture: ForwardCapture) -> Tensor:
         """The forward pass with the layout's modules captured."""

@@ -64,7 +64,8 @@ CORE_LAYERS = {
     "curvlinops_engine": 2,
     "engine": 3,
     "curvature": 4,
-    "laplace": 5,
+    "posterior": 5,
+    "laplace": 6,
 }
 
 

@@ -1,0 +1,511 @@
+r"""The EKFAC posterior: what EKFACLaplace and EKFACLLLaplace share.
+
+:class:`EKFACPosterior` is a laplace-torch ``ParametricLaplace`` whose posterior
+precision is an :class:`~ekfac_laplace.EKFACDecomposed`: fitting it
+(:func:`ekfac_laplace.compute_ekfac`), its inverse, log determinant, samples,
+marginal likelihood terms, the Jacobian-free GLM predictive
+(:mod:`ekfac_laplace.predictive`) and its state. The registered classes are in
+:mod:`ekfac_laplace.laplace`.
+
+Why :meth:`EKFACPosterior.fit` does not call laplace-torch's ``ParametricLaplace.fit``:
+that method sums the curvature batch by batch (``H += H_batch``), but EKFAC's
+eigenvalue correction needs the eigenbasis of the *whole* data set's Kronecker factors,
+so the curvature is computed over the whole loader at once. Everything else
+``ParametricLaplace.fit`` sets up is set the same way in one place,
+:meth:`EKFACPosterior._commit_fit`: ``mean`` (detached unless ``enable_backprop``),
+``n_outputs``, ``model.output_size``, ``loss`` and ``n_data`` (accumulated with
+``override=False``). The last-layer class does call laplace-torch's ``LLLaplace.fit``,
+which finds the last layer and then calls ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from laplace.baselaplace import BaseLaplace, ParametricLaplace
+from laplace.utils.enums import PriorStructure
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from ekfac_laplace.batches import (
+    LaplaceBatches,
+    batch_size,
+    dataset_size,
+    output_size,
+    to_device,
+)
+from ekfac_laplace.curvature import compute_ekfac
+from ekfac_laplace.factors import EKFACFactors
+from ekfac_laplace.layout import CaptureError
+from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
+from ekfac_laplace.options import EKFACOptions
+from ekfac_laplace.predictive import glm_predictive_variance
+
+
+def check_prior_precision(prior_precision: float | Tensor) -> None:
+    """Refuse a negative, NaN or infinite prior precision.
+
+    Args:
+        prior_precision: A number or a tensor of them.
+
+    Raises:
+        ValueError: If any value is negative or not finite.
+    """
+    values = torch.as_tensor(
+        prior_precision.detach()
+        if isinstance(prior_precision, Tensor)
+        else prior_precision
+    )
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise ValueError(
+            f"prior_precision must be finite and non-negative, got "
+            f"{values.flatten()[:8].tolist()}; a zero prior is allowed only where "
+            "the curvature is positive."
+        )
+
+
+def check_positive_scalar(name: str, value: float | Tensor) -> None:
+    """Refuse a non-finite or non-positive ``sigma_noise`` / ``temperature``.
+
+    Args:
+        name: The hyperparameter's name, for the message.
+        value: Its value.
+
+    Raises:
+        ValueError: Unless ``value`` is one finite number > 0.
+    """
+    values = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value)
+    if values.numel() != 1 or not bool(torch.isfinite(values).all()) or values <= 0:
+        shown = values.flatten()[:8].tolist()
+        raise ValueError(f"{name} must be one finite, positive number, got {shown}.")
+
+
+class EKFACPosterior(ParametricLaplace):
+    r"""The EKFAC posterior shared by :class:`EKFACLaplace` and :class:`EKFACLLLaplace`.
+
+    For each parameter tensor (block) ``b`` with Kronecker eigenbasis
+    ``Q_b = Q_G ⊗ Q_A`` and corrected eigenvalues ``λ_b`` of the log-likelihood
+    GGN/Fisher (George et al., 2018), the posterior precision is
+
+    $$
+        P_b = Q_b \, \mathrm{diag}\big(λ_b / (σ^2 T) + δ_b\big) \, Q_b^\top ,
+    $$
+
+    with prior precision ``δ_b`` (scalar or one per parameter tensor), observation
+    noise ``σ`` and temperature ``T``. Its inverse, log determinant, inverse square
+    root (for sampling) and GLM predictive are exact in the eigenbasis. Not
+    constructed directly: it has no ``__init__`` and no ``_key``.
+
+    Attributes:
+        options: How the curvature is computed (:class:`~ekfac_laplace.EKFACOptions`).
+        dense_limit_bytes: Dense results above this size (posterior covariance, joint
+            predictive covariance, laplace-torch's Jacobians) are refused with a
+            ``MemoryError``; ``None`` allows any size.
+    """
+
+    options: EKFACOptions
+    dense_limit_bytes: int | None = DENSE_LIMIT_BYTES
+
+    # --------------------------------------------------------- hyperparameters
+    def _init_H(self) -> None:
+        self.H: EKFACDecomposed | None = None
+
+    def _check_H_init(self) -> None:
+        if getattr(self, "H", None) is None:
+            raise AttributeError(
+                f"{type(self).__name__} is not fitted: call .fit(train_loader) first."
+            )
+
+    @property
+    def temperature(self) -> float:
+        """Likelihood temperature ``T`` (finite, positive)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        check_positive_scalar("temperature", value)
+        self._temperature = float(value)
+
+    @BaseLaplace.sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        """Set the observation noise ``σ`` (finite, positive)."""
+        check_positive_scalar("sigma_noise", value)
+        BaseLaplace.sigma_noise.fset(self, value)
+
+    @BaseLaplace.prior_precision.setter
+    def prior_precision(self, prior_precision: float | Tensor) -> None:
+        """Set a scalar or per-layer prior precision; per-parameter is refused."""
+        check_prior_precision(prior_precision)
+        if isinstance(prior_precision, Tensor) and prior_precision.ndim == 1:
+            n_layers = getattr(self, "n_layers", None)
+            if n_layers is not None and len(prior_precision) not in (1, n_layers):
+                raise ValueError(
+                    "EKFAC Laplace takes a scalar prior precision or one per "
+                    f"parameter tensor ({n_layers}), got {len(prior_precision)} "
+                    "values. A diagonal (per-parameter) prior is not diagonal in the "
+                    "EKFAC eigenbasis; use hessian_structure='diag' or 'full' for that."
+                )
+        BaseLaplace.prior_precision.fset(self, prior_precision)
+
+    # ----------------------------------------- what the posterior is over
+    def _posterior_params(self) -> list[Tensor]:
+        """The parameters of the posterior, in vector order."""
+        return list(self.params)
+
+    def _mean_vector(self) -> Tensor:
+        """The current values of those parameters, flattened."""
+        return parameters_to_vector(self.params)
+
+    def _block_sizes(self) -> list[int]:
+        return [p.numel() for p in self._posterior_params()]
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Fit EKFAC over the whole training loader (two passes, or one and a replay).
+
+        With ``override=False`` after an earlier fit (online / continual learning),
+        the eigenbasis of the first fit is kept and the new data's corrected
+        eigenvalues, computed in that basis, are added: fitting the same data twice
+        doubles ``λ`` exactly, and fitting A then B gives
+        ``diag(Qᵀ (GGN_A + GGN_B) Q)`` in A's basis. ``loss`` and ``n_data``
+        accumulate and the mean moves to the current parameters, as in
+        laplace-torch.
+
+        Args:
+            train_loader: Batches ``(X, y)`` or dict-like batches;
+                ``train_loader.dataset`` must have a length (``N``).
+            override: Start from scratch (default) or add to the previous fit.
+            progress_bar: Show a progress bar over each pass.
+
+        Raises:
+            ValueError: For an empty loader, unknown ``N``, mismatched targets,
+                unsupported layers or non-finite curvature. The object is unchanged.
+        """
+        num_data = dataset_size(train_loader)
+        self.model.eval()
+        batches = LaplaceBatches(train_loader, self.dict_key_y)
+        n_outputs = output_size(self.model, batches, self.likelihood, self._device)
+        previous = None if override else self.H
+        factors = compute_ekfac(
+            self.model,
+            self._posterior_params(),
+            batches,
+            self.likelihood,
+            num_data,
+            self.options,
+            eigenbasis=None if previous is None else previous.eigenvectors,
+            dict_key_x=self.dict_key_x,
+            progress_bar=progress_bar,
+        )
+        self._commit_fit(factors, previous, n_outputs, num_data)
+
+    def _commit_fit(
+        self,
+        factors: EKFACFactors,
+        previous: EKFACDecomposed | None,
+        n_outputs: int,
+        num_data: int,
+    ) -> None:
+        """Everything is computed: only now change the object.
+
+        Sets what laplace-torch's ``ParametricLaplace.fit`` sets: the mean, the
+        output size (also on the model), ``H``, ``loss`` and ``n_data``.
+        """
+        mean = self._mean_vector()
+        self.mean = mean if self.enable_backprop else mean.detach()
+        self.n_outputs = n_outputs
+        self.model.output_size = n_outputs
+        if previous is None:
+            self.H = factors.to_decomposed()
+            self.loss = factors.loss
+            self.n_data = num_data
+            return
+        self.H = EKFACDecomposed(
+            previous.eigenvectors,
+            [old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)],
+        )
+        self.loss = self.loss + factors.loss
+        self.n_data = self.n_data + num_data
+
+    # ---------------------------------------------------------------- posterior
+    @property
+    def posterior_precision(self) -> EKFACDecomposed:
+        """Posterior precision ``H / (σ² T) + δ`` as an :class:`EKFACDecomposed`."""
+        self._check_H_init()
+        return self.H * self._H_factor + self.prior_precision
+
+    @property
+    def posterior_covariance(self) -> Tensor:
+        """Dense posterior covariance ``P⁻¹`` of shape ``(P, P)`` (small models).
+
+        Refused (``MemoryError``) above ``dense_limit_bytes``.
+        """
+        return self.posterior_precision.to_matrix(
+            exponent=-1, max_bytes=self.dense_limit_bytes
+        )
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """Marginal posterior variances ``diag(P⁻¹)`` of shape ``(P,)``."""
+        return self.posterior_precision.diag(exponent=-1)
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det P``, exact from the eigenvalues."""
+        return self.posterior_precision.logdet()
+
+    def square_norm(self, value: Tensor) -> Tensor:
+        """``(value - mean)ᵀ P (value - mean)``.
+
+        Args:
+            value: Shape ``(P,)``.
+
+        Returns:
+            Scalar tensor.
+        """
+        delta = value - self.mean
+        return delta @ self.posterior_precision.bmm(delta, exponent=1)
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Posterior samples ``θ* + Q diag((λ/(σ²T) + δ)^{-1/2}) z``, ``z ~ N(0, I)``.
+
+        Args:
+            n_samples: Number of samples.
+            generator: Random generator on the model's device.
+
+        Returns:
+            Shape ``(n_samples, P)``.
+        """
+        precision = self.posterior_precision
+        z = torch.randn(
+            n_samples,
+            self.n_params,
+            device=self._device,
+            dtype=self._dtype,
+            generator=generator,
+        )
+        return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
+
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        """``J P⁻¹ Jᵀ`` per input.
+
+        Args:
+            Js: Jacobians of shape ``(B, K, P)``.
+
+        Returns:
+            Shape ``(B, K, K)``.
+        """
+        return self.posterior_precision.inv_square_form(Js)
+
+    def functional_covariance(self, Js: Tensor) -> Tensor:
+        """Joint ``J P⁻¹ Jᵀ`` over all inputs and outputs.
+
+        Args:
+            Js: Jacobians of shape ``(B, K, P)``.
+
+        Returns:
+            Shape ``(B·K, B·K)``.
+        """
+        self._check_jacobians(Js)
+        n_batch, n_outs, n_params = Js.shape
+        flat = Js.reshape(1, n_batch * n_outs, n_params)
+        return self.posterior_precision.inv_square_form(flat).squeeze(0)
+
+    # -------------------------------------------------------------------- prior
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        """``log det P₀ = Σ_b n_b log δ_b``, without forming the diagonal."""
+        prior = self.prior_precision
+        sizes = self._block_sizes()
+        if len(prior) == 1:
+            return sum(sizes) * prior[0].log()
+        return (torch.as_tensor(sizes, device=prior.device) * prior.log()).sum()
+
+    @property
+    def scatter(self) -> Tensor:
+        """``(θ* − μ₀)ᵀ P₀ (θ* − μ₀) = Σ_b δ_b ‖θ*_b − μ₀_b‖²``."""
+        prior = self.prior_precision
+        delta = self.mean - self.prior_mean
+        if len(prior) == 1:
+            return prior[0] * delta.square().sum()
+        norms = torch.stack(
+            [chunk.square().sum() for chunk in delta.split(self._block_sizes())]
+        )
+        return (prior * norms).sum()
+
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """Diagonal of the prior precision (scalar or per-layer prior), ``(P,)``."""
+        sizes = self._block_sizes()
+        prior = self.prior_precision
+        if len(prior) == 1:
+            return prior * torch.ones(
+                sum(sizes), device=prior.device, dtype=prior.dtype
+            )
+        return torch.repeat_interleave(
+            prior, torch.as_tensor(sizes, device=prior.device)
+        )
+
+    def optimize_prior_precision(
+        self,
+        pred_type: str = "glm",
+        method: str = "marglik",
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure: PriorStructure | str = PriorStructure.SCALAR,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """laplace-torch's prior tuning, restricted to scalar and layerwise priors.
+
+        Args:
+            pred_type: ``"glm"`` or ``"nn"`` (for ``method="gridsearch"``).
+            method: ``"marglik"`` or ``"gridsearch"``.
+            n_steps: Adam steps for ``"marglik"``.
+            lr: Adam learning rate for ``"marglik"``.
+            init_prior_prec: Initial prior precision.
+            prior_structure: ``"scalar"`` or ``"layerwise"``.
+            *args: Further positional arguments of laplace-torch's method.
+            **kwargs: Further keyword arguments of laplace-torch's method.
+
+        Raises:
+            ValueError: For ``prior_structure="diag"`` or a per-parameter initial value.
+        """
+        if prior_structure == PriorStructure.DIAG:
+            raise ValueError(
+                "prior_structure='diag' is not supported by EKFAC Laplace: a "
+                "per-parameter prior is not diagonal in the Kronecker eigenbasis, so "
+                "log det and inverse would no longer be exact. Use 'scalar' or "
+                "'layerwise'."
+            )
+        if isinstance(init_prior_prec, Tensor) and init_prior_prec.ndim == 1:
+            if len(init_prior_prec) not in (1, self.n_layers):
+                raise ValueError(
+                    f"init_prior_prec has {len(init_prior_prec)} values; EKFAC takes a "
+                    f"scalar or one per parameter tensor ({self.n_layers})."
+                )
+        self._check_H_init()
+        super().optimize_prior_precision(
+            pred_type,
+            method,
+            n_steps,
+            lr,
+            init_prior_prec,
+            prior_structure,
+            *args,
+            **kwargs,
+        )
+
+    # --------------------------------------------------------------- predictive
+    @torch.enable_grad()
+    def _glm_predictive_distribution(
+        self,
+        X: Tensor | Mapping[str, Any],
+        joint: bool = False,
+        diagonal_output: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """GLM predictive mean and variance, Jacobian-free where possible.
+
+        The per-input and the joint covariance are computed block by block in the
+        eigenbasis (:mod:`ekfac_laplace.predictive`) without forming the
+        ``(batch, outputs, parameters)`` Jacobian. ``enable_backprop=True`` and
+        models that reuse a layer within one forward pass take laplace-torch's
+        dense-Jacobian path (bounded by ``dense_limit_bytes``).
+        """
+        self._check_H_init()
+        if joint:
+            size = batch_size(X, self.dict_key_x) * self.n_outputs
+            check_dense_size(
+                (size, size),
+                self._dtype,
+                "joint predictive covariance",
+                self.dense_limit_bytes,
+            )
+        if not self.enable_backprop:
+            try:
+                f_mu, f_var = glm_predictive_variance(
+                    self.model,
+                    self._posterior_params(),
+                    self.posterior_precision,
+                    to_device(X, self._device),
+                    joint=joint,
+                )
+            except CaptureError:
+                pass  # a reused module: laplace-torch's Jacobians handle it
+            else:
+                if diagonal_output and not joint:
+                    f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+                return f_mu, f_var
+        check_dense_size(
+            (batch_size(X, self.dict_key_x), self.n_outputs, self.n_params),
+            self._dtype,
+            "Jacobian of laplace-torch's predictive (enable_backprop=True or a "
+            "reused layer)",
+            self.dense_limit_bytes,
+        )
+        return self._dense_glm_predictive_distribution(X, joint, diagonal_output)
+
+    def _dense_glm_predictive_distribution(
+        self, X: Tensor | Mapping[str, Any], joint: bool, diagonal_output: bool
+    ) -> tuple[Tensor, Tensor]:
+        """laplace-torch's GLM predictive with dense Jacobians from the backend."""
+        return ParametricLaplace._glm_predictive_distribution(
+            self, X, joint=joint, diagonal_output=diagonal_output
+        )
+
+    # ------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """State as plain tensors, numbers, strings, lists and tuples.
+
+        Returns:
+            laplace-torch's state with ``H`` as one ``(λ, *eigenvectors)`` tuple per
+            block and the EKFAC options under ``"ekfac_options"``.
+        """
+        state = super().state_dict()
+        state["H"] = self.H.to_state()
+        state["ekfac_options"] = self.options.to_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`, validating it first.
+
+        Args:
+            state_dict: A state produced by the same class for the same model.
+
+        Raises:
+            ValueError: If the state is from another class, model or likelihood, or
+                is not an EKFAC state. The object is unchanged.
+        """
+        if state_dict.get("cls_name") != type(self).__name__:
+            raise ValueError(
+                f"The state is from {state_dict.get('cls_name')!r}, not "
+                f"{type(self).__name__}; load it into the class that saved it."
+            )
+        if state_dict.get("likelihood") != self.likelihood:
+            raise ValueError(
+                f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
+                f"Laplace uses {self.likelihood!r}."
+            )
+        decomposed = EKFACDecomposed.from_state(state_dict.get("H"))
+        options = EKFACOptions.from_state(state_dict.get("ekfac_options", ()))
+        sizes = self._block_sizes()
+        if decomposed.block_sizes != sizes:
+            raise ValueError(
+                f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but "
+                f"this model's parameter tensors have sizes {sizes}; load it into the "
+                "model it was fitted on."
+            )
+        super().load_state_dict(state_dict)
+        self.H = decomposed
+        self.options = options
