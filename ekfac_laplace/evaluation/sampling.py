@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from laplace.baselaplace import BaseLaplace
 from torch import Tensor
 
@@ -27,8 +28,10 @@ class SampleCheck:
     Attributes:
         n_samples: Number of samples ``S``.
         analytic_variance: Posterior marginal variances, shape ``(P,)``.
-        sample_variance: Variances of the samples, shape ``(P,)``.
-        median_relative_error: Median over parameters of ``|s²/σ² − 1|``.
+        sample_variance: Variances of the samples, shape ``(P,)`` (NaN for one
+            sample).
+        median_relative_error: Median over parameters of ``|s²/σ² − 1|`` (NaN for
+            one sample).
         expected_median_relative_error: Its Monte-Carlo expectation,
             ``0.6745·sqrt(2/(S−1))`` (``None`` for one sample).
         mean_error_in_std: Mean over parameters of ``|mean(θ) − θ*| / σ``.
@@ -61,7 +64,10 @@ def check_samples(la: BaseLaplace, samples: Tensor) -> SampleCheck:
         )
     n_samples = samples.shape[0]
     analytic = la.posterior_variance.detach()
-    sample_variance = samples.var(0)
+    if n_samples > 1:
+        sample_variance = samples.var(0)
+    else:  # one sample has no variance
+        sample_variance = torch.full_like(analytic, float("nan"))
     relative = (sample_variance / analytic - 1).abs()
     mean_error = (samples.mean(0) - la.mean).abs() / analytic.sqrt()
     expected = None
