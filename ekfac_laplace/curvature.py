@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.batches import LaplaceBatches
-from ekfac_laplace.curvlinops_engine import check_curvlinops_layout, curvlinops_ekfac
+from ekfac_laplace.curvlinops_engine import curvlinops_ekfac
 from ekfac_laplace.engine import fast_ekfac
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
 from ekfac_laplace.layout import ParameterLayout
@@ -66,8 +66,6 @@ def compute_ekfac(
     options = EKFACOptions() if options is None else options
     _, factor = likelihood_loss(likelihood)
     layout = ParameterLayout(model, params, options.unsupported_layers)
-    if options.engine == Engine.CURVLINOPS:
-        check_curvlinops_layout(layout)
     if eigenbasis is not None and len(eigenbasis) != len(layout):
         raise ValueError(
             f"The eigenbasis has {len(eigenbasis)} blocks but there are "

@@ -144,11 +144,11 @@ def _fix_eigenbasis(
     layout: ParameterLayout,
     eigenbasis: list[tuple[Tensor, ...]],
 ) -> None:
-    input_eigenvectors, gradient_eigenvectors = {}, {}
-    for block, basis in zip(layout.blocks, eigenbasis):
-        gradient_eigenvectors[block.module] = basis[0]
-        if block.name == "weight":
-            input_eigenvectors[block.module] = basis[1]
+    bases = layout.layer_bases(eigenbasis)
+    gradient_eigenvectors = {name: q_g for name, (q_g, _) in bases.items()}
+    input_eigenvectors = {
+        name: q_a for name, (_, q_a) in bases.items() if q_a is not None
+    }
     _compat.set_kronecker_eigenbasis(
         operator, input_eigenvectors, gradient_eigenvectors
     )

@@ -250,7 +250,7 @@ class FastEKFAC:
             elif self.layout.layers:
                 self._pass(batches, "EKFAC: eigenvalue correction", correction)
         else:
-            bases = self._layer_bases(eigenbasis)
+            bases = self.layout.layer_bases(eigenbasis)
             correction = CorrectionAccumulator(bases)
             loss = self._pass(
                 batches, "EKFAC: eigenvalue correction", correction, diagonal
@@ -289,20 +289,6 @@ class FastEKFAC:
         self, generator: torch.Generator, f: Tensor, y: Tensor
     ) -> OutputCurvature:
         return OutputCurvature(f, y, self.likelihood, self.options, generator)
-
-    def _layer_bases(
-        self, eigenbasis: list[tuple[Tensor, ...]]
-    ) -> dict[str, tuple[Tensor, Tensor | None]]:
-        """Per-block eigenbases (online fitting) as ``(Q_G, Q_A)`` per layer."""
-        bases = {}
-        for layer in self.layout.layers:
-            index = (
-                layer.bias_index if layer.weight_index is None else layer.weight_index
-            )
-            q_g = eigenbasis[index][0]
-            q_a = None if layer.weight_index is None else eigenbasis[index][1]
-            bases[layer.name] = (q_g, q_a)
-        return bases
 
     def _assemble(
         self,

@@ -218,6 +218,27 @@ class ParameterLayout:
         targets = [layer.target for layer in self.layers]
         return targets + [entry.target for entry in self.diagonal_modules]
 
+    def layer_bases(
+        self, eigenbasis: Sequence[tuple[Tensor, ...]]
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Per-block eigenbases regrouped per Kronecker layer (online fitting).
+
+        Args:
+            eigenbasis: Per block, ``(Q_G, Q_A)``, ``(Q_G,)`` or ``()``.
+
+        Returns:
+            Layer name to ``(Q_G, Q_A)``; ``Q_A`` is ``None`` when the layer's
+            weight is not in the posterior.
+        """
+        bases = {}
+        for layer in self.layers:
+            if layer.weight_index is None:
+                bases[layer.name] = (eigenbasis[layer.bias_index][0], None)
+            else:
+                q_g, q_a = eigenbasis[layer.weight_index]
+                bases[layer.name] = (q_g, q_a)
+        return bases
+
     def first_diagonal(self) -> ParameterBlock | None:
         """The first parameter with a diagonal block, for messages.
 

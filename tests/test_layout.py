@@ -164,3 +164,18 @@ def test_outputs_without_grad_get_no_gradient_hook():
     with torch.no_grad(), ForwardCapture(layout) as capture:
         out = model(torch.randn(4, 3))
     assert not out.requires_grad and capture.gradients == {}
+
+
+def test_layer_bases_regroup_the_block_eigenbases_per_layer():
+    model = _mixed()
+    params = [p for p in model.parameters()]
+    layout = ParameterLayout(model, params[1:])  # layer '0' without its weight
+    eigenbasis = [
+        tuple(torch.eye(n) * (i + 1) for n in shape)
+        for i, shape in enumerate([(3,), (5, 48), (5,), (5,), (2, 5), (2,)])
+    ]
+    bases = layout.layer_bases(eigenbasis)
+    assert list(bases) == ["0", "2", "4"]
+    assert bases["0"][1] is None and bases["0"][0] is eigenbasis[0][0]
+    assert bases["2"] == eigenbasis[1]
+    assert bases["4"] == eigenbasis[4]  # the weight's pair, shared by the bias
