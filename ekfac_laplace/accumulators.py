@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ekfac_laplace.diagonal import restricted_gradients
-from ekfac_laplace.layout import DiagonalModule, KroneckerLayer
+from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, group_rows
 from ekfac_laplace.options import KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
 
@@ -344,6 +344,7 @@ class DiagonalSquares:
         entry: DiagonalModule,
         call: tuple[tuple[Any, ...], dict[str, Any]],
         grad_output: Tensor,
+        batch: int,
     ) -> None:
         """Add one backward pass of one module.
 
@@ -351,11 +352,15 @@ class DiagonalSquares:
             entry: The module.
             call: Its forward inputs ``(args, kwargs)``.
             grad_output: The gradient at its output.
+            batch: The number of examples; a module that sees ``B·m`` rows gets the
+                per-row gradients of each example's ``m`` consecutive rows summed
+                (see :func:`~ekfac_laplace.layout.group_rows`).
         """
         grads = restricted_gradients(
             entry.module, entry.param_names, *call, grad_output
         )
         for squares, (rows, grad) in zip(self.squares[entry.name], grads):
+            grad = group_rows(grad.unsqueeze(1), batch, entry.name).sum(1)
             if rows is None:
                 squares += grad.square().sum(0)
             else:

@@ -17,29 +17,37 @@ import torch
 from torch import Tensor, nn
 
 
-def split_batch(batch: Any, dict_key_y: str = "labels") -> tuple[Any, Tensor]:
+def split_batch(
+    batch: Any, dict_key_y: str = "labels", dict_key_x: str | None = None
+) -> tuple[Any, Tensor]:
     """The model input and the targets of one batch.
 
     Args:
         batch: ``(X, y)`` (a tuple or list; extra entries are ignored) or a dict-like
             batch, which is the model input whole.
         dict_key_y: Key of the targets in a dict-like batch.
+        dict_key_x: Key of the inputs a dict-like batch must have (not checked if
+            ``None``); laplace-torch reads the batch size from it.
 
     Returns:
         ``(X, y)``; for a dict-like batch ``(batch, batch[dict_key_y])``.
 
     Raises:
-        ValueError: If a dict-like batch has no ``dict_key_y`` or the batch is
-            neither a dict nor a pair.
+        KeyError: If a dict-like batch lacks ``dict_key_y`` or ``dict_key_x``, as
+            laplace-torch raises.
+        ValueError: If the batch is neither a dict nor a pair.
     """
     if isinstance(batch, Mapping):
-        if dict_key_y not in batch:
-            raise ValueError(
-                f"A dict-like batch has no target key {dict_key_y!r} (keys: "
-                f"{sorted(batch)}); the targets are read from batch[dict_key_y] with "
-                f"dict_key_y={dict_key_y!r}: set dict_key_y on the Laplace object, or "
-                "rename the key."
-            )
+        for role, axis, key in (
+            ("target", "y", dict_key_y),
+            ("input", "x", dict_key_x),
+        ):
+            if key is not None and key not in batch:
+                raise KeyError(
+                    f"A dict-like batch has no {role} key {key!r} (keys: "
+                    f"{sorted(batch)}); set dict_key_{axis} on the Laplace object to "
+                    "the key your batches use, or rename the key."
+                )
         return batch, batch[dict_key_y]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -101,16 +109,23 @@ class LaplaceBatches:
     Args:
         loader: Iterable of ``(X, y)`` tuples or of dict-like batches.
         dict_key_y: Key of the targets in dict-like batches.
+        dict_key_x: Key of the inputs dict-like batches must have (``None``: any).
     """
 
-    def __init__(self, loader: Iterable[Any], dict_key_y: str = "labels") -> None:
+    def __init__(
+        self,
+        loader: Iterable[Any],
+        dict_key_y: str = "labels",
+        dict_key_x: str | None = None,
+    ) -> None:
         self.loader = loader
         self.dict_key_y = dict_key_y
+        self.dict_key_x = dict_key_x
         self.current_targets: Tensor | None = None
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
         for batch in self.loader:
-            X, y = split_batch(batch, self.dict_key_y)
+            X, y = split_batch(batch, self.dict_key_y, self.dict_key_x)
             self.current_targets = y
             yield X, y
 

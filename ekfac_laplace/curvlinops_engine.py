@@ -51,10 +51,10 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
 
 
 @torch.no_grad()
-def refuse_reused_modules(
+def check_first_batch(
     model: nn.Module, layout: ParameterLayout, batches: LaplaceBatches
 ) -> None:
-    """One forward pass on the first batch, refusing modules that run twice.
+    """One forward pass on the first batch, refusing what curvlinops gets wrong.
 
     Args:
         model: The network.
@@ -63,10 +63,21 @@ def refuse_reused_modules(
 
     Raises:
         ReusedModuleError: If a module of the layout runs twice.
+        ValueError: If a layer sees more rows than the batch has examples:
+            curvlinops would take every row for an example.
     """
     X, _ = batches.first()
-    with ForwardCapture(layout, diagonal=False):
-        model(to_device(X, layout.params[0].device))
+    capture = ForwardCapture(layout, diagonal=False)
+    with capture:
+        f = model(to_device(X, layout.params[0].device))
+    for name, a in capture.inputs.items():
+        if a.shape[0] != f.shape[0]:
+            raise ValueError(
+                f"Layer '{name}' sees {a.shape[0]} rows for a batch of "
+                f"{f.shape[0]} examples (extra dimensions folded into the batch, "
+                "as in reward modelling); curvlinops would take every row for an "
+                "example. Use engine='fast', which groups each example's rows."
+            )
 
 
 def curvlinops_ekfac(
@@ -98,10 +109,11 @@ def curvlinops_ekfac(
         Eigenvectors, corrected eigenvalues and the summed loss.
 
     Raises:
-        ValueError: For diagonal blocks, reused modules or non-finite factors.
+        ValueError: For diagonal blocks, reused modules, rows folded into the
+            batch or non-finite factors.
     """
     check_curvlinops_layout(layout)
-    refuse_reused_modules(model, layout, batches)
+    check_first_batch(model, layout, batches)
     loss_function, _ = likelihood_loss(likelihood)
     operator = EKFACLinearOperator(
         model,

@@ -45,6 +45,7 @@ from ekfac_laplace.layout import (
     ForwardCapture,
     KroneckerLayer,
     ParameterLayout,
+    group_rows,
     layer_positions,
 )
 from ekfac_laplace.options import EKFACOptions
@@ -64,6 +65,7 @@ class Sweep:
     def __init__(self, model: nn.Module, layout: ParameterLayout) -> None:
         self.model = model
         self.layout = layout
+        self.grouping_checked = False
 
     def run(
         self,
@@ -96,12 +98,19 @@ class Sweep:
             f = self._forward(X, capture)
             curvature = curvature_fn(f, y)
             hidden = self._hidden_layers(capture, f)
+            batch = f.shape[0]
             positions = {  # the raw inputs are released as they are unfolded
-                layer.name: layer_positions(
-                    layer.module, capture.inputs.pop(layer.name), is_input=True
+                layer.name: group_rows(
+                    layer_positions(
+                        layer.module, capture.inputs.pop(layer.name), is_input=True
+                    ),
+                    batch,
+                    layer.name,
                 )
                 for layer in self.layout.layers
             }
+            if not self.grouping_checked and batch > 1:
+                self._check_grouping(f, hidden, capture, diagonal is not None)
             backward = bool(hidden) or diagonal is not None
             vectors = curvature.vectors() if backward else None
             passes = 0 if vectors is None else vectors.shape[1]
@@ -128,6 +137,50 @@ class Sweep:
                 "(and targets.flatten()) to treat tokens as independent examples."
             )
         return f
+
+    def _check_grouping(
+        self,
+        f: Tensor,
+        hidden: list[KroneckerLayer],
+        capture: ForwardCapture,
+        with_diagonal: bool,
+    ) -> None:
+        """Check that rows folded into the batch belong to consecutive examples.
+
+        One backward pass from the first example's outputs: a module that sees
+        ``B·m`` rows must receive gradient in its first ``m`` rows only. Done once
+        per engine, on its first batch with more than one example.
+
+        Raises:
+            ValueError: If other rows receive gradient (examples interleaved, e.g.
+                ``torch.cat([x[:, 0], x[:, 1]])``, or coupled across the batch).
+        """
+        batch = f.shape[0]
+        modules = [layer.name for layer in hidden]
+        targets = [layer.target for layer in hidden]
+        if with_diagonal:
+            modules += [entry.name for entry in self.layout.diagonal_modules]
+            targets += [entry.target for entry in self.layout.diagonal_modules]
+        if not targets:
+            self.grouping_checked = True
+            return
+        torch.autograd.grad(f[0].sum(), targets, retain_graph=True, allow_unused=True)
+        for name in modules:
+            for gradient in capture.take_gradients(name):
+                if gradient.shape[0] == batch:
+                    continue
+                group_rows(gradient.unsqueeze(1), batch, name)  # a multiple of B
+                if gradient.reshape(batch, -1)[1:].any():
+                    raise ValueError(
+                        f"Module '{name}' sees {gradient.shape[0]} rows for a batch "
+                        f"of {batch} examples, but its rows beyond the first "
+                        f"{gradient.shape[0] // batch} influence the first example's "
+                        "outputs: the rows of each example are not consecutive (or "
+                        "examples are coupled). Fold extra dimensions into the batch "
+                        "with x.reshape(batch * m, ...), which keeps each example's "
+                        "rows together."
+                    )
+        self.grouping_checked = True
 
     def _hidden_layers(
         self, capture: ForwardCapture, f: Tensor
@@ -174,11 +227,15 @@ class Sweep:
             )
             for layer in hidden:
                 (gradient,) = capture.take_gradients(layer.name)
-                g = layer_positions(layer.module, gradient, is_input=False)
+                g = group_rows(
+                    layer_positions(layer.module, gradient, is_input=False),
+                    f.shape[0],
+                    layer.name,
+                )
                 accumulator.gradient(layer, positions[layer.name], g)
             for entry in diagonal_modules:
                 for gradient in capture.take_gradients(entry.name):  # unused: none
-                    diagonal.add(entry, capture.calls[entry.name], gradient)
+                    diagonal.add(entry, capture.calls[entry.name], gradient, f.shape[0])
         for layer in hidden:
             accumulator.end(layer, positions[layer.name])
 

@@ -26,14 +26,18 @@ from ekfac_laplace.options import (
     DEFAULT_SEED,
     EKFACOptions,
 )
-from ekfac_laplace.posterior import EKFACPosterior, check_prior_precision
+from ekfac_laplace.posterior import (
+    EKFACPosterior,
+    check_positive_scalar,
+    check_prior_precision,
+)
 
-_LIKELIHOODS = (Likelihood.CLASSIFICATION, Likelihood.REGRESSION)
+_LIKELIHOODS = tuple(likelihood.value for likelihood in Likelihood)
 
 
 def _checked_options(
     likelihood: Likelihood | str,
-    prior_precision: float | Tensor,
+    hyperparameters: tuple[float | Tensor, float | Tensor, float],
     *args: Any,
     **kwargs: Any,
 ) -> EKFACOptions:
@@ -41,7 +45,7 @@ def _checked_options(
 
     Args:
         likelihood: The Laplace object's likelihood.
-        prior_precision: Its initial prior precision.
+        hyperparameters: Its initial ``(prior_precision, sigma_noise, temperature)``.
         *args: The backend arguments of :func:`~ekfac_laplace.backends.laplace_options`.
         **kwargs: Its EKFAC keywords.
 
@@ -49,15 +53,19 @@ def _checked_options(
         The options.
 
     Raises:
-        ValueError: For an unsupported likelihood, backend or option, or a bad prior.
+        ValueError: For an unsupported likelihood, backend or option, or a bad
+            hyperparameter.
     """
     if likelihood not in _LIKELIHOODS:
         raise ValueError(
-            f"EKFAC Laplace supports likelihood='classification' or 'regression', "
-            f"got {likelihood!r}."
+            f"Invalid likelihood type {likelihood!r}; EKFAC Laplace supports "
+            f"{', '.join(repr(name) for name in _LIKELIHOODS)}."
         )
     options = laplace_options(*args, **kwargs)
+    prior_precision, sigma_noise, temperature = hyperparameters
     check_prior_precision(prior_precision)
+    check_positive_scalar("sigma_noise", sigma_noise)
+    check_positive_scalar("temperature", temperature)
     return options
 
 
@@ -132,7 +140,7 @@ class EKFACLaplace(EKFACPosterior):
     ) -> None:
         self.options = _checked_options(
             likelihood,
-            prior_precision,
+            (prior_precision, sigma_noise, temperature),
             backend,
             backend_kwargs,
             asdl_fisher_kwargs,
@@ -228,7 +236,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         # laplace-torch's LLLaplace refuses asdl_fisher_kwargs itself.
         self.options = _checked_options(
             likelihood,
-            prior_precision,
+            (prior_precision, sigma_noise, temperature),
             backend,
             backend_kwargs,
             kfac_approx=kfac_approx,
@@ -255,10 +263,20 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         )
 
     def _posterior_params(self) -> list[Tensor]:
-        return [p for p in self.model.last_layer.parameters() if p.requires_grad]
+        return [p for p in self._last_layer().parameters() if p.requires_grad]
 
     def _mean_vector(self) -> Tensor:
-        return parameters_to_vector(self.model.last_layer.parameters())
+        return parameters_to_vector(self._last_layer().parameters())
+
+    def _last_layer(self) -> nn.Module:
+        """The last layer; before a fit without ``last_layer_name`` it is unknown."""
+        last_layer = self.model.last_layer
+        if last_layer is None:
+            raise AttributeError(
+                f"{type(self).__name__} is not fitted: call .fit(train_loader) first "
+                "(it finds the last layer), or pass last_layer_name."
+            )
+        return last_layer
 
     # LLLaplace precedes EKFACPosterior in the method order; where it defines a member
     # for its own structures, ours is chosen explicitly.

@@ -67,6 +67,35 @@ def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor
     return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
+def group_rows(tensor: Tensor, batch: int, name: str) -> Tensor:
+    """Gather the rows of each example of a module's tensor along dimension 1.
+
+    A module usually sees one row per example. A model that folds another
+    dimension into the batch before a layer (a reward model scoring a pair of
+    completions with ``x.reshape(-1, d)``) gives it ``B·m`` rows; the ``m`` rows of
+    example ``n`` are taken to be the consecutive rows ``n·m, …, n·m + m - 1``, as
+    row-major flattening lays them out (the engine checks this on its first batch).
+    They become positions sharing the weight: ``(B·m, S, ...)`` → ``(B, m·S, ...)``.
+
+    Args:
+        tensor: Shape ``(R, S, ...)`` with ``R`` rows.
+        batch: The number of examples ``B``.
+        name: The module's name, for the message.
+
+    Returns:
+        The tensor itself if ``R == B``, else shape ``(B, (R/B)·S, ...)``.
+
+    Raises:
+        RowGroupingError: If ``R`` is not a multiple of ``B``.
+    """
+    rows = tensor.shape[0]
+    if rows == batch:
+        return tensor
+    if rows % batch:
+        raise RowGroupingError(name, rows, batch)
+    return tensor.reshape(batch, -1, *tensor.shape[2:])
+
+
 class ParameterBlock(NamedTuple):
     """One parameter tensor of the posterior: its owner and its kind of block.
 
@@ -318,6 +347,18 @@ class NonTensorOutputError(CaptureError):
             f"Module '{name}' ({type(module).__name__}) returns "
             f"{type(output).__name__}, not a tensor; diagonal blocks need modules "
             "with one tensor output. Freeze its parameters with requires_grad_(False)."
+        )
+
+
+class RowGroupingError(CaptureError):
+    """A module sees a number of rows that is not a multiple of the batch size."""
+
+    def __init__(self, name: str, rows: int, batch: int) -> None:
+        super().__init__(
+            f"Module '{name}' sees {rows} rows for a batch of {batch} examples; "
+            "EKFAC needs the rows of each example to be consecutive, as "
+            "x.reshape(batch * m, ...) lays them out, so that its per-example "
+            "gradients are defined. Keep the batch dimension first in the model."
         )
 
 

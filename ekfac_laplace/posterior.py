@@ -20,12 +20,13 @@ which finds the last layer and then calls ours.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
-from laplace.utils.enums import PriorStructure
+from laplace.utils.enums import Likelihood, PriorStructure
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
@@ -45,20 +46,48 @@ from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.predictive import glm_predictive_variance
 
 
+def real_values(name: str, value: object) -> Tensor:
+    """A hyperparameter as a detached tensor, refusing what is not a number.
+
+    laplace-torch accepts real scalars (Python or NumPy) and tensors and refuses
+    anything else with a ``ValueError``; so do we, before torch would raise a
+    ``TypeError`` on a string or a ragged list.
+
+    Args:
+        name: The hyperparameter's name, for the message.
+        value: Its value.
+
+    Returns:
+        The value as a tensor (detached).
+
+    Raises:
+        ValueError: Unless ``value`` is a real number or a tensor.
+    """
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, numbers.Real):
+        return torch.as_tensor(float(value))
+    raise ValueError(
+        f"{name} must be a real number or a torch.Tensor, got "
+        f"{type(value).__name__} {value!r:.60}."
+    )
+
+
 def check_prior_precision(prior_precision: float | Tensor) -> None:
-    """Refuse a negative, NaN or infinite prior precision.
+    """Refuse a prior precision that is not a finite, non-negative scalar / 1-D tensor.
 
     Args:
         prior_precision: A number or a tensor of them.
 
     Raises:
-        ValueError: If any value is negative or not finite.
+        ValueError: For any of these.
     """
-    values = torch.as_tensor(
-        prior_precision.detach()
-        if isinstance(prior_precision, Tensor)
-        else prior_precision
-    )
+    values = real_values("prior_precision", prior_precision)
+    if values.ndim > 1:
+        raise ValueError(
+            f"prior_precision must be a scalar or a 1-D tensor, got shape "
+            f"{tuple(values.shape)}."
+        )
     if not torch.isfinite(values).all() or (values < 0).any():
         raise ValueError(
             f"prior_precision must be finite and non-negative, got "
@@ -77,10 +106,27 @@ def check_positive_scalar(name: str, value: float | Tensor) -> None:
     Raises:
         ValueError: Unless ``value`` is one finite number > 0.
     """
-    values = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value)
+    values = real_values(name, value)
     if values.numel() != 1 or not bool(torch.isfinite(values).all()) or values <= 0:
         shown = values.flatten()[:8].tolist()
         raise ValueError(f"{name} must be one finite, positive number, got {shown}.")
+
+
+#: The keys of laplace-torch's ``ParametricLaplace.state_dict``.
+STATE_KEYS = (
+    "mean",
+    "H",
+    "loss",
+    "prior_mean",
+    "prior_precision",
+    "sigma_noise",
+    "n_data",
+    "n_outputs",
+    "likelihood",
+    "temperature",
+    "enable_backprop",
+    "cls_name",
+)
 
 
 class EKFACPosterior(ParametricLaplace):
@@ -150,6 +196,13 @@ class EKFACPosterior(ParametricLaplace):
                 )
         BaseLaplace.prior_precision.fset(self, prior_precision)
 
+    @property
+    def _curvature_likelihood(self) -> str:
+        """The likelihood of the curvature: reward modelling fits as classification."""
+        if self.likelihood == Likelihood.REWARD_MODELING:
+            return Likelihood.CLASSIFICATION.value
+        return str(Likelihood(self.likelihood).value)
+
     # ----------------------------------------- what the posterior is over
     def _posterior_params(self) -> list[Tensor]:
         """The parameters of the posterior, in vector order."""
@@ -191,14 +244,15 @@ class EKFACPosterior(ParametricLaplace):
         """
         num_data = dataset_size(train_loader)
         self.model.eval()
-        batches = LaplaceBatches(train_loader, self.dict_key_y)
-        n_outputs = output_size(self.model, batches, self.likelihood, self._device)
+        batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
+        likelihood = self._curvature_likelihood
+        n_outputs = output_size(self.model, batches, likelihood, self._device)
         previous = None if override else self.H
         factors = compute_ekfac(
             self.model,
             self._posterior_params(),
             batches,
-            self.likelihood,
+            likelihood,
             num_data,
             self.options,
             eigenbasis=None if previous is None else previous.eigenvectors,
@@ -259,11 +313,17 @@ class EKFACPosterior(ParametricLaplace):
 
     @property
     def log_det_posterior_precision(self) -> Tensor:
-        """``log det P``, exact from the eigenvalues."""
+        """``log det P``, exact from the eigenvalues.
+
+        Before a fit the posterior is the prior, as in laplace-torch's KronLaplace:
+        ``log det P₀``.
+        """
+        if getattr(self, "H", None) is None:
+            return self.log_det_prior_precision
         return self.posterior_precision.logdet()
 
     def square_norm(self, value: Tensor) -> Tensor:
-        """``(value - mean)ᵀ P (value - mean)``.
+        """``(value - mean)ᵀ P (value - mean)`` (``P₀`` before a fit, as KronLaplace).
 
         Args:
             value: Shape ``(P,)``.
@@ -272,6 +332,8 @@ class EKFACPosterior(ParametricLaplace):
             Scalar tensor.
         """
         delta = value - self.mean
+        if getattr(self, "H", None) is None:
+            return (delta * self.prior_precision_diag) @ delta
         return delta @ self.posterior_precision.bmm(delta, exponent=1)
 
     def sample(
@@ -484,20 +546,28 @@ class EKFACPosterior(ParametricLaplace):
             state_dict: A state produced by the same class for the same model.
 
         Raises:
+            KeyError: If the state lacks one of laplace-torch's keys (as
+                laplace-torch raises).
             ValueError: If the state is from another class, model or likelihood, or
                 is not an EKFAC state. The object is unchanged.
         """
-        if state_dict.get("cls_name") != type(self).__name__:
+        missing = [key for key in STATE_KEYS if key not in state_dict]
+        if missing:
+            raise KeyError(
+                f"The state has no {missing}; pass the dict that "
+                f"{type(self).__name__}.state_dict() returned."
+            )
+        if state_dict["cls_name"] != type(self).__name__:
             raise ValueError(
-                f"The state is from {state_dict.get('cls_name')!r}, not "
+                f"The state is from {state_dict['cls_name']!r}, not "
                 f"{type(self).__name__}; load it into the class that saved it."
             )
-        if state_dict.get("likelihood") != self.likelihood:
+        if state_dict["likelihood"] != self.likelihood:
             raise ValueError(
                 f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
                 f"Laplace uses {self.likelihood!r}."
             )
-        decomposed = EKFACDecomposed.from_state(state_dict.get("H"))
+        decomposed = EKFACDecomposed.from_state(state_dict["H"])
         options = EKFACOptions.from_state(state_dict.get("ekfac_options", ()))
         sizes = self._block_sizes()
         if decomposed.block_sizes != sizes:

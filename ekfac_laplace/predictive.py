@@ -35,6 +35,7 @@ from ekfac_laplace.layout import (
     ForwardCapture,
     ParameterBlock,
     ParameterLayout,
+    RowGroupingError,
     layer_positions,
 )
 from ekfac_laplace.matrix import EKFACDecomposed
@@ -65,8 +66,9 @@ def glm_predictive_variance(
 
     Raises:
         CaptureError: (a ``ValueError``) if a module runs more than once per forward
-            pass or a diagonal module does not return one tensor; the caller can
-            fall back to the dense Jacobian.
+            pass, a diagonal module does not return one tensor, or a module sees
+            more rows than there are inputs; the caller can fall back to the dense
+            Jacobian.
     """
     layout = ParameterLayout(model, params)
     capture = ForwardCapture(layout)
@@ -78,6 +80,9 @@ def glm_predictive_variance(
         torch.autograd.grad(
             f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
         )
+    for name, gradients in capture.gradients.items():
+        if gradients[0].shape[0] != B:  # rows folded into the batch: dense fallback
+            raise RowGroupingError(name, gradients[0].shape[0], B)
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
     for index, (block, basis) in enumerate(zip(layout.blocks, precision.eigenvectors)):
         output_gradients = capture.gradients.get(block.module)

@@ -154,7 +154,7 @@ def test_diagonal_squares_sum_per_example_gradient_squares():
     x = torch.randn(B, 3, 4, dtype=F64)
     g = torch.randn(B, 3, 4, dtype=F64)
     squares = DiagonalSquares([entry])
-    squares.add(entry, ((x,), {}), g)
+    squares.add(entry, ((x,), {}), g, B)
     params = {name: p.detach() for name, p in norm.named_parameters()}
 
     def inner(p, x_n, g_n):

@@ -28,8 +28,11 @@ def test_split_batch_tuples_lists_and_dicts():
     inputs, targets = split_batch(batch)
     assert inputs is batch and targets is y
     assert split_batch({"x": X, "t": y}, dict_key_y="t")[1] is y
-    with pytest.raises(ValueError, match=r"no target key 'labels' \(keys: \['x'\]"):
+    with pytest.raises(KeyError, match=r"no target key 'labels' \(keys: \['x'\]"):
         split_batch({"x": X})
+    with pytest.raises(KeyError, match=r"no input key 'input_ids'.*set dict_key_x"):
+        split_batch({"x": X, "labels": y}, dict_key_x="input_ids")
+    assert split_batch({"x": X, "labels": y}, dict_key_x="x")[1] is y
     with pytest.raises(ValueError, match=r"\(x, y\) tuples/lists or dicts"):
         split_batch(X)
 

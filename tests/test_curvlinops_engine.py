@@ -9,7 +9,7 @@ from torch import nn
 from ekfac_laplace.batches import LaplaceBatches
 from ekfac_laplace.curvlinops_engine import (
     check_curvlinops_layout,
-    refuse_reused_modules,
+    check_first_batch,
 )
 from ekfac_laplace.layout import ParameterLayout, ReusedModuleError
 from tests.cases import CASES, Case, fit_factors, loader
@@ -97,7 +97,7 @@ def test_curvlinops_refuses_diagonal_blocks_and_reused_modules():
     reused = nn.Sequential(layer, nn.Tanh(), layer)
     X, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
     with pytest.raises(ReusedModuleError, match="'0' runs more than once"):
-        refuse_reused_modules(
+        check_first_batch(
             reused,
             ParameterLayout(reused, list(reused.parameters())),
             LaplaceBatches(loader(X, y)),

@@ -37,10 +37,9 @@ def _fitted(subset: str = "all", **options):
         lambda la, X: la.sample(2),
         lambda la, X: la(X),
         lambda la, X: la(X, pred_type="nn", link_approx="mc", n_samples=2),
-        lambda la, X: la.log_marginal_likelihood(),
         lambda la, X: la.state_dict(),
         lambda la, X: la.posterior_covariance,
-        lambda la, X: la.log_det_posterior_precision,
+        lambda la, X: la.posterior_precision,
     ],
 )
 def test_everything_before_fit_says_fit_first(cls, use):
@@ -50,6 +49,18 @@ def test_everything_before_fit_says_fit_first(cls, use):
         use(la, X)
 
 
+def test_before_fit_the_posterior_is_the_prior_as_in_kron():
+    """laplace-torch's KronLaplace: log det and square norm of the prior unfitted."""
+    model, X, _ = _model_and_data()
+    la = EKFACLaplace(model, "classification", prior_precision=2.0)
+    assert la.log_marginal_likelihood() == 0.0
+    assert torch.allclose(la.log_det_posterior_precision, la.log_det_prior_precision)
+    value = la.mean + 1.0
+    assert torch.allclose(
+        la.square_norm(value), 2.0 * la.n_params * la.mean.new_ones(())
+    )
+
+
 @pytest.mark.parametrize(
     ("attribute", "value", "match"),
     [
@@ -57,7 +68,7 @@ def test_everything_before_fit_says_fit_first(cls, use):
         ("prior_precision", float("nan"), "prior_precision must be finite"),
         ("prior_precision", torch.tensor([1.0, math.inf]), "prior_precision must be"),
         ("prior_precision", torch.ones(7), "one per parameter tensor"),
-        ("prior_precision", torch.ones(2, 2), "(?i)prior precision"),
+        ("prior_precision", torch.ones(2, 2), "scalar or a 1-D tensor"),
         ("temperature", 0.0, "temperature must be one finite, positive number"),
         ("temperature", float("inf"), "temperature must be one finite"),
         ("sigma_noise", -0.5, "sigma_noise must be one finite, positive number"),

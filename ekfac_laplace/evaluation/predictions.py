@@ -187,19 +187,19 @@ def predict(
         )
     if isinstance(predictor, BaseLaplace):
         model = predictor.model
-        key_y = predictor.dict_key_y
+        key_y, key_x = predictor.dict_key_y, predictor.dict_key_x
         forward = _laplace_forward(
             predictor, likelihood, pred_type, link_approx, n_samples
         )
     else:
-        model, key_y = predictor, "labels"
+        model, key_y, key_x = predictor, "labels", None
         forward = _module_forward(predictor, likelihood, sigma_noise)
     device = _device(model)
 
     outputs: list[tuple[Tensor, ...]] = []
     with torch.no_grad():
         for batch in loader:
-            x, y = split_batch(batch, key_y)
+            x, y = split_batch(batch, key_y, key_x)
             out = forward(to_device(x, device))
             out = (out,) if isinstance(out, Tensor) else tuple(out)
             outputs.append(tuple(o.detach().cpu() for o in out) + (y.detach().cpu(),))

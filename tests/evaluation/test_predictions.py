@@ -269,9 +269,7 @@ def test_predict_data_errors():
         predict(model, [], likelihood="classification")
     with pytest.raises(ValueError, match=r"\(x, y\) tuples/lists or dicts"):
         predict(model, [X], likelihood="classification")
-    with pytest.raises(
-        ValueError, match=r"no target key 'labels' \(keys: \['x', 'y'\]"
-    ):
+    with pytest.raises(KeyError, match=r"no target key 'labels' \(keys: \['x', 'y'\]"):
         predict(model, [{"x": X, "y": y}], likelihood="classification")
     with pytest.raises(
         ValueError, match=r"shape \(24, 3\) do not match targets.*\(24, 2\)"
