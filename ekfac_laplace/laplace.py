@@ -210,6 +210,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
     """
 
     _key = ("last_layer", "ekfac")
+    _dense_groups_rows = False
 
     def __init__(
         self,
@@ -261,6 +262,22 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state; its keys, class and likelihood are checked first.
+
+        laplace-torch's ``LLLaplace.load_state_dict`` looks for the last layer
+        before its own checks; ours come before that.
+
+        Args:
+            state_dict: A state from :meth:`state_dict` for the same model.
+
+        Raises:
+            KeyError: If a key is missing.
+            ValueError: If the state is from another class, model or likelihood.
+        """
+        self._check_state(state_dict, ("_last_layer_name", "data"))
+        LLLaplace.load_state_dict(self, state_dict)
 
     def _posterior_params(self) -> list[Tensor]:
         return [p for p in self._last_layer().parameters() if p.requires_grad]

@@ -40,7 +40,7 @@ from ekfac_laplace.batches import (
 )
 from ekfac_laplace.curvature import compute_ekfac
 from ekfac_laplace.factors import EKFACFactors
-from ekfac_laplace.layout import CaptureError
+from ekfac_laplace.layout import CaptureError, RowGroupingError
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.predictive import glm_predictive_variance
@@ -154,6 +154,9 @@ class EKFACPosterior(ParametricLaplace):
 
     options: EKFACOptions
     dense_limit_bytes: int | None = DENSE_LIMIT_BYTES
+    #: Whether laplace-torch's dense predictive handles inputs whose rows a module
+    #: sees folded into the batch (all weights: yes; last layer: no).
+    _dense_groups_rows: bool = True
 
     # --------------------------------------------------------- hyperparameters
     def _init_H(self) -> None:
@@ -383,6 +386,32 @@ class EKFACPosterior(ParametricLaplace):
         flat = Js.reshape(1, n_batch * n_outs, n_params)
         return self.posterior_precision.inv_square_form(flat).squeeze(0)
 
+    def log_marginal_likelihood(
+        self,
+        prior_precision: Tensor | None = None,
+        sigma_noise: Tensor | None = None,
+    ) -> Tensor:
+        """laplace-torch's Laplace evidence, refused before a fit.
+
+        ``log p(D) ≈ log p(D|θ*) - ½ (log det P - log det P₀ + (θ*-μ₀)ᵀ P₀ (θ*-μ₀))``,
+        differentiable in ``prior_precision`` and ``sigma_noise`` if given.
+
+        Args:
+            prior_precision: Replaces the prior precision first, if given.
+            sigma_noise: Replaces the observation noise first (regression).
+
+        Returns:
+            Scalar tensor.
+
+        Raises:
+            ValueError: For ``sigma_noise`` with a likelihood other than regression.
+            AttributeError: Before a fit (KronLaplace fails on a shape there).
+        """
+        if sigma_noise is not None and self.likelihood != Likelihood.REGRESSION:
+            raise ValueError("Can only change sigma_noise for regression.")
+        self._check_H_init()
+        return super().log_marginal_likelihood(prior_precision, sigma_noise)
+
     # -------------------------------------------------------------------- prior
     @property
     def log_det_prior_precision(self) -> Tensor:
@@ -503,6 +532,13 @@ class EKFACPosterior(ParametricLaplace):
                     to_device(X, self._device),
                     joint=joint,
                 )
+            except RowGroupingError as error:
+                if not self._dense_groups_rows:
+                    raise ValueError(
+                        f"{error} The last-layer predictive of such inputs (a reward "
+                        "model's pairs with fitting=True) is not supported, as in "
+                        "laplace-torch; use subset_of_weights='all'."
+                    ) from None
             except CaptureError:
                 pass  # a reused module: laplace-torch's Jacobians handle it
             else:
@@ -539,19 +575,16 @@ class EKFACPosterior(ParametricLaplace):
         state["ekfac_options"] = self.options.to_state()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`, validating it first.
-
-        Args:
-            state_dict: A state produced by the same class for the same model.
+    def _check_state(
+        self, state_dict: dict[str, Any], extra_keys: tuple[str, ...] = ()
+    ) -> None:
+        """The checks of a state that need no model: keys, class, likelihood.
 
         Raises:
-            KeyError: If the state lacks one of laplace-torch's keys (as
-                laplace-torch raises).
-            ValueError: If the state is from another class, model or likelihood, or
-                is not an EKFAC state. The object is unchanged.
+            KeyError: If a key is missing.
+            ValueError: If the state is from another class or likelihood.
         """
-        missing = [key for key in STATE_KEYS if key not in state_dict]
+        missing = [key for key in STATE_KEYS + extra_keys if key not in state_dict]
         if missing:
             raise KeyError(
                 f"The state has no {missing}; pass the dict that "
@@ -567,6 +600,20 @@ class EKFACPosterior(ParametricLaplace):
                 f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
                 f"Laplace uses {self.likelihood!r}."
             )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`, validating it first.
+
+        Args:
+            state_dict: A state produced by the same class for the same model.
+
+        Raises:
+            KeyError: If the state lacks one of laplace-torch's keys (as
+                laplace-torch raises).
+            ValueError: If the state is from another class, model or likelihood, or
+                is not an EKFAC state. The object is unchanged.
+        """
+        self._check_state(state_dict)
         decomposed = EKFACDecomposed.from_state(state_dict["H"])
         options = EKFACOptions.from_state(state_dict.get("ekfac_options", ()))
         sizes = self._block_sizes()

@@ -135,3 +135,41 @@ class DictDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return {"input_ids": self.X[index], "labels": self.y[index]}
+
+
+class RewardModel(nn.Module):
+    """laplace-torch's reward model: scores each of a pair, trained as classification.
+
+    Training inputs ``(B, 2, d)`` give the logits ``(B, 2)`` of which completion is
+    preferred (the pair folded into the batch of the network, ``x.reshape(-1, d)``);
+    test inputs ``(B, d)`` give one reward each, ``(B, 1)``.
+
+    Args:
+        interleave: Fold the pair as ``cat([x[:, 0], x[:, 1]])`` instead, so that the
+            rows of one example are not consecutive.
+    """
+
+    def __init__(self, d: int = 3, hidden: int = 5, interleave: bool = False) -> None:
+        super().__init__()
+        self.interleave = interleave
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 2:
+            return self.net(x)
+        batch = x.shape[0]
+        if self.interleave:
+            rewards = self.net(torch.cat([x[:, 0], x[:, 1]]))
+            return rewards.reshape(2, batch).T
+        return self.net(x.reshape(-1, x.shape[-1])).reshape(batch, 2)
+
+
+def reward_data(
+    n: int = 12, d: int = 3, seed: int = 0
+) -> tuple[RewardModel, Tensor, Tensor, Tensor]:
+    """A float64 reward model, pairs ``(n, 2, d)``, preferences and test inputs."""
+    torch.manual_seed(seed)
+    model = RewardModel(d).double()
+    pairs = torch.randn(n, 2, d, dtype=torch.float64)
+    preferred = torch.randint(0, 2, (n,))
+    return model, pairs, preferred, torch.randn(5, d, dtype=torch.float64)

@@ -15,7 +15,15 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import ekfac_laplace
 from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
-from tests.cases import CASE_IDS, CASES, Case, DictDataset, last_layer_params, loader
+from tests.cases import (
+    CASE_IDS,
+    CASES,
+    Case,
+    DictDataset,
+    last_layer_params,
+    loader,
+    reward_data,
+)
 from tests.utils import (
     assert_close,
     blocks,
@@ -705,3 +713,73 @@ def test_state_without_ekfac_factors_is_refused():
     state["H"] = None
     with pytest.raises(ValueError, match="no EKFAC eigenvectors"):
         la.load_state_dict(state)
+
+
+@pytest.mark.parametrize("fisher_type", ["type2", "empirical"])
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_reward_modeling_fits_as_classification_and_predicts_as_regression(
+    subset: str, fisher_type: str
+):
+    """laplace-torch's semantics: the curvature of the pairwise classification
+    likelihood, each pair one example; rewards predicted as regression outputs."""
+    model, pairs, preferred, X_test = reward_data()
+    params = _params(model, subset)
+    backend = CurvlinopsGGN if fisher_type == "type2" else CurvlinopsEF
+    la = Laplace(
+        model,
+        "reward_modeling",
+        subset,
+        hessian_structure="ekfac",
+        backend=backend,
+        prior_precision=0.7,
+    )
+    la.fit(loader(pairs, preferred))
+    assert la.n_outputs == 2 and la.n_data == len(pairs)
+    P, _ = _dense_posterior(la, model, params, pairs, fisher_type, preferred)
+    assert_close(la.posterior_precision.to_matrix(), P)
+    reference = reference_ekfac(
+        model, params, pairs, preferred, "classification", fisher_type
+    )
+    ekfac = torch.block_diag(*reference["ekfac"])
+    prior = 0.7 * torch.eye(len(P), dtype=torch.float64)
+    assert_close(la.posterior_precision.to_matrix(), ekfac + prior)
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(pairs), preferred, reduction="sum")
+    assert_close(la.log_likelihood, -loss)
+
+    Sigma = torch.linalg.inv(P)
+    J, f = jacobians(model, params, X_test)
+    mean, var = la(X_test, pred_type="glm")
+    assert_close(mean, f)
+    assert_close(var, J @ Sigma @ J.transpose(1, 2))
+    assert var.shape == (len(X_test), 1, 1)
+    mean, var = la(X_test, pred_type="nn", link_approx="mc", n_samples=4)
+    assert mean.shape == var.shape == (len(X_test), 1)
+    if subset == "last_layer":  # as laplace-torch's KronLLLaplace, which fails
+        with pytest.raises(ValueError, match="use subset_of_weights='all'"):
+            la(pairs[:3], pred_type="glm", fitting=True)
+        return
+    probs = la(pairs[:3], pred_type="glm", fitting=True)
+    assert probs.shape == (3, 2)
+    assert_close(probs.sum(-1), torch.ones(3, dtype=torch.float64))
+    J_pairs, f_pairs = jacobians(model, params, pairs[:3])
+    var_pairs = J_pairs @ Sigma @ J_pairs.transpose(1, 2)
+    kappa = 1 / torch.sqrt(1 + math.pi / 8 * torch.diagonal(var_pairs, dim1=1, dim2=2))
+    assert_close(probs, torch.softmax(kappa * f_pairs, dim=-1))
+
+
+def test_reward_model_with_interleaved_pairs_is_refused():
+    """Rows of one example that are not consecutive would mix the per-example
+    gradients: the engine's check on the first batch refuses them."""
+    model, pairs, preferred, _ = reward_data()
+    interleaved = copy.deepcopy(model)
+    interleaved.interleave = True
+    la = Laplace(interleaved, "reward_modeling", "all", hessian_structure="ekfac")
+    with pytest.raises(ValueError, match="not consecutive"):
+        la.fit(loader(pairs, preferred))
+    assert la.H is None
+    curvlinops = Laplace(
+        model, "reward_modeling", "all", hessian_structure="ekfac", engine="curvlinops"
+    )
+    with pytest.raises(ValueError, match="sees 10 rows for a batch of 5.*'fast'"):
+        curvlinops.fit(loader(pairs, preferred))
