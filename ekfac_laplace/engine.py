@@ -14,6 +14,12 @@ This engine computes the same quantities with
   within ``cache_budget_bytes``, so that the eigenvalue correction needs no second
   pass (:mod:`ekfac_laplace.accumulators`).
 
+A network that folds another dimension into its batch before a layer (a reward
+model's pair of completions, ``x.reshape(-1, d)``) gives that layer ``B·m`` rows; each
+example's ``m`` consecutive rows become positions sharing the weight
+(:func:`~ekfac_laplace.layout.group_rows`), so that the correction uses the
+per-example gradients. The first batch checks that the rows are consecutive.
+
 A :class:`Sweep` is one batch: install the hooks and run the forward pass
 (:class:`~ekfac_laplace.layout.ForwardCapture`), then the ``K`` backward passes, each
 layer's inputs and gradients handed to an accumulator one backward pass at a time (no

@@ -87,7 +87,9 @@ class EKFACLaplace(EKFACPosterior):
             and ``nn.Conv2d`` get Kronecker-factored eigenbases; those of other
             modules (norm layers, embeddings, grouped convolutions, ...) diagonal
             blocks, the exact GGN / Fisher diagonal (see ``unsupported_layers``).
-        likelihood: ``"classification"`` or ``"regression"``.
+        likelihood: ``"classification"``, ``"regression"`` or
+            ``"reward_modeling"`` (fitted as classification over pairs, predicted
+            as regression, as laplace-torch).
         sigma_noise: Observation noise (regression only).
         prior_precision: Scalar or one value per parameter tensor.
         prior_mean: Scalar or one value per parameter.
@@ -95,12 +97,15 @@ class EKFACLaplace(EKFACPosterior):
         enable_backprop: Allow gradients through the predictive w.r.t. the input.
         dict_key_x: Input key of dict-like batches.
         dict_key_y: Target key of dict-like batches.
-        backend: ``CurvlinopsGGN`` (default; ``backend_kwargs={"stochastic": True}``
-            for the Monte-Carlo Fisher) or ``CurvlinopsEF`` (empirical Fisher).
+        backend: Any laplace-torch GGN backend (``CurvlinopsGGN``, the default,
+            ``AsdlGGN``, ``BackPackGGN``; ``backend_kwargs={"stochastic": True}``
+            for the Monte-Carlo Fisher) or EF backend (``CurvlinopsEF``,
+            ``AsdlEF``, ``BackPackEF``: empirical Fisher). EKFAC is computed by
+            our engine whichever it is.
         backend_kwargs: Passed to the backend, which computes the dense Jacobians of
             laplace-torch's predictive where ours does not apply.
         asdl_fisher_kwargs: For compatibility with ``KronLaplace``: may carry
-            ``kfac_approx`` and ``mc_samples``.
+            ``mc_samples`` (or ``n_mc_samples``), ``kfac_approx`` and ``seed``.
         kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
         mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
         seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
@@ -185,7 +190,8 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
 
     Args:
         model: The MAP network.
-        likelihood: ``"classification"`` or ``"regression"``.
+        likelihood: ``"classification"``, ``"regression"`` or
+            ``"reward_modeling"``.
         sigma_noise: Observation noise (regression only).
         prior_precision: Scalar or one value per last-layer parameter tensor.
         prior_mean: Scalar or one value per last-layer parameter.
@@ -194,7 +200,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         feature_reduction: How laplace-torch reduces >2-D features.
         dict_key_x: Input key of dict-like batches.
         dict_key_y: Target key of dict-like batches.
-        backend: ``CurvlinopsGGN`` (default) or ``CurvlinopsEF``.
+        backend: Any laplace-torch GGN or EF backend (see :class:`EKFACLaplace`).
         last_layer_name: Name of the last layer; found automatically if ``None``.
         backend_kwargs: Passed to the backend.
         asdl_fisher_kwargs: Not supported for last-layer Laplace (laplace-torch).

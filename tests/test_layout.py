@@ -13,6 +13,8 @@ from ekfac_laplace.layout import (
     ParameterBlock,
     ParameterLayout,
     ReusedModuleError,
+    RowGroupingError,
+    group_rows,
     kfac_supported,
     layer_positions,
 )
@@ -179,3 +181,13 @@ def test_layer_bases_regroup_the_block_eigenbases_per_layer():
     assert bases["0"][1] is None and bases["0"][0] is eigenbasis[0][0]
     assert bases["2"] == eigenbasis[1]
     assert bases["4"] == eigenbasis[4]  # the weight's pair, shared by the bias
+
+
+def test_group_rows_gathers_each_examples_consecutive_rows():
+    rows = torch.arange(12.0).reshape(6, 1, 2)  # 3 examples, 2 rows each
+    grouped = group_rows(rows, 3, "layer")
+    assert grouped.shape == (3, 2, 2)
+    assert torch.equal(grouped[1], rows[2:4, 0])
+    assert group_rows(rows, 6, "layer") is rows
+    with pytest.raises(RowGroupingError, match="'layer' sees 6 rows for a batch of 4"):
+        group_rows(rows, 4, "layer")

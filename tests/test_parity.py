@@ -532,3 +532,36 @@ def test_marglik_training_with_its_defaults(likelihood, prior_structure):
         evidence[structure] = la.log_marginal_likelihood().item()
     assert type(la).__name__ == "EKFACLaplace"
     assert evidence["ekfac"] >= evidence["kron"], evidence
+
+
+# ------------------------------------------------- the backend's dense predictive
+@pytest.mark.parametrize("subset", SUBSETS)
+@pytest.mark.parametrize("likelihood", ("classification", "regression"))
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_enable_backprop_uses_the_backends_jacobians(backend, likelihood, subset):
+    """With ``enable_backprop=True`` laplace-torch's dense-Jacobian predictive runs
+    on the backend: it works where KronLaplace's does, gives our Jacobian-free
+    numbers, and is differentiable in the input."""
+    results = {}
+    for structure in STRUCTURES:
+        la, loader, X_test = _laplace(
+            structure, likelihood, subset, backend, enable_backprop=True
+        )
+        fitted = outcome(lambda la=la, d=loader: la.fit(d))
+        x = X_test.clone().requires_grad_(True)
+        results[structure] = (
+            fitted[0],
+            outcome(lambda la=la, x=x: la(x, pred_type="glm")),
+        )
+        if structure == "ekfac":
+            ours, our_x = la, x
+    if results["kron"][0] == "ok":
+        assert results["kron"][1][0] == results["ekfac"][1][0]
+    f_var = results["ekfac"][1][1]
+    f_var = f_var[1] if likelihood == "regression" else f_var
+    f_var.sum().backward()
+    assert our_x.grad is not None and torch.isfinite(our_x.grad).all()
+    ours.enable_backprop = False
+    expected = ours(X_test, pred_type="glm")
+    expected = expected[1] if likelihood == "regression" else expected
+    torch.testing.assert_close(f_var.detach(), expected, rtol=1e-4, atol=1e-6)
