@@ -77,21 +77,32 @@ def _difference(check: str, backend: str, likelihood: str, subset: str):
 
 
 # ----------------------------------------------------------------- problems
-def _problem(likelihood: str, seed: int = 0) -> tuple[nn.Module, DataLoader, Any]:
-    """A small float32 model, its training loader and test inputs."""
+def _problem(
+    likelihood: str, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, DataLoader, Any]:
+    """A small model, its training loader and test inputs."""
     torch.manual_seed(seed)
     if likelihood == "reward_modeling":
-        model = RewardModel(d=3, hidden=4)
-        X, y = torch.randn(10, 2, 3), torch.randint(0, 2, (10,))
-        return model, DataLoader(TensorDataset(X, y), batch_size=5), torch.randn(4, 3)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    X = torch.randn(10, 3)
+        model = RewardModel(d=3, hidden=4).to(dtype)
+        X, y = torch.randn(10, 2, 3, dtype=dtype), torch.randint(0, 2, (10,))
+        X_test = torch.randn(4, 3, dtype=dtype)
+        return model, DataLoader(TensorDataset(X, y), batch_size=5), X_test
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    X = torch.randn(10, 3, dtype=dtype)
     y = torch.randint(0, 2, (10,)) if likelihood == "classification" else X[:, :2]
-    return model, DataLoader(TensorDataset(X, y), batch_size=5), torch.randn(4, 3)
+    X_test = torch.randn(4, 3, dtype=dtype)
+    return model, DataLoader(TensorDataset(X, y), batch_size=5), X_test
 
 
-def _laplace(structure: str, likelihood: str, subset: str, backend: str, **kw):
-    model, loader, X_test = _problem(likelihood)
+def _laplace(
+    structure: str,
+    likelihood: str,
+    subset: str,
+    backend: str,
+    dtype: torch.dtype = torch.float32,
+    **kw,
+):
+    model, loader, X_test = _problem(likelihood, dtype=dtype)
     cls, backend_kwargs = BACKENDS[backend]
     la = Laplace(
         model,
@@ -178,10 +189,10 @@ def _calls(la, X_test, likelihood: str) -> dict[str, Callable[[], Any]]:
     calls["square_norm"] = lambda: la.square_norm(value())
     calls["log_marginal_likelihood"] = lambda: la.log_marginal_likelihood()
     calls["log_marginal_likelihood-prior"] = lambda: la.log_marginal_likelihood(
-        torch.tensor(2.0)
+        torch.tensor(2.0, dtype=X_test.dtype)
     )
     calls["log_marginal_likelihood-sigma"] = lambda: la.log_marginal_likelihood(
-        None, torch.tensor(0.5)
+        None, torch.tensor(0.5, dtype=X_test.dtype)
     )
     calls["log_likelihood"] = lambda: la.log_likelihood
     calls["scatter"] = lambda: la.scatter
@@ -189,11 +200,12 @@ def _calls(la, X_test, likelihood: str) -> dict[str, Callable[[], Any]]:
     calls["log_det_posterior_precision"] = lambda: la.log_det_posterior_precision
     calls["log_det_ratio"] = lambda: la.log_det_ratio
     calls["prior_precision_diag"] = lambda: la.prior_precision_diag
-    Js = lambda: torch.randn(3, 2, la.n_params)  # noqa: E731
+    dtype = X_test.dtype
+    Js = lambda: torch.randn(3, 2, la.n_params, dtype=dtype)  # noqa: E731
     calls["functional_variance"] = lambda: la.functional_variance(Js())
     calls["functional_covariance"] = lambda: la.functional_covariance(Js())
     calls["functional_covariance-bad"] = lambda: la.functional_covariance(
-        torch.randn(3, 2, la.n_params + 1)
+        torch.randn(3, 2, la.n_params + 1, dtype=dtype)
     )
     calls["attributes"] = lambda: (
         la.mean,
@@ -210,19 +222,26 @@ def _calls(la, X_test, likelihood: str) -> dict[str, Callable[[], Any]]:
     return calls
 
 
-def _fitted_pair(backend: str, likelihood: str, subset: str):
+def _fitted_pair(
+    backend: str, likelihood: str, subset: str, dtype: torch.dtype = torch.float32
+):
     pair = {}
     for structure in STRUCTURES:
-        la, loader, X_test = _laplace(structure, likelihood, subset, backend)
+        la, loader, X_test = _laplace(structure, likelihood, subset, backend, dtype)
         pair[structure] = (la, outcome(lambda la=la, d=loader: la.fit(d)), X_test)
     return pair
 
 
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [(backend, torch.float32) for backend in BACKENDS]
+    + [("CurvlinopsGGN", torch.float64), ("AsdlEF", torch.float64)],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
 @pytest.mark.parametrize("subset", SUBSETS)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
-@pytest.mark.parametrize("backend", list(BACKENDS))
-def test_fitted_objects_answer_every_call_alike(backend, likelihood, subset):
-    pair = _fitted_pair(backend, likelihood, subset)
+def test_fitted_objects_answer_every_call_alike(backend, dtype, likelihood, subset):
+    pair = _fitted_pair(backend, likelihood, subset, dtype)
     (kron, kron_fit, X_test), (ours, our_fit, _) = pair["kron"], pair["ekfac"]
     _same("fit", backend, likelihood, subset, kron_fit, our_fit)
     if kron_fit[0] != "ok" or our_fit[0] != "ok":
