@@ -309,10 +309,32 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
     def _dense_glm_predictive_distribution(
         self, X: Tensor | Mapping[str, Any], joint: bool, diagonal_output: bool
     ) -> tuple[Tensor, Tensor]:
-        """laplace-torch's last-layer GLM predictive (last-layer Jacobians)."""
-        return LLLaplace._glm_predictive_distribution(
-            self, X, joint=joint, diagonal_output=diagonal_output
-        )
+        """laplace-torch's last-layer GLM predictive (last-layer Jacobians).
+
+        Asked for the full output covariance: for ``diagonal_output`` it would call
+        :meth:`functional_variance_fast`, which comes back here.
+        """
+        f_mu, f_var = LLLaplace._glm_predictive_distribution(self, X, joint=joint)
+        if diagonal_output and not joint:
+            f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        return f_mu, f_var
+
+    def functional_variance_fast(
+        self, X: Tensor | Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """GLM predictive mean and output variances, ``(B, K)`` each.
+
+        laplace-torch's hook for a structure with a fast diagonal predictive
+        (``KronLLLaplace`` raises ``NotImplementedError``): ours is the
+        Jacobian-free predictive in the eigenbasis.
+
+        Args:
+            X: A batch of inputs.
+
+        Returns:
+            ``f_mu`` and the diagonal of ``J P⁻¹ Jᵀ`` per input.
+        """
+        return self._glm_predictive_distribution(X, joint=False, diagonal_output=True)
 
     def _nn_functional_samples(
         self,

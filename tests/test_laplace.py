@@ -783,3 +783,21 @@ def test_reward_model_with_interleaved_pairs_is_refused():
     )
     with pytest.raises(ValueError, match="sees 10 rows for a batch of 5.*'fast'"):
         curvlinops.fit(loader(pairs, preferred))
+
+
+def test_last_layer_functional_variance_fast_is_the_diagonal_predictive():
+    """laplace-torch's hook for a fast diagonal predictive, also with the dense
+    path (``enable_backprop=True``), which must not call the hook back."""
+    case = CASES[0]
+    la, model, params, X, y = _fitted(case, "last_layer")
+    P, _ = _dense_posterior(la, model, params, X)
+    J, f = jacobians(model, params, X[:4])
+    expected = torch.diagonal(J @ torch.linalg.inv(P) @ J.transpose(1, 2), 0, 1, 2)
+    f_mu, f_var = la.functional_variance_fast(X[:4])
+    assert_close(f_mu, f)
+    assert_close(f_var, expected)
+    la.enable_backprop = True
+    f_mu, f_var = la._glm_predictive_distribution(X[:4], diagonal_output=True)
+    assert_close(f_var.detach(), expected)
+    f_mu, f_var = la.functional_variance_fast(X[:4])
+    assert_close(f_var.detach(), expected)
