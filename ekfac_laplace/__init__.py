@@ -22,24 +22,25 @@ import importlib
 import warnings
 from typing import Any
 
-with warnings.catch_warnings():
-    # laplace-torch imports asdl, which calls the deprecated torch.jit.script when
-    # imported; the notice is not actionable for our users.
-    warnings.filterwarnings(
-        "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-    )
-    from ekfac_laplace.curvature import compute_ekfac
-    from ekfac_laplace.factors import EKFACFactors
-    from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace
-    from ekfac_laplace.matrix import EKFACDecomposed
-    from ekfac_laplace.options import (
-        EKFACOptions,
-        Engine,
-        FisherType,
-        KFACApprox,
-        UnsupportedLayers,
-    )
-    from ekfac_laplace.posterior import EKFACPosterior
+# laplace-torch imports asdl, and torch's forward-mode AD loads decompositions, both
+# calling the deprecated torch.jit.script: a notice our users cannot act on. This one
+# message is hidden from here on; every other warning is left as it is.
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
+
+from ekfac_laplace.curvature import compute_ekfac  # noqa: E402
+from ekfac_laplace.factors import EKFACFactors  # noqa: E402
+from ekfac_laplace.laplace import EKFACLaplace, EKFACLLLaplace  # noqa: E402
+from ekfac_laplace.matrix import EKFACDecomposed  # noqa: E402
+from ekfac_laplace.options import (  # noqa: E402
+    EKFACOptions,
+    Engine,
+    FisherType,
+    KFACApprox,
+    UnsupportedLayers,
+)
+from ekfac_laplace.posterior import EKFACPosterior  # noqa: E402
 
 __version__ = "0.2.0"
 

@@ -11,6 +11,7 @@ that takes batches apart: :func:`split_batch` for a single batch,
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -173,43 +174,161 @@ def dataset_size(loader: Any) -> int:
     return num_data
 
 
+def check_inputs(X: Any, dtype: torch.dtype, dict_key_x: str = "input_ids") -> None:
+    """Refuse floating-point inputs of another dtype than the model's.
+
+    Args:
+        X: A model input (a tensor or a dict-like batch, whose floating tensors are
+            checked).
+        dtype: The model's parameter dtype.
+        dict_key_x: Key of the inputs in a dict-like batch, for the message.
+
+    Raises:
+        ValueError: For a floating-point input of another dtype, with the fix.
+    """
+    tensors = X.items() if isinstance(X, Mapping) else [("inputs", X)]
+    for name, value in tensors:
+        if (
+            isinstance(value, Tensor)
+            and value.is_floating_point()
+            and value.dtype != dtype
+        ):
+            where = "The inputs" if name == "inputs" else f"The batch's {name!r}"
+            raise ValueError(
+                f"{where} are {value.dtype} but the model's parameters are {dtype}; "
+                f"convert the data (e.g. X.to({dtype})) or the model "
+                f"(model.to({value.dtype})) so that they match."
+            )
+
+
+def check_targets(f: Tensor, y: Tensor, likelihood: str) -> None:
+    """Refuse targets that do not fit the outputs and the likelihood.
+
+    Classification targets are class indices (an integer dtype, shape ``(B,)``,
+    values in ``[0, C)``) or class probabilities (floating, shape ``(B, C)``);
+    regression targets are floating, shaped like the outputs.
+
+    Args:
+        f: Model outputs ``(B, C)``.
+        y: The batch's targets.
+        likelihood: ``"classification"`` or ``"regression"``.
+
+    Raises:
+        ValueError: Naming the problem and the fix.
+    """
+    if likelihood == "regression":
+        if y.shape != f.shape:
+            raise ValueError(
+                f"Regression targets have shape {tuple(y.shape)} but the model "
+                f"outputs {tuple(f.shape)}; they must match, e.g. y.reshape(-1, 1)."
+            )
+        if not y.is_floating_point():
+            raise ValueError(
+                f"Regression targets must be floating point, got {y.dtype}; use "
+                "y.float() (or the model's dtype)."
+            )
+        return
+    if y.shape == f.shape and y.is_floating_point():
+        return  # class probabilities
+    if y.ndim != 1 or y.shape[0] != f.shape[0]:
+        raise ValueError(
+            f"Classification targets must be class indices of shape (batch,) or "
+            f"class probabilities of shape (batch, classes), got {tuple(y.shape)} "
+            f"for outputs {tuple(f.shape)}."
+        )
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(
+            f"Classification targets of shape (batch,) must be integer class "
+            f"indices, got {y.dtype}; use y.long()."
+        )
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= f.shape[1]:
+        raise ValueError(
+            f"Class labels must lie in [0, {f.shape[1]}) for a model with "
+            f"{f.shape[1]} outputs, got labels from {low} to {high}; relabel the "
+            "classes as 0 … C-1, or give the model one output per class."
+        )
+
+
+@contextmanager
+def naming_failing_module(model: nn.Module) -> Iterator[None]:
+    """Add the innermost running module's name to a ``RuntimeError`` of a forward.
+
+    torch's shape errors (``mat1 and mat2 shapes cannot be multiplied``) do not say
+    where they happen; this re-raises them with the module's name and class.
+
+    Args:
+        model: The network whose forward pass runs inside the context.
+
+    Yields:
+        Nothing.
+
+    Raises:
+        RuntimeError: The forward pass's, with the module named.
+    """
+    running: list[str] = []
+
+    def enter(name: str) -> Any:
+        return lambda module, args: running.append(name)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if running:
+            running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    except RuntimeError as error:
+        if not running:
+            raise
+        name = running[-1]
+        kind = type(model.get_submodule(name)).__name__
+        raise RuntimeError(f"{error} (in module '{name}', {kind})") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def output_size(
-    model: nn.Module, batches: LaplaceBatches, likelihood: str, device: torch.device
+    model: nn.Module,
+    batches: LaplaceBatches,
+    likelihood: str,
+    device: torch.device,
+    dict_key_x: str = "input_ids",
 ) -> int:
-    """The number of model outputs, checked against the first batch's targets.
+    """The number of model outputs, checked against the first batch.
+
+    The first batch's inputs must have the model's dtype and its targets must fit
+    the outputs and the likelihood (:func:`check_targets`); a ``RuntimeError`` of the
+    forward pass names the module it comes from.
 
     Args:
         model: The network (in eval mode).
         batches: The training batches.
         likelihood: ``"classification"`` or ``"regression"``.
         device: Device of the model.
+        dict_key_x: Key of the inputs in a dict-like batch.
 
     Returns:
         The output width ``C`` of outputs of shape ``(B, C)``.
 
     Raises:
-        ValueError: For an empty loader, outputs that are not ``(batch, outputs)``,
-            or targets whose shape does not fit the outputs.
+        ValueError: For an empty loader, inputs of another dtype, outputs that are
+            not ``(batch, outputs)``, or targets that do not fit them.
     """
     X, y = batches.first()
-    out = model(to_device(X, device))
+    check_inputs(X, next(model.parameters()).dtype, dict_key_x)
+    with naming_failing_module(model):
+        out = model(to_device(X, device))
     if out.ndim != 2:
         raise ValueError(
             f"EKFAC Laplace needs model outputs of shape (batch, outputs), got "
             f"{tuple(out.shape)}; flatten sequence outputs into the batch dimension."
         )
-    if likelihood == "regression" and y.shape != out.shape:
-        raise ValueError(
-            f"Regression targets have shape {tuple(y.shape)} but the model outputs "
-            f"{tuple(out.shape)}; they must match, e.g. y.reshape(-1, 1)."
-        )
-    is_indices = y.ndim == 1 and y.shape[0] == out.shape[0]
-    is_probabilities = y.shape == out.shape and y.is_floating_point()
-    if likelihood == "classification" and not (is_indices or is_probabilities):
-        raise ValueError(
-            f"Classification targets must be class indices of shape (batch,) or "
-            f"class probabilities of shape (batch, classes), got {tuple(y.shape)} "
-            f"for outputs {tuple(out.shape)}."
-        )
+    check_targets(out, y.to(out.device), likelihood)
     return int(out.shape[-1])

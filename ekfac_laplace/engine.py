@@ -45,7 +45,7 @@ from ekfac_laplace.accumulators import (
     FactorAccumulator,
     PassAccumulator,
 )
-from ekfac_laplace.batches import to_device
+from ekfac_laplace.batches import check_targets, to_device
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
 from ekfac_laplace.layout import (
     ForwardCapture,
@@ -351,6 +351,7 @@ class FastEKFAC:
     def _output_curvature(
         self, generator: torch.Generator, f: Tensor, y: Tensor
     ) -> OutputCurvature:
+        check_targets(f, y, self.likelihood)  # every batch, not only the first
         return OutputCurvature(f, y, self.likelihood, self.options, generator)
 
     def _assemble(

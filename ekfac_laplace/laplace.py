@@ -18,9 +18,16 @@ from laplace.lllaplace import LLLaplace
 from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.data import DataLoader
 
 from ekfac_laplace.backends import laplace_options
-from ekfac_laplace.batches import to_device
+from ekfac_laplace.batches import (
+    LaplaceBatches,
+    check_inputs,
+    dataset_size,
+    naming_failing_module,
+    to_device,
+)
 from ekfac_laplace.options import (
     DEFAULT_CACHE_BUDGET_BYTES,
     DEFAULT_SEED,
@@ -268,6 +275,37 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Find the last layer (laplace-torch's ``LLLaplace.fit``), then fit EKFAC.
+
+        The loader's first batch is checked before laplace-torch runs the model on
+        it: an empty loader or inputs of another dtype than the model's raise a
+        ``ValueError`` (laplace-torch would raise ``StopIteration`` or torch's
+        error), and a ``RuntimeError`` of the forward pass names the module.
+
+        Args:
+            train_loader: Batches ``(X, y)`` or dict-like batches.
+            override: Must be ``True`` (laplace-torch refuses ``False`` for
+                last-layer Laplace).
+            progress_bar: Show a progress bar over each pass.
+
+        Raises:
+            ValueError: For ``override=False``, an empty loader, inputs of another
+                dtype, or what :meth:`EKFACPosterior.fit` refuses.
+        """
+        if override:
+            dataset_size(train_loader)
+            batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
+            X, _ = batches.first()
+            check_inputs(X, self._dtype, self.dict_key_x)
+        with naming_failing_module(self.model.model):  # the user's module names
+            LLLaplace.fit(self, train_loader, override, progress_bar)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state; its keys, class and likelihood are checked first.

@@ -249,7 +249,9 @@ class EKFACPosterior(ParametricLaplace):
         self.model.eval()
         batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
         likelihood = self._curvature_likelihood
-        n_outputs = output_size(self.model, batches, likelihood, self._device)
+        n_outputs = output_size(
+            self.model, batches, likelihood, self._device, self.dict_key_x
+        )
         previous = None if override else self.H
         factors = compute_ekfac(
             self.model,

@@ -11,7 +11,7 @@ confidence as fast as it loses accuracy. Figures: ``reliability.png``
 (reliability diagrams and confidence histograms on the test set) and
 ``rotation.png`` (NLL and ECE against the rotation angle).
 
-Run: ``python examples/example_calibration.py [--out DIR]`` (about 20 seconds on
+Run: ``python examples/example_calibration.py [--out DIR]`` (about 8 seconds on
 2 CPU cores; figures go to ``example-output/calibration/`` in the current folder).
 """
 
@@ -22,11 +22,15 @@ import time
 import warnings
 from pathlib import Path
 
+# First: registers hessian_structure="ekfac", and hides the deprecation notice that
+# laplace-torch's import of asdl triggers in torch (not actionable here).
+import ekfac_laplace  # noqa: F401
+
+# isort: split
 import torch
 from laplace import Laplace
 from torch.utils.data import DataLoader, TensorDataset
 
-import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
 from ekfac_laplace.evaluation import (
     classification_metrics,
     data,
@@ -36,8 +40,8 @@ from ekfac_laplace.evaluation import (
 )
 from ekfac_laplace.evaluation.models import mlp, train_map
 
-# laplace-torch reminds on every prior tuning that the default link is probit; we use
-# probit throughout.
+# laplace-torch reminds on every prior tuning that the default link is probit, even
+# when link_approx is passed; we pass it.
 warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
 
 CANDIDATES = (
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             hessian_structure=structure,
         )
         la.fit(fit_loader)
-        la.optimize_prior_precision(method="marglik")
+        la.optimize_prior_precision(method="marglik", link_approx="probit")
         predictors[name] = la
         print(
             f"{name:<10} prior precision {la.prior_precision.item():.3g}  log marginal "
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics[name] = {}
         for angle, test_set in test_sets.items():
             predictions = predict(
-                predictor, DataLoader(test_set, batch_size=512), **options
+                predictor, DataLoader(test_set, batch_size=100), **options
             )
             metrics[name][angle] = classification_metrics(predictions)
             if angle == 0.0:

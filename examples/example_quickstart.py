@@ -5,7 +5,8 @@ EKFAC on the same model and data, tunes the prior precision by marginal likeliho
 and compares the test accuracy, NLL, ECE and log marginal likelihood of the GLM
 predictive against the MAP. Finishes with posterior samples in the EKFAC eigenbasis.
 
-Run: ``python examples/example_quickstart.py`` (about half a minute on 2 CPU cores).
+Run: ``python examples/example_quickstart.py`` (about 6 seconds on 2 CPU cores,
+under 1.2 GB of memory).
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ import argparse
 import time
 import warnings
 
+# First: registers hessian_structure="ekfac", and hides the deprecation notice that
+# laplace-torch's import of asdl triggers in torch (not actionable here).
+import ekfac_laplace  # noqa: F401
+
+# isort: split
 import torch
 from laplace import Laplace
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-
-# laplace-torch reminds on every prior tuning that the default link is probit; we use
-# probit throughout.
+# laplace-torch reminds on every prior tuning that the default link is probit, even
+# when link_approx is passed; we pass it.
 warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+
+
+#: Test points per predictive call (keeps the KFAC baseline's Jacobians small).
+PREDICT_BATCH = 100
 
 
 def load_data(
@@ -113,8 +121,17 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         la.fit(train_loader)
         fit_seconds = time.perf_counter() - start
-        la.optimize_prior_precision(method="marglik", pred_type="glm")
-        probs = la(X_test, pred_type="glm", link_approx="probit")
+        la.optimize_prior_precision(
+            method="marglik", pred_type="glm", link_approx="probit"
+        )
+        # In batches: laplace-torch's KFAC predictive forms a dense Jacobian of
+        # (points, classes, parameters), gigabytes for all test points at once.
+        probs = torch.cat(
+            [
+                la(x, pred_type="glm", link_approx="probit")
+                for x in X_test.split(PREDICT_BATCH)
+            ]
+        )
         report(
             f"{'LL' if subset == 'last_layer' else 'all'} {structure}",
             probs,

@@ -7,10 +7,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from ekfac_laplace._compat import has_module_hooks
 from ekfac_laplace.batches import (
     LaplaceBatches,
     batch_size,
+    check_inputs,
+    check_targets,
     dataset_size,
+    naming_failing_module,
     output_size,
     split_batch,
     to_device,
@@ -98,3 +102,36 @@ def test_output_size_checks_the_first_batch():
     sequence = nn.Sequential(nn.Linear(2, 3), nn.Unflatten(1, (1, 3)))
     with pytest.raises(ValueError, match=r"outputs of shape \(batch, outputs\)"):
         output_size(sequence, _batches(X, labels), "classification", CPU)
+
+
+def test_check_inputs_refuses_another_floating_dtype():
+    check_inputs(torch.randn(3, 2), torch.float32)
+    check_inputs(torch.arange(3), torch.float32)  # token ids are not checked
+    with pytest.raises(ValueError, match=r"inputs are torch.float64 but.*float32"):
+        check_inputs(torch.randn(3, 2, dtype=torch.float64), torch.float32)
+    batch = {"input_ids": torch.arange(3), "pixels": torch.randn(3, 2).half()}
+    with pytest.raises(ValueError, match=r"batch's 'pixels' are torch.float16"):
+        check_inputs(batch, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("y", "likelihood", "match"),
+    [
+        (torch.tensor([0.0, 1.0, 2.0]), "classification", r"integer.*y\.long\(\)"),
+        (torch.tensor([True, False, True]), "classification", "integer class"),
+        (torch.tensor([0, 1, 7]), "classification", r"\[0, 3\).*from 0 to 7"),
+        (torch.tensor([-1, 1, 2]), "classification", "from -1 to 2"),
+        (torch.zeros(3, 3, dtype=torch.long), "regression", r"floating point.*float"),
+    ],
+)
+def test_check_targets_says_what_to_do(y, likelihood, match):
+    with pytest.raises(ValueError, match=match):
+        check_targets(torch.randn(3, 3), y, likelihood)
+
+
+def test_a_forward_error_names_the_module():
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(3, 1))
+    with pytest.raises(RuntimeError, match=r"shapes cannot.*in module '2', Linear"):
+        with naming_failing_module(model):
+            model(torch.randn(5, 2))
+    assert not any(has_module_hooks(m) for m in model.modules())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib.image
@@ -85,3 +88,51 @@ def test_example_out_option(tmp_path, monkeypatch):
     namespace["main"]([*SMALL_ARGUMENTS["example_regression.py"], "--out", str(out)])
     assert (out / "regression_bands.png").is_file()
     assert not (tmp_path / "example-output").exists()
+
+
+#: Peak resident memory allowed for an example or the CLI at its defaults: an 8 GB
+#: laptop must run them (torch's CUDA build alone takes about 1 GB when imported).
+PEAK_LIMIT_MIB = 2048
+
+
+def _peak_mib(command: list[str], cwd: Path) -> tuple[int, float, str]:
+    """Run a command; its exit status, peak resident memory (MiB) and stderr tail."""
+    with open(cwd / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stderr.seek(0)
+        tail = stderr.read()[-2000:]
+    return process.returncode, usage.ru_maxrss / 1024, tail  # Linux: KiB
+
+
+def test_examples_and_the_cli_stay_under_2_gb_at_their_defaults(tmp_path):
+    """Every example and ``ekfac-laplace compare`` with their default arguments,
+    two at a time with one thread each, each in its own process; peak RSS from
+    ``wait4``; no warnings on stderr."""
+    cli = "from ekfac_laplace.evaluation.cli import main; main()"
+    commands = {
+        script: [sys.executable, str(EXAMPLES / script)] for script in SMALL_ARGUMENTS
+    }
+    commands["ekfac-laplace compare"] = [sys.executable, "-c", cli, "compare"]
+    folders = {}
+    for index, name in enumerate(commands):
+        folders[name] = tmp_path / str(index)
+        folders[name].mkdir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(
+            zip(
+                commands,
+                pool.map(lambda n: _peak_mib(commands[n], folders[n]), commands),
+            )
+        )
+    for name, (status, peak, stderr) in results.items():
+        assert status == 0, (name, stderr)
+        assert peak < PEAK_LIMIT_MIB, f"{name}: peak {peak:.0f} MiB"
+        assert "Warning" not in stderr, (name, stderr)

@@ -118,7 +118,9 @@ def test_private_names_stay_in_their_module():
                 private = [
                     alias.name
                     for alias in node.names
-                    if alias.name.startswith("_") and alias.name != "_compat"
+                    if alias.name.startswith("_")
+                    and not alias.name.startswith("__")  # dunders are public
+                    and alias.name != "_compat"
                 ]
                 assert not private, f"{path.name} imports {private} from {node.module}"
 

@@ -263,3 +263,56 @@ def test_cuda_matches_cpu(subset: str):
         results[device] = (la.log_marginal_likelihood(), la(X), la.posterior_variance)
     for a, b in zip(results["cuda"], results["cpu"]):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-10)
+
+
+def _mistakes(X, y):
+    """Common mistakes: (loader, error class, message) — all before the first pass
+    except the late label, which the engine catches in its batch."""
+    late = y.clone()
+    late[-1] = 7  # only in the last batch
+    return {
+        "empty loader": (loader(X[:0], y[:0]), ValueError, "empty training set"),
+        "float class targets": (loader(X, y.double()), ValueError, r"y\.long\(\)"),
+        "label out of range": (loader(X, y + 3), ValueError, r"\[0, 3\)"),
+        "label out of range later": (loader(X, late), ValueError, r"from \d to 7"),
+        "float32 inputs": (loader(X.float(), y), ValueError, "float32 but"),
+        "wrong input width": (
+            loader(X[:, :3], y),
+            RuntimeError,
+            r"in module '0', Linear",
+        ),
+    }
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        "empty loader",
+        "float class targets",
+        "label out of range",
+        "label out of range later",
+        "float32 inputs",
+        "wrong input width",
+    ],
+)
+def test_common_mistakes_say_what_to_do_and_leave_the_object(subset, mistake):
+    model, X, y = _model_and_data()
+    data, error, match = _mistakes(X, y)[mistake]
+    la = Laplace(model, "classification", subset, hessian_structure="ekfac")
+    with pytest.raises(error, match=match):
+        la.fit(data)
+    assert la.H is None
+    la.fit(loader(X, y))  # usable after the error
+    assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_empty_loader_with_a_dataset_is_a_value_error_for_the_last_layer():
+    """A dataset with a length but a loader without batches (drop_last)."""
+    model, X, y = _model_and_data()
+    la = Laplace(model, "classification", "last_layer", hessian_structure="ekfac")
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X[:3], y[:3]), batch_size=5, drop_last=True
+    )
+    with pytest.raises(ValueError, match="yields no batches"):
+        la.fit(data)

@@ -27,7 +27,14 @@ DEFAULT_CANDIDATES = (
     "all_ekfac",
 )
 SUBSETS = {"ll": "last_layer", "all": "all"}
-STRUCTURES = ("diag", "kron", "ekfac", "full", "lowrank")
+STRUCTURES = ("diag", "kron", "ekfac", "full")
+#: Structures laplace-torch names that cannot run here, and why.
+UNAVAILABLE_STRUCTURES = {
+    "lowrank": (
+        "laplace-torch's low-rank Laplace (all weights only) needs the old "
+        "asdfghjkl package from git, which laplace-torch 0.3 does not install"
+    ),
+}
 BACKENDS = {
     "ggn": (CurvlinopsGGN, {}),
     "mc": (CurvlinopsGGN, {"stochastic": True}),
@@ -40,9 +47,10 @@ class Candidate:
     """One Laplace approximation to compare, or the MAP baseline.
 
     Written as ``"<subset>_<structure>[:<backend>]"``: ``subset`` is ``ll`` (last
-    layer) or ``all``; ``structure`` one of ``diag``, ``kron``, ``ekfac``, ``full``,
-    ``lowrank``; ``backend`` ``ggn`` (exact GGN, default), ``mc`` (Monte-Carlo
-    Fisher) or ``ef`` (empirical Fisher). ``"map"`` is the network without Laplace.
+    layer) or ``all``; ``structure`` one of ``diag``, ``kron``, ``ekfac``, ``full``
+    (laplace-torch's ``lowrank`` is not offered: it needs an old asdl from git);
+    ``backend`` ``ggn`` (exact GGN, default), ``mc`` (Monte-Carlo Fisher) or ``ef``
+    (empirical Fisher). ``"map"`` is the network without Laplace.
 
     Attributes:
         name: The spec it was parsed from, used as the row's name.
@@ -75,6 +83,12 @@ class Candidate:
         head, colon, backend = spec.partition(":")
         subset, _, structure = head.partition("_")
         backend = backend if colon else "ggn"
+        if subset in SUBSETS and structure in UNAVAILABLE_STRUCTURES:
+            raise ValueError(
+                f"Candidate {spec!r} is not offered: "
+                f"{UNAVAILABLE_STRUCTURES[structure]}. Offered structures: "
+                f"{', '.join(STRUCTURES)}, e.g. 'all_ekfac' or 'll_full'."
+            )
         if (
             subset not in SUBSETS
             or structure not in STRUCTURES

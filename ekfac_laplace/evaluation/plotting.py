@@ -22,6 +22,7 @@ from ekfac_laplace.evaluation.checks import (
     check_classification,
     check_n_bins,
     check_probs,
+    check_regression,
     check_scores,
 )
 from ekfac_laplace.evaluation.metrics import (
@@ -35,6 +36,25 @@ ArrayLike = Tensor | np.ndarray
 ACCURACY_COLOR = "tab:blue"
 GAP_COLOR = "tab:red"
 SAVE_DPI = 120
+
+#: Axis labels of the metrics and shifts the command line plots.
+METRIC_LABELS = {
+    "nll": "NLL",
+    "ece": "ECE",
+    "ece_adaptive": "adaptive ECE",
+    "mce": "MCE",
+    "brier": "Brier score",
+    "accuracy": "accuracy",
+    "rmse": "RMSE",
+}
+SHIFT_LABELS = {
+    "rotation": "rotation angle (degrees)",
+    "noise": "pixel-noise standard deviation (pixels in [0, 1])",
+}
+#: Line styles and markers cycle with coprime periods, so neighbouring candidates
+#: (e.g. KFAC and EKFAC, whose curves often coincide) differ in both.
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 # ------------------------------------------------------------------- figures
@@ -92,6 +112,51 @@ def _axes(ax: Axes | None) -> Axes:
     return new_figure()[1][0] if ax is None else ax
 
 
+def line_style(index: int) -> dict[str, object]:
+    """Colour, line style and (open) marker of the ``index``-th curve of a figure.
+
+    Colours follow matplotlib's cycle; line styles and markers cycle with periods 4
+    and 7, so curves drawn one after the other differ in all three and a curve that
+    lies on top of another leaves it visible.
+
+    Args:
+        index: Position of the curve, from 0.
+
+    Returns:
+        Keyword arguments for ``Axes.plot``.
+    """
+    return {
+        "color": f"C{index % 10}",
+        "linestyle": _LINE_STYLES[index % len(_LINE_STYLES)],
+        "marker": _MARKERS[index % len(_MARKERS)],
+        "markersize": 5,
+        "markerfacecolor": "none",
+        "markeredgewidth": 1.2,
+        "linewidth": 1.4,
+    }
+
+
+def legend_outside(
+    fig: Figure,
+    ax: Axes,
+    *,
+    loc: str = "outside right center",
+    ncols: int = 1,
+    fontsize: float = 7,
+) -> None:
+    """One legend for the whole figure, outside the axes, from ``ax``'s artists.
+
+    Args:
+        fig: The figure (its constrained layout makes room for the legend).
+        ax: Axes whose labelled artists make the legend.
+        loc: An ``"outside ..."`` location of ``Figure.legend``.
+        ncols: Columns of the legend.
+        fontsize: Font size of the entries.
+    """
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc=loc, ncols=ncols, fontsize=fontsize)
+
+
 def _vector(name: str, values: ArrayLike) -> np.ndarray:
     """A float64 NumPy vector from shape ``(N,)`` or ``(N, 1)``."""
     tensor = torch.as_tensor(values)
@@ -125,9 +190,11 @@ def reliability_diagram(
     """Per-bin accuracy against confidence, with the gap to perfect calibration.
 
     Bars show the accuracy of each non-empty bin of
-    :func:`~ekfac_laplace.evaluation.metrics.calibration_bins`; hatched red bars span
-    the gap to the bin's mean confidence; the dashed diagonal is perfect calibration;
-    the number of examples is written in each bar and the ECE in the legend.
+    :func:`~ekfac_laplace.evaluation.metrics.calibration_bins`; red hatching (no
+    fill, so it mixes no colour with the bars) spans the gap to the bin's mean
+    confidence, above the bar when overconfident and over it when underconfident;
+    the dashed diagonal is perfect calibration; the number of examples is written in
+    each bar and the ECE in the legend.
 
     Args:
         probs: Predictive probabilities, shape ``(N, C)``.
@@ -153,6 +220,9 @@ def reliability_diagram(
     left, width = edges[:-1][filled], np.diff(edges)[filled]
     bin_accuracy = bins.accuracy.detach().cpu().double().numpy()[filled]
     bin_confidence = bins.confidence.detach().cpu().double().numpy()[filled]
+    # The gap is hatching without a fill, so where it lies over a bar (an
+    # underconfident bin) it mixes no new colour: the bar stays the accuracy's blue
+    # and the red hatch is the legend's.
     ax.bar(
         left,
         bin_accuracy,
@@ -169,12 +239,11 @@ def reliability_diagram(
         bottom=bin_accuracy,
         width=width,
         align="edge",
-        color=GAP_COLOR,
-        alpha=0.3,
+        fill=False,
         edgecolor=GAP_COLOR,
-        hatch="//",
-        linewidth=0.6,
-        label="gap to confidence",
+        hatch="///",
+        linewidth=0.8,
+        label="gap to mean confidence",
     )
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     for x, count in zip(left + width / 2, counts[filled]):
@@ -237,11 +306,15 @@ def confidence_histogram(
         linewidth=0.6,
     )
     mean_confidence = float(confidence.mean())
-    ax.axvline(mean_confidence, color="black", linestyle="--", label="mean confidence")
+    correct = accuracy(probs, targets)
     ax.axvline(
-        accuracy(probs, targets), color=GAP_COLOR, linestyle=":", label="accuracy"
+        mean_confidence,
+        color="black",
+        linestyle="--",
+        label=f"mean confidence {mean_confidence:.3f}",
     )
-    ax.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction of examples")
+    ax.axvline(correct, color=GAP_COLOR, linestyle=":", label=f"accuracy {correct:.3f}")
+    ax.set(xlim=(0, 1), xlabel="top-label confidence", ylabel="fraction of examples")
     ax.legend(loc="upper left", fontsize=7)
     if title is not None:
         ax.set_title(title)
@@ -254,14 +327,24 @@ def shift_curves(
     metric: str,
     shift: str,
     ax: Axes | None = None,
+    title: str | None = None,
+    legend: bool = True,
 ) -> Axes:
     """One line per candidate: a metric against the strength of a data shift.
 
+    Each candidate gets its own colour, line style and open marker
+    (:func:`line_style`), so candidates whose curves coincide stay visible.
+
     Args:
         results: ``{candidate name: {shift strength: metric value}}``.
-        metric: Name of the metric (the y label).
-        shift: Name of the shift; the x axis is labelled ``"<shift> strength"``.
+        metric: Name of the metric; known ones get their usual label (``"nll"`` ->
+            ``NLL``, ``"ece"`` -> ``ECE``, see :data:`METRIC_LABELS`).
+        shift: Name of the shift; ``"rotation"`` and ``"noise"`` are labelled with
+            their unit (:data:`SHIFT_LABELS`), others ``"<shift> strength"``.
         ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+        legend: Draw the legend in the axes (at the best place); pass ``False`` to
+            draw one for the whole figure with :func:`legend_outside`.
 
     Returns:
         The axes.
@@ -272,14 +355,20 @@ def shift_curves(
     if not results:
         raise ValueError("results is empty; pass {name: {strength: value}}.")
     ax = _axes(ax)
-    for name, curve in results.items():
+    for index, (name, curve) in enumerate(results.items()):
         if not curve:
             raise ValueError(f"The curve of {name!r} is empty; give it one point.")
         strengths = sorted(curve)
         values = [curve[strength] for strength in strengths]
-        ax.plot(strengths, values, marker="o", markersize=4, label=name)
-    ax.set(xlabel=f"{shift} strength", ylabel=metric)
-    ax.legend(fontsize=7)
+        ax.plot(strengths, values, label=name, **line_style(index))
+    ax.set(
+        xlabel=SHIFT_LABELS.get(shift, f"{shift} strength"),
+        ylabel=METRIC_LABELS.get(metric.lower(), metric),
+    )
+    if legend:
+        ax.legend(loc="best", fontsize=7)
+    if title is not None:
+        ax.set_title(title)
     return ax
 
 
@@ -290,8 +379,10 @@ def ood_histogram(
     ax: Axes | None = None,
     title: str | None = None,
     xlabel: str = "predictive entropy",
+    in_label: str = "in-distribution",
+    out_label: str = "out-of-distribution",
 ) -> Axes:
-    """Overlaid densities of a score on in-distribution and OOD inputs.
+    """Densities of a score on in-distribution (filled) and OOD (outlined) inputs.
 
     Args:
         scores_in: Scores of in-distribution inputs, shape ``(N_in,)``.
@@ -299,6 +390,10 @@ def ood_histogram(
         ax: Axes to draw into; a new figure if ``None``.
         title: Axes title.
         xlabel: Name of the score.
+        in_label: Legend entry of the in-distribution set; name it (e.g.
+            ``"digits test set"``).
+        out_label: Legend entry of the OOD set; name it (e.g.
+            ``"photo patches (OOD)"``).
 
     Returns:
         The axes.
@@ -312,11 +407,176 @@ def ood_histogram(
     outside = scores_out.detach().cpu().double().numpy()
     edges = np.histogram_bin_edges(np.concatenate([inside, outside]), bins=30)
     ax = _axes(ax)
-    style = {"bins": edges, "density": True, "alpha": 0.5, "edgecolor": "black"}
-    ax.hist(inside, color=ACCURACY_COLOR, label="in-distribution", **style)
-    ax.hist(outside, color=GAP_COLOR, label="out-of-distribution", **style)
+    # Filled and outlined, not two translucent fills: overlaps mix no new colour.
+    ax.hist(
+        inside,
+        bins=edges,
+        density=True,
+        color=ACCURACY_COLOR,
+        alpha=0.55,
+        label=in_label,
+    )
+    ax.hist(
+        outside,
+        bins=edges,
+        density=True,
+        histtype="step",
+        color=GAP_COLOR,
+        linewidth=1.6,
+        label=out_label,
+    )
     ax.set(xlabel=xlabel, ylabel="density")
     ax.legend(fontsize=7)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+# ------------------------------------------------------ regression calibration
+def coverage_curves(
+    results: Mapping[str, Mapping[float, float]],
+    *,
+    n_examples: int | None = None,
+    deviation: bool = False,
+    ax: Axes | None = None,
+    title: str | None = None,
+    legend: bool = True,
+) -> Axes:
+    """Regression calibration: coverage of central intervals against their level.
+
+    A calibrated Gaussian predictive puts a fraction ``α`` of the targets inside its
+    central ``α`` intervals, so its curve follows the diagonal (Kuleshov et al.,
+    2018, with central intervals). With ``n_examples`` the band of ±2 binomial
+    standard deviations, ``2·sqrt(α(1−α)/N)``, shows how far a calibrated
+    predictive strays on ``N`` test targets by chance.
+
+    Args:
+        results: ``{candidate name: {level α: observed coverage}}``, e.g. from
+            :func:`~ekfac_laplace.evaluation.metrics.interval_coverage`.
+        n_examples: Number of targets behind each coverage (draws the band).
+        deviation: Plot ``coverage − α`` (zero is calibrated) instead of the
+            coverage, which separates curves that nearly coincide.
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+        legend: Draw the legend in the axes; ``False`` for :func:`legend_outside`.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: If ``results`` or a curve is empty, a level is outside
+            ``(0, 1)``, or ``n_examples`` is not a positive integer.
+    """
+    if not results:
+        raise ValueError("results is empty; pass {name: {level: coverage}}.")
+    if n_examples is not None:
+        _positive_int("n_examples", n_examples)
+    ax = _axes(ax)
+    levels = np.linspace(0.0, 1.0, 101)
+    reference = np.zeros_like(levels) if deviation else levels
+    if n_examples is not None:
+        half_width = 2 * np.sqrt(levels * (1 - levels) / n_examples)
+        ax.fill_between(
+            levels,
+            reference - half_width,
+            reference + half_width,
+            color="0.85",
+            linewidth=0,
+            label=f"±2 sd of a calibrated predictive, N = {n_examples}",
+        )
+    ax.plot(levels, reference, "k--", linewidth=1, label="perfect calibration")
+    for index, (name, curve) in enumerate(results.items()):
+        if not curve:
+            raise ValueError(f"The curve of {name!r} is empty; give it one point.")
+        nominal = np.array(sorted(curve), dtype=np.float64)
+        if ((nominal <= 0) | (nominal >= 1)).any():
+            raise ValueError(
+                f"Levels of {name!r} must lie in (0, 1), got {nominal.tolist()}."
+            )
+        observed = np.array([curve[level] for level in sorted(curve)])
+        shown = observed - nominal if deviation else observed
+        ax.plot(nominal, shown, label=name, **line_style(index))
+    ylabel = "coverage − nominal level" if deviation else "observed coverage"
+    ax.set(xlim=(0, 1), xlabel="nominal level of the central interval")
+    ax.set_ylabel(ylabel)
+    if not deviation:
+        ax.set_ylim(0, 1)
+    if legend:
+        ax.legend(loc="best", fontsize=7)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+def residual_histogram(
+    mean: ArrayLike,
+    variance: ArrayLike,
+    targets: ArrayLike,
+    *,
+    bins: int = 20,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """Histogram of standardised residuals ``(y − μ)/σ`` against ``N(0, 1)``.
+
+    For a calibrated Gaussian predictive the standardised residuals are standard
+    normal: a histogram wider than the curve means overconfidence, narrower means
+    underconfidence, shifted means bias. Their mean and standard deviation are
+    printed in the corner.
+
+    Args:
+        mean: Predictive mean, shape ``(N,)`` or ``(N, K)``.
+        variance: Predictive variance of ``y`` (positive), same shape.
+        targets: Targets, same shape.
+        bins: Number of equal-width bins.
+        ax: Axes to draw into; a new figure if ``None``.
+        title: Axes title.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: For mismatched shapes, a non-positive variance or bad ``bins``.
+    """
+    bins = check_n_bins(bins)
+    mean, variance, targets = check_regression(
+        mean=torch.as_tensor(mean),
+        variance=torch.as_tensor(variance),
+        targets=torch.as_tensor(targets),
+    )
+    residuals = ((targets - mean) / variance.sqrt()).flatten()
+    z = residuals.detach().cpu().double().numpy()
+    extent = max(4.0, float(np.abs(z).max()))
+    ax = _axes(ax)
+    ax.hist(
+        z,
+        bins=np.linspace(-extent, extent, bins + 1),
+        density=True,
+        color=ACCURACY_COLOR,
+        alpha=0.6,
+        edgecolor="black",
+        linewidth=0.6,
+        label="standardised residuals",
+    )
+    grid = np.linspace(-extent, extent, 200)
+    ax.plot(
+        grid,
+        np.exp(-(grid**2) / 2) / math.sqrt(2 * math.pi),
+        color="black",
+        linewidth=1.2,
+        label="N(0, 1): calibrated",
+    )
+    ax.text(
+        0.03,
+        0.97,
+        f"mean {z.mean():.2f}\nstd {z.std():.2f}",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=7,
+    )
+    ax.set(xlabel="(y − predictive mean) / predictive std", ylabel="density")
+    ax.legend(loc="upper right", fontsize=7)
     if title is not None:
         ax.set_title(title)
     return ax

@@ -5,7 +5,8 @@ posterior mean and the marginal variances ``diag(P⁻¹)``. For ``S`` Gaussian s
 the relative error of a sample variance, ``s²/σ² − 1``, has standard deviation
 ``sqrt(2/(S−1))``, so the median of its absolute value over many parameters is
 ``0.6745·sqrt(2/(S−1))``: :func:`check_samples` reports the observed median beside
-that expectation, and the error of the sample mean in posterior standard deviations.
+that expectation, and the error of the sample mean in posterior standard deviations
+beside its expectation ``sqrt(2/(π S))`` (the mean of ``|N(0, 1/S)|``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,38 @@ class SampleCheck:
     median_relative_error: float
     expected_median_relative_error: float | None
     mean_error_in_std: float
+
+    @property
+    def variance_relative_std(self) -> float | None:
+        """Standard deviation of ``s²/σ²`` for ``S`` Gaussian draws, ``sqrt(2/(S−1))``.
+
+        ``None`` for one sample, which has no variance.
+        """
+        if self.n_samples < 2:
+            return None
+        return math.sqrt(2 / (self.n_samples - 1))
+
+    @property
+    def expected_mean_error_in_std(self) -> float:
+        """Expectation of :attr:`mean_error_in_std`, ``sqrt(2/(π S))``."""
+        return math.sqrt(2 / (math.pi * self.n_samples))
+
+    def within_monte_carlo_noise(self, factor: float = 2.0) -> bool | None:
+        """Whether both errors are within ``factor`` times their expectation.
+
+        Args:
+            factor: Tolerance over the Monte-Carlo expectation (the median over
+                few parameters fluctuates; 2 holds for tens of parameters).
+
+        Returns:
+            The verdict, or ``None`` for one sample (no variance to check).
+        """
+        if self.expected_median_relative_error is None:
+            return None
+        return (
+            self.median_relative_error <= factor * self.expected_median_relative_error
+            and self.mean_error_in_std <= factor * self.expected_mean_error_in_std
+        )
 
 
 def check_samples(la: BaseLaplace, samples: Tensor) -> SampleCheck:

@@ -7,7 +7,11 @@ from laplace.baselaplace import BaseLaplace
 from torch import nn
 
 from ekfac_laplace import EKFACLLLaplace
-from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
+from ekfac_laplace.evaluation.candidates import (
+    DEFAULT_CANDIDATES,
+    STRUCTURES,
+    Candidate,
+)
 
 
 def test_candidate_parse():
@@ -26,6 +30,16 @@ def test_candidate_parse():
             Candidate.parse(bad)
     with pytest.raises(ValueError, match="no Laplace approximation"):
         Candidate.parse("map").build(nn.Linear(2, 2), "classification")
+
+
+@pytest.mark.parametrize("spec", ["all_lowrank", "ll_lowrank", "all_lowrank:mc"])
+def test_lowrank_is_refused_naming_what_is_offered(spec):
+    assert "lowrank" not in STRUCTURES
+    with pytest.raises(ValueError) as error:
+        Candidate.parse(spec)
+    message = str(error.value)
+    assert f"{spec!r} is not offered" in message and "asdfghjkl" in message
+    assert "diag, kron, ekfac, full" in message
 
 
 def test_build_gives_the_laplace_object_with_its_backend():

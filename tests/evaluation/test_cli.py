@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import subprocess
 import sys
+from argparse import Namespace
 
 import matplotlib.image
 import pytest
 
-from ekfac_laplace.evaluation.cli import main
+import ekfac_laplace
+from ekfac_laplace.evaluation import cli, models
+from ekfac_laplace.evaluation.candidates import Candidate
+from ekfac_laplace.evaluation.cli import COMPARE_DURATION, main
 
 QUICK = ["--epochs", "3", "--quiet"]
 
@@ -103,6 +109,12 @@ def test_compare_moons_gridsearch_and_toy_regression_plots(tmp_path):
     assert _image_ok(out / "bands.png")
     record = json.loads((out / "results.json").read_text())["records"][1]
     assert record["test_coverage_90"] is not None
+    out = tmp_path / "diabetes"
+    argv = ["compare", "--dataset", "diabetes", *QUICK, "--out", str(out)]
+    assert main([*argv, "--candidates", "map", "all_ekfac"]) == 0
+    for name in ("coverage", "residuals"):
+        assert _image_ok(out / f"{name}.png"), name
+    assert not (out / "bands.png").exists()  # 10-D inputs: no 1-D bands
 
 
 def test_checkpoint_round_trip_gives_the_same_results(tmp_path):
@@ -158,7 +170,17 @@ def test_sample_writes_summary_and_plot(tmp_path, capsys):
 
     samples = torch.load(out / "samples.pt")
     assert samples.shape == (400, summary["n_params"])
-    assert "sample variance vs analytic" in capsys.readouterr().out
+    assert summary["sample_mean_error_in_std_expected"] == pytest.approx(
+        (2 / (math.pi * 400)) ** 0.5
+    )
+    printed = capsys.readouterr().out
+    # What it demonstrates first: samples agree with the analytic posterior; then
+    # the GLM predictive; then the sampled networks, with why they are worse.
+    agreement = printed.index("agree with the analytic posterior")
+    glm = printed.index("GLM     accuracy")
+    sampled = printed.index("sampled accuracy")
+    assert agreement < glm < sampled
+    assert "samples accuracy" not in printed
 
 
 @pytest.mark.parametrize(
@@ -169,6 +191,11 @@ def test_sample_writes_summary_and_plot(tmp_path, capsys):
             "needs an image data set",
         ),
         (["compare", "--candidates", "all_block"], "Unknown candidate 'all_block'"),
+        (
+            ["compare", "--candidates", "all_ekfac", "all_lowrank"],
+            "'all_lowrank' is not offered",
+        ),
+        (["compare", "--candidates", "ll_lowrank"], "diag, kron, ekfac, full"),
         (["compare", "--candidates", "map", "map"], "lists a candidate twice"),
         (["compare", "--epochs", "0"], "expected a positive integer, got 0"),
         (["compare", "--dataset", "mnist"], "invalid choice: 'mnist'"),
@@ -229,4 +256,124 @@ def test_console_entry_point_help():
         text=True,
         check=True,
     )
-    assert "--candidates" in result.stdout and "two minutes" in result.stdout
+    assert "--candidates" in result.stdout and COMPARE_DURATION in result.stdout
+    assert "lowrank" not in result.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert (
+        capsys.readouterr().out.strip() == f"ekfac-laplace {ekfac_laplace.__version__}"
+    )
+
+
+TINY = ["--dataset", "moons", "--epochs", "3", "--no-plots"]
+
+
+def test_exit_status_1_when_every_laplace_candidate_fails(
+    tmp_path, monkeypatch, capsys
+):
+    def fail(self, *args, **kwargs):
+        raise RuntimeError(f"no curvature for {self.name}")
+
+    monkeypatch.setattr(Candidate, "build", fail)
+    argv = ["compare", *TINY, "--quiet", "--out", str(tmp_path)]
+    status = main([*argv, "--candidates", "map", "ll_kron", "all_ekfac"])
+    assert status == 1
+    captured = capsys.readouterr()
+    tail = captured.out.strip().splitlines()[-3:]
+    assert tail == [
+        "Failed candidates (2 of 3):",
+        "  ll_kron: RuntimeError: no curvature for ll_kron",
+        "  all_ekfac: RuntimeError: no curvature for all_ekfac",
+    ]
+    assert "no Laplace candidate succeeded" in captured.err
+    # Only the MAP asked for: nothing failed, nothing to complain about.
+    assert main([*argv, "--candidates", "map"]) == 0
+
+
+def test_some_failed_candidates_are_listed_at_the_end(tmp_path, monkeypatch, capsys):
+    build = Candidate.build
+
+    def fail_kron(self, *args, **kwargs):
+        if self.hessian_structure == "kron":
+            raise MemoryError("too big")
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(Candidate, "build", fail_kron)
+    argv = ["compare", *TINY, "--quiet", "--out", str(tmp_path)]
+    assert main([*argv, "--candidates", "ll_kron", "ll_ekfac"]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert tail == ["Failed candidates (1 of 2):", "  ll_kron: MemoryError: too big"]
+
+
+def test_commands_write_into_their_own_default_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    progress = []
+    real_compare, real_train = cli.compare, models.train_map
+
+    def spy_compare(*args, settings, **kwargs):
+        progress.append(settings.progress_bar)
+        return real_compare(*args, settings=settings, **kwargs)
+
+    def spy_train(*args, progress_bar, **kwargs):
+        progress.append(progress_bar)
+        return real_train(*args, progress_bar=progress_bar, **kwargs)
+
+    monkeypatch.setattr(cli, "compare", spy_compare)
+    monkeypatch.setattr(models, "train_map", spy_train)
+    # Not --quiet: the bars are off because the output is not a terminal.
+    assert main(["compare", *TINY, "--candidates", "map", "ll_ekfac"]) == 0
+    assert main(["sample", *TINY, "--n-samples", "20"]) == 0
+    root = tmp_path / "ekfac-laplace-results"
+    assert (root / "compare" / "moons" / "results.json").is_file()
+    assert (root / "sample" / "moons" / "samples.json").is_file()
+    assert not list(root.glob("*.json"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "step/s" not in err
+    assert progress == [False, False, False, False]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stdout_tty", "stderr_tty", "quiet", "shown"),
+    [
+        (True, True, False, True),
+        (True, False, False, False),
+        (False, True, False, False),
+        (True, True, True, False),
+    ],
+)
+def test_progress_bar_only_on_terminals(
+    stdout_tty, stderr_tty, quiet, shown, monkeypatch
+):
+    monkeypatch.setattr(sys, "stdout", _Terminal() if stdout_tty else io.StringIO())
+    monkeypatch.setattr(sys, "stderr", _Terminal() if stderr_tty else io.StringIO())
+    assert cli.show_progress(Namespace(quiet=quiet)) is shown
+
+
+def test_on_a_terminal_the_command_shows_one_progress_bar(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    monkeypatch.setattr(sys, "stderr", stderr := _Terminal())
+    argv = [
+        "compare",
+        *TINY,
+        "--candidates",
+        "map",
+        "all_ekfac",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    bars = stderr.getvalue()
+    assert "ekfac-laplace compare" in bars and "candidate all_ekfac" in bars
+    assert "3/3" in bars  # the MAP training and two candidates
+    # Nothing inside draws its own bar: MAP training, the fit, the prior tuning.
+    for inner in ("Training MAP", "Candidates", "Hessian", "EKFAC", "marginal"):
+        assert inner not in bars, inner

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import matplotlib.image
+import pytest
 import torch
 
+from ekfac_laplace.evaluation import plotting
 from ekfac_laplace.evaluation.figures import write_comparison_plots, write_sample_plot
 from ekfac_laplace.evaluation.metrics import (
     ClassificationPredictions,
@@ -29,7 +31,20 @@ def _assert_images(paths) -> None:
         assert image.shape[0] > 50 and image.shape[1] > 50 and image.std() > 0
 
 
-def test_comparison_figures_of_a_classification_problem(tmp_path):
+def _record_titles(monkeypatch) -> dict[str, str]:
+    """Record each saved figure's title, by file name."""
+    titles, save = {}, plotting.save_figure
+
+    def recording_save(fig, path):
+        titles[path.name] = fig.get_suptitle()
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "save_figure", recording_save)
+    return titles
+
+
+def test_comparison_figures_of_a_classification_problem(tmp_path, monkeypatch):
+    titles = _record_titles(monkeypatch)
     problem = load_problem("digits")
     rows, predictions = [], {}
     for seed, name in enumerate(("map", "all_ekfac")):
@@ -54,8 +69,30 @@ def test_comparison_figures_of_a_classification_problem(tmp_path):
         "shift_noise.png",
     ]
     _assert_images(written)
+    # Every title names the split; the OOD figure says what the OOD set is.
+    assert all("digits test set" in title for title in titles.values()), titles
+    assert "photographs" in titles["ood_entropy.png"]
+    assert "rotated" in titles["shift_rotation.png"]
     nothing = Comparison([rows[-1]], {}, {})
     assert write_comparison_plots(nothing, problem, tmp_path / "none") == []
+
+
+def test_comparison_figures_of_a_regression_problem(tmp_path, monkeypatch):
+    titles = _record_titles(monkeypatch)
+    problem = load_problem("diabetes")
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randn(111, 1, generator=generator)
+    rows, predictions = [], {}
+    for scale, name in ((0.5, "map"), (1.0, "all_ekfac")):
+        rows.append(ComparisonRow(name, None, None, None, test={"nll": 1.0}))
+        mean = targets + 0.8 * torch.randn(111, 1, generator=generator)
+        test = RegressionPredictions(mean, torch.full_like(mean, scale), targets)
+        predictions[name] = {"test": test, "ood": None, "shift": {}}
+    comparison = Comparison(rows, predictions, {"likelihood": "regression"})
+    written = write_comparison_plots(comparison, problem, tmp_path)
+    assert [path.name for path in written] == ["coverage.png", "residuals.png"]
+    _assert_images(written)
+    assert all("diabetes test set (111 examples)" in t for t in titles.values())
 
 
 def test_sample_figure(tmp_path):
@@ -69,3 +106,27 @@ def test_sample_figure(tmp_path):
         for name in ("map", "glm")
     }
     _assert_images([write_sample_plot(regression, check, tmp_path / "r.png")])
+    # One sample has no variance: the panel says so instead of failing.
+    one = SampleCheck(1, variance, torch.full_like(variance, float("nan")), 0, None, 1)
+    _assert_images([write_sample_plot(predictions, one, tmp_path / "one.png")])
+
+
+def test_sample_figure_draws_the_monte_carlo_band(tmp_path, monkeypatch):
+    axes = []
+    save = plotting.save_figure
+
+    def recording_save(fig, path):
+        axes.extend(fig.axes)
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "save_figure", recording_save)
+    variance = torch.rand(30) + 0.1
+    check = SampleCheck(51, variance, variance * 1.1, 0.1, 0.14, 0.05)
+    predictions = {name: _predictions(seed) for seed, name in enumerate(("map", "glm"))}
+    write_sample_plot(predictions, check, tmp_path / "c.png")
+    variances, predictive = axes
+    assert variances.get_title() and predictive.get_title()
+    # ±2 sd of a sample variance of 51 draws: σ²(1 ± 2·sqrt(2/50)) = σ²(1 ± 0.4).
+    x, y = variances.collections[0].get_paths()[0].vertices.T
+    assert (y / x).min() == pytest.approx(0.6) and (y / x).max() == pytest.approx(1.4)
+    assert "100% inside" in variances.get_legend_handles_labels()[1][0]

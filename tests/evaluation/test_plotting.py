@@ -15,10 +15,14 @@ from torch import Tensor
 from ekfac_laplace.evaluation.plotting import (
     confidence_histogram,
     confidence_map,
+    coverage_curves,
+    legend_outside,
+    line_style,
     new_figure,
     ood_histogram,
     regression_bands,
     reliability_diagram,
+    residual_histogram,
     save_figure,
     shift_curves,
 )
@@ -70,10 +74,23 @@ def _draw_all(axes: list[Axes], classification) -> None:
     confidence_map(_toy_classifier, X, y, ax=axes[5], resolution=30, title="map")
     scores_in, scores_out = torch.rand(100) * 0.5, torch.rand(80) * 0.8 + 0.3
     ood_histogram(scores_in, scores_out, ax=axes[6], title="OOD")
+    coverage_curves(COVERAGE, n_examples=50, ax=axes[7], title="coverage")
+    mean, variance, targets = _regression()
+    residual_histogram(mean, variance, targets, ax=axes[8], title="residuals")
+
+
+COVERAGE = {"MAP": {0.5: 0.4, 0.9: 0.8}, "EKFAC": {0.1: 0.12, 0.5: 0.5, 0.9: 0.92}}
+
+
+def _regression() -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    mean = torch.randn(60, 1, generator=generator, dtype=F64)
+    targets = mean + 0.5 * torch.randn(60, 1, generator=generator, dtype=F64)
+    return mean, torch.full_like(mean, 0.25), targets
 
 
 def test_all_functions_share_one_figure(tmp_path, classification):
-    fig, axes = new_figure(7)
+    fig, axes = new_figure(9)
     _draw_all(axes, classification)
     _assert_real_image(fig, tmp_path / "all.png")
 
@@ -102,6 +119,8 @@ def test_each_function_draws_a_real_image(tmp_path, classification):
             resolution=20,
         ),
         "ood": lambda ax: ood_histogram(torch.rand(20), torch.rand(20) + 0.5, ax=ax),
+        "coverage": lambda ax: coverage_curves(COVERAGE, deviation=True, ax=ax),
+        "residuals": lambda ax: residual_histogram(*_regression(), ax=ax),
     }
     for name, draw in draws.items():
         fig, (ax,) = new_figure()
@@ -126,6 +145,8 @@ def test_ax_none_creates_a_figure(tmp_path, classification):
             _toy_classifier, torch.randn(8, 2), torch.arange(8) % 3, resolution=10
         ),
         ood_histogram(torch.rand(10), torch.rand(10)),
+        coverage_curves(COVERAGE),
+        residual_histogram(*_regression()),
     ]
     for index, ax in enumerate(axes):
         assert isinstance(ax, Axes) and isinstance(ax.get_figure(), Figure)
@@ -223,3 +244,69 @@ def test_bad_inputs_raise(classification):
         )
     with pytest.raises(ValueError, match=r"scores_out must have shape \(N,\)"):
         ood_histogram(torch.rand(5), torch.rand(5, 2))
+    with pytest.raises(ValueError, match="results is empty"):
+        coverage_curves({})
+    with pytest.raises(ValueError, match="curve of 'MAP' is empty"):
+        coverage_curves({"MAP": {}})
+    with pytest.raises(ValueError, match=r"Levels of 'MAP' must lie in \(0, 1\)"):
+        coverage_curves({"MAP": {1.0: 1.0}})
+    with pytest.raises(ValueError, match="n_examples must be a positive integer"):
+        coverage_curves(COVERAGE, n_examples=0)
+    mean, variance, targets = _regression()
+    with pytest.raises(ValueError, match="variance must be positive"):
+        residual_histogram(mean, -variance, targets)
+    with pytest.raises(ValueError, match="Shapes must match"):
+        residual_histogram(mean, variance, targets[:5])
+
+
+def test_reliability_gap_mixes_no_colour_into_the_bars(classification):
+    ax = reliability_diagram(*classification)
+    handles, labels = ax.get_legend_handles_labels()
+    gap = handles[labels.index("gap to mean confidence")]
+    # The gap is hatching without a fill: over a bar it adds no blended colour.
+    assert all(not patch.get_fill() for patch in gap.patches)
+    assert gap.patches[0].get_hatch()
+    accuracy = handles[labels.index("accuracy")]
+    assert all(patch.get_alpha() in (None, 1.0) for patch in accuracy.patches)
+
+
+def test_shift_curves_label_units_and_tell_coinciding_curves_apart():
+    curves = {name: {0.0: 1.0, 15.0: 2.0} for name in ("map", "kron", "ekfac")}
+    ax = shift_curves(curves, metric="nll", shift="rotation", title="rotated")
+    assert ax.get_ylabel() == "NLL" and ax.get_title() == "rotated"
+    assert ax.get_xlabel() == "rotation angle (degrees)"
+    assert shift_curves(curves, metric="ece", shift="blur").get_ylabel() == "ECE"
+    styles = [(line.get_linestyle(), line.get_marker()) for line in ax.get_lines()]
+    assert len(set(styles)) == 3  # same data, three distinguishable lines
+    for first, second in zip(range(20), range(1, 21)):
+        a, b = line_style(first), line_style(second)
+        assert a["linestyle"] != b["linestyle"] and a["marker"] != b["marker"]
+    fig, axes = new_figure(2)
+    shift_curves(curves, metric="nll", shift="noise", ax=axes[0], legend=False)
+    assert axes[0].get_legend() is None
+    legend_outside(fig, axes[0])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(curves)
+
+
+def test_ood_histogram_names_its_sets():
+    ax = ood_histogram(
+        torch.rand(20), torch.rand(20), in_label="digits", out_label="photos (OOD)"
+    )
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "digits",
+        "photos (OOD)",
+    ]
+
+
+def test_coverage_and_residuals_show_calibration():
+    ax = coverage_curves(COVERAGE, n_examples=100)
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels[-2:] == ["MAP", "EKFAC"] and "perfect calibration" in labels
+    deviation = coverage_curves(COVERAGE, deviation=True)
+    ekfac = deviation.get_lines()[-1]
+    assert list(ekfac.get_ydata()) == pytest.approx([0.02, 0.0, 0.02])
+    mean, variance, targets = _regression()
+    ax = residual_histogram(mean, variance, targets)
+    corner = ax.texts[0].get_text()
+    residuals = ((targets - mean) / variance.sqrt()).flatten()
+    assert f"std {residuals.std(unbiased=False):.2f}" in corner

@@ -26,8 +26,18 @@ def test_check_samples_matches_the_monte_carlo_expectation():
     assert expected / 2 < check.median_relative_error < 2 * expected
     assert check.mean_error_in_std < 3 / math.sqrt(400)
     torch.testing.assert_close(check.analytic_variance, la.posterior_variance)
+    assert check.variance_relative_std == pytest.approx(math.sqrt(2 / 399))
+    assert check.expected_mean_error_in_std == pytest.approx(
+        math.sqrt(2 / (math.pi * 400))
+    )
+    assert check.within_monte_carlo_noise()
     one = check_samples(la, samples[:1])
     assert one.expected_median_relative_error is None
     assert math.isnan(one.median_relative_error)
+    assert one.variance_relative_std is None
+    assert one.within_monte_carlo_noise() is None
+    # Samples from a posterior twice as wide are caught.
+    wide = check_samples(la, la.mean + 2 * (samples - la.mean))
+    assert wide.within_monte_carlo_noise() is False
     with pytest.raises(ValueError, match=r"shape \(S, 43\)"):
         check_samples(la, samples[:, :5])
