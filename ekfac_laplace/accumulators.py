@@ -196,20 +196,41 @@ class FactorAccumulator(PassAccumulator):
             Layer name to ``(Q_G, Q_A)``; ``Q_A`` is ``None`` when the layer's
             weight is not in the posterior.
         """
-        bases = {}
-        for layer in self.layers:
-            q_g = robust_eigenvectors(
-                self.gradient_factors[layer.name],
-                f"gradient factor of layer '{layer.name}'",
+        return {layer.name: self.eigenbasis(layer) for layer in self.layers}
+
+    def eigenbasis(self, layer: KroneckerLayer) -> tuple[Tensor, Tensor | None]:
+        """The eigenvectors ``(Q_G, Q_A)`` of one layer's factors.
+
+        Args:
+            layer: The layer.
+
+        Returns:
+            ``Q_G`` and ``Q_A`` (``None`` without a weight in the posterior).
+        """
+        q_g = robust_eigenvectors(
+            self.gradient_factors[layer.name],
+            f"gradient factor of layer '{layer.name}'",
+        )
+        q_a = None
+        if layer.name in self.input_factors:
+            q_a = robust_eigenvectors(
+                self.input_factors[layer.name],
+                f"input factor of layer '{layer.name}'",
             )
-            q_a = None
+        return q_g, q_a
+
+    def partial_sums(self) -> list[Tensor]:
+        """The factors in layer order (``A`` where kept, ``G``), to sum over ranks.
+
+        Returns:
+            The tensors themselves (summed in place).
+        """
+        sums = []
+        for layer in self.layers:
             if layer.name in self.input_factors:
-                q_a = robust_eigenvectors(
-                    self.input_factors[layer.name],
-                    f"input factor of layer '{layer.name}'",
-                )
-            bases[layer.name] = (q_g, q_a)
-        return bases
+                sums.append(self.input_factors[layer.name])
+            sums.append(self.gradient_factors[layer.name])
+        return sums
 
     def _add_input_factor(self, layer: KroneckerLayer, a: Tensor) -> None:
         if layer.weight_index is None:
@@ -284,6 +305,23 @@ class CorrectionAccumulator(PassAccumulator):
         """The output layer's correction in closed form."""
         self._finish(layer, a, curvature.rotated_squares(self.bases[layer.name][0]))
 
+    def partial_sums(self, layers: list[KroneckerLayer]) -> list[Tensor]:
+        """The corrected eigenvalues in layer order (weight, bias), to sum over ranks.
+
+        Args:
+            layers: The layers, in the layout's order.
+
+        Returns:
+            The tensors themselves (summed in place).
+        """
+        sums = []
+        for layer in layers:
+            if layer.weight_index is not None:
+                sums.append(self.weight_corrections[layer.name])
+            if layer.bias_index is not None:
+                sums.append(self.bias_corrections[layer.name])
+        return sums
+
     def replay(self, layer: KroneckerLayer, entries: list[CacheEntry]) -> None:
         """Feed a layer's cached first-pass entries, as a second pass would.
 
@@ -338,6 +376,14 @@ class DiagonalSquares:
             ]
             for entry in modules
         }
+
+    def partial_sums(self) -> list[Tensor]:
+        """The squares in the layout's order, for summing over the ranks.
+
+        Returns:
+            The tensors themselves (summed in place).
+        """
+        return [tensor for squares in self.squares.values() for tensor in squares]
 
     def add(
         self,

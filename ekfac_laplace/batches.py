@@ -148,11 +148,14 @@ class LaplaceBatches:
             ) from None
 
 
-def dataset_size(loader: Any) -> int:
+def dataset_size(loader: Any, shard: bool = False) -> int:
     """The number of training points ``N`` of a loader, ``len(loader.dataset)``.
 
     Args:
         loader: A ``DataLoader`` (anything with a sized ``dataset``).
+        shard: The loader is one rank's shard of a data-parallel fit: count what
+            its sampler draws (``len(loader.sampler)``, e.g. a
+            ``DistributedSampler``'s share), else its dataset.
 
     Returns:
         ``N >= 1``.
@@ -169,8 +172,14 @@ def dataset_size(loader: Any) -> int:
             "points N); wrap the data in a map-style Dataset such as "
             "torch.utils.data.TensorDataset."
         ) from None
+    sampler = getattr(loader, "sampler", None)
+    if shard and sampler is not None and hasattr(sampler, "__len__"):
+        num_data = len(sampler)
     if num_data == 0:
-        raise ValueError("fit got an empty training set (len(dataset) == 0).")
+        raise ValueError(
+            "fit got an empty training set (len(dataset) == 0)"
+            + (" on this rank's shard." if shard else ".")
+        )
     return num_data
 
 

@@ -14,12 +14,14 @@ returns the result in laplace-torch's scale (:mod:`ekfac_laplace.factors`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.batches import LaplaceBatches
 from ekfac_laplace.curvlinops_engine import curvlinops_ekfac
+from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.engine import fast_ekfac
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
 from ekfac_laplace.layout import ParameterLayout
@@ -37,6 +39,7 @@ def compute_ekfac(
     eigenbasis: list[tuple[Tensor, ...]] | None = None,
     dict_key_x: str = "input_ids",
     progress_bar: bool = False,
+    process_group: Any | None = None,
 ) -> EKFACFactors:
     """EKFAC of the log-likelihood GGN / Fisher of ``model`` over a whole data set.
 
@@ -54,6 +57,10 @@ def compute_ekfac(
             eigenvalues in this basis (online fitting).
         dict_key_x: Key of the inputs in dict-like batches (curvlinops engine).
         progress_bar: Show a progress bar over every pass.
+        process_group: A ``torch.distributed`` process group for a data-parallel
+            fit: ``batches`` is this rank's shard, the result is that of the union
+            of the shards on every rank (:mod:`ekfac_laplace.distributed`).
+            ``num_data`` is then this rank's share (it sizes the cache).
 
     Returns:
         The eigenbases, the corrected eigenvalues (summed over the data, clamped at
@@ -71,6 +78,7 @@ def compute_ekfac(
             f"The eigenbasis has {len(eigenbasis)} blocks but there are "
             f"{len(layout)} parameter tensors."
         )
+    ranks = ranks_of(process_group)
     if options.engine == Engine.FAST:
         raw = fast_ekfac(
             model,
@@ -81,6 +89,12 @@ def compute_ekfac(
             options,
             eigenbasis=eigenbasis,
             progress_bar=progress_bar,
+            ranks=ranks,
+        )
+    elif ranks.size > 1:
+        raise ValueError(
+            "A data-parallel fit (process_group) needs engine='fast'; the curvlinops "
+            "engine runs in one process."
         )
     else:
         raw = curvlinops_ekfac(

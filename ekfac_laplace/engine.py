@@ -46,6 +46,7 @@ from ekfac_laplace.accumulators import (
     PassAccumulator,
 )
 from ekfac_laplace.batches import check_targets, to_device
+from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
 from ekfac_laplace.layout import (
     ForwardCapture,
@@ -257,6 +258,10 @@ class FastEKFAC:
             ``mc_samples``, ``seed``, ``cache_budget_bytes``).
         num_data: Number of training points (projects the cache size).
         progress_bar: Show a progress bar over each pass.
+        ranks: The ranks of a data-parallel fit (default: one process). Each makes
+            its passes over its shard; the partial sums are summed over the ranks
+            after each pass and the eigendecompositions shared out
+            (:mod:`ekfac_laplace.distributed`).
     """
 
     def __init__(
@@ -267,6 +272,7 @@ class FastEKFAC:
         options: EKFACOptions,
         num_data: int,
         progress_bar: bool = False,
+        ranks: LocalRanks | None = None,
     ) -> None:
         self.model = model
         self.layout = layout
@@ -274,6 +280,7 @@ class FastEKFAC:
         self.options = options
         self.num_data = num_data
         self.progress_bar = progress_bar
+        self.ranks = LocalRanks() if ranks is None else ranks
         self.sweep = Sweep(model, layout)
         self.loss_function, _ = likelihood_loss(likelihood)
         self.passes = 0
@@ -296,29 +303,63 @@ class FastEKFAC:
         Returns:
             The factors; diagonal blocks have eigenvectors ``()``.
         """
+        ranks = self.ranks
+        layers = self.layout.layers
         diagonal = DiagonalSquares(self.layout.diagonal_modules)
         if eigenbasis is None:
             factors = FactorAccumulator(
-                self.layout.layers,
+                layers,
                 self.options.kfac_approx,
                 self.options.cache_budget_bytes,
                 self.num_data,
             )
-            loss = self._pass(batches, "EKFAC: Kronecker factors", factors, diagonal)
-            bases = factors.eigenbases()
+            loss = self._local(
+                lambda: self._pass(
+                    batches, "EKFAC: Kronecker factors", factors, diagonal
+                ),
+                "the Kronecker-factor pass",
+            )
+            ranks.sum_([*factors.partial_sums(), *diagonal.partial_sums(), loss])
+            shared = ranks.share_out(
+                len(layers),
+                lambda i: [q for q in factors.eigenbasis(layers[i]) if q is not None],
+            )
+            bases = {
+                layer.name: (q[0], q[1] if len(q) == 2 else None)
+                for layer, q in zip(layers, shared)
+            }
             correction = CorrectionAccumulator(bases)
-            if factors.caching:
-                for layer in self.layout.layers:
-                    correction.replay(layer, factors.cache[layer.name])
-            elif self.layout.layers:
-                self._pass(batches, "EKFAC: eigenvalue correction", correction)
+
+            def correct() -> None:  # from the cache, or a second pass
+                if factors.caching:
+                    for layer in layers:
+                        correction.replay(layer, factors.cache[layer.name])
+                elif layers:
+                    self._pass(batches, "EKFAC: eigenvalue correction", correction)
+
+            self._local(correct, "the eigenvalue correction")
         else:
             bases = self.layout.layer_bases(eigenbasis)
             correction = CorrectionAccumulator(bases)
-            loss = self._pass(
-                batches, "EKFAC: eigenvalue correction", correction, diagonal
+            loss = self._local(
+                lambda: self._pass(
+                    batches, "EKFAC: eigenvalue correction", correction, diagonal
+                ),
+                "the eigenvalue-correction pass",
             )
+            ranks.sum_([*diagonal.partial_sums(), loss])
+        ranks.sum_(correction.partial_sums(layers))
         return self._assemble(bases, correction, diagonal, loss)
+
+    def _local(self, work: Callable[[], Any], what: str) -> Any:
+        """This rank's part of a phase; every rank learns whether all succeeded."""
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001 - re-raised by agree
+            self.ranks.agree(error, what)
+            raise  # unreachable: agree re-raises this rank's error
+        self.ranks.agree(None, what)
+        return result
 
     def _pass(
         self,
@@ -336,7 +377,8 @@ class FastEKFAC:
         reference = self.layout.params[0]
         device = reference.device
         generator = torch.Generator(device=device)
-        generator.manual_seed(self.options.seed)
+        # One stream per rank: reproducible for a given seed and number of ranks.
+        generator.manual_seed(self.options.seed + self.ranks.rank)
 
         curvature_fn = functools.partial(self._output_curvature, generator)
         loss = torch.zeros((), dtype=reference.dtype, device=device)
@@ -390,6 +432,7 @@ def fast_ekfac(
     *,
     eigenbasis: list[tuple[Tensor, ...]] | None = None,
     progress_bar: bool = False,
+    ranks: LocalRanks | None = None,
 ) -> EKFACFactors:
     """EKFAC factors with our engine, in the scale of the summed torch loss.
 
@@ -403,9 +446,12 @@ def fast_ekfac(
         eigenbasis: Fixed eigenbasis per block (online fitting): skips the factor
             pass.
         progress_bar: Show a progress bar over each pass.
+        ranks: The ranks of a data-parallel fit (default: one process).
 
     Returns:
-        Eigenvectors, corrected eigenvalues and the summed loss.
+        Eigenvectors, corrected eigenvalues and the summed loss (over all ranks).
     """
-    engine = FastEKFAC(model, layout, likelihood, options, num_data, progress_bar)
+    engine = FastEKFAC(
+        model, layout, likelihood, options, num_data, progress_bar, ranks
+    )
     return engine.compute(batches, eigenbasis)

@@ -28,6 +28,7 @@ from ekfac_laplace.batches import (
     naming_failing_module,
     to_device,
 )
+from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.options import (
     DEFAULT_CACHE_BUDGET_BYTES,
     DEFAULT_SEED,
@@ -119,8 +120,13 @@ class EKFACLaplace(EKFACPosterior):
         engine: ``"fast"`` (default) or ``"curvlinops"``.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
         unsupported_layers: ``"diagonal"`` (default) or ``"raise"``.
+        process_group: A ``torch.distributed`` process group for a data-parallel
+            fit (``torch.distributed.group.WORLD`` or a subgroup): each rank fits
+            the loader of its shard and every rank gets the posterior of the union
+            of the shards. ``None`` (default): one process.
 
-    The last seven become one :class:`~ekfac_laplace.EKFACOptions`, ``la.options``.
+    The seven from ``kfac_approx`` to ``unsupported_layers`` become one
+    :class:`~ekfac_laplace.EKFACOptions`, ``la.options``.
 
     Raises:
         ValueError: For an unsupported likelihood, backend, option or
@@ -149,7 +155,9 @@ class EKFACLaplace(EKFACPosterior):
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         unsupported_layers: str = "diagonal",
+        process_group: Any | None = None,
     ) -> None:
+        self.process_group = process_group
         self.options = _checked_options(
             likelihood,
             (prior_precision, sigma_noise, temperature),
@@ -216,6 +224,8 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         seed: Seed of the Monte-Carlo label sampler.
         engine: ``"fast"`` (default) or ``"curvlinops"``.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
+        process_group: A ``torch.distributed`` process group for a data-parallel
+            fit (see :class:`EKFACLaplace`).
 
     Raises:
         ValueError: For an unsupported likelihood, backend, option or
@@ -246,7 +256,9 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         seed: int = DEFAULT_SEED,
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        process_group: Any | None = None,
     ) -> None:
+        self.process_group = process_group
         # laplace-torch's LLLaplace refuses asdl_fisher_kwargs itself.
         self.options = _checked_options(
             likelihood,
@@ -300,10 +312,18 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
                 dtype, or what :meth:`EKFACPosterior.fit` refuses.
         """
         if override:
-            dataset_size(train_loader)
-            batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
-            X, _ = batches.first()
-            check_inputs(X, self._dtype, self.dict_key_x)
+            ranks = ranks_of(self.process_group)
+            error = None
+            try:  # before laplace-torch looks for the last layer on this rank
+                dataset_size(train_loader, shard=ranks.size > 1)
+                batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
+                X, _ = batches.first()
+                check_inputs(X, self._dtype, self.dict_key_x)
+                with naming_failing_module(self.model.model), torch.no_grad():
+                    self.model.model(to_device(X, self._device))
+            except Exception as exception:  # noqa: BLE001 - re-raised by agree
+                error = exception
+            ranks.agree(error, "finding the last layer")
         with naming_failing_module(self.model.model):  # the user's module names
             LLLaplace.fit(self, train_loader, override, progress_bar)
 

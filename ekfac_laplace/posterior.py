@@ -39,6 +39,7 @@ from ekfac_laplace.batches import (
     to_device,
 )
 from ekfac_laplace.curvature import compute_ekfac
+from ekfac_laplace.distributed import ranks_of, warn_about_an_unshared_shard
 from ekfac_laplace.factors import EKFACFactors
 from ekfac_laplace.layout import CaptureError, RowGroupingError
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
@@ -153,6 +154,7 @@ class EKFACPosterior(ParametricLaplace):
     """
 
     options: EKFACOptions
+    process_group: Any | None = None
     dense_limit_bytes: int | None = DENSE_LIMIT_BYTES
     #: Whether laplace-torch's dense predictive handles inputs whose rows a module
     #: sees folded into the batch (all weights: yes; last layer: no).
@@ -241,17 +243,34 @@ class EKFACPosterior(ParametricLaplace):
             override: Start from scratch (default) or add to the previous fit.
             progress_bar: Show a progress bar over each pass.
 
+        In a data-parallel fit (``process_group``), each rank passes the loader of
+        its own shard; every rank ends with the posterior of the union of the
+        shards, ``N`` the total number of examples (see
+        :mod:`ekfac_laplace.distributed`).
+
         Raises:
             ValueError: For an empty loader, unknown ``N``, mismatched targets,
-                unsupported layers or non-finite curvature. The object is unchanged.
+                unsupported layers or non-finite curvature, or ranks that disagree
+                on the model. The object is unchanged (on every rank).
+            DistributedFitError: On the other ranks when one fails, or when a
+                collective times out.
         """
-        num_data = dataset_size(train_loader)
+        ranks = ranks_of(self.process_group)
+        if ranks.size == 1:
+            warn_about_an_unshared_shard(train_loader, self.process_group)
         self.model.eval()
         batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
         likelihood = self._curvature_likelihood
-        n_outputs = output_size(
-            self.model, batches, likelihood, self._device, self.dict_key_x
-        )
+        error = None
+        try:  # this rank's checks; every rank learns whether all passed
+            num_data = dataset_size(train_loader, shard=ranks.size > 1)
+            n_outputs = output_size(
+                self.model, batches, likelihood, self._device, self.dict_key_x
+            )
+        except Exception as exception:  # noqa: BLE001 - re-raised by agree
+            error = exception
+        ranks.agree(error, "the checks of the first batch")
+        ranks.same(self._fit_signature(override), "the model, options and fit")
         previous = None if override else self.H
         factors = compute_ekfac(
             self.model,
@@ -262,9 +281,32 @@ class EKFACPosterior(ParametricLaplace):
             self.options,
             eigenbasis=None if previous is None else previous.eigenvectors,
             dict_key_x=self.dict_key_x,
-            progress_bar=progress_bar,
+            progress_bar=progress_bar and ranks.rank == 0,
+            process_group=self.process_group,
         )
-        self._commit_fit(factors, previous, n_outputs, num_data)
+        self._commit_fit(factors, previous, n_outputs, ranks.total(num_data))
+
+    def _fit_signature(self, override: bool) -> dict[str, object]:
+        """What every rank of a data-parallel fit must share.
+
+        The parameters' values enter through a float64 fingerprint, equal for equal
+        parameters.
+        """
+        params = self._posterior_params()
+        vector = parameters_to_vector(params).detach().double()
+        weights = torch.arange(1, len(vector) + 1, device=vector.device) % 97 + 1
+        return {
+            "the class": type(self).__name__,
+            "the likelihood": str(self.likelihood),
+            "the parameter shapes": [tuple(p.shape) for p in params],
+            "the dtype": str(self._dtype),
+            "the parameter values (fingerprint)": float((vector * weights).sum()),
+            "the options": self.options.to_state(),
+            "override": override,
+            "the previous fit's blocks": None
+            if override or self.H is None
+            else self.H.block_sizes,
+        }
 
     def _commit_fit(
         self,

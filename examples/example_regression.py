@@ -41,6 +41,7 @@ from ekfac_laplace.evaluation import (
     plotting,
     predict,
     regression_metrics,
+    regression_plots,
     residual_noise_scale,
 )
 from ekfac_laplace.evaluation.models import mlp, train_map
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     x_train, y_train = splits.train.tensors
     figure, axes = plotting.new_figure(3, size=(4.2, 3.4))
     for ax, (name, prediction) in zip(axes, bands.items()):
-        plotting.regression_bands(
+        regression_plots.regression_bands(
             x_train,
             y_train,
             grid,

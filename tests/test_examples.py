@@ -30,6 +30,7 @@ SMALL_ARGUMENTS = {
         *("--hidden", "8", "--epochs", "2"),
         *("--n-samples", "50", "--n-predictive-samples", "5"),
     ],
+    "example_distributed.py": ["--hidden", "8", "--epochs", "2"],
     "example_continual.py": [
         *("--n-train", "60", "--hidden", "8", "--epochs", "2"),
         *("--strengths", "1"),
@@ -44,6 +45,7 @@ EXPECTED_OUTPUT = {
     "example_calibration.py": ("all KFAC", "brier", "Rotated test set: ece"),
     "example_sampling.py": ("last-layer bias", "marginal variances", "NN samples"),
     "example_continual.py": ("A's eigenbasis kept: True", "after B, Laplace s=1"),
+    "example_distributed.py": ("1 process: N = 1077", "test set: accuracy"),
 }
 
 #: Figures each script writes by default, relative to the working directory.
@@ -59,6 +61,7 @@ EXPECTED_FIGURES = {
     ),
     "example_sampling.py": ("example-output/sampling/sampling.png",),
     "example_continual.py": ("example-output/continual/continual.png",),
+    "example_distributed.py": (),
 }
 
 
@@ -113,7 +116,7 @@ def _peak_mib(command: list[str], cwd: Path) -> tuple[int, float, str]:
 
 
 def test_examples_and_the_cli_stay_under_2_gb_at_their_defaults(tmp_path):
-    """Every example and ``ekfac-laplace compare`` with their default arguments,
+    """Every example and ``ekfac-laplace compare`` / ``sample`` at their defaults,
     two at a time with one thread each, each in its own process; peak RSS from
     ``wait4``; no warnings on stderr."""
     cli = "from ekfac_laplace.evaluation.cli import main; main()"
@@ -121,6 +124,7 @@ def test_examples_and_the_cli_stay_under_2_gb_at_their_defaults(tmp_path):
         script: [sys.executable, str(EXAMPLES / script)] for script in SMALL_ARGUMENTS
     }
     commands["ekfac-laplace compare"] = [sys.executable, "-c", cli, "compare"]
+    commands["ekfac-laplace sample"] = [sys.executable, "-c", cli, "sample"]
     folders = {}
     for index, name in enumerate(commands):
         folders[name] = tmp_path / str(index)
@@ -136,3 +140,30 @@ def test_examples_and_the_cli_stay_under_2_gb_at_their_defaults(tmp_path):
         assert status == 0, (name, stderr)
         assert peak < PEAK_LIMIT_MIB, f"{name}: peak {peak:.0f} MiB"
         assert "Warning" not in stderr, (name, stderr)
+
+
+def test_the_distributed_example_under_torchrun_matches_one_process(tmp_path):
+    """Two gloo processes launched by torchrun print the single-process results."""
+    script = str(EXAMPLES / "example_distributed.py")
+    arguments = SMALL_ARGUMENTS["example_distributed.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    outputs = {}
+    for name, command in (
+        ("one", [sys.executable, script, *arguments]),
+        ("two", [*launcher, "--nproc_per_node=2", script, *arguments]),
+    ):
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = [
+            line.split(": ", 1)[1] if ": " in line else line
+            for line in done.stdout.splitlines()
+            if line.startswith(("1 process", "2 processes", "test set"))
+        ]
+    assert len(outputs["two"]) == 2, outputs  # rank 0 prints, once
+    one_fit, two_fit = outputs["one"][0].split(", "), outputs["two"][0].split(", ")
+    assert one_fit[0] == two_fit[0] == "N = 1077"
+    assert one_fit[2:] == two_fit[2:]  # prior precision and evidence (not the time)
+    assert outputs["one"][1] == outputs["two"][1]  # the test metrics

@@ -55,6 +55,7 @@ CORE_LAYERS = {
     "diagonal": 0,
     "batches": 0,
     "_compat": 0,
+    "distributed": 0,
     "factors": 1,
     "layout": 1,
     "output_curvature": 1,

@@ -17,9 +17,13 @@ curvature) imports nothing from here. One concern per module:
 - :mod:`~ekfac_laplace.evaluation.data`, :mod:`~ekfac_laplace.evaluation.problems`:
   bundled offline data sets (scikit-learn), loaders by name;
 - :mod:`~ekfac_laplace.evaluation.models`: reference networks and MAP training;
-- :mod:`~ekfac_laplace.evaluation.plotting`, :mod:`~ekfac_laplace.evaluation.figures`:
-  single plots (matplotlib) and the figures of a run;
-- :mod:`~ekfac_laplace.evaluation.cli`: the ``ekfac-laplace`` command.
+- :mod:`~ekfac_laplace.evaluation.plotting`,
+  :mod:`~ekfac_laplace.evaluation.regression_plots`,
+  :mod:`~ekfac_laplace.evaluation.figures`: single classification and regression
+  plots (matplotlib) and the figures of a run;
+- :mod:`~ekfac_laplace.evaluation.cli`, :mod:`~ekfac_laplace.evaluation.sample_command`,
+  :mod:`~ekfac_laplace.evaluation.command_steps`: the ``ekfac-laplace`` command, its
+  ``sample`` command, and what both commands share.
 
 Importing this package loads the metrics and the comparison harness; scikit-learn
 and matplotlib load with the data, plotting and command-line modules.

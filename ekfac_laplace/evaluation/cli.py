@@ -8,6 +8,11 @@ posterior and writes their predictive summary and a plot. Each command writes in
 its own folder, ``./ekfac-laplace-results/<command>/<dataset>`` unless ``--out``
 says otherwise. Run ``ekfac-laplace <command> --help`` for the options.
 
+This module holds the parser, :func:`main` and ``compare``; ``sample`` runs in
+:mod:`~ekfac_laplace.evaluation.sample_command`, and what both commands share (the
+progress bar, the MAP network, :class:`UsageError`) is in
+:mod:`~ekfac_laplace.evaluation.command_steps`.
+
 Exit status: 0 on success (failed candidates are listed at the end), 1 when
 ``compare`` was asked for Laplace candidates and none succeeded, 2 for bad arguments.
 The command shows one progress bar, over its steps (the MAP training, then each
@@ -18,17 +23,13 @@ everything inside runs without progress bars.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-from laplace.baselaplace import BaseLaplace
 from torch import nn
 from tqdm import tqdm
 
@@ -38,17 +39,21 @@ from ekfac_laplace.evaluation.candidates import (
     STRUCTURES,
     Candidate,
 )
+from ekfac_laplace.evaluation.command_steps import (
+    UsageError,
+    problem_and_model,
+    progress_bar,
+    step,
+)
 from ekfac_laplace.evaluation.comparison import (
     PRIOR_TUNINGS,
     EvaluationSettings,
     compare,
     residual_noise_scale,
-    tune_prior,
 )
-from ekfac_laplace.evaluation.metrics import Predictions
-from ekfac_laplace.evaluation.problems import DATASETS, Problem, load_problem
+from ekfac_laplace.evaluation.problems import DATASETS, Problem
 from ekfac_laplace.evaluation.report import SELECTION_CRITERIA, Comparison
-from ekfac_laplace.evaluation.sampling import SampleCheck
+from ekfac_laplace.evaluation.sample_command import run_sample
 
 #: The parent of the default output folders, ``<DEFAULT_OUT>/<command>/<dataset>``.
 DEFAULT_OUT = "ekfac-laplace-results"
@@ -63,10 +68,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class UsageError(ValueError):
-    """A bad combination of command-line arguments (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,45 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def show_progress(args: argparse.Namespace) -> bool:
-    """Whether the command shows its progress bar.
-
-    Only without ``--quiet`` and when both standard output and standard error are
-    terminals: in a log file or a pipe a progress bar is a trail of escape codes.
-
-    Args:
-        args: Parsed arguments.
-
-    Returns:
-        Whether to show the bar.
-    """
-    streams = (sys.stdout, sys.stderr)
-    return not args.quiet and all(
-        callable(getattr(stream, "isatty", None)) and stream.isatty()
-        for stream in streams
-    )
-
-
-def _progress_bar(args: argparse.Namespace, total: int) -> tqdm:
-    """The command's one progress bar, with ``total`` steps."""
-    return tqdm(
-        total=total,
-        desc=f"ekfac-laplace {args.command}",
-        unit="step",
-        file=sys.stderr,
-        leave=False,
-        disable=not show_progress(args),
-    )
-
-
-@contextmanager
-def _step(bar: tqdm, label: str) -> Iterator[None]:
-    """Name the step running in the progress bar; count it when it is done."""
-    bar.set_description_str(label)
-    yield
-    bar.update()
-
-
 def run_compare(args: argparse.Namespace) -> int:
     """``ekfac-laplace compare``: fit, evaluate and report every candidate.
 
@@ -349,8 +311,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from ekfac_laplace.evaluation.figures import write_comparison_plots
 
     n_steps = len(args.candidates) + (args.checkpoint is None) + (not args.no_plots)
-    with _progress_bar(args, n_steps) as bar:
-        problem, model = _problem_and_model(args, bar)
+    with progress_bar(args, n_steps) as bar:
+        problem, model = problem_and_model(args, bar)
         settings = EvaluationSettings(
             prior_tuning=args.prior_tuning,
             prior_structure=args.prior_structure,
@@ -385,7 +347,7 @@ def run_compare(args: argparse.Namespace) -> int:
         (args.out / "results.md").write_text(comparison.table(markdown=True) + "\n")
         written.append(args.out / "results.md")
         if not args.no_plots:
-            with _step(bar, "figures"):
+            with step(bar, "figures"):
                 written += write_comparison_plots(comparison, problem, args.out)
 
     print(f"\n{problem.splits.description}")
@@ -415,7 +377,7 @@ def _compare_each(
         settings = replace(settings, sigma_noise=noise)
     parts = []
     for spec in args.candidates:
-        with _step(bar, f"candidate {spec}"):
+        with step(bar, f"candidate {spec}"):
             parts.append(
                 compare(
                     model,
@@ -455,241 +417,6 @@ def _report_failures(comparison: Comparison) -> int:
         )
         return EXIT_NO_LAPLACE
     return 0
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    """``ekfac-laplace sample``: EKFAC posterior samples and their predictive.
-
-    Args:
-        args: Parsed arguments.
-
-    Returns:
-        Exit status 0.
-    """
-    from ekfac_laplace.evaluation.figures import write_sample_plot
-    from ekfac_laplace.evaluation.sampling import check_samples
-
-    n_steps = 4 + (args.checkpoint is None) + (not args.no_plots)
-    with _progress_bar(args, n_steps) as bar:
-        problem, model = _problem_and_model(args, bar)
-        la = _fitted_ekfac(args, model, problem, bar)
-        with _step(bar, f"drawing {args.n_samples} samples"):
-            samples = la.sample(
-                args.n_samples, generator=torch.Generator().manual_seed(args.seed)
-            )
-            check = check_samples(la, samples)
-        with _step(bar, "test predictives"):
-            predictions, metrics = _sample_predictives(args, model, la, problem)
-        summary = {
-            "dataset": args.dataset,
-            "model": args.model,
-            "subset_of_weights": args.subset,
-            "n_params": int(la.n_params),
-            "n_samples": args.n_samples,
-            "prior_precision": la.prior_precision.flatten().tolist(),
-            "log_marginal_likelihood": float(la.log_marginal_likelihood()),
-            "posterior_std_mean": float(check.analytic_variance.sqrt().mean()),
-            "sample_variance_relative_error_median": check.median_relative_error,
-            "sample_variance_relative_error_expected_median": (
-                check.expected_median_relative_error
-            ),
-            "sample_mean_error_in_std": check.mean_error_in_std,
-            "sample_mean_error_in_std_expected": check.expected_mean_error_in_std,
-            "test_metrics": metrics,
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        written = [args.out / "samples.json"]
-        written[0].write_text(json.dumps(summary, indent=2) + "\n")
-        if args.save_samples:
-            torch.save(samples, args.out / "samples.pt")
-            written.append(args.out / "samples.pt")
-        if not args.no_plots:
-            with _step(bar, "figure"):
-                path = write_sample_plot(predictions, check, args.out / "samples.png")
-                written.append(path)
-    print(f"\n{problem.splits.description}")
-    _print_sample_summary(args, summary, check, metrics)
-    print("\nWrote " + ", ".join(str(path) for path in written))
-    return 0
-
-
-def _fitted_ekfac(
-    args: argparse.Namespace, model: nn.Module, problem: Problem, bar: tqdm
-) -> BaseLaplace:
-    """EKFAC Laplace on the problem's training data, its prior tuned as asked."""
-    from laplace import Laplace
-
-    sigma_noise = 1.0
-    if problem.likelihood == "regression":
-        sigma_noise = residual_noise_scale(model, problem.train_loader)
-    la = Laplace(
-        model,
-        problem.likelihood,
-        subset_of_weights=args.subset,
-        hessian_structure="ekfac",
-        sigma_noise=sigma_noise,
-    )
-    with _step(bar, "fitting EKFAC"):
-        la.fit(problem.train_loader, progress_bar=False)
-    settings = EvaluationSettings(
-        prior_tuning=args.prior_tuning,
-        prior_structure=args.prior_structure,
-        progress_bar=False,
-    )
-    with _step(bar, "tuning the prior"):
-        tune_prior(la, settings)
-    return la
-
-
-def _sample_predictives(
-    args: argparse.Namespace, model: nn.Module, la: BaseLaplace, problem: Problem
-) -> tuple[dict[str, Predictions], dict[str, dict[str, float]]]:
-    """Test predictions and metrics of the MAP, the GLM and the sampled networks."""
-    from ekfac_laplace.evaluation.metrics import metrics_of
-    from ekfac_laplace.evaluation.predictions import predict
-
-    options = {
-        "map": {"likelihood": problem.likelihood, "sigma_noise": float(la.sigma_noise)},
-        "glm": {"pred_type": "glm", "link_approx": "probit"},
-        "samples": {
-            "pred_type": "nn",
-            "link_approx": "mc",
-            "n_samples": args.n_samples,
-        },
-    }
-    predictions, metrics = {}, {}
-    for name, kwargs in options.items():
-        predictor = model if name == "map" else la
-        torch.manual_seed(args.seed)
-        predictions[name] = predict(predictor, problem.test_loader, **kwargs)
-        metrics[name] = metrics_of(predictions[name])
-    return predictions, metrics
-
-
-def _print_sample_summary(
-    args: argparse.Namespace,
-    summary: dict[str, Any],
-    check: SampleCheck,
-    metrics: dict[str, dict[str, float]],
-) -> None:
-    """What ``sample`` shows: the samples' agreement first, then the predictives."""
-    subset = "all weights" if args.subset == "all" else "last layer"
-    prior = summary["prior_precision"]
-    prior_text = f"{prior[0]:.4g}" if len(prior) == 1 else f"{len(prior)} values"
-    print(
-        f"EKFAC Laplace ({subset}, {summary['n_params']:,} parameters): prior "
-        f"precision {prior_text}, log marginal likelihood "
-        f"{summary['log_marginal_likelihood']:.1f}"
-    )
-    samples = _plural(args.n_samples, "sample")
-    print(
-        f"\n1. {samples} of the posterior against the analytic posterior (errors "
-        "beside their Monte-Carlo expectation):"
-    )
-    if check.expected_median_relative_error is None:
-        print("   one sample has no variance to check; draw more with --n-samples")
-    else:
-        print(
-            "   variances: median |sample var / analytic var - 1| = "
-            f"{check.median_relative_error:.3f} (expected "
-            f"{check.expected_median_relative_error:.3f})"
-        )
-    print(
-        "   means:     mean |sample mean - MAP| / posterior std = "
-        f"{check.mean_error_in_std:.3f} (expected "
-        f"{check.expected_mean_error_in_std:.3f})"
-    )
-    verdict = check.within_monte_carlo_noise()
-    if verdict is not None:
-        print(
-            "   -> the samples agree with the analytic posterior up to Monte-Carlo "
-            "noise"
-            if verdict
-            else "   -> the samples differ from the analytic posterior by more than "
-            "Monte-Carlo noise; please report this with the command line"
-        )
-    link = ", probit" if "accuracy" in metrics["glm"] else ""  # classification
-    print(f"\n2. Test predictive of the MAP and the linearised (GLM{link}) Laplace:")
-    for name, label in (("map", "MAP"), ("glm", "GLM")):
-        print(f"   {label:<8}{_metric_line(metrics[name])}")
-    networks = _plural(args.n_samples, "sampled network")
-    print(f"\n3. Test predictive of {networks} (nn):")
-    print(f"   {'sampled':<8}{_metric_line(metrics['samples'])}")
-    if metrics["samples"]["nll"] > metrics["glm"]["nll"]:
-        although = " although the samples are right" if verdict else ""
-        advice = ", or --subset last_layer" if args.subset == "all" else ""
-        print(
-            f"   Worse than the GLM{although}: networks whose weights are drawn "
-            "from this posterior leave the region where the network is close to "
-            "its linearisation, which the GGN posterior describes (Immer et al., "
-            f"2021); use the GLM predictive{advice}."
-        )
-    else:
-        print("   As good as the GLM predictive: the network is near-linear here.")
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _metric_line(values: dict[str, float]) -> str:
-    return "  ".join(f"{key} {value:.4f}" for key, value in values.items())
-
-
-def _problem_and_model(
-    args: argparse.Namespace, bar: tqdm
-) -> tuple[Problem, nn.Module]:
-    """Seed everything, load the data set, train (or load) the MAP network."""
-    torch.manual_seed(args.seed)
-    problem = load_problem(args.dataset, args.seed, args.batch_size)
-    if args.checkpoint is not None:
-        return problem, map_model(args, problem)
-    with _step(bar, f"training the MAP network ({args.epochs} epochs)"):
-        return problem, map_model(args, problem)
-
-
-def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:
-    """Train the MAP network (without a progress bar), or load ``--checkpoint``.
-
-    Args:
-        args: Parsed arguments (model, checkpoint, epochs, seed).
-        problem: The data.
-
-    Returns:
-        The network in eval mode.
-
-    Raises:
-        UsageError: If the checkpoint cannot be read or does not fit the model.
-    """
-    from ekfac_laplace.evaluation.models import build_model, train_map
-
-    splits = problem.splits
-    model = build_model(
-        args.model, splits.input_shape, splits.n_outputs, seed=args.seed
-    )
-    if args.checkpoint is not None:
-        try:
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, TypeError) as error:
-            first_line = str(error).strip().split("\n")[0]
-            raise UsageError(
-                f"cannot load --checkpoint {args.checkpoint} into the {args.model} "
-                f"for {args.dataset}: {first_line}"
-            ) from error
-        return model.eval()
-    train_map(
-        model,
-        problem.train_loader,
-        splits.likelihood,
-        epochs=args.epochs,
-        seed=args.seed,
-        progress_bar=False,
-    )
-    if args.save_checkpoint is not None:
-        args.save_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), args.save_checkpoint)
-    return model
 
 
 def _check_arguments(args: argparse.Namespace) -> None:

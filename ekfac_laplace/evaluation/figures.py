@@ -1,6 +1,7 @@
 """The figures of a comparison and of a sampling run, written to a folder.
 
-Built on the single plots of :mod:`~ekfac_laplace.evaluation.plotting`. Classification:
+Built on the single plots of :mod:`~ekfac_laplace.evaluation.plotting` and
+:mod:`~ekfac_laplace.evaluation.regression_plots`. Classification:
 per-candidate reliability diagrams, confidence histograms and OOD entropy histograms,
 metrics against shift strength, and on the 2-D problem confidence maps. Regression:
 interval coverage against nominal level, standardised residuals, and on the 1-D
@@ -19,7 +20,7 @@ import torch
 from matplotlib.axes import Axes
 from torch.utils.data import DataLoader, TensorDataset
 
-from ekfac_laplace.evaluation import data, plotting
+from ekfac_laplace.evaluation import data, plotting, regression_plots
 from ekfac_laplace.evaluation.checks import DEFAULT_LEVELS
 from ekfac_laplace.evaluation.metrics import (
     ClassificationPredictions,
@@ -159,7 +160,7 @@ def _regression_figures(
     n_targets = next(iter(tests.values())).targets.numel()
     fig, axes = plotting.new_figure(2, ncols=2, size=(4.2, 3.6))
     for ax, deviation in zip(axes, (False, True)):
-        plotting.coverage_curves(
+        regression_plots.coverage_curves(
             curves,
             n_examples=n_targets,
             deviation=deviation,
@@ -172,7 +173,7 @@ def _regression_figures(
     written = [plotting.save_figure(fig, out / "coverage.png")]
     fig, axes = _candidate_panels(len(tests))
     for ax, (name, test) in zip(axes, tests.items()):
-        plotting.residual_histogram(
+        regression_plots.residual_histogram(
             test.mean, test.variance, test.targets, ax=ax, title=name
         )
     fig.suptitle(f"Standardised residuals: {split}")
@@ -197,7 +198,7 @@ def _shift_figure(
         plotting.shift_curves(curves, metric=metric, shift=kind, ax=ax, legend=False)
     plotting.legend_outside(fig, axes[0])
     shift = SHIFT_TITLES.get(kind, f"under {kind} shift")
-    fig.suptitle(f"{problem.name} test set {shift} (strength 0 is the clean test set)")
+    fig.suptitle(f"{problem.name} test set, {shift} shift (0 is the clean test set)")
     return plotting.save_figure(fig, out / f"shift_{kind}.png")
 
 
@@ -250,7 +251,7 @@ def _regression_bands(comparison: Comparison, problem: Problem, path: Path) -> P
     fig, axes = plotting.new_figure(len(names), ncols=min(4, len(names)))
     for ax, name in zip(axes, names):
         predictions = _grid_predictions(comparison, name, grid)
-        plotting.regression_bands(
+        regression_plots.regression_bands(
             X.flatten(),
             y.flatten(),
             grid.flatten(),

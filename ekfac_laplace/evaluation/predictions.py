@@ -18,6 +18,7 @@ from laplace.baselaplace import BaseLaplace
 from torch import Tensor, nn
 
 from ekfac_laplace.batches import split_batch, to_device
+from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.evaluation.checks import (
     check_choice,
     check_n_bins,
@@ -137,6 +138,7 @@ def predict(
     link_approx: str = "probit",
     n_samples: int = 100,
     sigma_noise: float | None = None,
+    process_group: Any | None = None,
 ) -> Predictions:
     """Collect the predictive of a Laplace object or a MAP network over a loader.
 
@@ -162,6 +164,10 @@ def predict(
         n_samples: Monte-Carlo samples (``"mc"`` link or ``"nn"`` predictive).
         sigma_noise: Observation noise of a plain network regressor (float > 0);
             ignored for classification, and must be ``None`` for a Laplace object.
+        process_group: A ``torch.distributed`` process group whose ranks each pass
+            a shard of the set: the predictions of every rank are gathered, in rank
+            order, on every rank (the metrics then are those of the whole set).
+            ``None``: one process.
 
     Returns:
         Probabilities ``(N, C)`` and labels ``(N,)`` (not range-checked, so an OOD
@@ -196,13 +202,22 @@ def predict(
         forward = _module_forward(predictor, likelihood, sigma_noise)
     device = _device(model)
 
+    ranks = ranks_of(process_group)
     outputs: list[tuple[Tensor, ...]] = []
-    with torch.no_grad():
-        for batch in loader:
-            x, y = split_batch(batch, key_y, key_x)
-            out = forward(to_device(x, device))
-            out = (out,) if isinstance(out, Tensor) else tuple(out)
-            outputs.append(tuple(o.detach().cpu() for o in out) + (y.detach().cpu(),))
+    error = None
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = split_batch(batch, key_y, key_x)
+                out = forward(to_device(x, device))
+                out = (out,) if isinstance(out, Tensor) else tuple(out)
+                outputs.append(
+                    tuple(o.detach().cpu() for o in out) + (y.detach().cpu(),)
+                )
+    except Exception as exception:  # noqa: BLE001 - re-raised by agree
+        error = exception
+    ranks.agree(error, "the predictions")
+    outputs = ranks.gather(outputs)  # every rank's shard, in rank order
     if not outputs:
         raise ValueError("The loader yielded no batches; pass a non-empty loader.")
 
@@ -253,6 +268,7 @@ def evaluate(
     ood_loader: Iterable[Any] | None = None,
     n_bins: int = 15,
     sigma_noise: float | None = None,
+    process_group: Any | None = None,
 ) -> dict[str, float]:
     """Predict over a loader and compute the metrics of :func:`predict`'s result.
 
@@ -266,6 +282,9 @@ def evaluate(
         ood_loader: Out-of-distribution batches (classification only).
         n_bins: Number of bins of the calibration errors.
         sigma_noise: Observation noise of a plain network regressor.
+        process_group: A ``torch.distributed`` process group whose ranks each pass
+            a shard of the test set (and of ``ood_loader``): every rank gets the
+            metrics of the whole set (see :func:`predict`).
 
     Returns:
         :func:`~ekfac_laplace.evaluation.metrics.classification_metrics` (with OOD
@@ -287,6 +306,7 @@ def evaluate(
         "link_approx": link_approx,
         "n_samples": n_samples,
         "sigma_noise": sigma_noise,
+        "process_group": process_group,
     }
     predictions = predict(predictor, loader, **options)
     ood = None if ood_loader is None else predict(predictor, ood_loader, **options)

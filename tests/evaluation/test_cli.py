@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
-import math
 import subprocess
 import sys
-from argparse import Namespace
 
-import matplotlib.image
 import pytest
 
 import ekfac_laplace
 from ekfac_laplace.evaluation import cli, models
 from ekfac_laplace.evaluation.candidates import Candidate
 from ekfac_laplace.evaluation.cli import COMPARE_DURATION, main
-
-QUICK = ["--epochs", "3", "--quiet"]
-
-
-def _image_ok(path) -> bool:
-    image = matplotlib.image.imread(path)
-    return image.shape[0] > 50 and image.shape[1] > 50 and image.std() > 0
+from tests.evaluation.commands import QUICK, Terminal
+from tests.evaluation.images import image_ok
 
 
 def test_compare_digits_writes_table_files_and_plots(tmp_path, capsys):
@@ -66,7 +57,7 @@ def test_compare_digits_writes_table_files_and_plots(tmp_path, capsys):
         "shift_rotation",
         "shift_noise",
     ):
-        assert _image_ok(out / f"{name}.png"), name
+        assert image_ok(out / f"{name}.png"), name
 
 
 def test_compare_moons_gridsearch_and_toy_regression_plots(tmp_path):
@@ -89,7 +80,7 @@ def test_compare_moons_gridsearch_and_toy_regression_plots(tmp_path):
         ]
     )
     assert status == 0
-    assert _image_ok(out / "confidence_maps.png")
+    assert image_ok(out / "confidence_maps.png")
     assert not (out / "shift_noise.png").exists()
     out = tmp_path / "toy"
     status = main(
@@ -106,81 +97,15 @@ def test_compare_moons_gridsearch_and_toy_regression_plots(tmp_path):
         ]
     )
     assert status == 0
-    assert _image_ok(out / "bands.png")
+    assert image_ok(out / "bands.png")
     record = json.loads((out / "results.json").read_text())["records"][1]
     assert record["test_coverage_90"] is not None
     out = tmp_path / "diabetes"
     argv = ["compare", "--dataset", "diabetes", *QUICK, "--out", str(out)]
     assert main([*argv, "--candidates", "map", "all_ekfac"]) == 0
     for name in ("coverage", "residuals"):
-        assert _image_ok(out / f"{name}.png"), name
+        assert image_ok(out / f"{name}.png"), name
     assert not (out / "bands.png").exists()  # 10-D inputs: no 1-D bands
-
-
-def test_checkpoint_round_trip_gives_the_same_results(tmp_path):
-    common = ["compare", "--dataset", "moons", "--quiet", "--no-plots"]
-    common += ["--candidates", "all_ekfac"]
-    checkpoint = tmp_path / "map.pt"
-    assert (
-        main(
-            [*common, "--epochs", "3", "--save-checkpoint", str(checkpoint)]
-            + ["--out", str(tmp_path / "a")]
-        )
-        == 0
-    )
-    assert (
-        main([*common, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b")])
-        == 0
-    )
-    first, second = (
-        json.loads((tmp_path / name / "results.json").read_text())["records"][0]
-        for name in ("a", "b")
-    )
-    # Same weights; the float32 sums over a reshuffled loader differ in rounding.
-    assert first["log_marginal_likelihood"] == pytest.approx(
-        second["log_marginal_likelihood"], rel=1e-4
-    )
-    assert first["test_nll"] == pytest.approx(second["test_nll"], rel=1e-4)
-
-
-def test_sample_writes_summary_and_plot(tmp_path, capsys):
-    out = tmp_path / "samples"
-    status = main(
-        [
-            "sample",
-            "--dataset",
-            "moons",
-            *QUICK,
-            "--n-samples",
-            "400",
-            "--save-samples",
-            "--out",
-            str(out),
-        ]
-    )
-    assert status == 0
-    summary = json.loads((out / "samples.json").read_text())
-    assert set(summary["test_metrics"]) == {"map", "glm", "samples"}
-    # 400 samples: the relative error of a variance estimate is ~sqrt(2/399) = 0.07.
-    assert summary["sample_variance_relative_error_median"] < 0.15
-    assert 0.04 < summary["sample_variance_relative_error_expected_median"] < 0.05
-    assert summary["sample_mean_error_in_std"] < 0.2
-    assert _image_ok(out / "samples.png")
-    import torch
-
-    samples = torch.load(out / "samples.pt")
-    assert samples.shape == (400, summary["n_params"])
-    assert summary["sample_mean_error_in_std_expected"] == pytest.approx(
-        (2 / (math.pi * 400)) ** 0.5
-    )
-    printed = capsys.readouterr().out
-    # What it demonstrates first: samples agree with the analytic posterior; then
-    # the GLM predictive; then the sampled networks, with why they are worse.
-    agreement = printed.index("agree with the analytic posterior")
-    glm = printed.index("GLM     accuracy")
-    sampled = printed.index("sampled accuracy")
-    assert agreement < glm < sampled
-    assert "samples accuracy" not in printed
 
 
 @pytest.mark.parametrize(
@@ -223,30 +148,6 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1, err
-
-
-def test_wrong_checkpoint_is_a_usage_error(tmp_path, capsys):
-    checkpoint = tmp_path / "moons.pt"
-    main(
-        [
-            "compare",
-            "--dataset",
-            "moons",
-            *QUICK,
-            "--no-plots",
-            "--candidates",
-            "map",
-            "--save-checkpoint",
-            str(checkpoint),
-            "--out",
-            str(tmp_path / "x"),
-        ]
-    )
-    capsys.readouterr()
-    status = main(["compare", "--checkpoint", str(checkpoint), "--out", str(tmp_path)])
-    assert status == 2
-    err = capsys.readouterr().err.strip()
-    assert "cannot load --checkpoint" in err and len(err.splitlines()) == 1
 
 
 def test_console_entry_point_help():
@@ -336,31 +237,9 @@ def test_commands_write_into_their_own_default_folders(tmp_path, monkeypatch, ca
     assert progress == [False, False, False, False]
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-@pytest.mark.parametrize(
-    ("stdout_tty", "stderr_tty", "quiet", "shown"),
-    [
-        (True, True, False, True),
-        (True, False, False, False),
-        (False, True, False, False),
-        (True, True, True, False),
-    ],
-)
-def test_progress_bar_only_on_terminals(
-    stdout_tty, stderr_tty, quiet, shown, monkeypatch
-):
-    monkeypatch.setattr(sys, "stdout", _Terminal() if stdout_tty else io.StringIO())
-    monkeypatch.setattr(sys, "stderr", _Terminal() if stderr_tty else io.StringIO())
-    assert cli.show_progress(Namespace(quiet=quiet)) is shown
-
-
 def test_on_a_terminal_the_command_shows_one_progress_bar(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "stdout", _Terminal())
-    monkeypatch.setattr(sys, "stderr", stderr := _Terminal())
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    monkeypatch.setattr(sys, "stderr", stderr := Terminal())
     argv = [
         "compare",
         *TINY,

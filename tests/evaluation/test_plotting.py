@@ -1,11 +1,8 @@
-"""Every figure renders to a real, non-constant PNG; bad inputs raise."""
+"""Every classification figure renders to a real, non-constant PNG; bad inputs
+raise; the shared figure helpers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import matplotlib.image
-import numpy as np
 import pytest
 import torch
 from matplotlib.axes import Axes
@@ -13,19 +10,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ekfac_laplace.evaluation.plotting import (
+    axes_or_new,
     confidence_histogram,
     confidence_map,
-    coverage_curves,
     legend_outside,
     line_style,
     new_figure,
     ood_histogram,
-    regression_bands,
+    positive_int,
     reliability_diagram,
-    residual_histogram,
     save_figure,
     shift_curves,
 )
+from tests.evaluation.images import assert_real_image
 
 F64 = torch.float64
 
@@ -36,14 +33,6 @@ def classification() -> tuple[Tensor, Tensor]:
     probs = (2 * torch.randn(200, 3, generator=generator, dtype=F64)).softmax(dim=1)
     targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return probs, targets
-
-
-def _assert_real_image(fig: Figure, path: Path) -> None:
-    written = save_figure(fig, path)
-    assert written == path and path.exists()
-    image = matplotlib.image.imread(path)
-    assert image.shape[0] > 50 and image.shape[1] > 50
-    assert np.ptp(image) > 0
 
 
 def _toy_classifier(x: Tensor) -> Tensor:
@@ -58,41 +47,17 @@ def _draw_all(axes: list[Axes], classification) -> None:
     confidence_histogram(probs, targets, ax=axes[2], title="confidence")
     results = {"MAP": {0.0: 0.1, 2.0: 0.3, 1.0: 0.2}, "EKFAC": {0.0: 0.05, 2.0: 0.1}}
     shift_curves(results, metric="ECE", shift="rotation", ax=axes[3])
-    x_train = torch.linspace(-2, 2, 20, dtype=F64)
-    x_grid = torch.linspace(-3, 3, 50, dtype=F64)
-    regression_bands(
-        x_train,
-        x_train.sin(),
-        x_grid,
-        x_grid.sin(),
-        0.1 + x_grid.abs() / 5,
-        ax=axes[4],
-        title="bands",
-    )
     X = torch.randn(30, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     y = _toy_classifier(X).argmax(dim=1)
-    confidence_map(_toy_classifier, X, y, ax=axes[5], resolution=30, title="map")
+    confidence_map(_toy_classifier, X, y, ax=axes[4], resolution=30, title="map")
     scores_in, scores_out = torch.rand(100) * 0.5, torch.rand(80) * 0.8 + 0.3
-    ood_histogram(scores_in, scores_out, ax=axes[6], title="OOD")
-    coverage_curves(COVERAGE, n_examples=50, ax=axes[7], title="coverage")
-    mean, variance, targets = _regression()
-    residual_histogram(mean, variance, targets, ax=axes[8], title="residuals")
-
-
-COVERAGE = {"MAP": {0.5: 0.4, 0.9: 0.8}, "EKFAC": {0.1: 0.12, 0.5: 0.5, 0.9: 0.92}}
-
-
-def _regression() -> tuple[Tensor, Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(2)
-    mean = torch.randn(60, 1, generator=generator, dtype=F64)
-    targets = mean + 0.5 * torch.randn(60, 1, generator=generator, dtype=F64)
-    return mean, torch.full_like(mean, 0.25), targets
+    ood_histogram(scores_in, scores_out, ax=axes[5], title="OOD")
 
 
 def test_all_functions_share_one_figure(tmp_path, classification):
-    fig, axes = new_figure(9)
+    fig, axes = new_figure(6)
     _draw_all(axes, classification)
-    _assert_real_image(fig, tmp_path / "all.png")
+    assert_real_image(fig, tmp_path / "all.png")
 
 
 def test_each_function_draws_a_real_image(tmp_path, classification):
@@ -103,14 +68,6 @@ def test_each_function_draws_a_real_image(tmp_path, classification):
         "shift": lambda ax: shift_curves(
             {"MAP": {0.0: 0.1, 1.0: 0.2}}, metric="NLL", shift="noise", ax=ax
         ),
-        "bands": lambda ax: regression_bands(
-            torch.arange(5.0),
-            torch.arange(5.0),
-            torch.arange(5.0),
-            torch.arange(5.0),
-            torch.ones(5),
-            ax=ax,
-        ),
         "map": lambda ax: confidence_map(
             _toy_classifier,
             torch.randn(10, 2),
@@ -119,13 +76,11 @@ def test_each_function_draws_a_real_image(tmp_path, classification):
             resolution=20,
         ),
         "ood": lambda ax: ood_histogram(torch.rand(20), torch.rand(20) + 0.5, ax=ax),
-        "coverage": lambda ax: coverage_curves(COVERAGE, deviation=True, ax=ax),
-        "residuals": lambda ax: residual_histogram(*_regression(), ax=ax),
     }
     for name, draw in draws.items():
         fig, (ax,) = new_figure()
         assert draw(ax) is ax
-        _assert_real_image(fig, tmp_path / name / f"{name}.png")
+        assert_real_image(fig, tmp_path / name / f"{name}.png")
 
 
 def test_ax_none_creates_a_figure(tmp_path, classification):
@@ -134,23 +89,14 @@ def test_ax_none_creates_a_figure(tmp_path, classification):
         reliability_diagram(probs, targets),
         confidence_histogram(probs, targets),
         shift_curves({"MAP": {0.0: 1.0, 1.0: 2.0}}, metric="NLL", shift="noise"),
-        regression_bands(
-            torch.arange(4.0),
-            torch.arange(4.0),
-            torch.arange(4.0),
-            torch.zeros(4),
-            torch.ones(4),
-        ),
         confidence_map(
             _toy_classifier, torch.randn(8, 2), torch.arange(8) % 3, resolution=10
         ),
         ood_histogram(torch.rand(10), torch.rand(10)),
-        coverage_curves(COVERAGE),
-        residual_histogram(*_regression()),
     ]
     for index, ax in enumerate(axes):
         assert isinstance(ax, Axes) and isinstance(ax.get_figure(), Figure)
-        _assert_real_image(ax.get_figure(), tmp_path / f"own_{index}.png")
+        assert_real_image(ax.get_figure(), tmp_path / f"own_{index}.png")
 
 
 def test_new_figure_and_save_figure(tmp_path):
@@ -168,6 +114,16 @@ def test_new_figure_and_save_figure(tmp_path):
         new_figure(2, ncols=0)
 
 
+def test_axes_or_new_and_positive_int():
+    fig, (ax,) = new_figure()
+    assert axes_or_new(ax) is ax
+    assert isinstance(axes_or_new(None).get_figure(), Figure)
+    assert positive_int("n_examples", 3) == 3
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="n_examples must be a positive integer"):
+            positive_int("n_examples", bad)
+
+
 def test_bad_inputs_raise(classification):
     probs, targets = classification
     with pytest.raises(ValueError, match=r"targets must have shape \(N,\) = \(200,\)"):
@@ -182,47 +138,6 @@ def test_bad_inputs_raise(classification):
         shift_curves({}, metric="NLL", shift="noise")
     with pytest.raises(ValueError, match="curve of 'MAP' is empty"):
         shift_curves({"MAP": {}}, metric="NLL", shift="noise")
-    with pytest.raises(ValueError, match=r"x_train 5, y_train 4"):
-        regression_bands(
-            torch.zeros(5),
-            torch.zeros(4),
-            torch.zeros(3),
-            torch.zeros(3),
-            torch.ones(3),
-        )
-    with pytest.raises(ValueError, match=r"x_grid 3, mean 3, std 2"):
-        regression_bands(
-            torch.zeros(5),
-            torch.zeros(5),
-            torch.zeros(3),
-            torch.zeros(3),
-            torch.ones(2),
-        )
-    with pytest.raises(ValueError, match=r"mean must have shape \(N,\) or \(N, 1\)"):
-        regression_bands(
-            torch.zeros(5),
-            torch.zeros(5),
-            torch.zeros(3),
-            torch.zeros(3, 2),
-            torch.ones(3),
-        )
-    with pytest.raises(ValueError, match="std must be non-negative"):
-        regression_bands(
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.zeros(2),
-            -torch.ones(2),
-        )
-    with pytest.raises(ValueError, match="n_std must be positive"):
-        regression_bands(
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.ones(2),
-            n_std=0,
-        )
     with pytest.raises(
         ValueError, match=r"X must have shape \(N, 2\), got shape \(4, 3\)"
     ):
@@ -244,19 +159,6 @@ def test_bad_inputs_raise(classification):
         )
     with pytest.raises(ValueError, match=r"scores_out must have shape \(N,\)"):
         ood_histogram(torch.rand(5), torch.rand(5, 2))
-    with pytest.raises(ValueError, match="results is empty"):
-        coverage_curves({})
-    with pytest.raises(ValueError, match="curve of 'MAP' is empty"):
-        coverage_curves({"MAP": {}})
-    with pytest.raises(ValueError, match=r"Levels of 'MAP' must lie in \(0, 1\)"):
-        coverage_curves({"MAP": {1.0: 1.0}})
-    with pytest.raises(ValueError, match="n_examples must be a positive integer"):
-        coverage_curves(COVERAGE, n_examples=0)
-    mean, variance, targets = _regression()
-    with pytest.raises(ValueError, match="variance must be positive"):
-        residual_histogram(mean, -variance, targets)
-    with pytest.raises(ValueError, match="Shapes must match"):
-        residual_histogram(mean, variance, targets[:5])
 
 
 def test_reliability_gap_mixes_no_colour_into_the_bars(classification):
@@ -296,17 +198,3 @@ def test_ood_histogram_names_its_sets():
         "digits",
         "photos (OOD)",
     ]
-
-
-def test_coverage_and_residuals_show_calibration():
-    ax = coverage_curves(COVERAGE, n_examples=100)
-    labels = ax.get_legend_handles_labels()[1]
-    assert labels[-2:] == ["MAP", "EKFAC"] and "perfect calibration" in labels
-    deviation = coverage_curves(COVERAGE, deviation=True)
-    ekfac = deviation.get_lines()[-1]
-    assert list(ekfac.get_ydata()) == pytest.approx([0.02, 0.0, 0.02])
-    mean, variance, targets = _regression()
-    ax = residual_histogram(mean, variance, targets)
-    corner = ax.texts[0].get_text()
-    residuals = ((targets - mean) / variance.sqrt()).flatten()
-    assert f"std {residuals.std(unbiased=False):.2f}" in corner
