@@ -122,6 +122,7 @@ def worker(spec_path: str, rank: int, world: int, threads: int, out: str) -> Non
     result = fit_once(rank, world, spec)
     Path(out).write_text(json.dumps(result))
     if world > 1:
+        dist.barrier()  # no rank tears down while another still reads
         dist.destroy_process_group()
 
 

@@ -531,6 +531,7 @@ class EKFACPosterior(ParametricLaplace):
                     f"scalar or one per parameter tensor ({self.n_layers})."
                 )
         self._check_H_init()
+        before = self.prior_precision.clone()
         super().optimize_prior_precision(
             pred_type,
             method,
@@ -541,6 +542,17 @@ class EKFACPosterior(ParametricLaplace):
             *args,
             **kwargs,
         )
+        ranks = ranks_of(self.process_group)
+        chosen = {"the tuned prior precision": self.prior_precision.tolist()}
+        try:  # a grid search with a callable loss scores the rank's own loader
+            ranks.same(chosen, "the prior precision")
+        except ValueError as error:
+            self.prior_precision = before
+            raise ValueError(
+                f"{error} With a process_group, give every rank the same (whole) "
+                "validation loader for method='gridsearch', or tune by marginal "
+                "likelihood, which every rank computes alike. The prior is unchanged."
+            ) from None
 
     # --------------------------------------------------------------- predictive
     @torch.enable_grad()

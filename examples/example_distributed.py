@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         + "  ".join(f"{key} {metrics[key]:.4f}" for key in ("accuracy", "nll", "ece"))
     )
     if distributed:
+        dist.barrier()  # no rank tears down while another still reads
         dist.destroy_process_group()
 
 

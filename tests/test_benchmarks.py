@@ -42,3 +42,17 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert ("cnn", "ekfac_cache", "fit_ggn") in rows
     assert all(row["seconds"] >= 0 for row in payload["rows"])
     assert all(row["peak_rss_mib"] > 0 for row in payload["rows"])
+
+
+def test_quick_distributed_benchmark_runs_every_way(tmp_path, capsys):
+    """1x1, 1x2 and 2x1 (two gloo processes) on a small MLP; no timing assertions."""
+    path = BENCHMARK.parent / "distributed.py"
+    spec = importlib.util.spec_from_file_location("distributed_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "distributed_quick.json").read_text())
+    assert set(payload["summary"]) == {"1x1", "1x2", "2x1"}
+    for row in payload["summary"].values():
+        assert row["fit"] > 0 and row["passes"] >= 0
+    assert "| 2x1 |" in capsys.readouterr().out

@@ -72,6 +72,8 @@ CONFIGS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
         "last_layer",
         {"backend_name": "ef", "cache_budget_bytes": 0, "sigma_noise": 0.7},
     ),
+    "mlp-regression-all": ("regression", "regression", "all", {"sigma_noise": 0.5}),
+    "mlp-classification-ll": ("mlp", "classification", "last_layer", {}),
     "cnn-classification-all-reduce": (
         "cnn",
         "classification",
@@ -204,6 +206,31 @@ def _failure_scenarios(rank: int, world: int, group: Any) -> dict[str, Any]:
         warnings.simplefilter("always")
         la.fit(DataLoader(data, batch_size=3, sampler=sampler))
     results["warning"] = [str(w.message) for w in caught]
+    # A grid search over different validation shards picks different priors.
+    la, data = _laplace("mlp-classification-all", group)
+    la.fit(DataLoader(_shard(data, rank, world), batch_size=3))
+    prior = la.prior_precision.clone()
+    X_val = data.tensors[0][:4]
+    with torch.no_grad():  # agreeing labels want a confident posterior, others not
+        logits = la.model(X_val)
+    y_val = logits.argmax(-1) if rank == 0 else logits.argmin(-1)
+    try:
+        la.optimize_prior_precision(
+            method="gridsearch",
+            val_loader=DataLoader(TensorDataset(X_val, y_val), batch_size=4),
+            # A callable sees this rank's loader only (torchmetrics' default losses
+            # sync over the default group by themselves).
+            loss=lambda probs, y: -probs[torch.arange(len(y)), y].log().mean(),
+            grid_size=20,
+            link_approx="probit",
+        )
+        results["gridsearch"] = ("ok", str(la.prior_precision.tolist()), True)
+    except ValueError as error:
+        results["gridsearch"] = (
+            "ValueError",
+            str(error),
+            torch.equal(la.prior_precision, prior),
+        )
     # A rank that never arrives: bounded by the group's (short) timeout.
     short = dist.new_group(timeout=datetime.timedelta(seconds=3))
     la, data = _laplace("mlp-classification-all", short)
@@ -233,6 +260,7 @@ def _worker(rank: int, world: int, folder: str, kind: str) -> None:
         results = {"traceback": traceback.format_exc()}
     torch.save(results, f"{folder}/{kind}-rank{rank}.pt")
     if kind == "fit":
+        dist.barrier()  # no rank tears down while another still reads
         dist.destroy_process_group()
     else:  # a group that timed out can abort in gloo's destructors at exit
         os._exit(0)
@@ -354,6 +382,8 @@ def test_failures_stop_every_rank_without_a_hang(tmp_path):
     assert "disk read failed" in results[0]["raises"][1]
     for rank in range(world):
         assert any("process_group" in w for w in results[rank]["warning"])
+        name, message, unchanged = results[rank]["gridsearch"]
+        assert name == "ValueError" and "same (whole)" in message and unchanged
     name, message, unchanged = results[0]["timeout"]
     assert name == "DistributedFitError" and "timeout" in message and unchanged
     assert results[0]["timeout_seconds"] < 30

@@ -566,9 +566,10 @@ def test_prior_tuning_takes_every_option_alike(name, settings, likelihood, subse
 
 
 def _callable_loss(likelihood: str) -> Callable[..., Any]:
+    """laplace-torch's ``validate`` calls ``loss(predictions, targets).item()``."""
     if likelihood == "regression":
-        return lambda f_mu, f_var, y: float((f_mu - y).square().mean())
-    return lambda probs, y: float(-probs[torch.arange(len(y)), y].log().mean())
+        return lambda mean, variance, y: (mean - y).square().mean()
+    return lambda probs, y: -probs[torch.arange(len(y)), y].log().mean()
 
 
 # ------------------------------------------------------------ marglik training
