@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             ax=ax,
         )
         ax.set_xlabel("rotation (degrees)")
+    figure.suptitle("Rotated digits test set (0° is the clean test set)")
     paths.append(plotting.save_figure(figure, args.out / "rotation.png"))
     written = ", ".join(str(path) for path in paths)
     print(f"\nWrote {written} in {time.perf_counter() - start:.1f}s")

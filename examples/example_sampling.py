@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{relative.median().item():>8.4f} "
         f"{0.674 * math.sqrt(2 / args.n_samples):>9.4f}  (median relative error)"
     )
+    inside = (relative < 2 * math.sqrt(2 / args.n_samples)).double().mean().item()
+    print(f"marginal variances within ±2 sd of Monte-Carlo noise: {inside:.1%} (~95%)")
     diagonal_gap = (covariance.diagonal() - analytic_variance).abs().max()
     print(f"max |diag(posterior_covariance) - posterior_variance| = {diagonal_gap:.2e}")
 
@@ -171,8 +173,18 @@ def main(argv: list[str] | None = None) -> None:
 
     figure, axes = plotting.new_figure(4, ncols=2, size=(4.4, 3.6))
     ax = axes[0]
-    ax.plot(analytic_variance.numpy(), sample_variance.numpy(), ".", ms=2, alpha=0.4)
     low, high = analytic_variance.min().item(), analytic_variance.max().item()
+    # The variance of S Gaussian draws around the known mean has a relative sd of
+    # sqrt(2/S).
+    spread = 2 * math.sqrt(2 / args.n_samples)
+    ax.fill_between(
+        [low, high],
+        [low * (1 - spread), high * (1 - spread)],
+        [low * (1 + spread), high * (1 + spread)],
+        color="0.85",
+        label="±2 sd of Monte-Carlo noise",
+    )
+    ax.plot(analytic_variance.numpy(), sample_variance.numpy(), ".", ms=2, alpha=0.4)
     ax.plot([low, high], [low, high], "k--", linewidth=1, label="equal")
     ax.set(
         xlabel="analytic posterior variance",
