@@ -6,7 +6,7 @@ and compares the test accuracy, NLL, ECE and log marginal likelihood of the GLM
 predictive against the MAP. Finishes with posterior samples in the EKFAC eigenbasis.
 
 Run: ``python examples/example_quickstart.py`` (about 6 seconds on 2 CPU cores,
-under 1.2 GB of memory).
+1.0 GiB peak memory).
 """
 
 from __future__ import annotations
