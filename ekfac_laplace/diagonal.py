@@ -112,13 +112,21 @@ def restricted_gradients(
         shape ``(B, R, D)``, or ``None`` with gradients ``(B, *parameter.shape)``.
     """
     if _simple_embedding(module, names, args, kwargs):
-        return [_embedding_rows(module, args[0], grad_output)]
+        return [_embedding_rows(module, _rows_of(args[0], grad_output), grad_output)]
     normalised = _normalised_input(module, args, kwargs)
     if normalised is not None:
+        normalised = _rows_of(normalised, grad_output)
         grads = _affine_gradients(module, names, normalised, grad_output)
     else:
         grads = per_example_gradients(module, names, args, kwargs, grad_output)
     return [(None, grad) for grad in grads]
+
+
+def _rows_of(tensor: Tensor, grad_output: Tensor) -> Tensor:
+    """A one-row input shared by the batch, expanded to the gradient's rows."""
+    if tensor.shape[0] == 1 and grad_output.shape[0] > 1:
+        return tensor.expand(grad_output.shape[0], *tensor.shape[1:])
+    return tensor
 
 
 def _normalised_input(

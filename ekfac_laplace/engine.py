@@ -100,7 +100,9 @@ class Sweep:
         """
         if not self.layout.has_diagonal:
             diagonal = None
-        capture = ForwardCapture(self.layout, diagonal=diagonal is not None)
+        capture = ForwardCapture(
+            self.layout, diagonal=diagonal is not None, batch=len(y)
+        )
         with torch.enable_grad():
             f = self._forward(X, capture)
             curvature = curvature_fn(f, y)

@@ -383,6 +383,9 @@ class ForwardCapture:
     Args:
         layout: The parameter layout whose modules are captured.
         diagonal: Also capture the diagonal modules.
+        batch: The number of examples of the forward pass, if known: a diagonal
+            module whose output has one row then hands on that row expanded to
+            ``batch`` rows, so that each example's output gradient is captured.
 
     Raises:
         ReusedModuleError: (during the forward pass) if a module runs twice.
@@ -390,9 +393,12 @@ class ForwardCapture:
             one tensor.
     """
 
-    def __init__(self, layout: ParameterLayout, diagonal: bool = True) -> None:
+    def __init__(
+        self, layout: ParameterLayout, diagonal: bool = True, batch: int | None = None
+    ) -> None:
         self.layout = layout
         self.diagonal = diagonal
+        self.batch = batch
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, tuple[Tensor, int]] = {}
         self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -453,9 +459,26 @@ class ForwardCapture:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         output: Any,
-    ) -> None:
+    ) -> Tensor | None:
         self._first_call(name)
         if not isinstance(output, Tensor):
             raise NonTensorOutputError(name, module, output)
         self.calls[name] = (detach_inputs(args), detach_inputs(kwargs))
+        if self._shared(output):
+            # One row broadcast to every example (a position embedding called on
+            # positions of shape (1, T)): the gradient at the broadcast output would
+            # be the batch's sum. Handing on an expanded view, which downstream
+            # broadcasting treats alike, gives each example's gradient.
+            output = output.expand(self.batch, *output.shape[1:])
+            self._watch(name, output)
+            return output
         self._watch(name, output)
+        return None
+
+    def _shared(self, output: Tensor) -> bool:
+        return (
+            self.batch is not None
+            and self.batch > 1
+            and output.ndim > 0
+            and output.shape[0] == 1
+        )

@@ -587,6 +587,7 @@ class EKFACPosterior(ParametricLaplace):
                     self.posterior_precision,
                     to_device(X, self._device),
                     joint=joint,
+                    batch=batch_size(X, self.dict_key_x),
                 )
             except RowGroupingError as error:
                 if not self._dense_groups_rows:

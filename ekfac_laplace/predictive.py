@@ -48,6 +48,7 @@ def glm_predictive_variance(
     precision: EKFACDecomposed,
     X: Tensor | Mapping[str, Any],
     joint: bool = False,
+    batch: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
@@ -58,6 +59,9 @@ def glm_predictive_variance(
         precision: The posterior precision over ``params``.
         X: A batch of inputs.
         joint: Return the joint covariance over all inputs and outputs.
+        batch: The number of inputs (default: ``X.shape[0]`` for a tensor), so that
+            a module whose one output row is shared by all inputs gets each input's
+            gradient (see :class:`~ekfac_laplace.layout.ForwardCapture`).
 
     Returns:
         ``f`` of shape ``(B, K)`` and the covariance of shape ``(B, K, K)``, or
@@ -71,7 +75,9 @@ def glm_predictive_variance(
             Jacobian.
     """
     layout = ParameterLayout(model, params)
-    capture = ForwardCapture(layout)
+    if batch is None and isinstance(X, Tensor):
+        batch = X.shape[0]
+    capture = ForwardCapture(layout, batch=batch)
     with capture:
         f = model(X)
     B, K = f.shape

@@ -96,6 +96,22 @@ class TextClassifier(nn.Module):
         return self.out(torch.tanh(self.hidden(self.embedding(tokens).mean(1))))
 
 
+class PositionEmbedding(TextClassifier):
+    """A text classifier with learned positions, looked up for ``(1, T)`` positions
+    and broadcast over the batch (as GPT-2's ``wpe`` and BERT's position embeddings),
+    normalised by a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(5, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)  # (1, T)
+        hidden = self.norm(self.embedding(tokens) + self.positions(positions))
+        return self.out(torch.tanh(self.hidden(hidden.mean(1))))
+
+
 def odd_convs() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, groups=2),
@@ -168,6 +184,13 @@ MODELS = {
         "classification",
         3,
         {"embedding.weight"},
+    ),
+    "shared_position_embedding": (
+        PositionEmbedding,
+        _tokens,
+        "classification",
+        3,
+        {"embedding.weight", "positions.weight", "norm.weight", "norm.bias"},
     ),
     "grouped_and_reflect_conv": (
         odd_convs,
