@@ -28,12 +28,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DistributedSampler
+
+T = TypeVar("T")
 
 
 class DistributedFitError(RuntimeError):
@@ -62,8 +64,30 @@ class LocalRanks:
         if error is not None:
             raise error
 
-    def same(self, value: dict[str, object], what: str) -> None:
-        """Check that every rank has the same values (trivially true)."""
+    def run(self, work: Callable[[], T], what: str) -> T:
+        """This rank's part of a phase; every rank learns whether all succeeded.
+
+        Args:
+            work: The rank's local work.
+            what: The work, for the message.
+
+        Returns:
+            What ``work`` returns.
+
+        Raises:
+            BaseException: This rank's own error, unchanged; on the other ranks a
+                :class:`DistributedFitError` naming it (see :meth:`agree`).
+        """
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001 - re-raised by agree
+            self.agree(error, what)
+            raise  # agree re-raises this rank's error; kept for the reader
+        self.agree(None, what)
+        return result
+
+    def same(self, describe: Callable[[], dict[str, object]], what: str) -> None:
+        """One rank agrees with itself: ``describe`` is not even called."""
 
     def total(self, count: int) -> int:
         """The sum of an integer over the ranks."""
@@ -164,17 +188,19 @@ class Ranks(LocalRanks):
                 "Laplace objects are unchanged."
             )
 
-    def same(self, value: dict[str, object], what: str) -> None:
-        """Refuse ranks that disagree on any field of ``value``.
+    def same(self, describe: Callable[[], dict[str, object]], what: str) -> None:
+        """Refuse ranks that disagree on any field of ``describe()``.
 
         Args:
-            value: Named, picklable descriptions, equal on every rank of a valid fit
-                (parameter shapes, a fingerprint of their values, options, ...).
+            describe: Named, picklable descriptions, equal on every rank of a valid
+                fit (parameter shapes, a fingerprint of their values, options, ...);
+                called only here, so one process computes none of them.
             what: What they describe, for the message.
 
         Raises:
             ValueError: On every rank, naming the first field that differs.
         """
+        value = describe()
         values: list[dict[str, object]] = [{}] * self.size
         self._collective(
             lambda: dist.all_gather_object(values, value, group=self.group), what
@@ -239,15 +265,15 @@ class Ranks(LocalRanks):
         Returns:
             Every item's tensors, identical on every rank.
         """
-        error, mine = None, {}
-        start = time.perf_counter()
-        try:
-            for i in range(self.rank, count, self.size):
-                mine[i] = compute(i)
-        except Exception as exception:  # noqa: BLE001 - re-raised by agree
-            error = exception
-        self.seconds["eigh"] += time.perf_counter() - start
-        self.agree(error, "the eigendecompositions")
+
+        def owned() -> dict[int, list[Tensor]]:
+            start = time.perf_counter()
+            try:
+                return {i: compute(i) for i in range(self.rank, count, self.size)}
+            finally:
+                self.seconds["eigh"] += time.perf_counter() - start
+
+        mine = self.run(owned, "the eigendecompositions")
         shapes = {
             i: [(tuple(t.shape), t.dtype, t.device) for t in tensors]
             for i, tensors in mine.items()

@@ -315,7 +315,7 @@ class FastEKFAC:
                 self.options.cache_budget_bytes,
                 self.num_data,
             )
-            loss = self._local(
+            loss = ranks.run(
                 lambda: self._pass(
                     batches, "EKFAC: Kronecker factors", factors, diagonal
                 ),
@@ -339,11 +339,11 @@ class FastEKFAC:
                 elif layers:
                     self._pass(batches, "EKFAC: eigenvalue correction", correction)
 
-            self._local(correct, "the eigenvalue correction")
+            ranks.run(correct, "the eigenvalue correction")
         else:
             bases = self.layout.layer_bases(eigenbasis)
             correction = CorrectionAccumulator(bases)
-            loss = self._local(
+            loss = ranks.run(
                 lambda: self._pass(
                     batches, "EKFAC: eigenvalue correction", correction, diagonal
                 ),
@@ -352,16 +352,6 @@ class FastEKFAC:
             ranks.sum_([*diagonal.partial_sums(), loss])
         ranks.sum_(correction.partial_sums(layers))
         return self._assemble(bases, correction, diagonal, loss)
-
-    def _local(self, work: Callable[[], Any], what: str) -> Any:
-        """This rank's part of a phase; every rank learns whether all succeeded."""
-        try:
-            result = work()
-        except Exception as error:  # noqa: BLE001 - re-raised by agree
-            self.ranks.agree(error, what)
-            raise  # unreachable: agree re-raises this rank's error
-        self.ranks.agree(None, what)
-        return result
 
     def _pass(
         self,

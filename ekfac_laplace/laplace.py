@@ -313,19 +313,21 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         """
         if override:
             ranks = ranks_of(self.process_group)
-            error = None
-            try:  # before laplace-torch looks for the last layer on this rank
-                dataset_size(train_loader, shard=ranks.size > 1)
-                batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
-                X, _ = batches.first()
-                check_inputs(X, self._dtype, self.dict_key_x)
-                with naming_failing_module(self.model.model), torch.no_grad():
-                    self.model.model(to_device(X, self._device))
-            except Exception as exception:  # noqa: BLE001 - re-raised by agree
-                error = exception
-            ranks.agree(error, "finding the last layer")
+            ranks.run(
+                lambda: self._check_first_batch(train_loader, shard=ranks.size > 1),
+                "finding the last layer",
+            )
         with naming_failing_module(self.model.model):  # the user's module names
             LLLaplace.fit(self, train_loader, override, progress_bar)
+
+    def _check_first_batch(self, train_loader: DataLoader, shard: bool) -> None:
+        """This rank's loader and first batch, before laplace-torch uses them."""
+        dataset_size(train_loader, shard=shard)
+        batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
+        X, _ = batches.first()
+        check_inputs(X, self._dtype, self.dict_key_x)
+        with naming_failing_module(self.model.model), torch.no_grad():
+            self.model.model(to_device(X, self._device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state; its keys, class and likelihood are checked first.

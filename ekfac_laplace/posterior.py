@@ -256,21 +256,20 @@ class EKFACPosterior(ParametricLaplace):
                 collective times out.
         """
         ranks = ranks_of(self.process_group)
-        if ranks.size == 1:
-            warn_about_an_unshared_shard(train_loader, self.process_group)
+        warn_about_an_unshared_shard(train_loader, self.process_group)
         self.model.eval()
         batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
         likelihood = self._curvature_likelihood
-        error = None
-        try:  # this rank's checks; every rank learns whether all passed
-            num_data = dataset_size(train_loader, shard=ranks.size > 1)
-            n_outputs = output_size(
-                self.model, batches, likelihood, self._device, self.dict_key_x
-            )
-        except Exception as exception:  # noqa: BLE001 - re-raised by agree
-            error = exception
-        ranks.agree(error, "the checks of the first batch")
-        ranks.same(self._fit_signature(override), "the model, options and fit")
+        num_data, n_outputs = ranks.run(  # every rank learns whether all passed
+            lambda: (
+                dataset_size(train_loader, shard=ranks.size > 1),
+                output_size(
+                    self.model, batches, likelihood, self._device, self.dict_key_x
+                ),
+            ),
+            "the checks of the first batch",
+        )
+        ranks.same(lambda: self._fit_signature(override), "the model, options and fit")
         previous = None if override else self.H
         factors = compute_ekfac(
             self.model,
@@ -293,14 +292,18 @@ class EKFACPosterior(ParametricLaplace):
         parameters.
         """
         params = self._posterior_params()
-        vector = parameters_to_vector(params).detach().double()
-        weights = torch.arange(1, len(vector) + 1, device=vector.device) % 97 + 1
+        fingerprint, offset = 0.0, 0
+        for p in params:  # Σ_i w_i θ_i, one parameter tensor at a time
+            values = p.detach().reshape(-1).double()
+            positions = torch.arange(offset, offset + len(values), device=p.device)
+            fingerprint += float((values * (positions % 97 + 1)).sum())
+            offset += len(values)
         return {
             "the class": type(self).__name__,
             "the likelihood": str(self.likelihood),
             "the parameter shapes": [tuple(p.shape) for p in params],
             "the dtype": str(self._dtype),
-            "the parameter values (fingerprint)": float((vector * weights).sum()),
+            "the parameter values (fingerprint)": fingerprint,
             "the options": self.options.to_state(),
             "override": override,
             "the previous fit's blocks": None
@@ -545,7 +548,7 @@ class EKFACPosterior(ParametricLaplace):
         ranks = ranks_of(self.process_group)
         chosen = {"the tuned prior precision": self.prior_precision.tolist()}
         try:  # a grid search with a callable loss scores the rank's own loader
-            ranks.same(chosen, "the prior precision")
+            ranks.same(lambda: chosen, "the prior precision")
         except ValueError as error:
             self.prior_precision = before
             raise ValueError(

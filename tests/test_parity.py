@@ -334,8 +334,11 @@ def test_unfitted_objects_behave_alike(likelihood, subset):
     def calls_of(structure: str) -> dict[str, Callable[[], Any]]:
         la, _, X_test = _laplace(structure, likelihood, subset, "CurvlinopsGGN")
         calls = _calls(la, X_test, likelihood)
-        for name in ("optimize_prior_precision", "state_dict", "posterior_precision"):
-            calls[name] = getattr(_UNFITTED_CALLS, name)(la)
+        calls["optimize_prior_precision"] = lambda: la.optimize_prior_precision(
+            n_steps=2
+        )
+        calls["state_dict"] = la.state_dict
+        calls["posterior_precision"] = lambda: la.posterior_precision
         return calls
 
     for name in calls_of("kron"):
@@ -352,20 +355,6 @@ def test_unfitted_objects_behave_alike(likelihood, subset):
         assert classes[0] == classes[1], (name, kron_outcome, our_outcome)
         if classes[0] == "ok":
             assert signature(kron_outcome[1]) == signature(our_outcome[1]), name
-
-
-class _UNFITTED_CALLS:
-    @staticmethod
-    def optimize_prior_precision(la):
-        return lambda: la.optimize_prior_precision(n_steps=2)
-
-    @staticmethod
-    def state_dict(la):
-        return lambda: la.state_dict()
-
-    @staticmethod
-    def posterior_precision(la):
-        return lambda: la.posterior_precision
 
 
 # ------------------------------------------------------------- construction

@@ -202,10 +202,8 @@ def predict(
         forward = _module_forward(predictor, likelihood, sigma_noise)
     device = _device(model)
 
-    ranks = ranks_of(process_group)
-    outputs: list[tuple[Tensor, ...]] = []
-    error = None
-    try:
+    def collect() -> list[tuple[Tensor, ...]]:
+        outputs = []
         with torch.no_grad():
             for batch in loader:
                 x, y = split_batch(batch, key_y, key_x)
@@ -214,9 +212,10 @@ def predict(
                 outputs.append(
                     tuple(o.detach().cpu() for o in out) + (y.detach().cpu(),)
                 )
-    except Exception as exception:  # noqa: BLE001 - re-raised by agree
-        error = exception
-    ranks.agree(error, "the predictions")
+        return outputs
+
+    ranks = ranks_of(process_group)
+    outputs = ranks.run(collect, "the predictions")
     outputs = ranks.gather(outputs)  # every rank's shard, in rank order
     if not outputs:
         raise ValueError("The loader yielded no batches; pass a non-empty loader.")
