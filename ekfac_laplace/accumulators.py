@@ -28,12 +28,12 @@ closed-form (see :class:`~ekfac_laplace.output_curvature.OutputCurvature`).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ekfac_laplace.diagonal import restricted_gradients
+from ekfac_laplace.diagonal import ModuleCall, restricted_gradients
 from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, group_rows
 from ekfac_laplace.options import KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
@@ -388,22 +388,22 @@ class DiagonalSquares:
     def add(
         self,
         entry: DiagonalModule,
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-        grad_output: Tensor,
+        call: ModuleCall,
+        grad_outputs: Sequence[Tensor | None],
         batch: int,
     ) -> None:
         """Add one backward pass of one module.
 
         Args:
             entry: The module.
-            call: Its forward inputs ``(args, kwargs)``.
-            grad_output: The gradient at its output.
+            call: Its forward call.
+            grad_outputs: The gradient at each of its output tensors.
             batch: The number of examples; a module that sees ``B·m`` rows gets the
                 per-row gradients of each example's ``m`` consecutive rows summed
                 (see :func:`~ekfac_laplace.layout.group_rows`).
         """
         grads = restricted_gradients(
-            entry.module, entry.param_names, *call, grad_output
+            entry.module, entry.param_names, call, grad_outputs
         )
         for squares, (rows, grad) in zip(self.squares[entry.name], grads):
             grad = group_rows(grad.unsqueeze(1), batch, entry.name).sum(1)

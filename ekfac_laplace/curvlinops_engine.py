@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from ekfac_laplace import _compat
 from ekfac_laplace.batches import LaplaceBatches, batch_size, to_device
+from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
-from ekfac_laplace.layout import ForwardCapture, ParameterLayout
+from ekfac_laplace.layout import LayerKind, ParameterLayout
 from ekfac_laplace.options import EKFACOptions, FisherType
 
 _FISHER_TYPES = {
@@ -39,7 +40,9 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
         layout: The parameter layout.
 
     Raises:
-        ValueError: If a parameter needs a diagonal block.
+        ValueError: If a parameter needs a diagonal block, or a layer is not an
+            ``nn.Linear`` / ``nn.Conv2d`` (attention projections, GPT-2's
+            ``Conv1D``).
     """
     block = layout.first_diagonal()
     if block is not None:
@@ -48,6 +51,13 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
             f"'{block.module}.{block.name}' needs a diagonal block; use "
             "engine='fast' (the default)."
         )
+    for layer in layout.layers:
+        if layer.kind not in (LayerKind.LINEAR, LayerKind.CONV2D):
+            raise ValueError(
+                f"engine='curvlinops' supports only nn.Linear and nn.Conv2d, but "
+                f"'{layer.name}' is a {layer.kind.value} layer "
+                f"({type(layer.module).__name__}); use engine='fast' (the default)."
+            )
 
 
 @torch.no_grad()

@@ -25,12 +25,15 @@ statistics) and layer norms in closed form, ``Σ g ⊙ x̂`` and ``Σ g``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
 # Per-example gradients are computed in chunks of examples holding at most this many
 # numbers (chunk × parameters of the module), e.g. 64 MiB in float32.
@@ -38,61 +41,312 @@ CHUNK_NUMBERS = 2**24
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+@dataclass
+class ModuleCall:
+    """One forward call of a module with a diagonal block, and where its batch is.
+
+    A module may take and return any structure of tensors (an ``nn.LSTM`` returns
+    ``(output, (h, c))``, ``nn.MultiheadAttention`` ``(output, weights)``); the
+    output's tensors are its *leaves*, in ``torch.utils._pytree`` order. Each tensor
+    has a batch dimension (``None``: shared by every example): dimension 0 by
+    default, the module's own convention for recurrent layers and attention
+    (``batch_first``; the hidden states of a recurrent layer have it in
+    dimension 1).
+
+    Attributes:
+        name: The module's name, for messages.
+        args: Positional inputs, detached.
+        kwargs: Keyword inputs, detached.
+        arg_dims: Batch dimension of each positional input (``None``: shared).
+        kwarg_dims: Batch dimension of each keyword input.
+        output_dims: Batch dimension of each output leaf (``None``: not a tensor).
+        single: Whether the output is one tensor (closed forms apply).
+    """
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    arg_dims: tuple[Any, ...]
+    kwarg_dims: dict[str, Any]
+    output_dims: tuple[int | None, ...]
+    single: bool
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+        batch: int | None = None,
+    ) -> ModuleCall:
+        """Record a call: detach its inputs and find the batch dimensions.
+
+        By default the batch is dimension 0 of the output tensors, its size ``R``
+        (a multiple of ``batch`` where known) taken from most of them; inputs with
+        ``R`` rows are split, all others are shared by the examples. An output
+        tensor without ``R`` rows gets no batch dimension: a gradient arriving there
+        is refused (:meth:`rows`).
+
+        Args:
+            name: The module's name, for messages.
+            module: The module.
+            args: Its positional inputs.
+            kwargs: Its keyword inputs.
+            output: What it returned.
+            batch: The number of examples of the forward pass, if known.
+
+        Returns:
+            The call.
+
+        Raises:
+            UnsplittableCallError: For a recurrent layer or attention called on an
+                unbatched or packed sequence, or with a 3-D attention mask.
+        """
+        leaves = tree_flatten(output)[0]
+        convention = _convention(name, module, args, kwargs, leaves)
+        if convention is not None:
+            arg_dims, kwarg_dims, output_dims = convention
+        else:
+            sizes = [
+                leaf.shape[0]
+                for leaf in leaves
+                if isinstance(leaf, Tensor)
+                and leaf.ndim > 0
+                and (batch is None or leaf.shape[0] % batch == 0)
+            ]
+            rows = max(sizes, key=sizes.count) if sizes else -1
+            arg_dims = tree_map(lambda a: _leading(a, rows), args)
+            kwarg_dims = tree_map(lambda a: _leading(a, rows), kwargs)
+            output_dims = tuple(_leading(leaf, rows) for leaf in leaves)
+        return cls(
+            name,
+            detach_inputs(args),
+            detach_inputs(kwargs),
+            arg_dims,
+            kwarg_dims,
+            output_dims,
+            isinstance(output, Tensor),
+        )
+
+    def rows(self, module: nn.Module, grad_outputs: Sequence[Tensor | None]) -> int:
+        """The number of rows (examples, or ``B·m`` folded rows) of the call.
+
+        Args:
+            module: The module, for messages.
+            grad_outputs: Gradient at each output leaf (``None``: none arrived).
+
+        Returns:
+            The size of the batch dimension.
+
+        Raises:
+            UnsplittableCallError: If a gradient arrives at an output without a
+                batch dimension.
+        """
+        rows = None
+        for gradient, dim in zip(grad_outputs, self.output_dims):
+            if gradient is None:
+                continue
+            if dim is None:
+                raise UnsplittableCallError(
+                    self.name,
+                    module,
+                    f"returns a tensor of shape {tuple(gradient.shape)} that the "
+                    "outputs depend on, without the batch in dimension 0",
+                )
+            rows = gradient.shape[dim] if rows is None else rows
+        if rows is None:
+            raise ValueError(f"No output of module '{self.name}' received a gradient.")
+        return rows
+
+
+class CaptureError(ValueError):
+    """A module of the layout cannot be captured (see the subclasses)."""
+
+
+class UnsplittableCallError(CaptureError):
+    """A module with a diagonal block whose examples cannot be told apart."""
+
+    def __init__(self, name: str, module: nn.Module, reason: str) -> None:
+        super().__init__(
+            f"Module '{name}' ({type(module).__name__}) {reason}, so its per-example "
+            "gradients are not defined; diagonal blocks need the batch in a known "
+            "dimension of its inputs and outputs. Freeze its parameters with "
+            "requires_grad_(False), or call it on batched tensors with the batch "
+            "in dimension 0."
+        )
+
+
+def _leading(value: Any, rows: int) -> int | None:
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows:
+        return 0
+    return None
+
+
+def _tensors_at(dim: int) -> Any:
+    return lambda value: dim if isinstance(value, Tensor) else None
+
+
+def _convention(
+    name: str,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    leaves: list[Any],
+) -> tuple[Any, Any, tuple[int | None, ...]] | None:
+    """Batch dimensions of recurrent layers and attention, or ``None`` (default)."""
+    if isinstance(module, nn.RNNBase):
+        if not isinstance(args[0], Tensor):
+            raise UnsplittableCallError(
+                name, module, "takes a PackedSequence, which mixes the examples"
+            )
+        if args[0].ndim != 3:
+            raise UnsplittableCallError(name, module, "takes an unbatched sequence")
+        batch = 0 if module.batch_first else 1
+        arg_dims = (batch, *tree_map(_tensors_at(1), args[1:]))  # hx: dimension 1
+        kwarg_dims = tree_map(_tensors_at(1), kwargs)
+        output_dims = tuple(  # (output, h) or (output, (h, c))
+            (batch if i == 0 else 1) if isinstance(leaf, Tensor) else None
+            for i, leaf in enumerate(leaves)
+        )
+        return arg_dims, kwarg_dims, output_dims
+    if isinstance(module, nn.MultiheadAttention):
+        batch = 0 if module.batch_first else 1
+        named = dict(zip(_ATTENTION_ARGS, args)) | kwargs
+        if named["query"].ndim != 3:
+            raise UnsplittableCallError(name, module, "takes an unbatched sequence")
+        mask = named.get("attn_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 3:
+            raise UnsplittableCallError(
+                name, module, "takes a 3-D attn_mask, with examples and heads mixed"
+            )
+
+        def dim(key: str, value: Any) -> int | None:
+            if not isinstance(value, Tensor):
+                return None
+            if key in ("query", "key", "value"):
+                return batch
+            return 0 if key == "key_padding_mask" else None
+
+        arg_dims = tuple(dim(key, value) for key, value in zip(_ATTENTION_ARGS, args))
+        kwarg_dims = {key: dim(key, value) for key, value in kwargs.items()}
+        output_dims = tuple(  # (output, weights): the weights are batch-first
+            (batch if i == 0 else 0) if isinstance(leaf, Tensor) else None
+            for i, leaf in enumerate(leaves)
+        )
+        return arg_dims, kwarg_dims, output_dims
+    return None
+
+
+_ATTENTION_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+
+
 def per_example_gradients(
     module: nn.Module,
     names: Sequence[str],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    grad_output: Tensor,
+    call: ModuleCall,
+    grad_outputs: Sequence[Tensor | None],
 ) -> list[Tensor]:
     """Per-example gradients of ``module``'s parameters for one output gradient.
 
     For each example ``n`` this is ``∂⟨g_n, m(x_n; θ)⟩/∂θ``, the vector-Jacobian
     product of the module's forward on that example alone with its output
-    gradient ``g_n``.
+    gradients ``g_n`` (one per output leaf; ``None`` where none arrived).
 
     Args:
         module: A module whose forward treats examples independently (norm layers in
-            eval mode, embeddings, ...), called with ``args`` / ``kwargs``.
+            eval mode, embeddings, recurrent layers, attention, ...).
         names: Names of the parameters of ``module`` (non-recursive) to differentiate.
-        args: Positional inputs of the forward pass; tensors whose first dimension is
-            the batch size are split into examples, everything else is shared.
-        kwargs: Keyword inputs, shared by all examples.
-        grad_output: Gradient at the module's output, shape ``(B, ...)``.
+        call: Its forward call, with the batch dimension of every tensor.
+        grad_outputs: Gradient at each output leaf of the call.
 
     Returns:
-        One tensor per name, shape ``(B, *parameter.shape)``.
+        One tensor per name, shape ``(R, *parameter.shape)`` with ``R`` the rows of
+        the call (its examples).
     """
-    batch = grad_output.shape[0]
+    rows = call.rows(module, grad_outputs)
     params = {name: module.get_parameter(name).detach() for name in names}
-    in_dims = tuple(
-        0 if isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch else None
-        for a in args
-    )
+    wanted = [i for i, gradient in enumerate(grad_outputs) if gradient is not None]
+    leaf_dims = [call.output_dims[i] for i in wanted]
+    gradients = tuple(grad_outputs[i] for i in wanted)
 
-    def one_example(example_args: tuple[Any, ...], gradient: Tensor) -> Any:
-        call_args = tuple(
-            a.unsqueeze(0) if dim == 0 else a for a, dim in zip(example_args, in_dims)
-        )
+    def one_example(
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any],
+        example_gradients: tuple[Tensor, ...],
+    ) -> dict[str, Tensor]:
+        call_args = _unsqueezed(example_args, call.arg_dims)
+        call_kwargs = _unsqueezed(example_kwargs, call.kwarg_dims)
 
-        def forward(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(module, p, call_args, kwargs)
+        def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            leaves = tree_flatten(functional_call(module, p, call_args, call_kwargs))
+            return tuple(leaves[0][i] for i in wanted)
 
         _, pullback = vjp(forward, params)
-        return pullback(gradient.unsqueeze(0))[0]
+        cotangents = tuple(
+            g.unsqueeze(dim) for g, dim in zip(example_gradients, leaf_dims)
+        )
+        return pullback(cotangents)[0]
 
+    if isinstance(module, nn.RNNBase):  # no batching rule for the fused kernels
+        per_row = [
+            one_example(
+                _selected(call.args, call.arg_dims, n),
+                _selected(call.kwargs, call.kwarg_dims, n),
+                tuple(g.select(dim, n) for g, dim in zip(gradients, leaf_dims)),
+            )
+            for n in range(rows)
+        ]
+        return [torch.stack([grads[name] for grads in per_row]) for name in names]
     numbers = sum(p.numel() for p in params.values())
-    chunk = max(1, min(batch, CHUNK_NUMBERS // max(numbers, 1)))
-    grads = vmap(one_example, in_dims=(in_dims, 0), chunk_size=chunk)(args, grad_output)
+    chunk = max(1, min(rows, CHUNK_NUMBERS // max(numbers, 1)))
+    with warnings.catch_warnings():
+        # functorch runs ops without a batching rule (attention kernels) in a loop:
+        # slower, not different.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        grads = vmap(
+            one_example,
+            in_dims=(call.arg_dims, call.kwarg_dims, tuple(leaf_dims)),
+            chunk_size=chunk,
+        )(call.args, call.kwargs, gradients)
     return [grads[name] for name in names]
+
+
+def _unsqueezed(values: Any, dims: Any) -> Any:
+    """Put back the batch dimension that ``vmap`` (or the loop) took away."""
+    return tree_map(
+        lambda value, dim: value if dim is None else value.unsqueeze(dim),
+        values,
+        dims,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def _selected(values: Any, dims: Any, n: int) -> Any:
+    """Example ``n`` of every batched tensor (the batch dimension removed)."""
+    return tree_map(
+        lambda value, dim: value if dim is None else value.select(dim, n),
+        values,
+        dims,
+        is_leaf=lambda x: x is None,
+    )
 
 
 def restricted_gradients(
     module: nn.Module,
     names: Sequence[str],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    grad_output: Tensor,
+    call: ModuleCall,
+    grad_outputs: Sequence[Tensor | None],
 ) -> list[tuple[Tensor | None, Tensor]]:
     """Per-example gradients, restricted to the rows a batch can touch.
 
@@ -103,22 +357,25 @@ def restricted_gradients(
     Args:
         module: The module (see :func:`per_example_gradients`).
         names: Names of its parameters to differentiate.
-        args: Positional inputs of its forward pass.
-        kwargs: Keyword inputs.
-        grad_output: Gradient at its output, shape ``(B, ...)``.
+        call: Its forward call.
+        grad_outputs: Gradient at each output leaf of the call.
 
     Returns:
         Per name ``(rows, gradients)``: ``rows`` of shape ``(R,)`` with gradients of
         shape ``(B, R, D)``, or ``None`` with gradients ``(B, *parameter.shape)``.
     """
-    if _simple_embedding(module, names, args, kwargs):
-        return [_embedding_rows(module, _rows_of(args[0], grad_output), grad_output)]
-    normalised = _normalised_input(module, args, kwargs)
-    if normalised is not None:
-        normalised = _rows_of(normalised, grad_output)
-        grads = _affine_gradients(module, names, normalised, grad_output)
-    else:
-        grads = per_example_gradients(module, names, args, kwargs, grad_output)
+    if call.single:
+        (grad_output,) = grad_outputs
+        args, kwargs = call.args, call.kwargs
+        if _simple_embedding(module, names, args, kwargs):
+            rows = _rows_of(args[0], grad_output)
+            return [_embedding_rows(module, rows, grad_output)]
+        normalised = _normalised_input(module, args, kwargs)
+        if normalised is not None:
+            normalised = _rows_of(normalised, grad_output)
+            grads = _affine_gradients(module, names, normalised, grad_output)
+            return [(None, grad) for grad in grads]
+    grads = per_example_gradients(module, names, call, grad_outputs)
     return [(None, grad) for grad in grads]
 
 

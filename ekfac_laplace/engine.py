@@ -21,7 +21,7 @@ example's ``m`` consecutive rows become positions sharing the weight
 per-example gradients. The first batch checks that the rows are consecutive.
 
 A :class:`Sweep` is one batch: install the hooks and run the forward pass
-(:class:`~ekfac_laplace.layout.ForwardCapture`), then the ``K`` backward passes, each
+(:class:`~ekfac_laplace.capture.ForwardCapture`), then the ``K`` backward passes, each
 layer's inputs and gradients handed to an accumulator one backward pass at a time (no
 more than one ``(B, S, d_out)`` gradient per layer is held). :class:`FastEKFAC` runs
 the passes over the data set. Results are in the scale of the summed torch loss;
@@ -46,15 +46,10 @@ from ekfac_laplace.accumulators import (
     PassAccumulator,
 )
 from ekfac_laplace.batches import check_targets, to_device
+from ekfac_laplace.capture import ForwardCapture, group_rows
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
-from ekfac_laplace.layout import (
-    ForwardCapture,
-    KroneckerLayer,
-    ParameterLayout,
-    group_rows,
-    layer_positions,
-)
+from ekfac_laplace.layout import KroneckerLayer, ParameterLayout, layer_positions
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
 
@@ -175,7 +170,7 @@ class Sweep:
             return
         torch.autograd.grad(f[0].sum(), targets, retain_graph=True, allow_unused=True)
         for name in modules:
-            for gradient in capture.take_gradients(name):
+            for gradient in self._row_major(name, capture):
                 if gradient.shape[0] == batch:
                     continue
                 group_rows(gradient.unsqueeze(1), batch, name)  # a multiple of B
@@ -190,6 +185,19 @@ class Sweep:
                         "rows together."
                     )
         self.grouping_checked = True
+
+    @staticmethod
+    def _row_major(name: str, capture: ForwardCapture) -> list[Tensor]:
+        """A module's captured gradients with their rows (batch) in dimension 0."""
+        if name not in capture.calls:  # a Kronecker layer
+            return capture.take_gradients(name)
+        dims = capture.calls[name].output_dims
+        return [
+            gradient.movedim(dim, 0)
+            for gradients in capture.take_gradients(name)
+            for gradient, dim in zip(gradients, dims)
+            if gradient is not None and dim is not None
+        ]
 
     def _hidden_layers(
         self, capture: ForwardCapture, f: Tensor
@@ -243,8 +251,9 @@ class Sweep:
                 )
                 accumulator.gradient(layer, positions[layer.name], g)
             for entry in diagonal_modules:
-                for gradient in capture.take_gradients(entry.name):  # unused: none
-                    diagonal.add(entry, capture.calls[entry.name], gradient, f.shape[0])
+                call = capture.calls.get(entry.name)
+                for gradients in capture.take_gradients(entry.name):  # unused: none
+                    diagonal.add(entry, call, gradients, f.shape[0])
         for layer in hidden:
             accumulator.end(layer, positions[layer.name])
 
@@ -402,9 +411,14 @@ class FastEKFAC:
         for layer in self.layout.layers:
             q_g, q_a = bases[layer.name]
             if layer.weight_index is not None:
-                eigenvectors[layer.weight_index] = (q_g, q_a)
                 weight = correction.weight_corrections[layer.name]
-                eigenvalues[layer.weight_index] = weight.reshape(q_g.shape[0], -1)
+                weight = weight.reshape(q_g.shape[0], -1)
+                if layer.transposed:  # a (d_in, d_out) weight: basis Q_A ⊗ Q_G
+                    eigenvectors[layer.weight_index] = (q_a, q_g)
+                    eigenvalues[layer.weight_index] = weight.T.contiguous()
+                else:
+                    eigenvectors[layer.weight_index] = (q_g, q_a)
+                    eigenvalues[layer.weight_index] = weight
             if layer.bias_index is not None:
                 eigenvectors[layer.bias_index] = (q_g,)
                 eigenvalues[layer.bias_index] = correction.bias_corrections[layer.name]

@@ -233,7 +233,6 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
     """
 
     _key = ("last_layer", "ekfac")
-    _dense_groups_rows = False
 
     def __init__(
         self,

@@ -1,30 +1,61 @@
-"""Where each parameter lives, which block it gets, and what its module sees.
+"""Where each parameter lives and which block it gets.
 
 A Laplace posterior over parameters ``θ = (θ_1, ..., θ_B)`` has one block per
 parameter tensor. :class:`ParameterLayout` maps each tensor to the module that owns
-it and decides its block: a Kronecker-factored eigenbasis for the weight and bias of
-``nn.Linear`` / ``nn.Conv2d`` (groups 1, zero padding), a diagonal block (EKFAC in
-the identity basis) for every other parameter, or a refusal (weight tying, a foreign
-tensor, ``unsupported_layers="raise"``). :class:`ForwardCapture` is the one set of
-forward hooks on those modules that both the EKFAC engine and the GLM predictive use:
-it records what each module receives in a forward pass, refuses modules that run
-more than once, and stores the gradients arriving at their outputs during backward.
+it and decides its block: a Kronecker-factored eigenbasis for every parameter that
+acts as a linear map on inputs we can capture, a diagonal block (EKFAC in the
+identity basis) for every other parameter, or a refusal (weight tying, a foreign
+tensor, ``unsupported_layers="raise"``). The linear maps (:class:`LayerKind`):
+
+* ``nn.Linear`` and ``nn.Conv2d`` (groups 1, zero padding);
+* GPT-2's ``Conv1D`` (Hugging Face ``transformers``), a ``Linear`` that stores its
+  weight transposed, ``(d_in, d_out)``: its eigenbasis is ``Q_A ⊗ Q_G``;
+* ``nn.MultiheadAttention``'s packed ``in_proj_weight`` / ``in_proj_bias`` and its
+  ``out_proj``, which it applies functionally (``F.linear``) inside its forward.
+
+What these modules see in a forward pass is recorded by
+:class:`~ekfac_laplace.capture.ForwardCapture`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from enum import Enum
+from typing import NamedTuple
 
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.hooks import RemovableHandle
 
-from ekfac_laplace._compat import tensor_version
-from ekfac_laplace.diagonal import check_diagonal_module, detach_inputs
+from ekfac_laplace.diagonal import CaptureError, check_diagonal_module
 from ekfac_laplace.options import UnsupportedLayers
+
+
+class LayerKind(str, Enum):
+    """How a Kronecker-factored layer applies its weight, and how it is captured."""
+
+    LINEAR = "linear"
+    CONV2D = "conv2d"
+    TRANSPOSED = "transposed"  # GPT-2's Conv1D: weight (d_in, d_out)
+    ATTENTION_IN = "attention_in"  # MultiheadAttention.in_proj_weight / _bias
+    ATTENTION_OUT = "attention_out"  # MultiheadAttention.out_proj (functional)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D``: ``x @ W + b`` with ``W (d_in, d_out)``.
+
+    Recognised by duck typing, so that ``transformers`` is not needed: the class is
+    named ``Conv1D`` and has ``nf`` outputs, a 2-D weight ``(d_in, nf)`` and a bias
+    ``(nf,)``.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == module.nf
+    )
 
 
 def kfac_supported(module: nn.Module) -> bool:
@@ -46,7 +77,8 @@ def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor
     """Inputs (as patches) or output gradients of a layer as ``(B, S, d)``.
 
     Args:
-        module: An ``nn.Linear`` or ``nn.Conv2d``.
+        module: An ``nn.Linear``, ``nn.Conv2d`` or GPT-2 ``Conv1D``; for the
+            attention projections the capture hands them on as ``(B, S, d)``.
         tensor: The layer's input (``is_input=True``) or an output-shaped tensor.
         is_input: Whether ``tensor`` is the input (``Conv2d``: unfolded to patches).
 
@@ -65,6 +97,18 @@ def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor
             return patches.transpose(1, 2)
         return tensor.flatten(start_dim=2).transpose(1, 2)
     return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+
+
+class RowGroupingError(CaptureError):
+    """A module sees a number of rows that is not a multiple of the batch size."""
+
+    def __init__(self, name: str, rows: int, batch: int) -> None:
+        super().__init__(
+            f"Module '{name}' sees {rows} rows for a batch of {batch} examples; "
+            "EKFAC needs the rows of each example to be consecutive, as "
+            "x.reshape(batch * m, ...) lays them out, so that its per-example "
+            "gradients are defined. Keep the batch dimension first in the model."
+        )
 
 
 def group_rows(tensor: Tensor, batch: int, name: str) -> Tensor:
@@ -112,26 +156,51 @@ class ParameterBlock(NamedTuple):
 
 @dataclass
 class KroneckerLayer:
-    """A ``Linear`` / ``Conv2d`` module with Kronecker-factored blocks.
+    """A linear map with Kronecker-factored blocks (see :class:`LayerKind`).
 
     Attributes:
-        name: The module's name in the model.
-        module: The module.
+        name: The layer's name: the module's name in the model, or
+            ``"<attention>.in_proj"`` for an attention's packed in-projection.
+        module: The module owning the parameters.
+        kind: How it applies its weight.
+        attention: For the attention kinds, the ``nn.MultiheadAttention`` that
+            applies it.
         weight_index: Block index of its weight, if the weight is in the posterior.
         bias_index: Block index of its bias, if the bias is in the posterior.
     """
 
     name: str
     module: nn.Module
+    kind: LayerKind = LayerKind.LINEAR
+    attention: nn.MultiheadAttention | None = None
     weight_index: int | None = None
     bias_index: int | None = None
+
+    @property
+    def weight_name(self) -> str:
+        """The weight's name in :attr:`module`."""
+        return "in_proj_weight" if self.kind == LayerKind.ATTENTION_IN else "weight"
+
+    @property
+    def bias_name(self) -> str:
+        """The bias's name in :attr:`module`."""
+        return "in_proj_bias" if self.kind == LayerKind.ATTENTION_IN else "bias"
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored ``(d_in, d_out)`` (eigenbasis ``Q_A ⊗ Q_G``)."""
+        return self.kind == LayerKind.TRANSPOSED
 
     @property
     def out_features(self) -> int:
         """Output width ``d_out`` (channels for ``Conv2d``)."""
         module = self.module
-        if isinstance(module, nn.Conv2d):
+        if self.kind == LayerKind.CONV2D:
             return module.out_channels
+        if self.kind == LayerKind.TRANSPOSED:
+            return module.nf
+        if self.kind == LayerKind.ATTENTION_IN:
+            return module.in_proj_weight.shape[0]
         return module.out_features
 
     @property
@@ -141,7 +210,7 @@ class KroneckerLayer:
         The bias where there is one: autograd then skips the weight gradient, which
         the factors never use.
         """
-        name = "weight" if self.bias_index is None else "bias"
+        name = self.weight_name if self.bias_index is None else self.bias_name
         return self.module.get_parameter(name)
 
 
@@ -179,8 +248,9 @@ class ParameterLayout:
     Attributes:
         params: The parameters, in vector order.
         blocks: One :class:`ParameterBlock` per parameter tensor, in order.
-        layers: The Kronecker-factored modules, in order of first appearance.
+        layers: The Kronecker-factored layers, in order of first appearance.
         diagonal_modules: The modules with diagonal blocks, in that order.
+        owners: Per block, its :class:`KroneckerLayer` or :class:`DiagonalModule`.
 
     Raises:
         ValueError: For a tensor that is not a parameter of ``model``, a parameter
@@ -206,14 +276,16 @@ class ParameterLayout:
         layers: dict[str, KroneckerLayer] = {}
         diagonal: dict[str, DiagonalModule] = {}
         self.blocks: list[ParameterBlock] = []
+        self.owners: list[KroneckerLayer | DiagonalModule] = []
         for index, param in enumerate(params):
             module_name, param_name, module = _owner(owners, param)
-            if kfac_supported(module):
-                layer = layers.setdefault(
-                    module_name, KroneckerLayer(module_name, module)
-                )
-                setattr(layer, f"{param_name}_index", index)
+            found = _kronecker_layer(model, module_name, module, param_name)
+            if found is not None:
+                layer = layers.setdefault(found.name, found)
+                kind = "bias" if param_name == layer.bias_name else "weight"
+                setattr(layer, f"{kind}_index", index)
                 self.blocks.append(ParameterBlock(module_name, param_name, False))
+                self.owners.append(layer)
                 continue
             if policy == UnsupportedLayers.RAISE:
                 raise ValueError(_unsupported_message(module_name, param_name, module))
@@ -224,6 +296,7 @@ class ParameterLayout:
             entry.param_names.append(param_name)
             entry.indices.append(index)
             self.blocks.append(ParameterBlock(module_name, param_name, True))
+            self.owners.append(entry)
         self.layers: list[KroneckerLayer] = list(layers.values())
         self.diagonal_modules: list[DiagonalModule] = list(diagonal.values())
 
@@ -263,6 +336,9 @@ class ParameterLayout:
         for layer in self.layers:
             if layer.weight_index is None:
                 bases[layer.name] = (eigenbasis[layer.bias_index][0], None)
+            elif layer.transposed:  # stored as (Q_A, Q_G)
+                q_a, q_g = eigenbasis[layer.weight_index]
+                bases[layer.name] = (q_g, q_a)
             else:
                 q_g, q_a = eigenbasis[layer.weight_index]
                 bases[layer.name] = (q_g, q_a)
@@ -275,6 +351,31 @@ class ParameterLayout:
             Its block, or ``None`` if every block is Kronecker-factored.
         """
         return next((block for block in self.blocks if block.diagonal), None)
+
+
+def _kronecker_layer(
+    model: nn.Module, module_name: str, module: nn.Module, param_name: str
+) -> KroneckerLayer | None:
+    """The Kronecker layer a parameter belongs to, or ``None`` (diagonal block)."""
+    if kfac_supported(module):
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+            return KroneckerLayer(
+                module_name, module, LayerKind.ATTENTION_OUT, attention=parent
+            )
+        kind = LayerKind.CONV2D if isinstance(module, nn.Conv2d) else LayerKind.LINEAR
+        return KroneckerLayer(module_name, module, kind)
+    if is_transposed_linear(module) and param_name in ("weight", "bias"):
+        return KroneckerLayer(module_name, module, LayerKind.TRANSPOSED)
+    if (
+        isinstance(module, nn.MultiheadAttention)
+        and module.in_proj_weight is not None  # packed: q, k, v of one width
+        and param_name in ("in_proj_weight", "in_proj_bias")
+    ):
+        name = f"{module_name}.in_proj" if module_name else "in_proj"
+        return KroneckerLayer(name, module, LayerKind.ATTENTION_IN, attention=module)
+    return None
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
@@ -318,167 +419,7 @@ def _unsupported_message(module_name: str, param_name: str, module: nn.Module) -
     return (
         f"Parameter '{module_name}.{param_name}' belongs to {reason}, which KFAC "
         "cannot factorise (supported: nn.Linear, nn.Conv2d with groups=1 and zero "
-        "padding). Use unsupported_layers='diagonal' (the default) for an exact "
-        "diagonal block, freeze it with requires_grad_(False), or use "
-        "subset_of_weights='last_layer'."
+        "padding, GPT-2's Conv1D, nn.MultiheadAttention's packed projections). Use "
+        "unsupported_layers='diagonal' (the default) for an exact diagonal block, "
+        "freeze it with requires_grad_(False), or use subset_of_weights='last_layer'."
     )
-
-
-class CaptureError(ValueError):
-    """A module of the layout cannot be captured: see the subclasses."""
-
-
-class ReusedModuleError(CaptureError):
-    """A module of the layout ran more than once in one forward pass."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"Module '{name}' runs more than once per forward pass (a reused or tied "
-            "layer); EKFAC cannot factorise its curvature, which would mix the uses. "
-            "Use a separate module per use, or freeze it with requires_grad_(False)."
-        )
-
-
-class NonTensorOutputError(CaptureError):
-    """A module with a diagonal block returned something other than one tensor."""
-
-    def __init__(self, name: str, module: nn.Module, output: object) -> None:
-        super().__init__(
-            f"Module '{name}' ({type(module).__name__}) returns "
-            f"{type(output).__name__}, not a tensor; diagonal blocks need modules "
-            "with one tensor output. Freeze its parameters with requires_grad_(False)."
-        )
-
-
-class RowGroupingError(CaptureError):
-    """A module sees a number of rows that is not a multiple of the batch size."""
-
-    def __init__(self, name: str, rows: int, batch: int) -> None:
-        super().__init__(
-            f"Module '{name}' sees {rows} rows for a batch of {batch} examples; "
-            "EKFAC needs the rows of each example to be consecutive, as "
-            "x.reshape(batch * m, ...) lays them out, so that its per-example "
-            "gradients are defined. Keep the batch dimension first in the model."
-        )
-
-
-class ForwardCapture:
-    """What the layout's modules see in one forward pass, and their output gradients.
-
-    Used as a context manager around the forward pass: on entry it installs one
-    forward hook per module of the layout, on exit it removes them all (also when the
-    forward pass raises), so that later calls of the same modules (per-example
-    gradients of diagonal blocks) are not seen. During the forward pass it records
-
-    * for each Kronecker layer, its input (detached) in :attr:`inputs` and its output
-      with the output's version counter in :attr:`outputs` (an in-place change after
-      the layer bumps the version);
-    * for each diagonal module (``diagonal=True``), its detached ``(args, kwargs)``
-      in :attr:`calls`;
-
-    and it registers a hook on each output that appends the gradient arriving there
-    in a backward pass to :attr:`gradients` (outputs that do not require grad get
-    none).
-
-    Args:
-        layout: The parameter layout whose modules are captured.
-        diagonal: Also capture the diagonal modules.
-        batch: The number of examples of the forward pass, if known: a diagonal
-            module whose output has one row then hands on that row expanded to
-            ``batch`` rows, so that each example's output gradient is captured.
-
-    Raises:
-        ReusedModuleError: (during the forward pass) if a module runs twice.
-        NonTensorOutputError: if a diagonal module returns something else than
-            one tensor.
-    """
-
-    def __init__(
-        self, layout: ParameterLayout, diagonal: bool = True, batch: int | None = None
-    ) -> None:
-        self.layout = layout
-        self.diagonal = diagonal
-        self.batch = batch
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, tuple[Tensor, int]] = {}
-        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self.gradients: dict[str, list[Tensor]] = {}
-        self._handles: list[RemovableHandle] = []
-
-    def __enter__(self) -> ForwardCapture:
-        for layer in self.layout.layers:
-            hook = functools.partial(self._layer_hook, layer.name)
-            self._handles.append(layer.module.register_forward_hook(hook))
-        if self.diagonal:
-            for entry in self.layout.diagonal_modules:
-                hook = functools.partial(self._diagonal_hook, entry.name)
-                self._handles.append(
-                    entry.module.register_forward_hook(hook, with_kwargs=True)
-                )
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def take_gradients(self, name: str) -> list[Tensor]:
-        """The output gradients of module ``name`` so far, removing them.
-
-        Args:
-            name: A module of the layout.
-
-        Returns:
-            One tensor per backward pass (empty if none reached the module).
-        """
-        return self.gradients.pop(name, [])
-
-    def _first_call(self, name: str) -> None:
-        if name in self.inputs or name in self.calls:
-            raise ReusedModuleError(name)
-
-    def _watch(self, name: str, output: Tensor) -> None:
-        if output.requires_grad:
-            output.register_hook(functools.partial(self._store_gradient, name))
-
-    def _store_gradient(self, name: str, gradient: Tensor) -> None:
-        self.gradients.setdefault(name, []).append(gradient.detach())
-
-    def _layer_hook(
-        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
-    ) -> None:
-        self._first_call(name)
-        self.inputs[name] = args[0].detach()
-        self.outputs[name] = (output, tensor_version(output))
-        self._watch(name, output)
-
-    def _diagonal_hook(
-        self,
-        name: str,
-        module: nn.Module,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        output: Any,
-    ) -> Tensor | None:
-        self._first_call(name)
-        if not isinstance(output, Tensor):
-            raise NonTensorOutputError(name, module, output)
-        self.calls[name] = (detach_inputs(args), detach_inputs(kwargs))
-        if self._shared(output):
-            # One row broadcast to every example (a position embedding called on
-            # positions of shape (1, T)): the gradient at the broadcast output would
-            # be the batch's sum. Handing on an expanded view, which downstream
-            # broadcasting treats alike, gives each example's gradient.
-            output = output.expand(self.batch, *output.shape[1:])
-            self._watch(name, output)
-            return output
-        self._watch(name, output)
-        return None
-
-    def _shared(self, output: Tensor) -> bool:
-        return (
-            self.batch is not None
-            and self.batch > 1
-            and output.ndim > 0
-            and output.shape[0] == 1
-        )

@@ -38,10 +38,10 @@ from ekfac_laplace.batches import (
     output_size,
     to_device,
 )
+from ekfac_laplace.capture import CaptureError
 from ekfac_laplace.curvature import compute_ekfac
 from ekfac_laplace.distributed import ranks_of, warn_about_an_unshared_shard
 from ekfac_laplace.factors import EKFACFactors
-from ekfac_laplace.layout import CaptureError, RowGroupingError
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.predictive import glm_predictive_variance
@@ -156,9 +156,6 @@ class EKFACPosterior(ParametricLaplace):
     options: EKFACOptions
     process_group: Any | None = None
     dense_limit_bytes: int | None = DENSE_LIMIT_BYTES
-    #: Whether laplace-torch's dense predictive handles inputs whose rows a module
-    #: sees folded into the batch (all weights: yes; last layer: no).
-    _dense_groups_rows: bool = True
 
     # --------------------------------------------------------- hyperparameters
     def _init_H(self) -> None:
@@ -592,15 +589,8 @@ class EKFACPosterior(ParametricLaplace):
                     joint=joint,
                     batch=batch_size(X, self.dict_key_x),
                 )
-            except RowGroupingError as error:
-                if not self._dense_groups_rows:
-                    raise ValueError(
-                        f"{error} The last-layer predictive of such inputs (a reward "
-                        "model's pairs with fitting=True) is not supported, as in "
-                        "laplace-torch; use subset_of_weights='all'."
-                    ) from None
             except CaptureError:
-                pass  # a reused module: laplace-torch's Jacobians handle it
+                pass  # e.g. a reused module: laplace-torch's Jacobians handle it
             else:
                 if diagonal_output and not joint:
                     f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.diagonal import restricted_gradients
+from ekfac_laplace.capture import ForwardCapture
+from ekfac_laplace.diagonal import ModuleCall, restricted_gradients
 from ekfac_laplace.layout import (
-    ForwardCapture,
-    ParameterBlock,
+    KroneckerLayer,
     ParameterLayout,
-    RowGroupingError,
+    group_rows,
     layer_positions,
 )
 from ekfac_laplace.matrix import EKFACDecomposed
@@ -52,6 +52,10 @@ def glm_predictive_variance(
 ) -> tuple[Tensor, Tensor]:
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
+    A module that sees ``B·m`` rows (a reward model's pairs folded into the batch)
+    has each input's ``m`` consecutive rows grouped as positions, as in the fit
+    (:func:`~ekfac_laplace.layout.group_rows`).
+
     Args:
         model: The network (the modules owning ``params`` must run once per forward
             pass).
@@ -61,7 +65,7 @@ def glm_predictive_variance(
         joint: Return the joint covariance over all inputs and outputs.
         batch: The number of inputs (default: ``X.shape[0]`` for a tensor), so that
             a module whose one output row is shared by all inputs gets each input's
-            gradient (see :class:`~ekfac_laplace.layout.ForwardCapture`).
+            gradient (see :class:`~ekfac_laplace.capture.ForwardCapture`).
 
     Returns:
         ``f`` of shape ``(B, K)`` and the covariance of shape ``(B, K, K)``, or
@@ -70,9 +74,9 @@ def glm_predictive_variance(
 
     Raises:
         CaptureError: (a ``ValueError``) if a module runs more than once per forward
-            pass, a diagonal module does not return one tensor, or a module sees
-            more rows than there are inputs; the caller can fall back to the dense
-            Jacobian.
+            pass, a diagonal module's examples cannot be told apart, or a module
+            sees a number of rows that is not a multiple of the inputs; the caller
+            can fall back to the dense Jacobian.
     """
     layout = ParameterLayout(model, params)
     if batch is None and isinstance(X, Tensor):
@@ -86,62 +90,75 @@ def glm_predictive_variance(
         torch.autograd.grad(
             f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
         )
-    for name, gradients in capture.gradients.items():
-        if gradients[0].shape[0] != B:  # rows folded into the batch: dense fallback
-            raise RowGroupingError(name, gradients[0].shape[0], B)
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
-    for index, (block, basis) in enumerate(zip(layout.blocks, precision.eigenvectors)):
-        output_gradients = capture.gradients.get(block.module)
-        if not output_gradients:
-            continue  # the module does not influence the outputs
-        inverse = precision.powered_eigenvalues(index, -1)
-        variance = variance + _block_term(
-            model, block, basis, inverse, capture, output_gradients, joint
+    for layer in layout.layers:
+        gradients = capture.take_gradients(layer.name)
+        if not gradients:
+            continue  # the layer does not influence the outputs
+        g = torch.stack(
+            [
+                group_rows(layer_positions(layer.module, grad, False), B, layer.name)
+                for grad in gradients
+            ],
+            dim=1,
+        )  # (B, K, S, out)
+        a = group_rows(
+            layer_positions(layer.module, capture.inputs[layer.name], True),
+            B,
+            layer.name,
         )
+        variance = variance + _layer_term(layer, precision, g, a, joint)
+    for entry in layout.diagonal_modules:
+        passes = capture.take_gradients(entry.name)
+        if not passes:
+            continue
+        call = capture.calls[entry.name]
+        for name, index in zip(entry.param_names, entry.indices):
+            inverse = precision.powered_eigenvalues(index, -1)
+            variance = variance + _diagonal_term(
+                entry.module, name, call, passes, inverse, B, joint
+            )
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
     return f.detach(), variance
 
 
-def _block_term(
-    model: nn.Module,
-    block: ParameterBlock,
-    basis: tuple[Tensor, ...],
-    inverse: Tensor,
-    capture: ForwardCapture,
-    output_gradients: list[Tensor],
+def _layer_term(
+    layer: KroneckerLayer,
+    precision: EKFACDecomposed,
+    g: Tensor,
+    a: Tensor,
     joint: bool,
 ) -> Tensor:
-    """The covariance term of one block, by its kind.
+    """The covariance terms of one Kronecker layer's weight and bias blocks.
 
     Args:
-        model: The network.
-        block: The parameter block.
-        basis: Its eigenvectors (``()``, ``(Q_G,)`` or ``(Q_G, Q_A)``).
-        inverse: ``S = 1/(hλ+δ)``, shaped like the block's eigenvalues.
-        capture: What the modules saw in the forward pass.
-        output_gradients: The module's output Jacobian row per output (``K``).
+        layer: The layer.
+        precision: The posterior precision.
+        g: Its output Jacobians, ``(B, K, S, out)``.
+        a: Its inputs, ``(B, S, in)``.
         joint: Over all pairs of inputs, or per input.
 
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
-    module = model.get_submodule(block.module)
-    if block.diagonal:
-        args, kwargs = capture.calls[block.module]
-        return _diagonal_term(
-            module, block.name, args, kwargs, output_gradients, inverse, joint
-        )
-    g = torch.stack(
-        [layer_positions(module, grad, False) for grad in output_gradients], dim=1
-    )  # (B, K, S, out)
-    g_rot = g @ basis[0]
-    if block.name == "bias":
-        return _bias_term(g_rot, inverse, joint)
-    a_rot = layer_positions(module, capture.inputs[block.module], True) @ basis[1]
-    if a_rot.shape[1] == 1:
-        return _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
-    return _shared_weight_term(g_rot, a_rot, inverse, joint)
+    term = 0
+    if layer.bias_index is not None:
+        (q_g,) = precision.eigenvectors[layer.bias_index]
+        inverse = precision.powered_eigenvalues(layer.bias_index, -1)
+        term = term + _bias_term(g @ q_g, inverse, joint)
+    if layer.weight_index is not None:
+        basis = precision.eigenvectors[layer.weight_index]
+        inverse = precision.powered_eigenvalues(layer.weight_index, -1)
+        q_g, q_a = basis
+        if layer.transposed:  # stored as Q_A ⊗ Q_G with values (in, out)
+            q_g, q_a, inverse = q_a, q_g, inverse.T
+        g_rot, a_rot = g @ q_g, a @ q_a
+        if a_rot.shape[1] == 1:
+            term = term + _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
+        else:
+            term = term + _shared_weight_term(g_rot, a_rot, inverse, joint)
+    return term
 
 
 def _pair(per_input: str, joint: str, use_joint: bool) -> str:
@@ -205,10 +222,10 @@ def _shared_weight_term(
 def _diagonal_term(
     module: nn.Module,
     name: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    output_gradients: list[Tensor],
+    call: ModuleCall,
+    passes: list[tuple[Tensor | None, ...]],
     inverse: Tensor,
+    batch: int,
     joint: bool,
 ) -> Tensor:
     """A diagonal block: ``Σ_i J_{n,c,i} J_{m,c',i} S_i`` from per-example gradients.
@@ -216,22 +233,27 @@ def _diagonal_term(
     Args:
         module: The owning module.
         name: The parameter's name in it.
-        args: The module's forward inputs.
-        kwargs: Its keyword inputs.
-        output_gradients: One output Jacobian row per output ``c`` (``K`` tensors).
+        call: The module's forward call.
+        passes: Per output ``c`` (``K``), the gradients at its output tensors.
         inverse: ``S``, shaped like the parameter.
+        batch: The number of inputs ``B`` (rows folded into it are summed).
         joint: Over all pairs of inputs, or per input.
 
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
     restricted = [
-        restricted_gradients(module, [name], args, kwargs, grad)[0]
-        for grad in output_gradients
+        restricted_gradients(module, [name], call, gradients)[0] for gradients in passes
     ]
     rows = restricted[0][0]
     # Per-example Jacobian rows: (B, K, numel), or (B, K, R·D) on the used rows.
-    J = torch.stack([grad for _, grad in restricted], dim=1).flatten(start_dim=2)
+    J = torch.stack(
+        [
+            group_rows(grad.unsqueeze(1), batch, call.name).sum(1)
+            for _, grad in restricted
+        ],
+        dim=1,
+    ).flatten(start_dim=2)
     inverse = (inverse if rows is None else inverse[rows]).flatten()
     pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)
     return torch.einsum(pattern, J, J, inverse)

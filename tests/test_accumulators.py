@@ -13,6 +13,7 @@ from ekfac_laplace.accumulators import (
     FactorAccumulator,
     robust_eigenvectors,
 )
+from ekfac_laplace.diagonal import ModuleCall
 from ekfac_laplace.layout import DiagonalModule, KroneckerLayer
 from ekfac_laplace.options import EKFACOptions, KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
@@ -154,7 +155,7 @@ def test_diagonal_squares_sum_per_example_gradient_squares():
     x = torch.randn(B, 3, 4, dtype=F64)
     g = torch.randn(B, 3, 4, dtype=F64)
     squares = DiagonalSquares([entry])
-    squares.add(entry, ((x,), {}), g, B)
+    squares.add(entry, ModuleCall.of("norm", norm, (x,), {}, norm(x)), (g,), B)
     params = {name: p.detach() for name, p in norm.named_parameters()}
 
     def inner(p, x_n, g_n):

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from ekfac_laplace.batches import LaplaceBatches
+from ekfac_laplace.capture import ReusedModuleError
 from ekfac_laplace.curvlinops_engine import (
     check_curvlinops_layout,
     check_first_batch,
 )
-from ekfac_laplace.layout import ParameterLayout, ReusedModuleError
+from ekfac_laplace.layout import ParameterLayout
 from tests.cases import CASES, Case, fit_factors, loader
 from tests.utils import assert_close, mc_fisher_moments
 

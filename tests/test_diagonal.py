@@ -18,7 +18,11 @@ from torch import nn
 
 from ekfac_laplace import EKFACLaplace, compute_ekfac
 from ekfac_laplace.batches import LaplaceBatches
-from ekfac_laplace.diagonal import per_example_gradients, restricted_gradients
+from ekfac_laplace.diagonal import (
+    ModuleCall,
+    per_example_gradients,
+    restricted_gradients,
+)
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import DictDataset, loader
 from tests.utils import (
@@ -342,23 +346,25 @@ class ReusedNorm(nn.Module):
         return self.norm(self.linear(self.norm(x)))
 
 
-class TupleOutput(nn.Module):
+class BatchSum(nn.Module):
+    """Sums over the batch: its output has no batch dimension."""
+
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(4))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x * self.scale, x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale).sum(0)
 
 
-class WithTuple(nn.Module):
+class WithBatchSum(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.inner = TupleOutput()
+        self.inner = BatchSum()
         self.out = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.inner(x)[0])
+        return self.out(torch.tanh(x + self.inner(x)))
 
 
 @pytest.mark.parametrize(
@@ -366,10 +372,14 @@ class WithTuple(nn.Module):
     [
         (Tied, _tokens, r"shared by several modules .*weight tying"),
         (ReusedNorm, lambda n: torch.randn(n, 4), "'norm' runs more than once"),
-        (WithTuple, lambda n: torch.randn(n, 4), "returns tuple, not a tensor"),
+        (
+            WithBatchSum,
+            lambda n: torch.randn(n, 4),
+            r"'inner' \(BatchSum\) returns a tensor of shape \(4,\) that the outputs",
+        ),
     ],
 )
-def test_tied_reused_and_tuple_modules_are_refused(build, inputs, match):
+def test_tied_reused_and_batch_coupling_modules_are_refused(build, inputs, match):
     torch.manual_seed(0)
     model = build().to(torch.float64)
     X = inputs(6)
@@ -402,10 +412,11 @@ def test_embedding_rows_equal_the_generic_per_example_gradients(padding_idx):
     embedding = nn.Embedding(7, 3, padding_idx=padding_idx).double()
     tokens = torch.tensor([[1, 2, 2, 5], [2, 2, 2, 2], [0, 6, 1, 1]])
     grad_output = torch.randn(3, 4, 3, dtype=torch.float64)
+    call = ModuleCall.of("embedding", embedding, (tokens,), {}, embedding(tokens))
     [(rows, restricted)] = restricted_gradients(
-        embedding, ["weight"], (tokens,), {}, grad_output
+        embedding, ["weight"], call, (grad_output,)
     )
-    [generic] = per_example_gradients(embedding, ["weight"], (tokens,), {}, grad_output)
+    [generic] = per_example_gradients(embedding, ["weight"], call, (grad_output,))
     assert rows.tolist() == [0, 1, 2, 5, 6]
     assert_close(restricted, generic[:, rows])
     unused = [r for r in range(7) if r not in rows.tolist()]
@@ -445,8 +456,9 @@ def test_norm_layers_in_closed_form_equal_the_generic_gradients(module, shape):
     x = torch.randn(*shape, dtype=torch.float64)
     grad_output = torch.randn(*shape, dtype=torch.float64)
     names = [name for name, _ in module.named_parameters()]
-    closed = restricted_gradients(module, names, (x,), {}, grad_output)
-    generic = per_example_gradients(module, names, (x,), {}, grad_output)
+    call = ModuleCall.of("norm", module, (x,), {}, module(x))
+    closed = restricted_gradients(module, names, call, (grad_output,))
+    generic = per_example_gradients(module, names, call, (grad_output,))
     for (rows, a), b in zip(closed, generic):
         assert rows is None
         assert_close(a, b)

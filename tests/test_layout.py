@@ -1,4 +1,4 @@
-"""The parameter layout and the forward capture shared by engine and predictive."""
+"""The parameter layout: which block each parameter gets."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ekfac_laplace._compat import has_module_hooks
 from ekfac_laplace.layout import (
-    ForwardCapture,
-    NonTensorOutputError,
     ParameterBlock,
     ParameterLayout,
-    ReusedModuleError,
     RowGroupingError,
     group_rows,
     kfac_supported,
@@ -102,70 +98,6 @@ def test_kfac_supported_and_layer_positions():
     )
     tokens = torch.randn(4, 7, 5)
     assert layer_positions(nn.Linear(5, 2), tokens, True).shape == (4, 7, 5)
-
-
-def test_capture_records_inputs_calls_and_gradients_then_removes_its_hooks():
-    model = _mixed()
-    layout = ParameterLayout(model, list(model.parameters()))
-    x = torch.randn(3, 2, 4, 4)
-    with ForwardCapture(layout) as capture:
-        f = model(x)
-    assert not any(has_module_hooks(module) for module in model.modules())
-    assert torch.equal(capture.inputs["0"], x)
-    assert capture.outputs["4"][0] is f
-    (norm_input,), kwargs = capture.calls["3"]
-    assert norm_input.shape == (3, 5) and kwargs == {} and not norm_input.requires_grad
-    v = torch.randn_like(f)
-    torch.autograd.grad((f * v).sum(), layout.backprop_targets())
-    hidden = model[:4](x)
-    (expected,) = torch.autograd.grad((model[4](hidden) * v).sum(), hidden)
-    (gradient,) = capture.take_gradients("3")
-    assert torch.allclose(gradient, expected)
-    assert capture.take_gradients("3") == []
-    # Without the diagonal modules, their calls are not recorded.
-    with ForwardCapture(layout, diagonal=False) as capture:
-        model(x)
-    assert "3" not in capture.calls and "0" in capture.inputs
-
-
-class _Reused(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.inner(torch.tanh(self.inner(x)))
-
-
-class _Pair(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))
-
-    def forward(self, x):
-        return x * self.scale, x
-
-
-def test_capture_refuses_reuse_and_tuples_and_still_removes_its_hooks():
-    model = _Reused()
-    with pytest.raises(ReusedModuleError, match="'inner' runs more than once"):
-        with ForwardCapture(ParameterLayout(model, list(model.parameters()))):
-            model(torch.randn(2, 3))
-    assert not has_module_hooks(model.inner)
-    pair = _Pair()
-    with pytest.raises(NonTensorOutputError, match="returns tuple, not a tensor"):
-        with ForwardCapture(ParameterLayout(pair, [pair.scale])):
-            pair(torch.randn(2, 3))
-    assert not has_module_hooks(pair)
-    assert issubclass(ReusedModuleError, ValueError)
-
-
-def test_outputs_without_grad_get_no_gradient_hook():
-    model = nn.Linear(3, 2)
-    layout = ParameterLayout(model, list(model.parameters()))
-    with torch.no_grad(), ForwardCapture(layout) as capture:
-        out = model(torch.randn(4, 3))
-    assert not out.requires_grad and capture.gradients == {}
 
 
 def test_layer_bases_regroup_the_block_eigenbases_per_layer():

@@ -7,7 +7,7 @@ import torch
 from laplace import Laplace
 from torch import nn
 
-from ekfac_laplace.layout import ReusedModuleError
+from ekfac_laplace.capture import ReusedModuleError
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import CASE_IDS, CASES, Case, loader
 from tests.utils import assert_close

@@ -1,0 +1,376 @@
+"""What the layout's modules see in one forward pass, and their output gradients.
+
+:class:`ForwardCapture` is the one set of forward hooks that both the EKFAC engine
+and the GLM predictive use. It records what each module of a
+:class:`~ekfac_laplace.layout.ParameterLayout` receives in a forward pass, refuses
+modules that run more than once, and stores the gradients arriving at their outputs
+during backward:
+
+* ``nn.Linear`` / ``nn.Conv2d`` / GPT-2 ``Conv1D``: the module's input and output,
+  from a forward hook;
+* ``nn.MultiheadAttention``'s projections, which it applies with ``F.linear`` on
+  sequence-first tensors inside ``F.multi_head_attention_forward``: every such call
+  whose weight is the packed ``in_proj_weight`` (or a slice of it: query rows, key
+  and value rows) or ``out_proj.weight`` is seen by a ``TorchFunctionMode``. The
+  calls of one projection become positions of one layer: their inputs concatenated,
+  each output gradient placed in the rows of the weight it used (zero elsewhere), so
+  that ``Σ_s g_s a_sᵀ`` is the weight's gradient;
+* modules with diagonal blocks: their call (:class:`~ekfac_laplace.diagonal.ModuleCall`,
+  any structure of inputs and outputs) and the gradient at each output tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.hooks import RemovableHandle
+
+from ekfac_laplace._compat import tensor_version
+from ekfac_laplace.diagonal import CaptureError, ModuleCall, UnsplittableCallError
+from ekfac_laplace.layout import (
+    KroneckerLayer,
+    ParameterLayout,
+    RowGroupingError,
+    group_rows,
+)
+
+__all__ = [
+    "CaptureError",
+    "ForwardCapture",
+    "ReusedModuleError",
+    "RowGroupingError",
+    "UnsplittableCallError",
+    "group_rows",
+]
+
+#: The gradients of a diagonal module in one backward pass: one per output tensor
+#: (``None`` where none arrived).
+LeafGradients = tuple[Tensor | None, ...]
+
+
+class ReusedModuleError(CaptureError):
+    """A module of the layout ran more than once in one forward pass."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"Module '{name}' runs more than once per forward pass (a reused or tied "
+            "layer); EKFAC cannot factorise its curvature, which would mix the uses. "
+            "Use a separate module per use, or freeze it with requires_grad_(False)."
+        )
+
+
+@dataclass
+class _Projection:
+    """The ``F.linear`` calls of one attention projection in a forward pass."""
+
+    layer: KroneckerLayer
+    inputs: list[Tensor] = field(default_factory=list)  # (B, S_c, d_in) each
+    rows: list[tuple[int, int]] = field(default_factory=list)  # weight rows used
+    gradients: list[list[Tensor]] = field(default_factory=list)  # per call, per pass
+
+
+class _ProjectionMode(TorchFunctionMode):
+    """Sees every ``F.linear`` call while active; hands the attention ones on."""
+
+    def __init__(self, capture: ForwardCapture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func is F.linear:
+            self.capture._linear_call(*args, output=output, **kwargs)
+        return output
+
+
+class ForwardCapture:
+    """What the layout's modules see in one forward pass, and their output gradients.
+
+    Used as a context manager around the forward pass: on entry it installs its
+    hooks (and, for attention projections, a ``TorchFunctionMode``), on exit it
+    removes them all (also when the forward pass raises), so that later calls of the
+    same modules (per-example gradients of diagonal blocks) are not seen. During the
+    forward pass it records
+
+    * for each Kronecker layer, its input (detached) in :attr:`inputs` and its output
+      with the output's version counter in :attr:`outputs` (an in-place change after
+      the layer bumps the version);
+    * for each diagonal module (``diagonal=True``), its call in :attr:`calls`;
+
+    and it registers a hook on each output that keeps the gradient arriving there in
+    a backward pass (:meth:`take_gradients`; outputs that do not require grad get
+    none).
+
+    Args:
+        layout: The parameter layout whose modules are captured.
+        diagonal: Also capture the diagonal modules.
+        batch: The number of examples of the forward pass, if known: a diagonal
+            module whose output is one tensor with one row then hands on that row
+            expanded to ``batch`` rows, so that each example's output gradient is
+            captured.
+
+    Raises:
+        ReusedModuleError: (during the forward pass) if a module runs twice.
+        UnsplittableCallError: if a diagonal module's examples cannot be told
+            apart.
+    """
+
+    def __init__(
+        self, layout: ParameterLayout, diagonal: bool = True, batch: int | None = None
+    ) -> None:
+        self.layout = layout
+        self.diagonal = diagonal
+        self.batch = batch
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, tuple[Tensor, int]] = {}
+        self.calls: dict[str, ModuleCall] = {}
+        self._gradients: dict[str, list[Tensor]] = {}
+        self._leaf_gradients: dict[str, dict[int, list[Tensor]]] = {}
+        self._projections: dict[int, _Projection] = {}  # id(weight) → its calls
+        self._attentions: dict[int, tuple[str, int, int]] = {}  # running: (L, B)
+        self._handles: list[RemovableHandle] = []
+        self._mode: _ProjectionMode | None = None
+
+    def __enter__(self) -> ForwardCapture:
+        attentions: dict[int, nn.MultiheadAttention] = {}
+        for layer in self.layout.layers:
+            if layer.attention is None:
+                hook = functools.partial(self._layer_hook, layer.name)
+                self._handles.append(layer.module.register_forward_hook(hook))
+                continue
+            weight = layer.module.get_parameter(layer.weight_name)
+            self._projections[id(weight)] = _Projection(layer)
+            attentions[id(layer.attention)] = layer.attention
+        for attention in attentions.values():
+            name = self._attention_name(attention)
+            pre = functools.partial(self._attention_starts, name)
+            post = functools.partial(self._attention_ends, name)
+            self._handles.append(
+                attention.register_forward_pre_hook(pre, with_kwargs=True)
+            )
+            self._handles.append(attention.register_forward_hook(post))
+        if self.diagonal:
+            for entry in self.layout.diagonal_modules:
+                hook = functools.partial(self._diagonal_hook, entry.name)
+                self._handles.append(
+                    entry.module.register_forward_hook(hook, with_kwargs=True)
+                )
+        if self._projections:
+            self._mode = _ProjectionMode(self)
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def take_gradients(self, name: str) -> list[Any]:
+        """The output gradients of a module so far, one per backward pass, removed.
+
+        Args:
+            name: A Kronecker layer or a diagonal module of the layout.
+
+        Returns:
+            For a Kronecker layer, one tensor per backward pass (``(B, S, d_out)``
+            for an attention projection); for a diagonal module one
+            :data:`LeafGradients` per pass; empty if none reached the module.
+        """
+        if name in self._gradients:
+            return self._gradients.pop(name)
+        if name in self._leaf_gradients:
+            return self._diagonal_gradients(name)
+        for projection in self._projections.values():
+            if projection.layer.name == name:
+                return self._projection_gradients(projection)
+        return []
+
+    def _diagonal_gradients(self, name: str) -> list[LeafGradients]:
+        per_leaf = self._leaf_gradients.pop(name)
+        passes = max(len(gradients) for gradients in per_leaf.values())
+        leaves = len(self.calls[name].output_dims)
+        return [
+            tuple(
+                per_leaf[i][k] if i in per_leaf and k < len(per_leaf[i]) else None
+                for i in range(leaves)
+            )
+            for k in range(passes)
+        ]
+
+    def _projection_gradients(self, projection: _Projection) -> list[Tensor]:
+        """Per pass, the calls' gradients in their weight rows, as positions."""
+        passes = max((len(g) for g in projection.gradients), default=0)
+        width = projection.layer.out_features
+        assembled = []
+        for k in range(passes):
+            parts = []
+            for a, (start, stop), gradients in zip(
+                projection.inputs, projection.rows, projection.gradients
+            ):
+                part = a.new_zeros(*a.shape[:2], width)
+                if k < len(gradients):
+                    part[..., start:stop] = gradients[k]
+                parts.append(part)
+            assembled.append(torch.cat(parts, dim=1))
+        for gradients in projection.gradients:
+            gradients.clear()
+        return assembled
+
+    def _first_call(self, name: str) -> None:
+        if name in self.inputs or name in self.calls:
+            raise ReusedModuleError(name)
+
+    def _watch(self, name: str, output: Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(functools.partial(self._store_gradient, name))
+
+    def _store_gradient(self, name: str, gradient: Tensor) -> None:
+        self._gradients.setdefault(name, []).append(gradient.detach())
+
+    def _store_leaf(self, name: str, leaf: int, gradient: Tensor) -> None:
+        per_leaf = self._leaf_gradients.setdefault(name, {})
+        per_leaf.setdefault(leaf, []).append(gradient.detach())
+
+    def _layer_hook(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
+    ) -> None:
+        self._first_call(name)
+        self.inputs[name] = args[0].detach()
+        self.outputs[name] = (output, tensor_version(output))
+        self._watch(name, output)
+
+    def _diagonal_hook(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> Tensor | None:
+        self._first_call(name)
+        replaced = None
+        if isinstance(output, Tensor) and self._shared(output):
+            # One row broadcast to every example (a position embedding called on
+            # positions of shape (1, T)): the gradient at the broadcast output would
+            # be the batch's sum. Handing on an expanded view, which downstream
+            # broadcasting treats alike, gives each example's gradient.
+            replaced = output = output.expand(self.batch, *output.shape[1:])
+        self.calls[name] = ModuleCall.of(name, module, args, kwargs, output, self.batch)
+        for leaf_index, leaf in enumerate(tree_flatten(output)[0]):
+            if isinstance(leaf, Tensor) and leaf.requires_grad:
+                leaf.register_hook(
+                    functools.partial(self._store_leaf, name, leaf_index)
+                )
+        return replaced
+
+    def _shared(self, output: Tensor) -> bool:
+        return (
+            self.batch is not None
+            and self.batch > 1
+            and output.ndim > 0
+            and output.shape[0] == 1
+        )
+
+    def _attention_name(self, attention: nn.Module) -> str:
+        for layer in self.layout.layers:
+            if layer.attention is attention:
+                return layer.name.removesuffix(".out_proj").removesuffix(".in_proj")
+        raise AssertionError("not an attention of the layout")
+
+    def _attention_starts(
+        self,
+        name: str,
+        module: nn.MultiheadAttention,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Before an attention's forward: its sequence length and batch size."""
+        if id(module) in self._attentions or any(
+            projection.inputs
+            for projection in self._projections.values()
+            if projection.layer.attention is module
+        ):
+            raise ReusedModuleError(name)
+        query = args[0] if args else kwargs["query"]
+        if query.ndim != 3:
+            raise UnsplittableCallError(name, module, "takes an unbatched sequence")
+        length, batch = query.shape[:2]
+        if module.batch_first:
+            length, batch = batch, length
+        self._attentions[id(module)] = (name, length, batch)
+
+    def _attention_ends(
+        self, name: str, module: nn.MultiheadAttention, args: Any, output: Any
+    ) -> None:
+        """After an attention's forward: its projections' inputs, as positions."""
+        del self._attentions[id(module)]
+        for projection in self._projections.values():
+            layer = projection.layer
+            if layer.attention is not module or not projection.inputs:
+                continue  # not run (frozen attention): reported as not run
+            self.inputs[layer.name] = torch.cat(projection.inputs, dim=1)
+
+    def _linear_call(
+        self,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        *,
+        output: Tensor,
+    ) -> None:
+        """An ``F.linear`` call: keep it if it applies an attention projection."""
+        base = weight if id(weight) in self._projections else weight._base
+        projection = self._projections.get(id(base)) if base is not None else None
+        if projection is None:
+            return
+        layer = projection.layer
+        if id(layer.attention) not in self._attentions:
+            raise CaptureError(
+                f"The weight of '{layer.name}' is used outside the forward pass of "
+                "its nn.MultiheadAttention; EKFAC captures it only there. Freeze it "
+                "with requires_grad_(False)."
+            )
+        _, length, batch = self._attentions[id(layer.attention)]
+        start = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
+        rows = (start, start + weight.shape[0])
+        index = len(projection.inputs)
+        projection.inputs.append(_batch_first(input, length, batch).detach())
+        projection.rows.append(rows)
+        projection.gradients.append([])
+        self.outputs[layer.name] = (output, tensor_version(output))
+        if output.requires_grad:
+
+            def store(gradient: Tensor) -> None:
+                projection.gradients[index].append(
+                    _batch_first(gradient.detach(), length, batch)
+                )
+
+            output.register_hook(store)
+
+
+def _batch_first(tensor: Tensor, length: int, batch: int) -> Tensor:
+    """A projection's sequence-first tensor as ``(B, S, d)``.
+
+    In-projections see ``(S, B, d)``; the out-projection sees ``(L·B, d)``, the rows
+    ordered position-major.
+    """
+    if tensor.ndim == 2:
+        tensor = tensor.reshape(length, batch, tensor.shape[-1])
+    return tensor.transpose(0, 1)

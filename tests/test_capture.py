@@ -1,0 +1,96 @@
+"""The forward capture shared by the engine and the predictive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ekfac_laplace._compat import has_module_hooks
+from ekfac_laplace.capture import ForwardCapture, ReusedModuleError
+from ekfac_laplace.layout import ParameterLayout
+
+
+def _mixed() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),  # 0: Kronecker
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5, bias=False),  # 2: Kronecker, weight only
+        nn.LayerNorm(5),  # 3: diagonal
+        nn.Linear(5, 2),  # 4: Kronecker
+    )
+
+
+def test_capture_records_inputs_calls_and_gradients_then_removes_its_hooks():
+    model = _mixed()
+    layout = ParameterLayout(model, list(model.parameters()))
+    x = torch.randn(3, 2, 4, 4)
+    with ForwardCapture(layout) as capture:
+        f = model(x)
+    assert not any(has_module_hooks(module) for module in model.modules())
+    assert torch.equal(capture.inputs["0"], x)
+    assert capture.outputs["4"][0] is f
+    call = capture.calls["3"]
+    (norm_input,) = call.args
+    assert norm_input.shape == (3, 5) and call.kwargs == {}
+    assert not norm_input.requires_grad and call.single
+    assert call.arg_dims == (0,) and call.output_dims == (0,)
+    v = torch.randn_like(f)
+    torch.autograd.grad((f * v).sum(), layout.backprop_targets())
+    hidden = model[:4](x)
+    (expected,) = torch.autograd.grad((model[4](hidden) * v).sum(), hidden)
+    [(gradient,)] = capture.take_gradients("3")
+    assert torch.allclose(gradient, expected)
+    assert capture.take_gradients("3") == []
+    # Without the diagonal modules, their calls are not recorded.
+    with ForwardCapture(layout, diagonal=False) as capture:
+        model(x)
+    assert "3" not in capture.calls and "0" in capture.inputs
+
+
+class _Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.inner(torch.tanh(self.inner(x)))
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale, x
+
+
+def test_capture_refuses_reuse_and_still_removes_its_hooks():
+    model = _Reused()
+    with pytest.raises(ReusedModuleError, match="'inner' runs more than once"):
+        with ForwardCapture(ParameterLayout(model, list(model.parameters()))):
+            model(torch.randn(2, 3))
+    assert not has_module_hooks(model.inner)
+    assert issubclass(ReusedModuleError, ValueError)
+
+
+def test_tuple_outputs_get_a_gradient_per_tensor():
+    pair = _Pair()
+    x = torch.randn(2, 3)
+    with ForwardCapture(ParameterLayout(pair, [pair.scale])) as capture:
+        scaled, same = pair(x)
+    assert not has_module_hooks(pair)
+    assert capture.calls[""].output_dims == (0, 0)
+    torch.autograd.grad((scaled * 2).sum() + same.sum(), pair.scale)
+    [(g_scaled, g_same)] = capture.take_gradients("")
+    assert torch.equal(g_scaled, torch.full((2, 3), 2.0)) and g_same is None
+
+
+def test_outputs_without_grad_get_no_gradient_hook():
+    model = nn.Linear(3, 2)
+    layout = ParameterLayout(model, list(model.parameters()))
+    with torch.no_grad(), ForwardCapture(layout) as capture:
+        out = model(torch.randn(4, 3))
+    assert not out.requires_grad and capture.take_gradients("") == []
