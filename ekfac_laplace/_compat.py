@@ -10,18 +10,25 @@
 * torch: a module's hook registries (``_forward_hooks``, ``_forward_pre_hooks``), to
   remove hooks that a failing curvlinops pass leaves behind
   (:func:`removing_leftover_hooks`), and a tensor's version counter (``_version``),
-  which tells whether a tensor was changed in place (:func:`tensor_version`).
+  which tells whether a tensor was changed in place (:func:`tensor_version`); and
+  the module global ``torch.nn.functional.linear``, through which
+  ``F.multi_head_attention_forward`` applies its projections: replaced for the
+  duration of one ``nn.MultiheadAttention`` forward pass so that the capture sees
+  the projections' inputs and outputs (:func:`watching_functional_linear`). A
+  ``TorchFunctionMode`` cannot see them: the attention function dispatches itself
+  to the mode as a whole.
 
 laplace-torch's private attributes are not touched anywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from curvlinops import EKFACLinearOperator
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 _EIGENVECTOR_ATTRIBUTES = (
     "_input_covariances_eigenvectors",
@@ -113,3 +120,45 @@ def has_module_hooks(module: nn.Module) -> bool:
         ``True`` if either registry is non-empty.
     """
     return any(getattr(module, registry) for registry in _HOOK_REGISTRIES)
+
+
+#: ``F.linear`` as torch defines it (restored by :func:`watching_functional_linear`).
+_FUNCTIONAL_LINEAR = F.linear
+
+
+def watching_functional_linear(
+    report: Callable[[Tensor, Tensor, Tensor | None, Tensor], None],
+) -> Callable[[], None]:
+    """Let ``report(input, weight, bias, output)`` see every ``F.linear`` call.
+
+    ``torch.nn.functional``'s own functions (``F.multi_head_attention_forward``)
+    look ``linear`` up in their module at call time, so replacing it there makes
+    them call the watcher.
+
+    Args:
+        report: Called after each call with its arguments and result.
+
+    Returns:
+        A function that restores torch's ``F.linear`` (safe to call twice).
+
+    Raises:
+        RuntimeError: If the installed torch has no ``torch.nn.functional.linear``.
+    """
+    if getattr(F, "linear", None) is not _FUNCTIONAL_LINEAR:
+        raise RuntimeError(
+            "torch.nn.functional.linear is missing or already replaced; "
+            "ekfac_laplace cannot capture nn.MultiheadAttention's projections. "
+            "Freeze the attention's parameters with requires_grad_(False)."
+        )
+
+    def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        output = _FUNCTIONAL_LINEAR(input, weight, bias)
+        report(input, weight, bias, output)
+        return output
+
+    F.linear = linear
+
+    def restore() -> None:
+        F.linear = _FUNCTIONAL_LINEAR
+
+    return restore

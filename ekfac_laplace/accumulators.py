@@ -5,8 +5,10 @@ positions sharing the weight) and, one backward pass ``k`` at a time, its output
 gradients ``g_k`` (``(B, S, d_out)``) to an accumulator:
 
 * :class:`FactorAccumulator` sums the Kronecker factors ``A = Σ a aᵀ`` and
-  ``G = Σ_k g_k g_kᵀ`` (``kfac_approx="expand"``; ``"reduce"`` sums over positions
-  first) and, within a memory budget, caches ``a`` and ``g`` for a replay;
+  ``G = Σ_k g_k g_kᵀ`` (``kfac_approx="expand"``; ``"reduce"`` averages the inputs
+  and sums the gradients over positions first; padding positions, marked by the
+  engine, are left out of ``A``) and, within a memory budget, caches ``a`` and ``g``
+  for a replay;
 * :class:`CorrectionAccumulator` sums the corrected eigenvalues in fixed eigenbases,
   from a second pass or from the replay. For a layer without weight sharing this is
   one matrix product,
@@ -47,7 +49,11 @@ class PassAccumulator:
     """Receives what one pass over the data sees; the default ignores everything."""
 
     def plan(
-        self, inputs: dict[str, Tensor], hidden: list[KroneckerLayer], passes: int
+        self,
+        inputs: dict[str, Tensor],
+        hidden: list[KroneckerLayer],
+        passes: int,
+        masks: dict[str, Tensor] | None = None,
     ) -> None:
         """Before anything else of a batch.
 
@@ -55,6 +61,8 @@ class PassAccumulator:
             inputs: Layer name to its inputs ``(B, S, d_in)``.
             hidden: The layers that get output gradients (not the output layer).
             passes: The number ``K`` of backward passes that will follow.
+            masks: Layer name to its mask ``(B, S)`` (``1``: token, ``0``:
+                padding) for the layers whose inputs include padding.
         """
 
     def begin(self, layer: KroneckerLayer, a: Tensor) -> None:
@@ -137,11 +145,20 @@ class FactorAccumulator(PassAccumulator):
         self.gradient_factors: dict[str, Tensor] = {}
         self.cache: dict[str, list[CacheEntry]] = {layer.name: [] for layer in layers}
         self._pending: dict[str, list[Tensor]] = {}
+        self._masks: dict[str, Tensor] = {}
 
     def plan(
-        self, inputs: dict[str, Tensor], hidden: list[KroneckerLayer], passes: int
+        self,
+        inputs: dict[str, Tensor],
+        hidden: list[KroneckerLayer],
+        passes: int,
+        masks: dict[str, Tensor] | None = None,
     ) -> None:
-        """On the first batch, give up caching if the whole set would not fit."""
+        """Keep the batch's padding masks; give up caching if need be.
+
+        On the first batch, caching stops if the whole set would not fit.
+        """
+        self._masks = masks or {}
         if not self.caching or self.examples_seen:
             return
         batch = next(iter(inputs.values())).shape[0]
@@ -235,7 +252,15 @@ class FactorAccumulator(PassAccumulator):
     def _add_input_factor(self, layer: KroneckerLayer, a: Tensor) -> None:
         if layer.weight_index is None:
             return
-        flat = a.reshape(-1, a.shape[-1]) if self.expand else a.mean(1)
+        mask = self._masks.get(layer.name)
+        if mask is not None:  # padding positions: left out
+            a = a * mask.unsqueeze(-1)
+        if self.expand:
+            flat = a.reshape(-1, a.shape[-1])
+        elif mask is not None:  # the mean over the tokens
+            flat = a.sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            flat = a.mean(1)
         self.input_factors[layer.name] = _add(
             self.input_factors.get(layer.name), flat.T @ flat
         )

@@ -9,9 +9,10 @@ during backward:
 * ``nn.Linear`` / ``nn.Conv2d`` / GPT-2 ``Conv1D``: the module's input and output,
   from a forward hook;
 * ``nn.MultiheadAttention``'s projections, which it applies with ``F.linear`` on
-  sequence-first tensors inside ``F.multi_head_attention_forward``: every such call
-  whose weight is the packed ``in_proj_weight`` (or a slice of it: query rows, key
-  and value rows) or ``out_proj.weight`` is seen by a ``TorchFunctionMode``. The
+  sequence-first tensors inside ``F.multi_head_attention_forward``: during its
+  forward pass every such call whose weight is the packed ``in_proj_weight`` (or a
+  slice of it: query rows, key and value rows) or ``out_proj.weight`` is seen
+  (:func:`~ekfac_laplace._compat.watching_functional_linear`). The
   calls of one projection become positions of one layer: their inputs concatenated,
   each output gradient placed in the rows of the weight it used (zero elsewhere), so
   that ``Σ_s g_s a_sᵀ`` is the weight's gradient;
@@ -22,20 +23,20 @@ during backward:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
-from ekfac_laplace._compat import tensor_version
+from ekfac_laplace._compat import tensor_version, watching_functional_linear
 from ekfac_laplace.diagonal import CaptureError, ModuleCall, UnsplittableCallError
 from ekfac_laplace.layout import (
     KroneckerLayer,
+    LayerKind,
     ParameterLayout,
     RowGroupingError,
     group_rows,
@@ -76,35 +77,13 @@ class _Projection:
     gradients: list[list[Tensor]] = field(default_factory=list)  # per call, per pass
 
 
-class _ProjectionMode(TorchFunctionMode):
-    """Sees every ``F.linear`` call while active; hands the attention ones on."""
-
-    def __init__(self, capture: ForwardCapture) -> None:
-        super().__init__()
-        self.capture = capture
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        output = func(*args, **kwargs)
-        if func is F.linear:
-            self.capture._linear_call(*args, output=output, **kwargs)
-        return output
-
-
 class ForwardCapture:
     """What the layout's modules see in one forward pass, and their output gradients.
 
     Used as a context manager around the forward pass: on entry it installs its
-    hooks (and, for attention projections, a ``TorchFunctionMode``), on exit it
-    removes them all (also when the forward pass raises), so that later calls of the
-    same modules (per-example gradients of diagonal blocks) are not seen. During the
-    forward pass it records
+    hooks, on exit it removes them all (also when the forward pass raises), so that
+    later calls of the same modules (per-example gradients of diagonal blocks) are
+    not seen. During the forward pass it records
 
     * for each Kronecker layer, its input (detached) in :attr:`inputs` and its output
       with the output's version counter in :attr:`outputs` (an in-place change after
@@ -115,6 +94,12 @@ class ForwardCapture:
     a backward pass (:meth:`take_gradients`; outputs that do not require grad get
     none).
 
+    A module's batch dimension is 0 unless :attr:`batch_dims` says otherwise
+    (``nn.Linear`` layers and layer norms inside a sequence-first transformer see
+    ``(T, B, d)``): given by the caller, or found by :meth:`locate_batches`.
+    :meth:`take_input` and :meth:`take_gradients` hand tensors on with the batch in
+    dimension 0.
+
     Args:
         layout: The parameter layout whose modules are captured.
         diagonal: Also capture the diagonal modules.
@@ -122,6 +107,7 @@ class ForwardCapture:
             module whose output is one tensor with one row then hands on that row
             expanded to ``batch`` rows, so that each example's output gradient is
             captured.
+        batch_dims: Module name to its batch dimension, where known and not 0.
 
     Raises:
         ReusedModuleError: (during the forward pass) if a module runs twice.
@@ -130,11 +116,16 @@ class ForwardCapture:
     """
 
     def __init__(
-        self, layout: ParameterLayout, diagonal: bool = True, batch: int | None = None
+        self,
+        layout: ParameterLayout,
+        diagonal: bool = True,
+        batch: int | None = None,
+        batch_dims: dict[str, int] | None = None,
     ) -> None:
         self.layout = layout
         self.diagonal = diagonal
         self.batch = batch
+        self.batch_dims: dict[str, int] = dict(batch_dims or {})
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, tuple[Tensor, int]] = {}
         self.calls: dict[str, ModuleCall] = {}
@@ -143,7 +134,7 @@ class ForwardCapture:
         self._projections: dict[int, _Projection] = {}  # id(weight) → its calls
         self._attentions: dict[int, tuple[str, int, int]] = {}  # running: (L, B)
         self._handles: list[RemovableHandle] = []
-        self._mode: _ProjectionMode | None = None
+        self._restore_linear: Callable[[], None] | None = None
 
     def __enter__(self) -> ForwardCapture:
         attentions: dict[int, nn.MultiheadAttention] = {}
@@ -169,15 +160,10 @@ class ForwardCapture:
                 self._handles.append(
                     entry.module.register_forward_hook(hook, with_kwargs=True)
                 )
-        if self._projections:
-            self._mode = _ProjectionMode(self)
-            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
-            self._mode = None
+        self._stop_watching()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -194,13 +180,134 @@ class ForwardCapture:
             :data:`LeafGradients` per pass; empty if none reached the module.
         """
         if name in self._gradients:
-            return self._gradients.pop(name)
+            dim = self.batch_dims.get(name, 0)
+            return [g.movedim(dim, 0) for g in self._gradients.pop(name)]
         if name in self._leaf_gradients:
             return self._diagonal_gradients(name)
         for projection in self._projections.values():
             if projection.layer.name == name:
                 return self._projection_gradients(projection)
         return []
+
+    def take_input(self, name: str) -> Tensor:
+        """A Kronecker layer's input with its batch in dimension 0, removed.
+
+        Args:
+            name: A Kronecker layer of the layout that ran.
+
+        Returns:
+            The detached input.
+        """
+        return self.inputs.pop(name).movedim(self.batch_dims.get(name, 0), 0)
+
+    @torch.no_grad()
+    def locate_batches(self, f: Tensor, targets: list[Tensor], check: bool) -> None:
+        """Find each module's batch dimension from which rows example 0 and 1 reach.
+
+        A tensor ``(T, B, d)`` of a sequence-first model and ``(B, T, d)`` with
+        ``T`` a multiple of ``B`` cannot be told apart by their shapes. One backward
+        pass from the outputs of example ``e`` (``e = 0, 1``) reaches only the rows
+        of example ``e`` in the batch dimension (its ``m`` consecutive rows where
+        ``m`` are folded into the batch); dimension 0 is kept where several
+        dimensions qualify. Modules that no dimension fits are refused (with
+        ``check``) or kept at 0. Sets :attr:`batch_dims` and relocates the
+        diagonal modules' calls; without ambiguity (and without ``check``) no
+        backward pass is made.
+
+        Args:
+            f: The outputs ``(B, C)`` of the captured forward pass.
+            targets: Parameters to back-propagate to (one per module).
+            check: Probe every module, refusing coupled or interleaved examples.
+
+        Raises:
+            ValueError: With ``check``, if a module's rows of example 0 or 1 are
+                not where the batch dimension puts them.
+        """
+        batch = f.shape[0]
+        candidates = self._candidate_dims(batch)
+        if batch < 2 or not candidates:
+            return
+        if not check and all(dims == [0] for dims in candidates.values()):
+            return
+        probes = []
+        with torch.enable_grad():
+            for example in (0, 1):
+                torch.autograd.grad(
+                    f[example].sum(), targets, retain_graph=True, allow_unused=True
+                )
+                probes.append({name: self._raw_gradient(name) for name in candidates})
+                self._forget_gradients()
+        for name, dims in candidates.items():
+            reached = [probe[name] for probe in probes]
+            if any(gradient is None for gradient in reached):
+                continue  # the module does not influence the outputs
+            if not all(bool(torch.isfinite(gradient).all()) for gradient in reached):
+                continue  # NaN / Inf: refused with its name by the factor checks
+            found = next(
+                (
+                    dim
+                    for dim in dims
+                    if all(
+                        _only_row(gradient, dim, batch, example)
+                        for example, gradient in enumerate(reached)
+                    )
+                ),
+                None,
+            )
+            if found is None and check:
+                raise ValueError(
+                    f"Module '{name}' sees tensors of shape "
+                    f"{tuple(reached[0].shape)} for a batch of {batch} examples, but "
+                    "no dimension holds the examples apart: the first example's "
+                    "outputs depend on rows of other examples (the rows of each "
+                    "example are not consecutive, or examples are coupled). Keep "
+                    "examples independent; fold extra dimensions into the batch "
+                    "with x.reshape(batch * m, ...), which keeps each example's "
+                    "rows together."
+                )
+            if found:
+                self.batch_dims[name] = found
+                if name in self.calls:
+                    self.calls[name] = self.calls[name].located(found, batch)
+
+    def _candidate_dims(self, batch: int) -> dict[str, list[int]]:
+        """Per module, the dimensions that could hold the batch (0 first)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self.layout.layers:
+            if layer.kind in (LayerKind.LINEAR, LayerKind.TRANSPOSED):
+                if layer.name in self.inputs:
+                    shapes[layer.name] = tuple(self.inputs[layer.name].shape)
+        for name, call in self.calls.items():
+            if call.conventional:
+                continue
+            tensors = [shape for shape in call.output_shapes if shape]
+            if tensors:
+                shapes[name] = tensors[0]
+        return {
+            name: [0] + [d for d in range(1, len(shape) - 1) if shape[d] % batch == 0]
+            for name, shape in shapes.items()
+            if shape[0] % batch == 0 or len(shape) > 2
+        }
+
+    def _forget_gradients(self) -> None:
+        self._gradients.clear()
+        self._leaf_gradients.clear()
+        for projection in self._projections.values():
+            for gradients in projection.gradients:
+                gradients.clear()
+
+    def _raw_gradient(self, name: str) -> Tensor | None:
+        """The one gradient that reached a layer or a diagonal module's output."""
+        if name in self._gradients:
+            (gradient,) = self._gradients.pop(name)
+            return gradient
+        per_leaf = self._leaf_gradients.pop(name, {})
+        first = next(
+            (i for i, shape in enumerate(self.calls[name].output_shapes) if shape),
+            None,
+        )
+        gradients = per_leaf.get(first, [])
+        return gradients[0] if gradients else None
 
     def _diagonal_gradients(self, name: str) -> list[LeafGradients]:
         per_leaf = self._leaf_gradients.pop(name)
@@ -272,7 +379,10 @@ class ForwardCapture:
             # be the batch's sum. Handing on an expanded view, which downstream
             # broadcasting treats alike, gives each example's gradient.
             replaced = output = output.expand(self.batch, *output.shape[1:])
-        self.calls[name] = ModuleCall.of(name, module, args, kwargs, output, self.batch)
+        dim = self.batch_dims.get(name, 0)
+        self.calls[name] = ModuleCall.of(
+            name, module, args, kwargs, output, self.batch, dim
+        )
         for leaf_index, leaf in enumerate(tree_flatten(output)[0]):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 leaf.register_hook(
@@ -315,11 +425,14 @@ class ForwardCapture:
         if module.batch_first:
             length, batch = batch, length
         self._attentions[id(module)] = (name, length, batch)
+        self._stop_watching()
+        self._restore_linear = watching_functional_linear(self._linear_call)
 
     def _attention_ends(
         self, name: str, module: nn.MultiheadAttention, args: Any, output: Any
     ) -> None:
         """After an attention's forward: its projections' inputs, as positions."""
+        self._stop_watching()
         del self._attentions[id(module)]
         for projection in self._projections.values():
             layer = projection.layer
@@ -327,13 +440,13 @@ class ForwardCapture:
                 continue  # not run (frozen attention): reported as not run
             self.inputs[layer.name] = torch.cat(projection.inputs, dim=1)
 
+    def _stop_watching(self) -> None:
+        if self._restore_linear is not None:
+            self._restore_linear()
+            self._restore_linear = None
+
     def _linear_call(
-        self,
-        input: Tensor,
-        weight: Tensor,
-        bias: Tensor | None = None,
-        *,
-        output: Tensor,
+        self, input: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor
     ) -> None:
         """An ``F.linear`` call: keep it if it applies an attention projection."""
         base = weight if id(weight) in self._projections else weight._base
@@ -363,6 +476,15 @@ class ForwardCapture:
                 )
 
             output.register_hook(store)
+
+
+def _only_row(gradient: Tensor, dim: int, batch: int, example: int) -> bool:
+    """Whether ``gradient`` is zero outside example ``example``'s rows of ``dim``."""
+    if gradient.shape[dim] % batch:
+        return False
+    rows = gradient.movedim(dim, 0).reshape(batch, -1)
+    others = torch.cat([rows[:example], rows[example + 1 :]])
+    return not others.any()
 
 
 def _batch_first(tensor: Tensor, length: int, batch: int) -> Tensor:

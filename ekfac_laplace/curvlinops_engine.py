@@ -33,6 +33,13 @@ _FISHER_TYPES = {
 }
 
 
+_DESCRIPTIONS = {
+    LayerKind.TRANSPOSED: "a GPT-2 Conv1D",
+    LayerKind.ATTENTION_IN: "the in-projection of an nn.MultiheadAttention",
+    LayerKind.ATTENTION_OUT: "the out-projection of an nn.MultiheadAttention",
+}
+
+
 def check_curvlinops_layout(layout: ParameterLayout) -> None:
     """Refuse layouts with diagonal blocks, which curvlinops cannot compute.
 
@@ -55,8 +62,8 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
         if layer.kind not in (LayerKind.LINEAR, LayerKind.CONV2D):
             raise ValueError(
                 f"engine='curvlinops' supports only nn.Linear and nn.Conv2d, but "
-                f"'{layer.name}' is a {layer.kind.value} layer "
-                f"({type(layer.module).__name__}); use engine='fast' (the default)."
+                f"'{layer.name}' is {_DESCRIPTIONS[layer.kind]}; use engine='fast' "
+                "(the default)."
             )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,28 +48,37 @@ class ModuleCall:
     A module may take and return any structure of tensors (an ``nn.LSTM`` returns
     ``(output, (h, c))``, ``nn.MultiheadAttention`` ``(output, weights)``); the
     output's tensors are its *leaves*, in ``torch.utils._pytree`` order. Each tensor
-    has a batch dimension (``None``: shared by every example): dimension 0 by
-    default, the module's own convention for recurrent layers and attention
-    (``batch_first``; the hidden states of a recurrent layer have it in
-    dimension 1).
+    has a batch dimension (``None``: shared by every example): the module's own
+    convention for recurrent layers and attention (``batch_first``; the hidden
+    states of a recurrent layer have it in dimension 1), else dimension
+    ``batch_dim`` of the outputs (0 unless the engine found another, as in a
+    sequence-first transformer's layer norms), its size ``R`` (a multiple of the
+    batch size where known) taken from most output tensors. Inputs with ``R`` rows
+    there (or in dimension 0) are split, all others are shared by the examples; an
+    output tensor without ``R`` rows gets no batch dimension, and a gradient
+    arriving there is refused (:meth:`rows`).
 
     Attributes:
         name: The module's name, for messages.
         args: Positional inputs, detached.
         kwargs: Keyword inputs, detached.
+        output_shapes: Shape of each output leaf (``None``: not a tensor).
         arg_dims: Batch dimension of each positional input (``None``: shared).
         kwarg_dims: Batch dimension of each keyword input.
-        output_dims: Batch dimension of each output leaf (``None``: not a tensor).
+        output_dims: Batch dimension of each output leaf.
         single: Whether the output is one tensor (closed forms apply).
+        conventional: Whether the module's own convention set the dimensions.
     """
 
     name: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    arg_dims: tuple[Any, ...]
-    kwarg_dims: dict[str, Any]
-    output_dims: tuple[int | None, ...]
-    single: bool
+    output_shapes: tuple[tuple[int, ...] | None, ...]
+    arg_dims: tuple[Any, ...] = ()
+    kwarg_dims: dict[str, Any] = field(default_factory=dict)
+    output_dims: tuple[int | None, ...] = ()
+    single: bool = False
+    conventional: bool = False
 
     @classmethod
     def of(
@@ -80,14 +89,9 @@ class ModuleCall:
         kwargs: dict[str, Any],
         output: Any,
         batch: int | None = None,
+        batch_dim: int = 0,
     ) -> ModuleCall:
         """Record a call: detach its inputs and find the batch dimensions.
-
-        By default the batch is dimension 0 of the output tensors, its size ``R``
-        (a multiple of ``batch`` where known) taken from most of them; inputs with
-        ``R`` rows are split, all others are shared by the examples. An output
-        tensor without ``R`` rows gets no batch dimension: a gradient arriving there
-        is refused (:meth:`rows`).
 
         Args:
             name: The module's name, for messages.
@@ -96,6 +100,8 @@ class ModuleCall:
             kwargs: Its keyword inputs.
             output: What it returned.
             batch: The number of examples of the forward pass, if known.
+            batch_dim: The outputs' batch dimension (modules without a
+                convention).
 
         Returns:
             The call.
@@ -105,30 +111,66 @@ class ModuleCall:
                 unbatched or packed sequence, or with a 3-D attention mask.
         """
         leaves = tree_flatten(output)[0]
-        convention = _convention(name, module, args, kwargs, leaves)
-        if convention is not None:
-            arg_dims, kwarg_dims, output_dims = convention
-        else:
-            sizes = [
-                leaf.shape[0]
-                for leaf in leaves
-                if isinstance(leaf, Tensor)
-                and leaf.ndim > 0
-                and (batch is None or leaf.shape[0] % batch == 0)
-            ]
-            rows = max(sizes, key=sizes.count) if sizes else -1
-            arg_dims = tree_map(lambda a: _leading(a, rows), args)
-            kwarg_dims = tree_map(lambda a: _leading(a, rows), kwargs)
-            output_dims = tuple(_leading(leaf, rows) for leaf in leaves)
-        return cls(
+        call = cls(
             name,
             detach_inputs(args),
             detach_inputs(kwargs),
-            arg_dims,
-            kwarg_dims,
-            output_dims,
-            isinstance(output, Tensor),
+            tuple(tuple(x.shape) if isinstance(x, Tensor) else None for x in leaves),
+            single=isinstance(output, Tensor),
         )
+        convention = _convention(name, module, args, kwargs, leaves)
+        if convention is None:
+            return call.located(batch_dim, batch)
+        call.arg_dims, call.kwarg_dims, call.output_dims = convention
+        call.conventional = True
+        return call
+
+    def located(self, batch_dim: int, batch: int | None = None) -> ModuleCall:
+        """The call with its batch in dimension ``batch_dim`` of the outputs.
+
+        Args:
+            batch_dim: The outputs' batch dimension.
+            batch: The number of examples of the forward pass, if known.
+
+        Returns:
+            A new call (a conventional one unchanged).
+        """
+        if self.conventional:
+            return self
+        sizes = [
+            shape[batch_dim]
+            for shape in self.output_shapes
+            if shape is not None
+            and len(shape) > batch_dim
+            and (batch is None or shape[batch_dim] % batch == 0)
+        ]
+        rows = max(sizes, key=sizes.count) if sizes else -1
+
+        def dim(value: Any) -> int | None:
+            if not isinstance(value, Tensor) or value.ndim == 0:
+                return None
+            if value.ndim > batch_dim and value.shape[batch_dim] == rows:
+                return batch_dim
+            return 0 if value.shape[0] == rows else None
+
+        output_dims = tuple(
+            batch_dim
+            if shape is not None and len(shape) > batch_dim and shape[batch_dim] == rows
+            else None
+            for shape in self.output_shapes
+        )
+        return replace(
+            self,
+            arg_dims=tree_map(dim, self.args),
+            kwarg_dims=tree_map(dim, self.kwargs),
+            output_dims=output_dims,
+        )
+
+    @property
+    def batch_first(self) -> bool:
+        """Whether every batched tensor of the call has its batch in dimension 0."""
+        dims = tree_flatten((self.arg_dims, self.kwarg_dims, self.output_dims))[0]
+        return all(dim in (0, None) for dim in dims)
 
     def rows(self, module: nn.Module, grad_outputs: Sequence[Tensor | None]) -> int:
         """The number of rows (examples, or ``B·m`` folded rows) of the call.
@@ -176,12 +218,6 @@ class UnsplittableCallError(CaptureError):
             "requires_grad_(False), or call it on batched tensors with the batch "
             "in dimension 0."
         )
-
-
-def _leading(value: Any, rows: int) -> int | None:
-    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows:
-        return 0
-    return None
 
 
 def _tensors_at(dim: int) -> Any:
@@ -364,7 +400,7 @@ def restricted_gradients(
         Per name ``(rows, gradients)``: ``rows`` of shape ``(R,)`` with gradients of
         shape ``(B, R, D)``, or ``None`` with gradients ``(B, *parameter.shape)``.
     """
-    if call.single:
+    if call.single and call.batch_first:
         (grad_output,) = grad_outputs
         args, kwargs = call.args, call.kwargs
         if _simple_embedding(module, names, args, kwargs):

@@ -14,6 +14,9 @@ This engine computes the same quantities with
   within ``cache_budget_bytes``, so that the eigenvalue correction needs no second
   pass (:mod:`ekfac_laplace.accumulators`).
 
+A dict batch's ``attention_mask`` marks padding positions: they are left out of
+the input factors, so that padding contributes nothing.
+
 A network that folds another dimension into its batch before a layer (a reward
 model's pair of completions, ``x.reshape(-1, d)``) gives that layer ``B·m`` rows; each
 example's ``m`` consecutive rows become positions sharing the weight
@@ -31,7 +34,7 @@ the passes over the data set. Results are in the scale of the summed torch loss;
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -67,7 +70,7 @@ class Sweep:
     def __init__(self, model: nn.Module, layout: ParameterLayout) -> None:
         self.model = model
         self.layout = layout
-        self.grouping_checked = False
+        self.batch_dims: dict[str, int] | None = None  # found on the first batch
 
     def run(
         self,
@@ -96,29 +99,32 @@ class Sweep:
         if not self.layout.has_diagonal:
             diagonal = None
         capture = ForwardCapture(
-            self.layout, diagonal=diagonal is not None, batch=len(y)
+            self.layout,
+            diagonal=diagonal is not None,
+            batch=len(y),
+            batch_dims=self.batch_dims,
         )
         with torch.enable_grad():
             f = self._forward(X, capture)
             curvature = curvature_fn(f, y)
             hidden = self._hidden_layers(capture, f)
             batch = f.shape[0]
+            if self.batch_dims is None and batch > 1:
+                self._locate_batches(f, hidden, capture)
             positions = {  # the raw inputs are released as they are unfolded
                 layer.name: group_rows(
                     layer_positions(
-                        layer.module, capture.inputs.pop(layer.name), is_input=True
+                        layer.module, capture.take_input(layer.name), is_input=True
                     ),
                     batch,
                     layer.name,
                 )
                 for layer in self.layout.layers
             }
-            if not self.grouping_checked and batch > 1:
-                self._check_grouping(f, hidden, capture, diagonal is not None)
             backward = bool(hidden) or diagonal is not None
             vectors = curvature.vectors() if backward else None
             passes = 0 if vectors is None else vectors.shape[1]
-            accumulator.plan(positions, hidden, passes)
+            accumulator.plan(positions, hidden, passes, _padding(X, positions))
             for layer in self.layout.layers:
                 if layer in hidden:
                     accumulator.begin(layer, positions[layer.name])
@@ -142,62 +148,21 @@ class Sweep:
             )
         return f
 
-    def _check_grouping(
-        self,
-        f: Tensor,
-        hidden: list[KroneckerLayer],
-        capture: ForwardCapture,
-        with_diagonal: bool,
+    def _locate_batches(
+        self, f: Tensor, hidden: list[KroneckerLayer], capture: ForwardCapture
     ) -> None:
-        """Check that rows folded into the batch belong to consecutive examples.
+        """On the first batch with several examples: where each module's batch is.
 
-        One backward pass from the first example's outputs: a module that sees
-        ``B·m`` rows must receive gradient in its first ``m`` rows only. Done once
-        per engine, on its first batch with more than one example.
-
-        Raises:
-            ValueError: If other rows receive gradient (examples interleaved, e.g.
-                ``torch.cat([x[:, 0], x[:, 1]])``, or coupled across the batch).
+        Two backward passes, from the outputs of examples 0 and 1
+        (:meth:`~ekfac_laplace.capture.ForwardCapture.locate_batches`); they also
+        refuse rows folded into the batch out of order and coupled examples.
         """
-        batch = f.shape[0]
-        modules = [layer.name for layer in hidden]
         targets = [layer.target for layer in hidden]
-        if with_diagonal:
-            modules += [entry.name for entry in self.layout.diagonal_modules]
+        if capture.diagonal:
             targets += [entry.target for entry in self.layout.diagonal_modules]
-        if not targets:
-            self.grouping_checked = True
-            return
-        torch.autograd.grad(f[0].sum(), targets, retain_graph=True, allow_unused=True)
-        for name in modules:
-            for gradient in self._row_major(name, capture):
-                if gradient.shape[0] == batch:
-                    continue
-                group_rows(gradient.unsqueeze(1), batch, name)  # a multiple of B
-                if gradient.reshape(batch, -1)[1:].any():
-                    raise ValueError(
-                        f"Module '{name}' sees {gradient.shape[0]} rows for a batch "
-                        f"of {batch} examples, but its rows beyond the first "
-                        f"{gradient.shape[0] // batch} influence the first example's "
-                        "outputs: the rows of each example are not consecutive (or "
-                        "examples are coupled). Fold extra dimensions into the batch "
-                        "with x.reshape(batch * m, ...), which keeps each example's "
-                        "rows together."
-                    )
-        self.grouping_checked = True
-
-    @staticmethod
-    def _row_major(name: str, capture: ForwardCapture) -> list[Tensor]:
-        """A module's captured gradients with their rows (batch) in dimension 0."""
-        if name not in capture.calls:  # a Kronecker layer
-            return capture.take_gradients(name)
-        dims = capture.calls[name].output_dims
-        return [
-            gradient.movedim(dim, 0)
-            for gradients in capture.take_gradients(name)
-            for gradient, dim in zip(gradients, dims)
-            if gradient is not None and dim is not None
-        ]
+        if targets:
+            capture.locate_batches(f, targets, check=True)
+        self.batch_dims = dict(capture.batch_dims)
 
     def _hidden_layers(
         self, capture: ForwardCapture, f: Tensor
@@ -256,6 +221,36 @@ class Sweep:
                     diagonal.add(entry, call, gradients, f.shape[0])
         for layer in hidden:
             accumulator.end(layer, positions[layer.name])
+
+
+def _padding(X: Any, positions: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Which positions of each layer are tokens, from the batch's attention mask.
+
+    A dict batch's ``attention_mask`` (``1``: token, ``0``: padding), flattened to
+    ``(B, T)``, marks the positions of every layer that sees ``T`` positions per
+    example (after grouping folded rows). Padding positions are left out of the
+    input factor ``A``, as without the padding. Only the eigenbasis depends on
+    ``A``: the corrected eigenvalues use every position, so they stay exact (in
+    that basis) even for a model that does not mask its padding; one that does
+    gives them zero output gradients, and so they add nothing there either.
+
+    Args:
+        X: The model input.
+        positions: Layer name to its inputs ``(B, S, d_in)``.
+
+    Returns:
+        Layer name to its mask ``(B, S)`` (in the inputs' dtype), for the layers
+        with padding.
+    """
+    mask = X.get("attention_mask") if isinstance(X, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.ndim < 2 or bool(mask.all()):
+        return {}
+    flat = mask.reshape(mask.shape[0], -1)
+    return {
+        name: flat.to(a.dtype)
+        for name, a in positions.items()
+        if flat.shape == a.shape[:2]
+    }
 
 
 class FastEKFAC:

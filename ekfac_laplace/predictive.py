@@ -86,6 +86,7 @@ def glm_predictive_variance(
         f = model(X)
     B, K = f.shape
     targets = layout.backprop_targets()
+    capture.locate_batches(f, targets, check=False)
     for c in range(K):
         torch.autograd.grad(
             f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
@@ -103,7 +104,7 @@ def glm_predictive_variance(
             dim=1,
         )  # (B, K, S, out)
         a = group_rows(
-            layer_positions(layer.module, capture.inputs[layer.name], True),
+            layer_positions(layer.module, capture.take_input(layer.name), True),
             B,
             layer.name,
         )

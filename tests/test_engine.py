@@ -24,7 +24,7 @@ class _Spy(PassAccumulator):
         self.gradients: list[torch.Tensor] = []
         self.passes: list[int] = []
 
-    def plan(self, inputs, hidden, passes) -> None:
+    def plan(self, inputs, hidden, passes, masks=None) -> None:
         self.passes.append(passes)
 
     def begin(self, layer, a) -> None:

@@ -319,3 +319,45 @@ def mc_fisher_moments(
         means.append(mean.sum(0))
         variances.append((second - mean.square()).sum(0))
     return means, variances
+
+
+def _example(X: Tensor | dict[str, Tensor], n: int) -> Tensor | dict[str, Tensor]:
+    if isinstance(X, dict):
+        return {key: value[n : n + 1] for key, value in X.items()}
+    return X[n : n + 1]
+
+
+def loop_jacobians(
+    model: nn.Module, params: list[Tensor], X: Tensor | dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Per-example Jacobians ``(N, C, P)``, one example at a time (no ``vmap``).
+
+    For models that ``vmap`` cannot batch (fused recurrent kernels) and dict inputs.
+    """
+    names = param_names(model, params)
+    detached = {n: p.detach() for n, p in zip(names, params)}
+    N = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+    rows, outputs = [], []
+    for n in range(N):
+        x = _example(X, n)
+
+        def f(param_dict: dict[str, Tensor], x=x) -> Tensor:
+            return functional_call(model, param_dict, (x,)).squeeze(0)
+
+        J = jacrev(f)(detached)
+        rows.append(torch.cat([J[name].flatten(start_dim=1) for name in names], 1))
+        with torch.no_grad():
+            outputs.append(model(x).squeeze(0))
+    return torch.stack(rows), torch.stack(outputs)
+
+
+def loop_ggn(
+    model: nn.Module,
+    params: list[Tensor],
+    X: Tensor | dict[str, Tensor],
+    likelihood: str,
+) -> Tensor:
+    """The dense GGN from :func:`loop_jacobians`."""
+    J, f = loop_jacobians(model, params, X)
+    L = output_hessians(f, likelihood)
+    return torch.einsum("nci,ncd,ndj->ij", J, L, J)

@@ -1,0 +1,498 @@
+"""Transformers, recurrent networks and GPT-2-style layers against dense references.
+
+Every model here fits with the default settings. Each block is checked against the
+dense float64 GGN (per-example Jacobians one example at a time, since ``vmap``
+cannot batch the fused recurrent kernels): a diagonal block must equal the exact
+diagonal, a Kronecker block the exact diagonal in its eigenbasis. The attention
+projections and GPT-2's ``Conv1D`` are also checked against the same network written
+with ``nn.Linear`` layers, where the fast engine is already checked against the
+dense KFAC factors: equal posterior precisions mean equal factors and corrections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models import VisionTransformer
+
+from ekfac_laplace import EKFACLaplace
+from ekfac_laplace.layout import LayerKind, ParameterLayout
+from ekfac_laplace.predictive import glm_predictive_variance
+from tests.cases import loader
+from tests.utils import (
+    assert_close,
+    blocks,
+    corrected_eigenvalues,
+    loop_ggn,
+    loop_jacobians,
+)
+
+VOCABULARY, WIDTH, CLASSES = 11, 8, 3
+
+
+class Tokens(Dataset):
+    """Hugging Face-style examples with an attention mask (1: token, 0: padding)."""
+
+    def __init__(self, tokens: Tensor, mask: Tensor, labels: Tensor) -> None:
+        self.tokens, self.mask, self.labels = tokens, mask, labels
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {
+            "input_ids": self.tokens[index],
+            "attention_mask": self.mask[index],
+            "labels": self.labels[index],
+        }
+
+
+def token_batch(n: int, length: int = 6, seed: int = 0) -> dict[str, Tensor]:
+    """Tokens with right padding: example ``i`` has ``length - i % 3`` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCABULARY, (n, length), generator=generator)
+    lengths = length - torch.arange(n) % 3
+    mask = (torch.arange(length) < lengths.unsqueeze(1)).long()
+    return {"input_ids": tokens * mask, "attention_mask": mask}
+
+
+def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+class Encoder(nn.Module):
+    """Token embedding, two ``nn.TransformerEncoderLayer``, masked mean, head."""
+
+    def __init__(self, batch_first: bool = True, norm_first: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embedding = nn.Embedding(VOCABULARY, WIDTH, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(
+            WIDTH,
+            2,
+            16,
+            dropout=0.0,
+            batch_first=batch_first,
+            norm_first=norm_first,
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"]
+        hidden = self.embedding(batch["input_ids"])
+        if not self.batch_first:
+            hidden = hidden.transpose(0, 1)
+        hidden = self.encoder(hidden, src_key_padding_mask=mask == 0)
+        if not self.batch_first:
+            hidden = hidden.transpose(0, 1)
+        return self.head(_masked_mean(hidden, mask))
+
+
+class ExplicitAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, batch first) with ``nn.Linear``."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        width = attention.embed_dim
+        self.heads = attention.num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        with torch.no_grad():
+            self.qkv.weight.copy_(attention.in_proj_weight)
+            self.qkv.bias.copy_(attention.in_proj_bias)
+            self.out.weight.copy_(attention.out_proj.weight)
+            self.out.bias.copy_(attention.out_proj.bias)
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        B, T, E = x.shape
+        q, k, v = (
+            part.reshape(B, T, self.heads, -1).transpose(1, 2)
+            for part in self.qkv(x).chunk(3, dim=-1)
+        )
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        mixed = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, E)
+        return self.out(mixed)
+
+
+class AttentionBlock(nn.Module):
+    """Embedding, one self-attention (torch's or the explicit twin), LayerNorm, head."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(VOCABULARY, WIDTH, padding_idx=0)
+        self.attention: nn.Module = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+        self.explicit = explicit
+        if explicit:
+            self.attention = ExplicitAttention(self.attention)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"]
+        x = self.embedding(batch["input_ids"])
+        if self.explicit:
+            mixed = self.attention(x, mask == 0)
+        else:
+            mixed, _ = self.attention(x, x, x, key_padding_mask=mask == 0)
+        return self.head(_masked_mean(self.norm(x + torch.tanh(mixed)), mask))
+
+
+class CrossAttention(nn.Module):
+    """Queries from one sequence, keys and values from another (``k is v``)."""
+
+    def __init__(self, batch_first: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embedding = nn.Embedding(VOCABULARY, WIDTH, padding_idx=0)
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=batch_first)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        x = self.embedding(batch["input_ids"])
+        query, memory = x[:, :2], x[:, 2:]
+        if not self.batch_first:
+            query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+        mixed, weights = self.attention(query, memory, memory)
+        if not self.batch_first:
+            mixed = mixed.transpose(0, 1)
+        return self.head(torch.tanh(mixed).mean(1) + weights.sum((1, 2)).unsqueeze(1))
+
+
+class Recurrent(nn.Module):
+    """Embedding, a two-layer LSTM or GRU, its outputs and last hidden state, head."""
+
+    def __init__(self, cell: str = "lstm", batch_first: bool = True) -> None:
+        super().__init__()
+        self.cell, self.batch_first = cell, batch_first
+        self.embedding = nn.Embedding(VOCABULARY, 4)
+        kind = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = kind(4, 5, num_layers=2, batch_first=batch_first)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        x = self.embedding(batch["input_ids"])
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        outputs, hidden = self.rnn(x)
+        last = (hidden[0] if self.cell == "lstm" else hidden)[-1]  # (B, H)
+        mean = outputs.mean(1 if self.batch_first else 0)
+        return self.head(torch.tanh(mean) + last)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D`` (``transformers.pytorch_utils``): ``x @ W + b``, ``W`` stored
+    ``(d_in, d_out)``; recognised by name and shape, as the library's own."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.shape[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight)
+        return x.view(size_out)
+
+
+class GPT2Style(nn.Module):
+    """Embedding, a Conv1D MLP on the tokens, masked mean, a Conv1D head."""
+
+    def __init__(self, linear: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(VOCABULARY, 4, padding_idx=0)
+        self.fc = Conv1D(6, 4)
+        self.proj = Conv1D(CLASSES, 6)
+        if linear:  # the same network with nn.Linear (weights transposed)
+            self.fc, self.proj = _as_linear(self.fc), _as_linear(self.proj)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        mask = batch["attention_mask"]
+        hidden = torch.tanh(self.fc(self.embedding(batch["input_ids"])))
+        return self.proj(_masked_mean(hidden, mask))
+
+
+def _as_linear(conv: Conv1D) -> nn.Linear:
+    linear = nn.Linear(*conv.weight.shape)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+def vit() -> nn.Module:
+    """torchvision's ViT: patch embedding, class token, positions, one encoder block."""
+    return VisionTransformer(
+        image_size=8,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=WIDTH,
+        mlp_dim=16,
+        num_classes=CLASSES,
+    )
+
+
+def _images(n: int) -> Tensor:
+    return torch.randn(n, 3, 8, 8, dtype=torch.float64)
+
+
+MODELS = {
+    # name: (builder, kinds of its Kronecker layers, diagonal parameter names)
+    "transformer_encoder": (
+        Encoder,
+        {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
+        {"embedding.weight"}
+        | {
+            f"encoder.layers.{i}.norm{j}.{p}"
+            for i in (0, 1)
+            for j in (1, 2)
+            for p in ("weight", "bias")
+        },
+    ),
+    "transformer_encoder_seq_first_norm_first": (
+        lambda: Encoder(batch_first=False, norm_first=True),
+        {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
+        {"embedding.weight"}
+        | {
+            f"encoder.layers.{i}.norm{j}.{p}"
+            for i in (0, 1)
+            for j in (1, 2)
+            for p in ("weight", "bias")
+        },
+    ),
+    "cross_attention": (
+        CrossAttention,
+        {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
+        {"embedding.weight"},
+    ),
+    "lstm": (
+        Recurrent,
+        {LayerKind.LINEAR},
+        {"embedding.weight"}
+        | {
+            f"rnn.{w}_{k}_l{i}"
+            for w in ("weight", "bias")
+            for k in ("ih", "hh")
+            for i in (0, 1)
+        },
+    ),
+    "gru_seq_first": (
+        lambda: Recurrent("gru", batch_first=False),
+        {LayerKind.LINEAR},
+        {"embedding.weight"}
+        | {
+            f"rnn.{w}_{k}_l{i}"
+            for w in ("weight", "bias")
+            for k in ("ih", "hh")
+            for i in (0, 1)
+        },
+    ),
+    "gpt2_conv1d": (GPT2Style, {LayerKind.TRANSPOSED}, {"embedding.weight"}),
+    "vit": (
+        vit,
+        {
+            LayerKind.CONV2D,
+            LayerKind.ATTENTION_IN,
+            LayerKind.ATTENTION_OUT,
+            LayerKind.LINEAR,
+        },
+        {"class_token", "encoder.pos_embedding"}
+        | {
+            f"encoder.{m}.{p}"
+            for m in (
+                "layers.encoder_layer_0.ln_1",
+                "layers.encoder_layer_0.ln_2",
+                "ln",
+            )
+            for p in ("weight", "bias")
+        },
+    ),
+}
+
+
+def _make(name: str, n: int = 7, seed: int = 0):
+    build = MODELS[name][0]
+    torch.manual_seed(seed)
+    model = build().to(torch.float64).eval()
+    for param in model.parameters():  # away from the initialisation's symmetries
+        with torch.no_grad():
+            param.add_(0.1 * torch.randn_like(param))
+    X = _images(n) if name == "vit" else token_batch(n, seed=seed)
+    y = torch.randint(0, CLASSES, (n,))
+    return model, X, y
+
+
+def _loader(X, y, batch_size: int = 3) -> DataLoader:
+    if isinstance(X, Tensor):
+        return loader(X, y, batch_size)
+    return DataLoader(Tokens(X["input_ids"], X["attention_mask"], y), batch_size)
+
+
+def _fit(model, X, y, **kwargs) -> EKFACLaplace:
+    la = EKFACLaplace(model, "classification", prior_precision=0.5, **kwargs)
+    la.fit(_loader(X, y))
+    return la
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_blocks_match_the_dense_ggn(name: str):
+    model, X, y = _make(name)
+    la = _fit(model, X, y)
+    params = list(model.parameters())
+    layout = ParameterLayout(model, params)
+    assert {layer.kind for layer in layout.layers} == MODELS[name][1]
+    exact = blocks(
+        loop_ggn(model, params, X, "classification"), [p.numel() for p in params]
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    diagonal = set()
+    for param, block, basis, values in zip(
+        params, exact, la.H.eigenvectors, la.H.eigenvalues
+    ):
+        if not basis:
+            diagonal.add(names[id(param)])
+            assert_close(values.flatten(), torch.diagonal(block))
+        else:
+            for q in basis:
+                assert_close(q.T @ q, torch.eye(len(q), dtype=q.dtype))
+            assert_close(values.flatten(), corrected_eigenvalues(block, basis))
+    assert diagonal == MODELS[name][2]
+    # The model is as it was: eval mode, no hooks left.
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_glm_predictive_matches_the_dense_jacobians(name: str):
+    model, X, y = _make(name)
+    la = _fit(model, X, y)
+    X_test = _make(name, n=4, seed=1)[1]
+    J, f = loop_jacobians(model, la.params, X_test)
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    for joint in (False, True):
+        mean, variance = glm_predictive_variance(
+            model, la.params, la.posterior_precision, X_test, joint=joint, batch=4
+        )
+        if joint:
+            flat = J.reshape(-1, J.shape[-1])
+            assert_close(mean, f.flatten())
+            assert_close(variance, flat @ covariance @ flat.T, "float64_loose")
+        else:
+            assert_close(mean, f)
+            assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
+    # Through the Laplace object too (no silent fallback changes the numbers).
+    _, variance = la._glm_predictive_distribution(X_test)
+    assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
+
+
+def test_attention_projections_equal_the_same_network_with_linear_layers():
+    """in_proj (one ``F.linear`` over q, k, v) and out_proj, captured inside
+    ``nn.MultiheadAttention``, give the factors of the explicit ``nn.Linear`` twin."""
+    X = token_batch(7)
+    y = torch.randint(0, CLASSES, (7,))
+    torch_model = AttentionBlock().double().eval()
+    twin = AttentionBlock(explicit=True).double().eval()
+    with torch.no_grad():
+        for model in (torch_model, twin):
+            assert_close(model(X), torch_model(X))
+    for stochastic in (False, True):  # the exact GGN and the MC Fisher
+        precisions = []
+        for model in (torch_model, twin):
+            la = EKFACLaplace(
+                model, "classification", backend_kwargs={"stochastic": stochastic}
+            )
+            la.fit(_loader(X, y))
+            precisions.append(la.posterior_precision.to_matrix())
+        assert_close(precisions[0], precisions[1])
+
+
+def test_gpt2_conv1d_equals_linear_with_the_transposed_weight():
+    X = token_batch(7)
+    y = torch.randint(0, CLASSES, (7,))
+    conv, linear = GPT2Style().double().eval(), GPT2Style(linear=True).double().eval()
+    la_conv, la_linear = _fit(conv, X, y), _fit(linear, X, y)
+    assert la_conv.H.eigenvalues[1].shape == (4, 6)  # like the weight, (d_in, d_out)
+    # Permute the Linear posterior's weights into Conv1D's (d_in, d_out) order.
+    order, start = [], 0
+    for name, param in linear.named_parameters():
+        index = torch.arange(start, start + param.numel())
+        if name in ("fc.weight", "proj.weight"):
+            index = index.reshape(param.shape).T.flatten()
+        order.append(index)
+        start += param.numel()
+    order = torch.cat(order)
+    P_linear = la_linear.posterior_precision.to_matrix()[order][:, order]
+    assert_close(la_conv.posterior_precision.to_matrix(), P_linear)
+    # Sampling and the marginal likelihood go through the same blocks.
+    assert_close(la_conv.log_marginal_likelihood(), la_linear.log_marginal_likelihood())
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_padding_contributes_nothing(kfac_approx: str):
+    """A padded batch gives the posterior of the same examples without padding.
+
+    20 examples: with ``"reduce"`` the input factors (one averaged input per
+    example) then have full rank, so the eigenbasis is unique.
+    """
+    model, X, y = _make("transformer_encoder", n=20)
+    padded = EKFACLaplace(model, "classification", kfac_approx=kfac_approx)
+    padded.fit(_loader(X, y, batch_size=7))
+    unpadded = EKFACLaplace(model, "classification", kfac_approx=kfac_approx)
+    lengths = X["attention_mask"].sum(1)
+    examples = [
+        {key: value[n, : lengths[n]] for key, value in X.items()} | {"labels": y[n]}
+        for n in range(len(y))
+    ]
+    unpadded.fit(DataLoader(examples, batch_size=1))
+    assert padded.n_data == unpadded.n_data == 20
+    assert_close(padded.loss, unpadded.loss)
+    names = [name for name, _ in model.named_parameters()]
+    for name, *pair in zip(names, padded.H.eigenvalues, unpadded.H.eigenvalues):
+        assert_close(*(values.sum() for values in pair))  # the block's trace
+        if kfac_approx == "reduce" and name.endswith("in_proj_weight"):
+            # The keys' gradients sum to zero over the positions (softmax does not
+            # see a shift of all keys), so G has a null space whose eigenbasis is
+            # arbitrary: only basis-free quantities compare there.
+            continue
+        assert_close(*pair, "float64_loose")
+    if kfac_approx == "expand":
+        assert_close(
+            padded.posterior_precision.to_matrix(),
+            unpadded.posterior_precision.to_matrix(),
+            "float64_loose",
+        )
+        assert_close(
+            padded.log_marginal_likelihood(), unpadded.log_marginal_likelihood()
+        )
+
+
+def test_fast_and_curvlinops_engines_agree_where_curvlinops_supports_the_layers():
+    """The encoder with its attention and norms frozen: only nn.Linear layers.
+
+    Without padding (curvlinops would count padding positions in ``A``).
+    """
+    model, X, y = _make("transformer_encoder")
+    X["attention_mask"] = torch.ones_like(X["attention_mask"])
+    for name, param in model.named_parameters():
+        param.requires_grad_("linear" in name or name.startswith("head"))
+    fast = _fit(model, X, y)
+    curvlinops = _fit(model, X, y, engine="curvlinops")
+    assert_close(
+        fast.posterior_precision.to_matrix(),
+        curvlinops.posterior_precision.to_matrix(),
+    )
+    for name, param in model.named_parameters():
+        param.requires_grad_("norm" not in name and "embedding" not in name)
+    with pytest.raises(
+        ValueError, match="'encoder.layers.0.self_attn.in_proj' is the in-proj"
+    ):
+        _fit(model, X, y, engine="curvlinops")
