@@ -9,7 +9,7 @@ constructor arguments and the EKFAC options.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from ekfac_laplace.posterior import (
     check_positive_scalar,
     check_prior_precision,
 )
+from ekfac_laplace.predictive import glm_predictive_variance
 
 _LIKELIHOODS = tuple(likelihood.value for likelihood in Likelihood)
 
@@ -184,6 +185,31 @@ class EKFACLaplace(EKFACPosterior):
             backend=backend,
             backend_kwargs=backend_kwargs,
         )
+
+
+class ReducedFeatures:
+    """Batches ``(φ(X), y)``: the last layer's input, reduced as laplace-torch does.
+
+    Args:
+        extractor: laplace-torch's ``FeatureExtractor`` with a ``feature_reduction``.
+        batches: The training batches.
+    """
+
+    def __init__(self, extractor: nn.Module, batches: LaplaceBatches) -> None:
+        self.extractor = extractor
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        device = next(self.extractor.parameters()).device
+        for X, y in self.batches:
+            with torch.no_grad():
+                f, features = self.extractor.forward_with_features(to_device(X, device))
+            yield features.reshape(len(f), -1), y
+
+    def first(self) -> tuple[Tensor, Tensor]:
+        """The first batch (see :meth:`LaplaceBatches.first`)."""
+        self.batches.first()
+        return next(iter(self))
 
 
 class EKFACLLLaplace(LLLaplace, EKFACPosterior):
@@ -360,6 +386,40 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             )
         return last_layer
 
+    def _curvature_model(self, batches: LaplaceBatches) -> tuple[nn.Module, Any]:
+        """With ``feature_reduction``: the last layer on the reduced features.
+
+        laplace-torch's last-layer model is then ``f = W φ(x) + b`` with ``φ`` the
+        last layer's input reduced over its middle dimensions (``pick_first``,
+        ``pick_last``, ``average``), as its Jacobians ``φ ⊗ I`` say; the fit takes
+        the curvature of that model. Without it, the curvature of the network
+        itself (the last layer at every position it is applied to).
+        """
+        if self.model.feature_reduction is None:
+            return self.model, batches
+        return self._last_layer(), ReducedFeatures(self.model, batches)
+
+    def _jacobian_free_predictive(
+        self, X: Tensor | Mapping[str, Any], joint: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The GLM predictive; with ``feature_reduction`` on the reduced features.
+
+        The mean is the network's output and the variance that of the last layer
+        on the reduced features, as laplace-torch's Jacobians ``φ ⊗ I`` give it.
+        """
+        if self.model.feature_reduction is None:
+            return EKFACPosterior._jacobian_free_predictive(self, X, joint)
+        with torch.no_grad():
+            f, features = self.model.forward_with_features(to_device(X, self._device))
+        _, f_var = glm_predictive_variance(
+            self._last_layer(),
+            self._posterior_params(),
+            self.posterior_precision,
+            features.reshape(len(f), -1),
+            joint=joint,
+        )
+        return (f.flatten() if joint else f), f_var
+
     # LLLaplace precedes EKFACPosterior in the method order; where it defines a member
     # for its own structures, ours is chosen explicitly.
     prior_precision_diag = EKFACPosterior.prior_precision_diag
@@ -395,6 +455,34 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         """
         return self._glm_predictive_distribution(X, joint=False, diagonal_output=True)
 
+    def _nn_predictive_samples(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """Last-layer NN samples, through :meth:`_nn_functional_samples`.
+
+        laplace-torch 0.3's own calls ``X.to`` (dict batches fail) and reruns only
+        the last layer on features of any shape.
+        """
+        samples = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
+        if self.likelihood == Likelihood.CLASSIFICATION:
+            samples = torch.softmax(samples, dim=-1)
+        return samples
+
+    def _nn_predictive_classification(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """The Monte-Carlo average of the NN samples' class probabilities."""
+        samples = self._nn_functional_samples(X, n_samples, generator, **model_kwargs)
+        return torch.softmax(samples.detach(), dim=-1).mean(0)
+
     def _nn_functional_samples(
         self,
         X: Tensor | Mapping[str, Any],
@@ -404,9 +492,12 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
     ) -> Tensor:
         """Last-layer NN samples (laplace-torch 0.3 writes them into all weights).
 
-        Features are computed once; each sample only reruns the last layer.
+        Features are computed once; each sample only reruns the last layer. Where
+        the last layer sees several positions per input and no
+        ``feature_reduction`` says how to reduce them, each sample reruns the
+        network (the last layer alone would not give the outputs).
         """
-        last_layer = self.model.last_layer
+        last_layer = self._last_layer()
         X = to_device(X, self._device)
         outputs, features = [], None
         try:
@@ -414,6 +505,8 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
                 vector_to_parameters(sample, last_layer.parameters())
                 if features is None:
                     f, features = self.model.forward_with_features(X, **model_kwargs)
+                    if features.ndim > 2 and self.model.feature_reduction is None:
+                        features = None  # a whole forward pass per sample
                 else:
                     f = last_layer(features)
                 outputs.append(f if self.enable_backprop else f.detach())

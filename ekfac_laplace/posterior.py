@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from laplace.utils.enums import Likelihood, PriorStructure
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
@@ -268,8 +268,9 @@ class EKFACPosterior(ParametricLaplace):
         )
         ranks.same(lambda: self._fit_signature(override), "the model, options and fit")
         previous = None if override else self.H
+        model, batches = self._curvature_model(batches)
         factors = compute_ekfac(
-            self.model,
+            model,
             self._posterior_params(),
             batches,
             likelihood,
@@ -281,6 +282,23 @@ class EKFACPosterior(ParametricLaplace):
             process_group=self.process_group,
         )
         self._commit_fit(factors, previous, n_outputs, ranks.total(num_data))
+
+    def _curvature_model(self, batches: LaplaceBatches) -> tuple[nn.Module, Any]:
+        """The network whose curvature the fit takes, and its batches."""
+        return self.model, batches
+
+    def _jacobian_free_predictive(
+        self, X: Tensor | Mapping[str, Any], joint: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The GLM predictive of :mod:`ekfac_laplace.predictive` on ``X``."""
+        return glm_predictive_variance(
+            self.model,
+            self._posterior_params(),
+            self.posterior_precision,
+            to_device(X, self._device),
+            joint=joint,
+            batch=batch_size(X, self.dict_key_x),
+        )
 
     def _fit_signature(self, override: bool) -> dict[str, object]:
         """What every rank of a data-parallel fit must share.
@@ -581,14 +599,7 @@ class EKFACPosterior(ParametricLaplace):
             )
         if not self.enable_backprop:
             try:
-                f_mu, f_var = glm_predictive_variance(
-                    self.model,
-                    self._posterior_params(),
-                    self.posterior_precision,
-                    to_device(X, self._device),
-                    joint=joint,
-                    batch=batch_size(X, self.dict_key_x),
-                )
+                f_mu, f_var = self._jacobian_free_predictive(X, joint)
             except CaptureError:
                 pass  # e.g. a reused module: laplace-torch's Jacobians handle it
             else:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import VisionTransformer
 
-from ekfac_laplace import EKFACLaplace
+from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
 from ekfac_laplace.layout import LayerKind, ParameterLayout
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import loader
@@ -496,3 +496,70 @@ def test_fast_and_curvlinops_engines_agree_where_curvlinops_supports_the_layers(
         ValueError, match="'encoder.layers.0.self_attn.in_proj' is the in-proj"
     ):
         _fit(model, X, y, engine="curvlinops")
+
+
+class TokenHead(nn.Module):
+    """A head applied at every token, ``(B, T, C)``, reduced to ``(B, C)`` as
+    laplace-torch's ``feature_reduction`` reduces the head's input."""
+
+    def __init__(self, reduction: str | None) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.embedding = nn.Embedding(VOCABULARY, 4)
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = self.head(torch.tanh(self.body(self.embedding(batch["input_ids"]))))
+        if self.reduction == "pick_first":
+            return logits[:, 0]
+        if self.reduction == "pick_last":
+            return logits[:, -1]
+        return logits.mean(1)
+
+
+@pytest.mark.parametrize("reduction", ["pick_first", "pick_last", "average", None])
+def test_last_layer_feature_reduction_as_laplace_torch_defines_it(reduction):
+    """``f = W φ(x) + b`` with ``φ`` the reduced head input: the curvature of that
+    model, and laplace-torch's own dense last-layer predictive. Without a
+    reduction, the head at every token (exact for the network)."""
+    torch.manual_seed(0)
+    model = TokenHead(reduction or "average").double().eval()
+    X = token_batch(9)
+    X["attention_mask"] = torch.ones_like(X["attention_mask"])
+    y = torch.randint(0, CLASSES, (9,))
+    la = EKFACLLLaplace(
+        model,
+        "classification",
+        prior_precision=0.5,
+        feature_reduction=reduction,
+        last_layer_name="head",
+    )
+    la.fit(_loader(X, y))
+    copy = la.model.model
+    params = la._posterior_params()
+    exact = blocks(loop_ggn(copy, params, X, "classification"), [15, 3])
+    for block, basis, values in zip(exact, la.H.eigenvectors, la.H.eigenvalues):
+        assert_close(values.flatten(), corrected_eigenvalues(block, basis))
+    if reduction is not None:  # the input factor is that of the reduced features
+        _, features = la.model.forward_with_features(X)
+        q_a = la.H.eigenvectors[0][1]
+        rotated = q_a.T @ features.T @ features @ q_a
+        assert_close(rotated, torch.diag(torch.diagonal(rotated)))
+    X_test = token_batch(4, seed=1)
+    J, f = loop_jacobians(copy, params, X_test)
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    mean, variance = la._glm_predictive_distribution(X_test)
+    assert_close(mean, f)
+    assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
+    mean, variance = la._glm_predictive_distribution(X_test, joint=True)
+    flat = J.reshape(-1, J.shape[-1])
+    assert_close(variance, flat @ covariance @ flat.T, "float64_loose")
+    if reduction is not None:  # laplace-torch's dense path: the same numbers
+        dense = la._dense_glm_predictive_distribution(
+            X_test, joint=False, diagonal_output=False
+        )
+        assert_close(dense[1], J @ covariance @ J.transpose(1, 2), "float64_loose")
+    probs = la(X_test, pred_type="nn", link_approx="mc", n_samples=3)
+    assert probs.shape == (4, CLASSES)
+    assert_close(probs.sum(-1), torch.ones(4, dtype=torch.float64))

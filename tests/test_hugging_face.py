@@ -1,0 +1,186 @@
+"""Hugging Face LLaMA, GPT-2 and BERT classifiers: all weights, LoRA, last layer.
+
+Small random-init models built from configs (no download), dict batches with a
+padding ``attention_mask``, in float64. Every block is checked against the dense
+GGN and the GLM predictive against the dense Jacobians, as for torch's own layers
+(:mod:`tests.test_architectures`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
+from ekfac_laplace.layout import LayerKind, ParameterLayout
+from ekfac_laplace.predictive import glm_predictive_variance
+from tests.test_architectures import CLASSES, VOCABULARY, _loader, token_batch
+from tests.utils import (
+    assert_close,
+    blocks,
+    corrected_eigenvalues,
+    loop_ggn,
+    loop_jacobians,
+)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+class Classifier(nn.Module):
+    """A Hugging Face model as laplace-torch expects it: a dict batch in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+
+
+def llama() -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCABULARY,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        num_labels=CLASSES,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForSequenceClassification(config)
+
+
+def gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=VOCABULARY,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_positions=16,
+        num_labels=CLASSES,
+        pad_token_id=0,
+    )
+    return transformers.GPT2ForSequenceClassification(config)
+
+
+def bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=VOCABULARY,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=CLASSES,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+FAMILIES = {
+    # name: (builder, LoRA target modules, kinds of the Kronecker layers)
+    "llama": (llama, ["q_proj", "v_proj"], {LayerKind.LINEAR}),
+    "gpt2": (gpt2, ["c_attn"], {LayerKind.TRANSPOSED, LayerKind.LINEAR}),
+    "bert": (bert, ["query", "value"], {LayerKind.LINEAR}),
+}
+
+
+def _make(name: str, lora: bool = False, n: int = 7, seed: int = 0):
+    build, targets, _ = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = build()
+    if lora:
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+        model = peft.get_peft_model(model, config)
+        for module in model.modules():  # LoRA's B starts at zero: move it away
+            if isinstance(module, nn.Linear) and module.weight.shape[1] == 2:
+                nn.init.normal_(module.weight, std=0.3)
+    model = Classifier(model).double().eval()
+    X = token_batch(n, seed=seed)
+    y = torch.randint(0, CLASSES, (n,))
+    return model, X, y
+
+
+def _tolerance(model: nn.Module) -> str:
+    """LLaMA's RMSNorm computes in float32 even in a float64 model (as the library
+    does on purpose): agreement to about 1e-6 there, 1e-10 elsewhere."""
+    llama = any(type(m).__name__ == "LlamaRMSNorm" for m in model.modules())
+    return "float32_internals" if llama else "float64"
+
+
+def _check_blocks(model: nn.Module, la, X) -> None:
+    params = la._posterior_params()
+    kind = _tolerance(model)
+    exact = blocks(
+        loop_ggn(model, params, X, "classification"), [p.numel() for p in params]
+    )
+    for block, basis, values in zip(exact, la.H.eigenvectors, la.H.eigenvalues):
+        if not basis:
+            assert_close(values.flatten(), torch.diagonal(block), kind)
+        else:
+            assert_close(values.flatten(), corrected_eigenvalues(block, basis), kind)
+
+
+def _check_predictive(model: nn.Module, la, seed: int = 1) -> None:
+    X_test = token_batch(4, seed=seed)
+    params = la._posterior_params()
+    J, f = loop_jacobians(model, params, X_test)
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    kind = "float32_internals" if _tolerance(model) != "float64" else "float64_loose"
+    for joint in (False, True):
+        mean, variance = glm_predictive_variance(
+            model, params, la.posterior_precision, X_test, joint=joint, batch=4
+        )
+        if joint:
+            flat = J.reshape(-1, J.shape[-1])
+            assert_close(variance, flat @ covariance @ flat.T, kind)
+        else:
+            assert_close(mean, f)
+            assert_close(variance, J @ covariance @ J.transpose(1, 2), kind)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_all_weights_match_the_dense_ggn_and_jacobians(name: str):
+    model, X, y = _make(name)
+    la = EKFACLaplace(model, "classification", prior_precision=0.5)
+    la.fit(_loader(X, y))
+    layout = ParameterLayout(model, la._posterior_params())
+    assert {layer.kind for layer in layout.layers} == FAMILIES[name][2]
+    _check_blocks(model, la, X)
+    _check_predictive(model, la)
+    assert not model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_lora_adapters_match_the_dense_ggn_and_jacobians(name: str):
+    model, X, y = _make(name, lora=True)
+    la = EKFACLaplace(model, "classification", prior_precision=0.5)
+    la.fit(_loader(X, y))
+    names = {id(p): n for n, p in model.named_parameters()}
+    trained = [names[id(p)] for p in la._posterior_params()]
+    assert any("lora_A" in n for n in trained) and any("lora_B" in n for n in trained)
+    assert all("lora_" in n or "modules_to_save" in n for n in trained)
+    layout = ParameterLayout(model, la._posterior_params())
+    assert not layout.has_diagonal  # adapters and the head: all Kronecker
+    _check_blocks(model, la, X)
+    _check_predictive(model, la)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_last_layer_matches_the_dense_ggn_and_jacobians(name: str):
+    model, X, y = _make(name)
+    la = EKFACLLLaplace(model, "classification", prior_precision=0.5)
+    la.fit(_loader(X, y))
+    head = "classifier" if name == "bert" else "score"
+    assert torch.equal(
+        la.model.last_layer.weight, model.model.get_submodule(head).weight
+    )
+    copy = la.model.model  # laplace-torch's last-layer classes work on a copy
+    _check_blocks(copy, la, X)
+    _check_predictive(copy, la)
