@@ -259,6 +259,46 @@ def check_targets(f: Tensor, y: Tensor, likelihood: str) -> None:
         )
 
 
+#: Labels of tokens that count for nothing (padding, prompts), as in
+#: ``torch.nn.functional.cross_entropy`` and Hugging Face.
+IGNORE_INDEX = -100
+
+
+def token_rows(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The counted tokens of token-level outputs, one row each.
+
+    A language model's outputs ``(B, T, C)`` with labels ``(B, T)`` are one
+    classification example per token whose label is not ``-100``; those tokens'
+    outputs and labels become rows, in row-major (example, token) order.
+
+    Args:
+        f: Outputs ``(B, T, C)``.
+        y: Labels ``(B, T)``.
+        likelihood: Must be ``"classification"``.
+
+    Returns:
+        ``f`` rows ``(R, C)``, ``y`` rows ``(R,)`` and the mask of counted tokens
+        ``(B, T)``.
+
+    Raises:
+        ValueError: For another likelihood, or labels of another shape.
+    """
+    if likelihood != "classification":
+        raise ValueError(
+            f"Outputs of shape {tuple(f.shape)} (batch, tokens, classes) are "
+            "supported for classification only; for regression return "
+            "outputs.flatten(0, -2) and targets.flatten(0, -2)."
+        )
+    if y.shape != f.shape[:2] or y.is_floating_point():
+        raise ValueError(
+            f"Token-level outputs of shape {tuple(f.shape)} need integer labels of "
+            f"shape {tuple(f.shape[:2])} (-100 for tokens that do not count), got "
+            f"{tuple(y.shape)} ({y.dtype})."
+        )
+    counted = y != IGNORE_INDEX
+    return f[counted], y[counted], counted
+
+
 @contextmanager
 def naming_failing_module(model: nn.Module) -> Iterator[None]:
     """Add the innermost running module's name to a ``RuntimeError`` of a forward.
@@ -324,20 +364,26 @@ def output_size(
         dict_key_x: Key of the inputs in a dict-like batch.
 
     Returns:
-        The output width ``C`` of outputs of shape ``(B, C)``.
+        The output width ``C`` of outputs of shape ``(B, C)`` or, token-level,
+        ``(B, T, C)``.
 
     Raises:
         ValueError: For an empty loader, inputs of another dtype, outputs that are
-            not ``(batch, outputs)``, or targets that do not fit them.
+            not ``(batch, outputs)`` or ``(batch, tokens, classes)``, or targets
+            that do not fit them.
     """
     X, y = batches.first()
     check_inputs(X, next(model.parameters()).dtype, dict_key_x)
     with naming_failing_module(model):
         out = model(to_device(X, device))
-    if out.ndim != 2:
+    y = y.to(out.device)
+    if out.ndim == 3:
+        out, y, _ = token_rows(out, y, likelihood)
+    elif out.ndim != 2:
         raise ValueError(
-            f"EKFAC Laplace needs model outputs of shape (batch, outputs), got "
-            f"{tuple(out.shape)}; flatten sequence outputs into the batch dimension."
+            f"EKFAC Laplace needs model outputs of shape (batch, outputs) or "
+            f"(batch, tokens, classes), got {tuple(out.shape)}; flatten other "
+            "dimensions into the batch dimension."
         )
-    check_targets(out, y.to(out.device), likelihood)
+    check_targets(out, y, likelihood)
     return int(out.shape[-1])

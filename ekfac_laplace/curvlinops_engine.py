@@ -87,6 +87,12 @@ def check_first_batch(
     capture = ForwardCapture(layout, diagonal=False)
     with capture:
         f = model(to_device(X, layout.params[0].device))
+    if f.ndim != 2:
+        raise ValueError(
+            f"engine='curvlinops' needs outputs of shape (batch, outputs), got "
+            f"{tuple(f.shape)}; use engine='fast' (the default), which takes "
+            "token-level outputs."
+        )
     for name, a in capture.inputs.items():
         if a.shape[0] != f.shape[0]:
             raise ValueError(

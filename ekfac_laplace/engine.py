@@ -48,7 +48,7 @@ from ekfac_laplace.accumulators import (
     FactorAccumulator,
     PassAccumulator,
 )
-from ekfac_laplace.batches import check_targets, to_device
+from ekfac_laplace.batches import check_targets, to_device, token_rows
 from ekfac_laplace.capture import ForwardCapture, group_rows
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
@@ -62,14 +62,27 @@ CurvatureFunction = Callable[[Tensor, Tensor], OutputCurvature]
 class Sweep:
     """A forward pass and ``K`` backward passes on one batch.
 
+    Token-level outputs ``(B, T, C)`` (a language model) with labels ``(B, T)``
+    make each token whose label is not ``-100`` an example: its outputs' curvature
+    vectors are back-propagated one token position at a time (``T·K`` backward
+    passes), so that each pass gives every sequence's gradient for one token, as
+    the per-example squares of the correction need.
+
     Args:
         model: The network.
         layout: Its parameter layout.
+        likelihood: ``"classification"`` or ``"regression"``.
     """
 
-    def __init__(self, model: nn.Module, layout: ParameterLayout) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParameterLayout,
+        likelihood: str = "classification",
+    ) -> None:
         self.model = model
         self.layout = layout
+        self.likelihood = likelihood
         self.batch_dims: dict[str, int] | None = None  # found on the first batch
 
     def run(
@@ -79,7 +92,7 @@ class Sweep:
         curvature_fn: CurvatureFunction,
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         """Run one batch through the network and the accumulators.
 
         Args:
@@ -90,11 +103,13 @@ class Sweep:
             diagonal: Receives the diagonal modules' gradients (first pass only).
 
         Returns:
-            The model outputs ``f`` (detached), shape ``(B, C)``.
+            The examples' outputs (detached) and targets: ``f`` ``(B, C)`` and
+            ``y``, or for token-level outputs the counted tokens' rows.
 
         Raises:
-            ValueError: For outputs that are not ``(batch, outputs)``, a reused
-                module, or a diagonal module without one tensor output.
+            ValueError: For outputs that are not ``(batch, outputs)`` or
+                ``(batch, tokens, classes)``, a reused module, or a diagonal module
+                whose examples cannot be told apart.
         """
         if not self.layout.has_diagonal:
             diagonal = None
@@ -106,8 +121,14 @@ class Sweep:
         )
         with torch.enable_grad():
             f = self._forward(X, capture)
-            curvature = curvature_fn(f, y)
-            hidden = self._hidden_layers(capture, f)
+            counted = None
+            if f.ndim == 3:
+                f_rows, y, counted = token_rows(f, y, self.likelihood)
+                curvature = curvature_fn(f_rows, y)
+            else:
+                f_rows = f
+                curvature = curvature_fn(f, y)
+            hidden = self._hidden_layers(capture, f, every=counted is not None)
             batch = f.shape[0]
             if self.batch_dims is None and batch > 1:
                 self._locate_batches(f, hidden, capture)
@@ -123,28 +144,30 @@ class Sweep:
             }
             backward = bool(hidden) or diagonal is not None
             vectors = curvature.vectors() if backward else None
-            passes = 0 if vectors is None else vectors.shape[1]
-            accumulator.plan(positions, hidden, passes, _padding(X, positions))
+            passes = None if vectors is None else _Passes(f, vectors, counted)
+            accumulator.plan(
+                positions, hidden, len(passes or ()), _padding(X, positions)
+            )
             for layer in self.layout.layers:
                 if layer in hidden:
                     accumulator.begin(layer, positions[layer.name])
                 else:
                     accumulator.output(layer, positions[layer.name], curvature)
-            if vectors is not None:
+            if passes is not None:
                 self._backward_passes(
-                    f, vectors, hidden, capture, positions, accumulator, diagonal
+                    f, passes, hidden, capture, positions, accumulator, diagonal
                 )
-        return f.detach()
+        return f_rows.detach(), y
 
     def _forward(self, X: Any, capture: ForwardCapture) -> Tensor:
         """The forward pass with the layout's modules captured."""
         with capture:
             f = self.model(X)
-        if f.ndim != 2:
+        if f.ndim not in (2, 3):
             raise ValueError(
-                f"EKFAC needs model outputs of shape (batch, outputs), got "
-                f"{tuple(f.shape)}. For sequence models, return logits.flatten(0, -2) "
-                "(and targets.flatten()) to treat tokens as independent examples."
+                f"EKFAC needs model outputs of shape (batch, outputs) or (batch, "
+                f"tokens, classes), got {tuple(f.shape)}; flatten other dimensions "
+                "into the batch dimension."
             )
         return f
 
@@ -165,12 +188,13 @@ class Sweep:
         self.batch_dims = dict(capture.batch_dims)
 
     def _hidden_layers(
-        self, capture: ForwardCapture, f: Tensor
+        self, capture: ForwardCapture, f: Tensor, every: bool = False
     ) -> list[KroneckerLayer]:
         """The layers that need backward passes: all but an output layer.
 
-        A layer whose output *is* the model output, unchanged in place since, gets
-        its output gradients in closed form from the curvature.
+        A layer whose output *is* the model output ``(B, C)``, unchanged in place
+        since, gets its output gradients in closed form from the curvature (not for
+        token-level outputs, ``every``).
         """
         hidden = []
         for layer in self.layout.layers:
@@ -181,14 +205,14 @@ class Sweep:
                     "requires_grad_(False)."
                 )
             output, version = capture.outputs[layer.name]
-            if output is not f or version != tensor_version(f):
+            if every or output is not f or version != tensor_version(f):
                 hidden.append(layer)
         return hidden
 
     def _backward_passes(
         self,
         f: Tensor,
-        vectors: Tensor,
+        passes: _Passes,
         hidden: list[KroneckerLayer],
         capture: ForwardCapture,
         positions: dict[str, Tensor],
@@ -199,12 +223,11 @@ class Sweep:
         diagonal_modules = self.layout.diagonal_modules if diagonal else []
         targets = [layer.target for layer in hidden]
         targets += [entry.target for entry in diagonal_modules]
-        passes = vectors.shape[1]
-        for k in range(passes):
+        for k in range(len(passes)):
             torch.autograd.grad(
-                (f * vectors[:, k]).sum(),
+                passes.output(k),
                 targets,
-                retain_graph=k < passes - 1,
+                retain_graph=k < len(passes) - 1,
                 allow_unused=True,
             )
             for layer in hidden:
@@ -221,6 +244,43 @@ class Sweep:
                     diagonal.add(entry, call, gradients, f.shape[0])
         for layer in hidden:
             accumulator.end(layer, positions[layer.name])
+
+
+class _Passes:
+    """The backward passes of a batch: ``⟨f, v_k⟩`` for each curvature vector.
+
+    For outputs ``(B, C)`` pass ``k`` back-propagates ``Σ_n ⟨f_n, v_{n,k}⟩``. For
+    token-level outputs ``(B, T, C)`` the counted tokens are the examples: pass
+    ``(t, k)`` back-propagates ``Σ_n ⟨f_{n,t}, v_{(n,t),k}⟩`` over the sequences
+    whose token ``t`` counts, so that each pass holds one example per sequence.
+
+    Args:
+        f: The outputs.
+        vectors: The curvature vectors of the examples' rows, ``(R, K, C)``.
+        counted: For token-level outputs, the mask of counted tokens ``(B, T)``.
+    """
+
+    def __init__(self, f: Tensor, vectors: Tensor, counted: Tensor | None) -> None:
+        self.f, self.vectors = f, vectors
+        self.per_token: list[tuple[int, Tensor, Tensor]] = []
+        if counted is not None:
+            sequences, tokens = counted.nonzero(as_tuple=True)
+            for t in torch.unique(tokens).tolist():
+                rows = (tokens == t).nonzero(as_tuple=True)[0]
+                self.per_token.append((t, sequences[rows], rows))
+        self.tokens = counted is not None
+
+    def __len__(self) -> int:
+        K = self.vectors.shape[1]
+        return K * len(self.per_token) if self.tokens else K
+
+    def output(self, index: int) -> Tensor:
+        """The scalar whose backward pass is pass ``index``."""
+        K = self.vectors.shape[1]
+        if not self.tokens:
+            return (self.f * self.vectors[:, index]).sum()
+        t, sequences, rows = self.per_token[index // K]
+        return (self.f[sequences, t] * self.vectors[rows, index % K]).sum()
 
 
 def _padding(X: Any, positions: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -287,7 +347,9 @@ class FastEKFAC:
         self.num_data = num_data
         self.progress_bar = progress_bar
         self.ranks = LocalRanks() if ranks is None else ranks
-        self.sweep = Sweep(model, layout)
+        self.sweep = Sweep(model, layout, likelihood)
+        self.tokens = 0  # counted tokens of token-level outputs (the last pass)
+        self.token_level = False
         self.loss_function, _ = likelihood_loss(likelihood)
         self.passes = 0
 
@@ -325,7 +387,10 @@ class FastEKFAC:
                 ),
                 "the Kronecker-factor pass",
             )
-            ranks.sum_([*factors.partial_sums(), *diagonal.partial_sums(), loss])
+            tokens = loss.new_tensor(float(self.tokens))
+            ranks.sum_(
+                [*factors.partial_sums(), *diagonal.partial_sums(), loss, tokens]
+            )
             shared = ranks.share_out(
                 len(layers),
                 lambda i: [q for q in factors.eigenbasis(layers[i]) if q is not None],
@@ -353,9 +418,13 @@ class FastEKFAC:
                 ),
                 "the eigenvalue-correction pass",
             )
-            ranks.sum_([*diagonal.partial_sums(), loss])
+            tokens = loss.new_tensor(float(self.tokens))
+            ranks.sum_([*diagonal.partial_sums(), loss, tokens])
         ranks.sum_(correction.partial_sums(layers))
-        return self._assemble(bases, correction, diagonal, loss)
+        factors = self._assemble(bases, correction, diagonal, loss)
+        if self.token_level:
+            factors.tokens = round(float(tokens))
+        return factors
 
     def _pass(
         self,
@@ -378,12 +447,16 @@ class FastEKFAC:
 
         curvature_fn = functools.partial(self._output_curvature, generator)
         loss = torch.zeros((), dtype=reference.dtype, device=device)
+        self.tokens = 0
         for X, y in tqdm(batches, desc=description, disable=not self.progress_bar):
             y = y.to(device)
             X = to_device(X, device)
-            f = self.sweep.run(X, y, curvature_fn, accumulator, diagonal)
-            loss = loss + self.loss_function(f, y)
+            f, y_rows = self.sweep.run(X, y, curvature_fn, accumulator, diagonal)
+            loss = loss + self.loss_function(f, y_rows)
             accumulator.batch_done(f.shape[0])
+            if y_rows is not y:  # token-level outputs: count the examples
+                self.token_level = True
+                self.tokens += y_rows.shape[0]
         return loss
 
     def _output_curvature(

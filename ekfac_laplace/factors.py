@@ -63,11 +63,14 @@ class EKFACFactors:
             parameter's shape for a diagonal block.
         loss: The data term: ``Σ_n loss(f(x_n), y_n)``, in the same scale as the
             eigenvalues (laplace-torch stores it as ``Laplace.loss``).
+        tokens: For token-level outputs ``(B, T, C)``, the number of counted
+            tokens (the examples ``N``); ``None`` otherwise.
     """
 
     eigenvectors: list[tuple[Tensor, ...]]
     eigenvalues: list[Tensor]
     loss: Tensor
+    tokens: int | None = None
 
     def scaled(self, factor: float) -> EKFACFactors:
         """The factors in another scale, eigenvalues clamped at zero.
@@ -83,6 +86,7 @@ class EKFACFactors:
             self.eigenvectors,
             [values.mul(factor).clamp_min(0.0) for values in self.eigenvalues],
             factor * self.loss,
+            self.tokens,
         )
 
     def to_decomposed(self) -> EKFACDecomposed:

@@ -281,7 +281,11 @@ class EKFACPosterior(ParametricLaplace):
             progress_bar=progress_bar and ranks.rank == 0,
             process_group=self.process_group,
         )
-        self._commit_fit(factors, previous, n_outputs, ranks.total(num_data))
+        if factors.tokens is not None:  # token-level outputs: each token counts
+            num_data = factors.tokens
+        else:
+            num_data = ranks.total(num_data)
+        self._commit_fit(factors, previous, n_outputs, num_data)
 
     def _curvature_model(self, batches: LaplaceBatches) -> tuple[nn.Module, Any]:
         """The network whose curvature the fit takes, and its batches."""

@@ -67,6 +67,12 @@ def glm_predictive_variance(
             a module whose one output row is shared by all inputs gets each input's
             gradient (see :class:`~ekfac_laplace.capture.ForwardCapture`).
 
+    Token-level outputs ``(B, T, C)`` are one example per token: the outputs
+    ``(t, c)`` of a sequence take one backward pass each (``T·C``), and each token
+    is returned as a row, ``f`` of shape ``(B·T, C)`` with covariance
+    ``(B·T, C, C)`` (laplace-torch's link functions take rows), or jointly over all
+    ``B·T·C`` outputs.
+
     Returns:
         ``f`` of shape ``(B, K)`` and the covariance of shape ``(B, K, K)``, or
         with ``joint=True`` ``f.flatten()`` of shape ``(B·K,)`` and the covariance of
@@ -84,6 +90,8 @@ def glm_predictive_variance(
     capture = ForwardCapture(layout, batch=batch)
     with capture:
         f = model(X)
+    tokens = f.shape[1:] if f.ndim == 3 else None
+    f = f.flatten(start_dim=1)
     B, K = f.shape
     targets = layout.backprop_targets()
     capture.locate_batches(f, targets, check=False)
@@ -121,6 +129,11 @@ def glm_predictive_variance(
             )
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
+    if tokens is not None:  # each token's (C, C) block, one row per token
+        T, C = tokens
+        blocks = variance.reshape(B, T, C, T, C).diagonal(dim1=1, dim2=3)
+        variance = blocks.permute(0, 3, 1, 2).reshape(B * T, C, C)
+        return f.detach().reshape(B * T, C), variance
     return f.detach(), variance
 
 

@@ -563,3 +563,124 @@ def test_last_layer_feature_reduction_as_laplace_torch_defines_it(reduction):
     probs = la(X_test, pred_type="nn", link_approx="mc", n_samples=3)
     assert probs.shape == (4, CLASSES)
     assert_close(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+class TinyLM(nn.Module):
+    """A causal transformer language model: logits ``(B, T, V)`` at every token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, WIDTH)
+        self.block = nn.TransformerEncoderLayer(
+            WIDTH, 2, 16, dropout=0.0, batch_first=True
+        )
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCABULARY)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        tokens = batch["input_ids"]
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            tokens.shape[1], dtype=torch.float64
+        )
+        hidden = self.block(self.embedding(tokens), src_mask=causal, is_causal=True)
+        return self.head(self.norm(hidden))
+
+
+def _lm_data(n: int, seed: int = 0):
+    X = token_batch(n, seed=seed)
+    labels = X["input_ids"].roll(-1, dims=1)  # next token
+    labels[:, -1] = -100
+    labels[X["attention_mask"] == 0] = -100  # padding
+    labels[:, 0] = -100  # a prompt token that does not count
+    return X, labels
+
+
+def _token_curvature(model, params, X, labels, fisher_type: str):
+    """Σ over counted tokens of J_tᵀ H_t J_t (GGN) or g_t g_tᵀ (empirical)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    detached = {names[id(p)]: p.detach() for p in params}
+    total = 0
+    for n in range(len(labels)):
+        x = {key: value[n : n + 1] for key, value in X.items()}
+
+        def f(p, x=x):
+            return torch.func.functional_call(model, p, (x,)).squeeze(0)
+
+        J = torch.func.jacrev(f)(detached)
+        J = torch.cat([J[names[id(p)]].flatten(start_dim=2) for p in params], 2)
+        with torch.no_grad():
+            probs = f(detached).softmax(-1)
+        for t in (labels[n] != -100).nonzero().flatten().tolist():
+            p_t, J_t = probs[t], J[t]
+            if fisher_type == "type2":
+                H = torch.diag(p_t) - torch.outer(p_t, p_t)
+                total = total + J_t.T @ H @ J_t
+            else:
+                residual = p_t - nn.functional.one_hot(labels[n, t], VOCABULARY)
+                g = J_t.T @ residual
+                total = total + torch.outer(g, g)
+    return total
+
+
+@pytest.mark.parametrize("backend", ["ggn", "ef"])
+def test_token_level_outputs_each_counted_token_an_example(backend: str):
+    """Outputs (B, T, V), labels -100 ignored: N is the number of counted tokens,
+    the loss their summed cross-entropy, and every block the dense curvature's."""
+    from laplace.curvature import CurvlinopsEF
+
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    X, labels = _lm_data(5)
+    kwargs = {"backend": CurvlinopsEF} if backend == "ef" else {}
+    la = EKFACLaplace(model, "classification", prior_precision=0.5, **kwargs)
+    la.fit(_loader(X, labels, batch_size=2))
+    counted = labels != -100
+    assert la.n_data == int(counted.sum()) and la.n_outputs == VOCABULARY
+    with torch.no_grad():
+        logits = model(X)
+    loss = nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), reduction="sum"
+    )
+    assert_close(la.loss, loss)
+    params = list(model.parameters())
+    exact = blocks(
+        _token_curvature(
+            model, params, X, labels, "type2" if backend == "ggn" else "ef"
+        ),
+        [p.numel() for p in params],
+    )
+    for block, basis, values in zip(exact, la.H.eigenvectors, la.H.eigenvalues):
+        if basis:
+            assert_close(values.flatten(), corrected_eigenvalues(block, basis))
+        else:
+            assert_close(values.flatten(), torch.diagonal(block))
+    # The predictive: one row per token, its (V, V) covariance.
+    X_test, _ = _lm_data(2, seed=1)
+    J, f = [], []
+    for n in range(2):
+        x = {key: value[n : n + 1] for key, value in X_test.items()}
+        J_n, f_n = loop_jacobians_tokens(model, params, x)
+        J.append(J_n)
+        f.append(f_n)
+    J, f = torch.cat(J), torch.cat(f)
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    mean, variance = la._glm_predictive_distribution(X_test)
+    assert mean.shape == (2 * 6, VOCABULARY)
+    assert_close(mean, f)
+    assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
+    probs = la(X_test)
+    assert probs.shape == (12, VOCABULARY)
+
+
+def loop_jacobians_tokens(model, params, x):
+    """One sequence's Jacobians ``(T, V, P)`` and outputs ``(T, V)``."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    detached = {names[id(p)]: p.detach() for p in params}
+
+    def f(p):
+        return torch.func.functional_call(model, p, (x,)).squeeze(0)
+
+    J = torch.func.jacrev(f)(detached)
+    J = torch.cat([J[names[id(p)]].flatten(start_dim=2) for p in params], 2)
+    with torch.no_grad():
+        return J, f(detached)

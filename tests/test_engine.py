@@ -64,7 +64,7 @@ def test_sweep_hands_each_hidden_layer_one_gradient_per_backward_pass(
     model, X, y = _mlp()
     layout = ParameterLayout(model, list(model.parameters()))
     spy = _Spy()
-    f = Sweep(model, layout).run(X, y, _curvature_fn(fisher_type, mc_samples), spy)
+    f, _ = Sweep(model, layout).run(X, y, _curvature_fn(fisher_type, mc_samples), spy)
     assert_close(f, model(X).detach())
     # The output layer '2' gets the curvature, no backward pass; the hidden layer
     # '0' gets K = C (exact GGN), 1 (empirical) or S (Monte Carlo) gradients.
