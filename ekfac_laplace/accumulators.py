@@ -35,7 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ekfac_laplace.diagonal import ModuleCall, restricted_gradients
+from ekfac_laplace.diagonal import CHUNK_NUMBERS, ModuleCall, restricted_gradients
+from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, group_rows
 from ekfac_laplace.options import KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
@@ -313,8 +314,19 @@ class CorrectionAccumulator(PassAccumulator):
             return
         if layer.weight_index is not None:
             a_rot = self._rotated_inputs[layer.name]
-            per_example = torch.einsum("bsi,bsj->bij", g_rot, a_rot)
-            self._add_weight(layer, per_example.square().sum(0))
+            # The rotated per-example gradients (d_out, d_in) are formed for a few
+            # examples at a time, within CHUNK_NUMBERS numbers.
+            d_out, d_in = g_rot.shape[-1], a_rot.shape[-1]
+            chunk = max(1, CHUNK_NUMBERS // (d_out * d_in))
+            squares = g_rot.new_zeros(d_out, d_in)
+            for start in range(0, g_rot.shape[0], chunk):
+                per_example = torch.einsum(
+                    "bsi,bsj->bij",
+                    g_rot[start : start + chunk],
+                    a_rot[start : start + chunk],
+                )
+                squares += per_example.square().sum(0)
+            self._add_weight(layer, squares)
         if layer.bias_index is not None:
             self._add_bias(layer, g_rot.sum(1).square().sum(0))
 
@@ -396,7 +408,10 @@ class DiagonalSquares:
     def __init__(self, modules: list[DiagonalModule]) -> None:
         self.squares: dict[str, list[Tensor]] = {
             entry.name: [
-                torch.zeros_like(entry.module.get_parameter(name).detach())
+                torch.zeros_like(
+                    parameter := entry.module.get_parameter(name).detach(),
+                    dtype=accumulation_dtype(parameter.dtype),
+                )
                 for name in entry.param_names
             ]
             for entry in modules
@@ -432,6 +447,7 @@ class DiagonalSquares:
         )
         for squares, (rows, grad) in zip(self.squares[entry.name], grads):
             grad = group_rows(grad.unsqueeze(1), batch, entry.name).sum(1)
+            grad = grad.to(squares.dtype)
             if rows is None:
                 squares += grad.square().sum(0)
             else:

@@ -51,7 +51,7 @@ from ekfac_laplace.accumulators import (
 from ekfac_laplace.batches import check_targets, to_device, token_rows
 from ekfac_laplace.capture import ForwardCapture, group_rows
 from ekfac_laplace.distributed import LocalRanks
-from ekfac_laplace.factors import EKFACFactors, likelihood_loss
+from ekfac_laplace.factors import EKFACFactors, accumulation_dtype, likelihood_loss
 from ekfac_laplace.layout import KroneckerLayer, ParameterLayout, layer_positions
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
@@ -122,12 +122,12 @@ class Sweep:
         with torch.enable_grad():
             f = self._forward(X, capture)
             counted = None
+            dtype = accumulation_dtype(f.dtype)  # float32 for half precision
             if f.ndim == 3:
                 f_rows, y, counted = token_rows(f, y, self.likelihood)
-                curvature = curvature_fn(f_rows, y)
             else:
                 f_rows = f
-                curvature = curvature_fn(f, y)
+            curvature = curvature_fn(f_rows.to(dtype), y)
             hidden = self._hidden_layers(capture, f, every=counted is not None)
             batch = f.shape[0]
             if self.batch_dims is None and batch > 1:
@@ -139,7 +139,7 @@ class Sweep:
                     ),
                     batch,
                     layer.name,
-                )
+                ).to(dtype)
                 for layer in self.layout.layers
             }
             backward = bool(hidden) or diagonal is not None
@@ -157,7 +157,7 @@ class Sweep:
                 self._backward_passes(
                     f, passes, hidden, capture, positions, accumulator, diagonal
                 )
-        return f_rows.detach(), y
+        return f_rows.detach().to(dtype), y
 
     def _forward(self, X: Any, capture: ForwardCapture) -> Tensor:
         """The forward pass with the layout's modules captured."""
@@ -236,7 +236,7 @@ class Sweep:
                     layer_positions(layer.module, gradient, is_input=False),
                     f.shape[0],
                     layer.name,
-                )
+                ).to(positions[layer.name].dtype)
                 accumulator.gradient(layer, positions[layer.name], g)
             for entry in diagonal_modules:
                 call = capture.calls.get(entry.name)
@@ -446,7 +446,8 @@ class FastEKFAC:
         generator.manual_seed(self.options.seed + self.ranks.rank)
 
         curvature_fn = functools.partial(self._output_curvature, generator)
-        loss = torch.zeros((), dtype=reference.dtype, device=device)
+        dtype = accumulation_dtype(reference.dtype)
+        loss = torch.zeros((), dtype=dtype, device=device)
         self.tokens = 0
         for X, y in tqdm(batches, desc=description, disable=not self.progress_bar):
             y = y.to(device)

@@ -21,11 +21,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.matrix import EKFACDecomposed
 
 LIKELIHOODS = ("classification", "regression")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the curvature of a model of ``dtype`` is accumulated.
+
+    float16 / bfloat16 models: float32 (their 8–11-bit mantissas would lose the
+    sums of squares, and ``eigh`` does not take them); otherwise the model's own.
+
+    Args:
+        dtype: The model's parameter dtype.
+
+    Returns:
+        float32 for half precision, else ``dtype``.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def likelihood_loss(likelihood: str) -> tuple[nn.Module, float]:

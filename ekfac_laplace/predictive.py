@@ -160,14 +160,14 @@ def _layer_term(
     if layer.bias_index is not None:
         (q_g,) = precision.eigenvectors[layer.bias_index]
         inverse = precision.powered_eigenvalues(layer.bias_index, -1)
-        term = term + _bias_term(g @ q_g, inverse, joint)
+        term = term + _bias_term(g.to(q_g.dtype) @ q_g, inverse, joint)
     if layer.weight_index is not None:
         basis = precision.eigenvectors[layer.weight_index]
         inverse = precision.powered_eigenvalues(layer.weight_index, -1)
         q_g, q_a = basis
         if layer.transposed:  # stored as Q_A ⊗ Q_G with values (in, out)
             q_g, q_a, inverse = q_a, q_g, inverse.T
-        g_rot, a_rot = g @ q_g, a @ q_a
+        g_rot, a_rot = g.to(q_g.dtype) @ q_g, a.to(q_a.dtype) @ q_a
         if a_rot.shape[1] == 1:
             term = term + _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
         else:
@@ -269,5 +269,6 @@ def _diagonal_term(
         dim=1,
     ).flatten(start_dim=2)
     inverse = (inverse if rows is None else inverse[rows]).flatten()
+    J = J.to(inverse.dtype)
     pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)
     return torch.einsum(pattern, J, J, inverse)

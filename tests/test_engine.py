@@ -177,3 +177,39 @@ def test_cache_replay_equals_a_second_pass(case: Case):
         assert_close(cached, two_pass)
         assert_close(cached, small)
     assert_close(results[0].loss, results[1].loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_accumulate_in_float32(dtype):
+    """The factors, eigenvalues and loss of a float16 / bfloat16 model are float32,
+    within the model's own rounding of a float64 fit of the same weights."""
+    import copy
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ekfac_laplace import EKFACLaplace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)
+    ).to(dtype)
+    X = torch.randn(40, 6).to(dtype)
+    y = torch.randint(0, 3, (40,))
+    half = EKFACLaplace(model, "classification")
+    half.fit(DataLoader(TensorDataset(X, y), batch_size=10))
+    reference = EKFACLaplace(copy.deepcopy(model).double(), "classification")
+    reference.fit(DataLoader(TensorDataset(X.double(), y), batch_size=10))
+    assert half.loss.dtype == torch.float32
+    for values, basis, expected in zip(
+        half.H.eigenvalues, half.H.eigenvectors, reference.H.eigenvalues
+    ):
+        assert values.dtype == torch.float32
+        assert all(q.dtype == torch.float32 for q in basis)
+        torch.testing.assert_close(
+            values.double().sum(), expected.sum(), rtol=1e-2, atol=0
+        )
+    probs = half(X[:4], pred_type="glm", link_approx="probit")
+    torch.testing.assert_close(
+        probs.double(), reference(X[:4].double()), rtol=2e-2, atol=2e-3
+    )
+    assert torch.isfinite(half.log_marginal_likelihood())
