@@ -269,26 +269,28 @@ def token_rows(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor, T
 
     A language model's outputs ``(B, T, C)`` with labels ``(B, T)`` are one
     classification example per token whose label is not ``-100``; those tokens'
-    outputs and labels become rows, in row-major (example, token) order.
+    outputs and labels become rows, in row-major (example, token) order. For
+    regression every token counts, with targets ``(B, T, C)``.
 
     Args:
         f: Outputs ``(B, T, C)``.
-        y: Labels ``(B, T)``.
-        likelihood: Must be ``"classification"``.
+        y: Labels ``(B, T)`` or regression targets ``(B, T, C)``.
+        likelihood: ``"classification"`` or ``"regression"``.
 
     Returns:
-        ``f`` rows ``(R, C)``, ``y`` rows ``(R,)`` and the mask of counted tokens
-        ``(B, T)``.
+        ``f`` rows ``(R, C)``, ``y`` rows and the mask of counted tokens ``(B, T)``.
 
     Raises:
-        ValueError: For another likelihood, or labels of another shape.
+        ValueError: For targets of another shape.
     """
-    if likelihood != "classification":
-        raise ValueError(
-            f"Outputs of shape {tuple(f.shape)} (batch, tokens, classes) are "
-            "supported for classification only; for regression return "
-            "outputs.flatten(0, -2) and targets.flatten(0, -2)."
-        )
+    if likelihood == "regression":
+        if y.shape != f.shape:
+            raise ValueError(
+                f"Token-level outputs of shape {tuple(f.shape)} need regression "
+                f"targets of the same shape, got {tuple(y.shape)}."
+            )
+        counted = torch.ones(f.shape[:2], dtype=torch.bool, device=f.device)
+        return f.flatten(0, 1), y.flatten(0, 1), counted
     if y.shape != f.shape[:2] or y.is_floating_point():
         raise ValueError(
             f"Token-level outputs of shape {tuple(f.shape)} need integer labels of "

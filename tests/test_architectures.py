@@ -684,3 +684,68 @@ def loop_jacobians_tokens(model, params, x):
     J = torch.cat([J[names[id(p)]].flatten(start_dim=2) for p in params], 2)
     with torch.no_grad():
         return J, f(detached)
+
+
+class PackedLSTM(nn.Module):
+    """An LSTM on a PackedSequence: its examples are mixed in the packed data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, 4)
+        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        x = self.embedding(batch["input_ids"])
+        lengths = batch["attention_mask"].sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+class TokenRegression(nn.Module):
+    def __init__(self, flatten: bool = False) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.embedding = nn.Embedding(VOCABULARY, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        out = self.head(self.embedding(batch["input_ids"]))
+        return out.flatten(0, -2) if self.flatten else out
+
+
+def test_every_error_s_advice_works_when_followed():
+    """Each refusal says what to do; doing it makes the fit work."""
+    X, y = token_batch(6), torch.randint(0, CLASSES, (6,))
+    # unsupported_layers="raise" advises the default, which fits an LSTM.
+    model = Recurrent().double().eval()
+    with pytest.raises(ValueError, match="unsupported_layers='diagonal' \\(the"):
+        EKFACLaplace(model, "classification", unsupported_layers="raise").fit(
+            _loader(X, y)
+        )
+    EKFACLaplace(model, "classification", unsupported_layers="diagonal").fit(
+        _loader(X, y)
+    )
+    # A packed sequence mixes the examples: freezing the LSTM, as advised, fits.
+    model = PackedLSTM().double().eval()
+    with pytest.raises(ValueError, match="PackedSequence.*requires_grad_\\(False\\)"):
+        EKFACLaplace(model, "classification").fit(_loader(X, y))
+    model.rnn.requires_grad_(False)
+    EKFACLaplace(model, "classification").fit(_loader(X, y))
+    # engine='curvlinops' refuses attention and points to engine='fast'.
+    model, X2, y2 = _make("cross_attention")
+    model.embedding.requires_grad_(False)
+    with pytest.raises(ValueError, match="use engine='fast'"):
+        EKFACLaplace(model, "classification", engine="curvlinops").fit(_loader(X2, y2))
+    EKFACLaplace(model, "classification", engine="fast").fit(_loader(X2, y2))
+    # Token-level regression: each token an example (targets shaped like outputs).
+    targets = torch.randn(6, 6, 2, dtype=torch.float64)
+    model = TokenRegression().double().eval()
+    with pytest.raises(ValueError, match="need regression targets of the same"):
+        EKFACLaplace(model, "regression").fit(_loader(X, targets[..., :1]))
+    la = EKFACLaplace(model, "regression")
+    la.fit(_loader(X, targets))
+    assert la.n_data == 36

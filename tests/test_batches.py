@@ -103,8 +103,9 @@ def test_output_size_checks_the_first_batch():
     with pytest.raises(ValueError, match=r"need integer labels of shape \(4, 1\)"):
         output_size(sequence, _batches(X, labels), "classification", CPU)
     assert output_size(sequence, _batches(X, labels[:, None]), "classification", CPU)
-    with pytest.raises(ValueError, match="supported for classification only"):
-        output_size(sequence, _batches(X, torch.randn(6, 1, 3)), "regression", CPU)
+    assert output_size(sequence, _batches(X, torch.randn(6, 1, 3)), "regression", CPU)
+    with pytest.raises(ValueError, match="need regression targets of the same shape"):
+        output_size(sequence, _batches(X, torch.randn(6, 3)), "regression", CPU)
     volume = nn.Sequential(nn.Linear(2, 6), nn.Unflatten(1, (1, 2, 3)))
     with pytest.raises(ValueError, match=r"\(batch, tokens, classes\), got \(4, 1"):
         output_size(volume, _batches(X, labels), "classification", CPU)
