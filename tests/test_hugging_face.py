@@ -147,8 +147,12 @@ def _check_predictive(model: nn.Module, la, seed: int = 1) -> None:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_all_weights_match_the_dense_ggn_and_jacobians(name: str):
     model, X, y = _make(name)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    model.train()  # the fit puts the model in eval mode (dropout off)
     la = EKFACLaplace(model, "classification", prior_precision=0.5)
     la.fit(_loader(X, y))
+    after = model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
     layout = ParameterLayout(model, la._posterior_params())
     assert {layer.kind for layer in layout.layers} == FAMILIES[name][2]
     _check_blocks(model, la, X)
