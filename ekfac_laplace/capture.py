@@ -23,6 +23,7 @@ during backward:
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -346,7 +347,7 @@ class ForwardCapture:
 
     def _watch(self, name: str, output: Tensor) -> None:
         if output.requires_grad:
-            output.register_hook(functools.partial(self._store_gradient, name))
+            output.register_hook(_weak_hook(self, "_store_gradient", name))
 
     def _store_gradient(self, name: str, gradient: Tensor) -> None:
         self._gradients.setdefault(name, []).append(gradient.detach())
@@ -386,7 +387,7 @@ class ForwardCapture:
         for leaf_index, leaf in enumerate(tree_flatten(output)[0]):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 leaf.register_hook(
-                    functools.partial(self._store_leaf, name, leaf_index)
+                    _weak_hook(self, "_store_leaf", name, leaf_index)
                 )
         return replaced
 
@@ -476,6 +477,23 @@ class ForwardCapture:
                 )
 
             output.register_hook(store)
+
+
+def _weak_hook(capture: ForwardCapture, method: str, *args: Any) -> Any:
+    """A tensor hook that calls ``capture.method(*args, gradient)`` while it lives.
+
+    A hook on an output tensor lives in autograd's graph, which Python's garbage
+    collector cannot see into: a hook holding the capture (which holds the output)
+    would keep both, and the batch's graph, alive forever.
+    """
+    reference = weakref.ref(capture)
+
+    def hook(gradient: Tensor) -> None:
+        alive = reference()
+        if alive is not None:
+            getattr(alive, method)(*args, gradient)
+
+    return hook
 
 
 def _only_row(gradient: Tensor, dim: int, batch: int, example: int) -> bool:

@@ -94,3 +94,20 @@ def test_outputs_without_grad_get_no_gradient_hook():
     with torch.no_grad(), ForwardCapture(layout) as capture:
         out = model(torch.randn(4, 3))
     assert not out.requires_grad and capture.take_gradients("") == []
+
+
+def test_a_capture_does_not_outlive_its_forward_pass():
+    """The hooks on the outputs live in autograd's graph: they must not keep the
+    capture (and through it the batch's graph) alive once the caller drops it."""
+    import gc
+    import weakref
+
+    model = _mixed()
+    layout = ParameterLayout(model, list(model.parameters()))
+    with ForwardCapture(layout) as capture:
+        f = model(torch.randn(3, 2, 4, 4))
+    reference = weakref.ref(capture)
+    del capture
+    gc.collect()
+    assert reference() is None
+    f.sum().backward()  # the graph still works; the hooks do nothing
