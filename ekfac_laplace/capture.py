@@ -386,9 +386,7 @@ class ForwardCapture:
         )
         for leaf_index, leaf in enumerate(tree_flatten(output)[0]):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                leaf.register_hook(
-                    _weak_hook(self, "_store_leaf", name, leaf_index)
-                )
+                leaf.register_hook(_weak_hook(self, "_store_leaf", name, leaf_index))
         return replaced
 
     def _shared(self, output: Tensor) -> bool:

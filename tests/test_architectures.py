@@ -246,29 +246,30 @@ def _images(n: int) -> Tensor:
     return torch.randn(n, 3, 8, 8, dtype=torch.float64)
 
 
+ENCODER_NORMS = {
+    f"encoder.layers.{i}.norm{j}.{p}"
+    for i in (0, 1)
+    for j in (1, 2)
+    for p in ("weight", "bias")
+}
+RNN_WEIGHTS = {
+    f"rnn.{w}_{k}_l{i}"
+    for w in ("weight", "bias")
+    for k in ("ih", "hh")
+    for i in (0, 1)
+}
+
 MODELS = {
     # name: (builder, kinds of its Kronecker layers, diagonal parameter names)
     "transformer_encoder": (
         Encoder,
         {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
-        {"embedding.weight"}
-        | {
-            f"encoder.layers.{i}.norm{j}.{p}"
-            for i in (0, 1)
-            for j in (1, 2)
-            for p in ("weight", "bias")
-        },
+        {"embedding.weight", *ENCODER_NORMS},
     ),
     "transformer_encoder_seq_first_norm_first": (
         lambda: Encoder(batch_first=False, norm_first=True),
         {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
-        {"embedding.weight"}
-        | {
-            f"encoder.layers.{i}.norm{j}.{p}"
-            for i in (0, 1)
-            for j in (1, 2)
-            for p in ("weight", "bias")
-        },
+        {"embedding.weight", *ENCODER_NORMS},
     ),
     "cross_attention": (
         CrossAttention,
@@ -278,24 +279,12 @@ MODELS = {
     "lstm": (
         Recurrent,
         {LayerKind.LINEAR},
-        {"embedding.weight"}
-        | {
-            f"rnn.{w}_{k}_l{i}"
-            for w in ("weight", "bias")
-            for k in ("ih", "hh")
-            for i in (0, 1)
-        },
+        {"embedding.weight", *RNN_WEIGHTS},
     ),
     "gru_seq_first": (
         lambda: Recurrent("gru", batch_first=False),
         {LayerKind.LINEAR},
-        {"embedding.weight"}
-        | {
-            f"rnn.{w}_{k}_l{i}"
-            for w in ("weight", "bias")
-            for k in ("ih", "hh")
-            for i in (0, 1)
-        },
+        {"embedding.weight", *RNN_WEIGHTS},
     ),
     "gpt2_conv1d": (GPT2Style, {LayerKind.TRANSPOSED}, {"embedding.weight"}),
     "vit": (

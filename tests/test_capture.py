@@ -9,17 +9,7 @@ from torch import nn
 from ekfac_laplace._compat import has_module_hooks
 from ekfac_laplace.capture import ForwardCapture, ReusedModuleError
 from ekfac_laplace.layout import ParameterLayout
-
-
-def _mixed() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),  # 0: Kronecker
-        nn.Flatten(),
-        nn.Linear(3 * 4 * 4, 5, bias=False),  # 2: Kronecker, weight only
-        nn.LayerNorm(5),  # 3: diagonal
-        nn.Linear(5, 2),  # 4: Kronecker
-    )
+from tests.test_layout import _mixed
 
 
 def test_capture_records_inputs_calls_and_gradients_then_removes_its_hooks():

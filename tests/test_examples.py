@@ -35,6 +35,10 @@ SMALL_ARGUMENTS = {
         *("--n-train", "60", "--hidden", "8", "--epochs", "2"),
         *("--strengths", "1"),
     ],
+    "example_lora_transformer.py": [
+        *("--n-train", "60", "--n-test", "40", "--n-base", "60", "--hidden", "8"),
+        *("--layers", "1", "--rank", "2", "--epochs", "1", "--base-epochs", "1"),
+    ],
 }
 
 #: Substrings each script's standard output must contain.
@@ -46,6 +50,10 @@ EXPECTED_OUTPUT = {
     "example_sampling.py": ("last-layer bias", "marginal variances", "NN samples"),
     "example_continual.py": ("A's eigenbasis kept: True", "after B, Laplace s=1"),
     "example_distributed.py": ("1 process: N = 1077", "test set: accuracy"),
+    "example_lora_transformer.py": (
+        "fitted and tuned: LoRA-KFAC, LoRA-EKFAC, LL-EKFAC",
+        "shifted test set",
+    ),
 }
 
 #: Figures each script writes by default, relative to the working directory.
@@ -62,6 +70,7 @@ EXPECTED_FIGURES = {
     "example_sampling.py": ("example-output/sampling/sampling.png",),
     "example_continual.py": ("example-output/continual/continual.png",),
     "example_distributed.py": (),
+    "example_lora_transformer.py": ("example-output/lora_transformer/reliability.png",),
 }
 
 
