@@ -188,3 +188,17 @@ def test_last_layer_matches_the_dense_ggn_and_jacobians(name: str):
     copy = la.model.model  # laplace-torch's last-layer classes work on a copy
     _check_blocks(copy, la, X)
     _check_predictive(copy, la)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_lora_fast_and_curvlinops_engines_agree(name: str):
+    """LoRA adapters are nn.Linear layers, which curvlinops supports: both engines
+    give the same posterior (without padding, which curvlinops would count in A)."""
+    model, X, y = _make(name, lora=True)
+    X["attention_mask"] = torch.ones_like(X["attention_mask"])
+    precisions = []
+    for engine in ("fast", "curvlinops"):
+        la = EKFACLaplace(model, "classification", prior_precision=0.5, engine=engine)
+        la.fit(_loader(X, y))
+        precisions.append(la.posterior_precision.to_matrix())
+    assert_close(*precisions, _tolerance(model))
