@@ -95,7 +95,12 @@ def _make(name: str, lora: bool = False, n: int = 7, seed: int = 0):
     torch.manual_seed(seed)
     model = build()
     if lora:
-        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+        config = peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=targets,
+            fan_in_fan_out=name == "gpt2",  # GPT-2's Conv1D stores W transposed
+        )
         model = peft.get_peft_model(model, config)
         for module in model.modules():  # LoRA's B starts at zero: move it away
             if isinstance(module, nn.Linear) and module.weight.shape[1] == 2:
