@@ -133,7 +133,7 @@ class ForwardCapture:
         self._gradients: dict[str, list[Tensor]] = {}
         self._leaf_gradients: dict[str, dict[int, list[Tensor]]] = {}
         self._projections: dict[int, _Projection] = {}  # id(weight) → its calls
-        self._attentions: dict[int, tuple[str, int, int]] = {}  # running: (L, B)
+        self._attentions: dict[int, tuple[int, int]] = {}  # running: (L, B)
         self._handles: list[RemovableHandle] = []
         self._restore_linear: Callable[[], None] | None = None
 
@@ -423,7 +423,7 @@ class ForwardCapture:
         length, batch = query.shape[:2]
         if module.batch_first:
             length, batch = batch, length
-        self._attentions[id(module)] = (name, length, batch)
+        self._attentions[id(module)] = (length, batch)
         self._stop_watching()
         self._restore_linear = watching_functional_linear(self._linear_call)
 
@@ -459,7 +459,7 @@ class ForwardCapture:
                 "its nn.MultiheadAttention; EKFAC captures it only there. Freeze it "
                 "with requires_grad_(False)."
             )
-        _, length, batch = self._attentions[id(layer.attention)]
+        length, batch = self._attentions[id(layer.attention)]
         start = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
         rows = (start, start + weight.shape[0])
         index = len(projection.inputs)

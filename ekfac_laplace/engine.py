@@ -180,12 +180,17 @@ class Sweep:
         (:meth:`~ekfac_laplace.capture.ForwardCapture.locate_batches`); they also
         refuse rows folded into the batch out of order and coupled examples.
         """
-        targets = [layer.target for layer in hidden]
-        if capture.diagonal:
-            targets += [entry.target for entry in self.layout.diagonal_modules]
+        targets = self._targets(hidden, capture.diagonal)
         if targets:
             capture.locate_batches(f, targets, check=True)
         self.batch_dims = dict(capture.batch_dims)
+
+    def _targets(self, hidden: list[KroneckerLayer], diagonal: bool) -> list[Tensor]:
+        """One parameter per module the backward passes must reach."""
+        targets = [layer.target for layer in hidden]
+        if diagonal:
+            targets += [entry.target for entry in self.layout.diagonal_modules]
+        return targets
 
     def _hidden_layers(
         self, capture: ForwardCapture, f: Tensor, every: bool = False
@@ -221,8 +226,7 @@ class Sweep:
     ) -> None:
         """Back-propagate each ``v_k`` and hand the gradients on, one at a time."""
         diagonal_modules = self.layout.diagonal_modules if diagonal else []
-        targets = [layer.target for layer in hidden]
-        targets += [entry.target for entry in diagonal_modules]
+        targets = self._targets(hidden, diagonal is not None)
         for k in range(len(passes)):
             torch.autograd.grad(
                 passes.output(k),
@@ -481,13 +485,11 @@ class FastEKFAC:
             q_g, q_a = bases[layer.name]
             if layer.weight_index is not None:
                 weight = correction.weight_corrections[layer.name]
-                weight = weight.reshape(q_g.shape[0], -1)
-                if layer.transposed:  # a (d_in, d_out) weight: basis Q_A ⊗ Q_G
-                    eigenvectors[layer.weight_index] = (q_a, q_g)
-                    eigenvalues[layer.weight_index] = weight.T.contiguous()
-                else:
-                    eigenvectors[layer.weight_index] = (q_g, q_a)
-                    eigenvalues[layer.weight_index] = weight
+                basis, values = layer.weight_block(
+                    q_g, q_a, weight.reshape(q_g.shape[0], -1)
+                )
+                eigenvectors[layer.weight_index] = basis
+                eigenvalues[layer.weight_index] = values
             if layer.bias_index is not None:
                 eigenvectors[layer.bias_index] = (q_g,)
                 eigenvalues[layer.bias_index] = correction.bias_corrections[layer.name]

@@ -191,6 +191,41 @@ class KroneckerLayer:
         """Whether the weight is stored ``(d_in, d_out)`` (eigenbasis ``Q_A ⊗ Q_G``)."""
         return self.kind == LayerKind.TRANSPOSED
 
+    def weight_block(
+        self, q_g: Tensor, q_a: Tensor, values: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """The weight's block in the layout of the weight itself.
+
+        Args:
+            q_g: The gradient factor's eigenvectors.
+            q_a: The input factor's eigenvectors.
+            values: Corrected eigenvalues ``(d_out, d_in)``.
+
+        Returns:
+            ``((Q_G, Q_A), λ)``, or for a weight stored ``(d_in, d_out)``
+            ``((Q_A, Q_G), λᵀ)``; applying the inverse gives the factors back.
+        """
+        if self.transposed:
+            return (q_a, q_g), values.T.contiguous()
+        return (q_g, q_a), values
+
+    def factor_block(
+        self, basis: tuple[Tensor, ...], values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The inverse of :meth:`weight_block`.
+
+        Args:
+            basis: The weight block's eigenvectors.
+            values: Values shaped like the weight (eigenvalues, their powers).
+
+        Returns:
+            ``(Q_G, Q_A, values as (d_out, d_in))`` (``None`` without values).
+        """
+        first, second = basis
+        if self.transposed:
+            return second, first, None if values is None else values.T
+        return first, second, values
+
     @property
     def out_features(self) -> int:
         """Output width ``d_out`` (channels for ``Conv2d``)."""
@@ -336,11 +371,8 @@ class ParameterLayout:
         for layer in self.layers:
             if layer.weight_index is None:
                 bases[layer.name] = (eigenbasis[layer.bias_index][0], None)
-            elif layer.transposed:  # stored as (Q_A, Q_G)
-                q_a, q_g = eigenbasis[layer.weight_index]
-                bases[layer.name] = (q_g, q_a)
             else:
-                q_g, q_a = eigenbasis[layer.weight_index]
+                q_g, q_a, _ = layer.factor_block(eigenbasis[layer.weight_index])
                 bases[layer.name] = (q_g, q_a)
         return bases
 

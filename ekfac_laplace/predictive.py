@@ -162,11 +162,10 @@ def _layer_term(
         inverse = precision.powered_eigenvalues(layer.bias_index, -1)
         term = term + _bias_term(g.to(q_g.dtype) @ q_g, inverse, joint)
     if layer.weight_index is not None:
-        basis = precision.eigenvectors[layer.weight_index]
-        inverse = precision.powered_eigenvalues(layer.weight_index, -1)
-        q_g, q_a = basis
-        if layer.transposed:  # stored as Q_A ⊗ Q_G with values (in, out)
-            q_g, q_a, inverse = q_a, q_g, inverse.T
+        q_g, q_a, inverse = layer.factor_block(
+            precision.eigenvectors[layer.weight_index],
+            precision.powered_eigenvalues(layer.weight_index, -1),
+        )
         g_rot, a_rot = g.to(q_g.dtype) @ q_g, a.to(q_a.dtype) @ q_a
         if a_rot.shape[1] == 1:
             term = term + _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
