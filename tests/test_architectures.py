@@ -738,3 +738,95 @@ def test_every_error_s_advice_works_when_followed():
     la = EKFACLaplace(model, "regression")
     la.fit(_loader(X, targets))
     assert la.n_data == 36
+
+
+class _Unbatched(nn.Module):
+    """Calls a recurrent layer or an attention on one unbatched sequence."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.embedding = nn.Embedding(VOCABULARY, 4)
+        if kind == "rnn":
+            self.inner = nn.GRU(4, 4, batch_first=True)
+        else:
+            self.inner = nn.MultiheadAttention(4, 2, batch_first=True, bias=False)
+        self.head = nn.Linear(4, CLASSES)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        x = self.embedding(batch["input_ids"])
+        if self.kind == "mask":  # a (B·heads, T, T) mask
+            B, T = x.shape[:2]
+            mask = torch.zeros(B * 2, T, T, dtype=x.dtype)
+            mixed, _ = self.inner(x, x, x, attn_mask=mask)
+            return self.head(mixed.mean(1))
+        flat = x.reshape(-1, 4)  # every token of the batch as one sequence
+        mixed = (
+            self.inner(flat)[0]
+            if self.kind == "rnn"
+            else self.inner(flat, flat, flat)[0]
+        )
+        return self.head(mixed.reshape(x.shape).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("rnn", r"'inner' \(GRU\) takes an unbatched sequence"),
+        ("attention", r"'inner' \(MultiheadAttention\) takes an unbatched sequence"),
+        ("mask", r"takes a 3-D attn_mask, with examples and heads mixed"),
+    ],
+)
+def test_unbatched_recurrent_and_attention_calls_are_refused(kind: str, match: str):
+    torch.manual_seed(0)
+    model = _Unbatched(kind).double().eval()
+    if kind == "attention":
+        model.inner.out_proj.requires_grad_(False)  # the in-projection's capture
+    elif kind == "mask":
+        model.inner.in_proj_weight.requires_grad_(False)
+        model.inner.out_proj.requires_grad_(False)
+        model.inner.bias_k = nn.Parameter(torch.zeros(1, 1, 4, dtype=torch.float64))
+        model.inner.bias_v = nn.Parameter(torch.zeros(1, 1, 4, dtype=torch.float64))
+        model.inner.add_zero_attn = False
+    X, y = token_batch(4), torch.randint(0, CLASSES, (4,))
+    la = EKFACLaplace(model, "classification")
+    with pytest.raises(ValueError, match=match):
+        la.fit(_loader(X, y))
+    assert la.H is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_an_attention_weight_used_outside_its_attention_is_refused():
+    from ekfac_laplace.capture import CaptureError, ForwardCapture
+
+    attention = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    layout = ParameterLayout(attention, [attention.in_proj_weight])
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with ForwardCapture(layout) as capture:
+        attention(x, x, x)
+        restore = _compat_watch(capture)
+        try:
+            with pytest.raises(CaptureError, match="used outside the forward pass"):
+                nn.functional.linear(x, attention.in_proj_weight)
+        finally:
+            restore()
+
+
+def _compat_watch(capture):
+    from ekfac_laplace import _compat
+
+    return _compat.watching_functional_linear(capture._linear_call)
+
+
+def test_curvlinops_engine_refuses_token_level_outputs():
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head"))
+    X, labels = _lm_data(3)
+    la = EKFACLaplace(model, "classification", engine="curvlinops")
+    with pytest.raises(
+        ValueError, match=r"curvlinops' needs outputs of shape .*'fast'"
+    ):
+        la.fit(_loader(X, labels))
+    EKFACLaplace(model, "classification").fit(_loader(X, labels))

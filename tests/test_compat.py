@@ -39,3 +39,22 @@ def test_tensor_version_counts_in_place_changes():
     tensor += 1
     assert _compat.tensor_version(tensor) == before + 1
     assert _compat.tensor_version(tensor + 1) == 0
+
+
+def test_watching_functional_linear_sees_calls_and_restores_torch_s():
+    from torch.nn import functional as F
+
+    seen = []
+    restore = _compat.watching_functional_linear(
+        lambda x, w, b, out: seen.append(out.shape)
+    )
+    try:
+        F.linear(torch.randn(2, 3), torch.randn(4, 3))
+        with pytest.raises(RuntimeError, match="already replaced"):
+            _compat.watching_functional_linear(lambda *args: None)
+    finally:
+        restore()
+    restore()  # twice is harmless
+    assert seen == [torch.Size([2, 4])]
+    F.linear(torch.randn(2, 3), torch.randn(4, 3))
+    assert len(seen) == 1
