@@ -19,7 +19,8 @@ $$
 $$
 
   and with weight sharing (``Conv2d``) the rotated per-example gradients
-  ``Σ_s (Q_Gᵀ g_{n,k,s})(Q_Aᵀ a_{n,s})ᵀ`` are squared and summed;
+  ``Q_Gᵀ (Σ_s g_{n,k,s} a_{n,s}ᵀ) Q_A`` are squared and summed, each rotation
+  applied to whichever side of the product is cheaper (:func:`contraction_order`);
 * :class:`DiagonalSquares` sums the squared per-example gradients of the parameters
   with diagonal blocks.
 
@@ -41,9 +42,64 @@ from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, group_rows
 from ekfac_laplace.options import KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
 
+
+class PerExampleGradients:
+    """A batch's per-example (pseudo-)gradients of a layer, one per backward pass.
+
+    The compact cache entry of a weight-sharing layer: ``K d_out (d_in + 1)``
+    numbers per example instead of the ``S (d_in + K d_out)`` of its inputs and
+    output gradients (a convolution's positions ``S`` are many).
+
+    Args:
+        weight: ``Σ_s g_{n,k,s} a_{n,s}ᵀ``, shape ``(B, K, d_out, d_in)``, or
+            ``None`` without the weight in the posterior.
+        bias: ``Σ_s g_{n,k,s}``, shape ``(B, K, d_out)``, or ``None``.
+    """
+
+    def __init__(self, weight: Tensor | None, bias: Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def nbytes(self) -> int:
+        """Memory held.
+
+        Returns:
+            Bytes.
+        """
+        held = [t for t in (self.weight, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
 #: A cached first-pass entry of a layer: its inputs and either the stacked output
-#: gradients ``(B, K, S, d_out)`` or, for the output layer, the output curvature.
-CacheEntry = tuple[Tensor, Tensor | OutputCurvature]
+#: gradients ``(B, K, S, d_out)`` or, for the output layer, the output curvature; or
+#: the per-example gradients alone (the compact form of weight-sharing layers).
+CacheEntry = tuple[Tensor, Tensor | OutputCurvature] | PerExampleGradients
+
+
+def per_example_numbers(
+    layer: KroneckerLayer, positions: int, d_in: int, passes: int
+) -> tuple[int, int]:
+    """Numbers per example of a layer's two cache forms: raw and per-example.
+
+    Args:
+        layer: The layer.
+        positions: Its positions ``S`` sharing the weight.
+        d_in: Its input features.
+        passes: The backward passes ``K``.
+
+    Returns:
+        ``(S (d_in + K d_out), K d_out (d_in [weight] + 1 [bias]))``.
+    """
+    d_out = layer.out_features
+    raw = positions * (d_in + passes * d_out)
+    compact = (
+        passes
+        * d_out
+        * (
+            (d_in if layer.weight_index is not None else 0)
+            + (1 if layer.bias_index is not None else 0)
+        )
+    )
+    return raw, compact
 
 
 class PassAccumulator:
@@ -147,6 +203,8 @@ class FactorAccumulator(PassAccumulator):
         self.cache: dict[str, list[CacheEntry]] = {layer.name: [] for layer in layers}
         self._pending: dict[str, list[Tensor]] = {}
         self._masks: dict[str, Tensor] = {}
+        # Layers cached as per-example gradients (fewer numbers than a and g).
+        self._compact: set[str] = set()
 
     def plan(
         self,
@@ -157,17 +215,26 @@ class FactorAccumulator(PassAccumulator):
     ) -> None:
         """Keep the batch's padding masks; give up caching if need be.
 
-        On the first batch, caching stops if the whole set would not fit.
+        On the first batch, each hidden layer's cache form is chosen (per-example
+        gradients where they are fewer numbers than its inputs and gradients), and
+        caching stops if the whole set would not fit.
         """
         self._masks = masks or {}
         if not self.caching or self.examples_seen:
             return
         batch = next(iter(inputs.values())).shape[0]
-        per_batch = sum(a.numel() * a.element_size() for a in inputs.values())
+        hidden_names = {layer.name for layer in hidden}
+        per_batch = sum(
+            a.numel() * a.element_size()
+            for name, a in inputs.items()
+            if name not in hidden_names
+        )
         for layer in hidden:
             a = inputs[layer.name]
-            numbers = passes * a.shape[0] * a.shape[1] * layer.out_features
-            per_batch += numbers * a.element_size()
+            raw, compact = per_example_numbers(layer, a.shape[1], a.shape[2], passes)
+            if compact < raw:
+                self._compact.add(layer.name)
+            per_batch += min(raw, compact) * a.shape[0] * a.element_size()
         if per_batch * self.num_data / batch > self.budget:
             self._stop_caching()
 
@@ -182,13 +249,30 @@ class FactorAccumulator(PassAccumulator):
         self.gradient_factors[layer.name] = _add(
             self.gradient_factors.get(layer.name), flat.T @ flat
         )
-        if self.caching:
+        if not self.caching:
+            return
+        if layer.name in self._compact:  # only the per-example gradients
+            weight = None
+            if layer.weight_index is not None:
+                weight = torch.bmm(g.transpose(1, 2), a)
+            bias = g.sum(1) if layer.bias_index is not None else None
+            self._pending[layer.name].append((weight, bias))
+        else:
             self._pending[layer.name].append(g)
 
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
-        """Cache the batch's ``a`` and stacked ``g`` while within budget."""
+        """Cache the batch's entry while within budget."""
         gradients = self._pending.pop(layer.name)
-        if self.caching:
+        if not self.caching:
+            return
+        if layer.name in self._compact:
+            weights, biases = zip(*gradients)
+            entry = PerExampleGradients(
+                None if weights[0] is None else torch.stack(weights, dim=1),
+                None if biases[0] is None else torch.stack(biases, dim=1),
+            )
+            self._remember(layer, entry.nbytes(), entry)
+        else:
             g = torch.stack(gradients, dim=1)  # (B, K, S, d_out)
             self._remember(layer, (a.numel() + g.numel()) * a.element_size(), (a, g))
 
@@ -296,45 +380,71 @@ class CorrectionAccumulator(PassAccumulator):
         self.weight_corrections: dict[str, Tensor] = {}
         self.bias_corrections: dict[str, Tensor] = {}
         self._squares: dict[str, Tensor] = {}
-        self._rotated_inputs: dict[str, Tensor] = {}
+        # Per shared-weight layer of the batch: the inputs (rotated or not), the
+        # rotation still to apply to the right of the per-example gradients, and
+        # whether the gradients are rotated before the product.
+        self._inputs: dict[str, tuple[Tensor, Tensor | None, bool]] = {}
+        self._passes = 1
+
+    def plan(
+        self,
+        inputs: dict[str, Tensor],
+        hidden: list[KroneckerLayer],
+        passes: int,
+        masks: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Keep the number of backward passes (it decides the contraction order)."""
+        self._passes = max(passes, 1)
 
     def begin(self, layer: KroneckerLayer, a: Tensor) -> None:
-        """Prepare the batch: rotate shared inputs once for all passes."""
+        """Prepare the batch: rotate shared inputs once for all passes, if cheaper."""
         if a.shape[1] == 1:
             d_out = self.bases[layer.name][0].shape[0]
             self._squares[layer.name] = a.new_zeros(a.shape[0], d_out)
         elif layer.weight_index is not None:
-            self._rotated_inputs[layer.name] = a @ self.bases[layer.name][1]
+            q_g, q_a = self.bases[layer.name]
+            B, S, d_in = a.shape
+            rotate_a, rotate_g = contraction_order(
+                B, S, d_in, q_g.shape[0], self._passes
+            )
+            if rotate_a:
+                self._inputs[layer.name] = (a @ q_a, None, rotate_g)
+            else:
+                self._inputs[layer.name] = (a, q_a, rotate_g)
 
     def gradient(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
         """Add one pass: rotated gradient squares, or rotated per-example grads."""
-        g_rot = g @ self.bases[layer.name][0]  # (B, S, d_out)
+        q_g = self.bases[layer.name][0]
         if a.shape[1] == 1:
-            self._squares[layer.name] += g_rot[:, 0].square()
+            self._squares[layer.name] += (g[:, 0] @ q_g).square()
             return
         if layer.weight_index is not None:
-            a_rot = self._rotated_inputs[layer.name]
+            a_used, q_a, rotate_g = self._inputs[layer.name]
+            g_used = g @ q_g if rotate_g else g  # (B, S, d_out)
             # The rotated per-example gradients (d_out, d_in) are formed for a few
             # examples at a time, within CHUNK_NUMBERS numbers.
-            d_out, d_in = g_rot.shape[-1], a_rot.shape[-1]
+            d_out, d_in = g.shape[-1], a_used.shape[-1]
             chunk = max(1, CHUNK_NUMBERS // (d_out * d_in))
-            squares = g_rot.new_zeros(d_out, d_in)
-            for start in range(0, g_rot.shape[0], chunk):
-                per_example = torch.einsum(
-                    "bsi,bsj->bij",
-                    g_rot[start : start + chunk],
-                    a_rot[start : start + chunk],
+            squares = g.new_zeros(d_out, d_in)
+            for start in range(0, g.shape[0], chunk):
+                per_example = torch.bmm(
+                    g_used[start : start + chunk].transpose(1, 2),
+                    a_used[start : start + chunk],
                 )
+                if not rotate_g:
+                    per_example = q_g.T @ per_example
+                if q_a is not None:
+                    per_example = per_example @ q_a
                 squares += per_example.square().sum(0)
             self._add_weight(layer, squares)
         if layer.bias_index is not None:
-            self._add_bias(layer, g_rot.sum(1).square().sum(0))
+            self._add_bias(layer, (g.sum(1) @ q_g).square().sum(0))
 
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Finish a layer without weight sharing with one matrix product."""
         if a.shape[1] == 1:
             self._finish(layer, a, self._squares.pop(layer.name))
-        self._rotated_inputs.pop(layer.name, None)
+        self._inputs.pop(layer.name, None)
 
     def output(
         self, layer: KroneckerLayer, a: Tensor, curvature: OutputCurvature
@@ -366,15 +476,36 @@ class CorrectionAccumulator(PassAccumulator):
             layer: The layer.
             entries: Its cache (emptied).
         """
-        for a, g in entries:
+        for entry in entries:
+            if isinstance(entry, PerExampleGradients):
+                self._replay_per_example(layer, entry)
+                continue
+            a, g = entry
             if isinstance(g, OutputCurvature):
                 self.output(layer, a, g)
                 continue
+            self._passes = g.shape[1]
             self.begin(layer, a)
             for k in range(g.shape[1]):
                 self.gradient(layer, a, g[:, k])
             self.end(layer, a)
         entries.clear()
+
+    def _replay_per_example(
+        self, layer: KroneckerLayer, entry: PerExampleGradients
+    ) -> None:
+        """Rotate cached per-example gradients, square and sum them."""
+        q_g, q_a = self.bases[layer.name]
+        if entry.weight is not None:
+            B, K, d_out, d_in = entry.weight.shape
+            chunk = max(1, CHUNK_NUMBERS // (K * d_out * d_in))
+            squares = entry.weight.new_zeros(d_out, d_in)
+            for start in range(0, B, chunk):
+                rotated = q_g.T @ entry.weight[start : start + chunk] @ q_a
+                squares += rotated.square().sum((0, 1))
+            self._add_weight(layer, squares)
+        if entry.bias is not None:
+            self._add_bias(layer, (entry.bias @ q_g).square().sum((0, 1)))
 
     def _finish(self, layer: KroneckerLayer, a: Tensor, squares: Tensor) -> None:
         """No weight sharing: ``λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ``."""
@@ -393,6 +524,41 @@ class CorrectionAccumulator(PassAccumulator):
         self.bias_corrections[layer.name] = _add(
             self.bias_corrections.get(layer.name), term
         )
+
+
+def contraction_order(
+    batch: int, positions: int, d_in: int, d_out: int, passes: int
+) -> tuple[bool, bool]:
+    """Where to rotate a shared-weight layer's per-example gradients: cheapest first.
+
+    ``Q_Gᵀ (Σ_s g_s a_sᵀ) Q_A`` can rotate the inputs ``a`` once per batch
+    (``B S d_in²`` multiply-adds) or each example's product after it
+    (``B d_out d_in²`` per pass), and the gradients ``g`` before the product
+    (``B S d_out²`` per pass) or after it (``B d_out² d_in`` per pass); the
+    product itself costs ``B S d_out d_in`` per pass either way. All four orders give
+    the same numbers up to rounding.
+
+    Args:
+        batch: Examples ``B``.
+        positions: Positions ``S`` sharing the weight.
+        d_in: Input features (of the unfolded patches for a convolution).
+        d_out: Output features.
+        passes: Backward passes ``K`` of the batch.
+
+    Returns:
+        ``(rotate_a, rotate_g)``: whether to rotate the inputs, the gradients,
+        before the product.
+    """
+    B, S, K = batch, positions, passes
+
+    def cost(rotate_a: bool, rotate_g: bool) -> int:
+        once = B * S * d_in * d_in if rotate_a else 0
+        left = B * S * d_out * d_out if rotate_g else B * d_out * d_out * d_in
+        right = 0 if rotate_a else B * d_out * d_in * d_in
+        return once + K * (left + right + B * S * d_out * d_in)
+
+    orders = [(a, g) for a in (True, False) for g in (True, False)]
+    return min(orders, key=lambda order: cost(*order))
 
 
 class DiagonalSquares:

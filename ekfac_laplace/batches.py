@@ -250,7 +250,7 @@ def check_targets(f: Tensor, y: Tensor, likelihood: str) -> None:
             f"Classification targets of shape (batch,) must be integer class "
             f"indices, got {y.dtype}; use y.long()."
         )
-    low, high = int(y.min()), int(y.max())
+    low, high = torch.stack(torch.aminmax(y)).tolist()  # one host sync a batch
     if low < 0 or high >= f.shape[1]:
         raise ValueError(
             f"Class labels must lie in [0, {f.shape[1]}) for a model with "

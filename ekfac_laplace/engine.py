@@ -10,9 +10,12 @@ This engine computes the same quantities with
   gradients that the factors never use;
 * no backward pass at all for a layer whose output is the model output (its factor
   and correction are closed-form);
-* optionally, the layer inputs and output gradients of the Kronecker-factor pass kept
-  within ``cache_budget_bytes``, so that the eigenvalue correction needs no second
-  pass (:mod:`ekfac_laplace.accumulators`).
+* the loss-Hessian root of cross-entropy with ``C − 1`` columns (its rank), one
+  backward pass fewer per batch than curvlinops' ``C``;
+* the first pass's layer inputs and output gradients, or, where fewer numbers (a
+  convolution's many positions), its per-example gradients, kept within
+  ``cache_budget_bytes`` (256 MiB by default), so that the eigenvalue correction
+  needs no second pass (:mod:`ekfac_laplace.accumulators`).
 
 A dict batch's ``attention_mask`` marks padding positions: they are left out of
 the input factors, so that padding contributes nothing.
@@ -307,7 +310,7 @@ def _padding(X: Any, positions: dict[str, Tensor]) -> dict[str, Tensor]:
         with padding.
     """
     mask = X.get("attention_mask") if isinstance(X, Mapping) else None
-    if not isinstance(mask, Tensor) or mask.ndim < 2 or bool(mask.all()):
+    if not isinstance(mask, Tensor) or mask.ndim < 2:  # (no host sync on its values)
         return {}
     flat = mask.reshape(mask.shape[0], -1)
     return {

@@ -20,9 +20,9 @@ from typing import Any
 
 #: Seed of the Monte-Carlo label sampler unless one is given (curvlinops' default).
 DEFAULT_SEED = 2147483647
-#: Bytes of first-pass inputs and output gradients the fast engine may keep to skip
+#: Bytes of first-pass results the fast engine may keep to skip its second pass
 #: its second pass (projected from the first batch; see :mod:`ekfac_laplace.engine`).
-DEFAULT_CACHE_BUDGET_BYTES = 64 * 2**20
+DEFAULT_CACHE_BUDGET_BYTES = 256 * 2**20
 
 
 class _Choice(str, Enum):
@@ -113,8 +113,10 @@ class EKFACOptions:
             so fits are reproducible and independent of torch's global generator.
         engine: ``"fast"`` (default, ours) or ``"curvlinops"`` (curvlinops'
             ``EKFACLinearOperator``, the reference); both compute the same matrix.
-        cache_budget_bytes: Bytes of first-pass layer inputs and output gradients the
-            fast engine may keep to skip its second pass (``0``: always two passes).
+        cache_budget_bytes: Bytes the fast engine may keep from its first pass to
+            skip the second (``0``: always two passes): per layer and example,
+            either its inputs and output gradients or, where fewer numbers (a
+            convolution's many positions), its per-example gradients.
         unsupported_layers: ``"diagonal"`` (default): parameters of modules KFAC
             cannot factorise get the exact GGN / Fisher diagonal; ``"raise"``: refuse
             them.

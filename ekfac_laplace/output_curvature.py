@@ -5,8 +5,10 @@ Jacobian of the outputs of example ``n`` and ``Λ_n = Σ_k v_{n,k} v_{n,k}ᵀ`` 
 outer products of output-space vectors:
 
 * exact GGN (``type2``): ``v_{n,k}`` the columns of a square root of the loss Hessian,
-  for cross-entropy ``√p_c (e_c − p)`` (``Λ = diag(p) − p pᵀ``), for the summed MSE
-  ``√2 e_c``;
+  for the summed MSE ``√2 e_c``; for cross-entropy ``Λ = diag(p) − p pᵀ`` has rank
+  ``C − 1`` (the logits' common shift is in its null space), and its ``C − 1``
+  vectors are ``√p ∘ u_j`` with ``u_j`` an orthonormal basis of ``√p``'s complement
+  (below) — one backward pass fewer than the ``C`` columns ``√p_c (e_c − p)``;
 * Monte-Carlo Fisher: ``v_{n,k} = ∇_f loss(f_n, ŷ_{n,k}) / √S`` for ``S`` labels
   ``ŷ`` drawn from the model's predictive;
 * empirical Fisher: ``v_n = ∇_f loss(f_n, y_n)``.
@@ -89,13 +91,11 @@ class OutputCurvature:
         """The vectors ``v`` to back-propagate.
 
         Returns:
-            Shape ``(B, K, C)`` (``K = C`` for the exact GGN).
+            Shape ``(B, K, C)`` (for the exact GGN ``K = C``, and ``K = C − 1``
+            for cross-entropy).
         """
         if self._vectors is None:
-            p = self.probabilities
-            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-            # Column c of the root S of diag(p) − p pᵀ is √p_c (e_c − p).
-            return p.sqrt().unsqueeze(2) * (eye.unsqueeze(0) - p.unsqueeze(1))
+            return _softmax_root(self.probabilities)
         return self._vectors
 
     def gradient_factor(self) -> Tensor:
@@ -132,6 +132,35 @@ class OutputCurvature:
         """
         held = self.probabilities if self._vectors is None else self._vectors
         return held.numel() * held.element_size()
+
+
+def _softmax_root(p: Tensor) -> Tensor:
+    r"""``C − 1`` vectors ``v_j`` with ``Σ_j v_j v_jᵀ = diag(p) − p pᵀ``, per example.
+
+    With ``q = √p`` (a unit vector), ``diag(p) − p pᵀ = D (I − q qᵀ) D`` for
+    ``D = diag(q)``, and ``I − q qᵀ = U Uᵀ`` for any orthonormal basis ``U`` of
+    ``q``'s complement. The Householder reflection ``R = I − w wᵀ / (1 + q_C)``,
+    ``w = q + e_C``, maps ``e_C`` to ``−q``; being orthogonal, its other ``C − 1``
+    columns are such a basis. ``1 + q_C ≥ 1``, so no cancellation can occur.
+
+    Args:
+        p: Probabilities ``(B, C)``.
+
+    Returns:
+        ``v_j = q ∘ R e_j`` for ``j < C``, shape ``(B, C − 1, C)``; for ``C = 1``
+        the loss Hessian is zero and so is the one returned vector ``(B, 1, 1)``.
+    """
+    B, C = p.shape
+    if C == 1:
+        return torch.zeros_like(p).unsqueeze(1)
+    q = p.sqrt()
+    w = q.clone()
+    w[:, -1] += 1.0
+    eye = torch.eye(C - 1, C, dtype=p.dtype, device=p.device)
+    # Row j of R restricted to j < C (R is symmetric): e_j − w_j w / (1 + q_C).
+    scale = w[:, :-1] / (1.0 + q[:, -1:])  # (B, C − 1)
+    basis = eye.unsqueeze(0) - scale.unsqueeze(2) * w.unsqueeze(1)
+    return q.unsqueeze(1) * basis
 
 
 def _sampled_gradients(

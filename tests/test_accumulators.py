@@ -7,10 +7,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ekfac_laplace import accumulators
 from ekfac_laplace.accumulators import (
     CorrectionAccumulator,
     DiagonalSquares,
     FactorAccumulator,
+    PerExampleGradients,
+    contraction_order,
+    per_example_numbers,
     robust_eigenvectors,
 )
 from ekfac_laplace.diagonal import ModuleCall
@@ -100,8 +104,16 @@ def test_cache_is_projected_from_the_first_batch_and_dropped_over_budget():
     assert not fits.caching and fits.cache["layer"] == []
 
 
+ORDERS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("positions", [1, S])
-def test_correction_accumulator_squares_rotated_per_example_gradients(positions):
+def test_correction_accumulator_squares_rotated_per_example_gradients(
+    positions, order, monkeypatch
+):
+    """Every contraction order (rotate the inputs, the gradients, before or after)."""
+    monkeypatch.setattr(accumulators, "contraction_order", lambda *_: order)
     a, g = _data(positions)
     layer = _layer()
     q_g, q_a = _orthogonal(D_OUT, 1), _orthogonal(D_IN, 2)
@@ -112,6 +124,17 @@ def test_correction_accumulator_squares_rotated_per_example_gradients(positions)
     assert_close(correction.weight_corrections["layer"], rotated.square().sum((0, 1)))
     bias = (g.sum(2) @ q_g).square().sum((0, 1))
     assert_close(correction.bias_corrections["layer"], bias)
+
+
+def test_contraction_order_picks_the_fewest_multiply_adds():
+    # Many positions, few features (a first convolution): rotate after the product.
+    assert contraction_order(256, 1024, 27, 16, 9) == (False, False)
+    # Few positions, many input features, many passes: rotate the inputs once.
+    assert contraction_order(256, 256, 144, 32, 9) == (True, False)
+    # One pass (Monte Carlo) over the same layer: rotate after the product.
+    assert contraction_order(256, 256, 144, 32, 1) == (False, False)
+    # Fewer positions than features: rotate both before the product.
+    assert contraction_order(8, 16, 64, 64, 9) == (True, True)
 
 
 def test_replay_and_the_output_layer_closed_form_equal_a_second_pass():
@@ -143,6 +166,39 @@ def test_replay_and_the_output_layer_closed_form_equal_a_second_pass():
     assert_close(
         replayed.weight_corrections["layer"], second_pass.weight_corrections["layer"]
     )
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias"), [(True, True), (True, False), (False, True)]
+)
+def test_compact_cache_of_many_positions_replays_as_a_second_pass(weight, bias):
+    """Many positions (a convolution): the cache keeps per-example gradients only."""
+    torch.manual_seed(0)
+    positions = 40
+    a = torch.randn(B, positions, D_IN, dtype=F64)
+    g = torch.randn(K, B, positions, D_OUT, dtype=F64)
+    layer = _layer(weight, bias)
+    raw, compact = per_example_numbers(layer, positions, D_IN, K)
+    assert compact < raw
+    factors = FactorAccumulator([layer], KFACApprox.EXPAND, 2**30, num_data=2 * B)
+    for _ in range(2):
+        factors.plan({"layer": a}, [layer], K)
+        _feed(factors, layer, a, g)
+    entries = factors.cache["layer"]
+    assert all(isinstance(entry, PerExampleGradients) for entry in entries)
+    assert factors.cache_bytes == 2 * B * compact * 8
+    bases = {"layer": (_orthogonal(D_OUT, 5), _orthogonal(D_IN, 6))}
+    replayed = CorrectionAccumulator(bases)
+    replayed.replay(layer, entries)
+    second_pass = CorrectionAccumulator(bases)
+    for _ in range(2):
+        second_pass.plan({"layer": a}, [layer], K)
+        _feed(second_pass, layer, a, g)
+    for name in ("weight_corrections", "bias_corrections"):
+        expected = getattr(second_pass, name)
+        assert set(getattr(replayed, name)) == set(expected)
+        for key, value in expected.items():
+            assert_close(getattr(replayed, name)[key], value)
 
 
 def test_diagonal_squares_sum_per_example_gradient_squares():

@@ -41,7 +41,8 @@ def test_exact_ggn_vectors_are_a_root_of_the_loss_hessian(likelihood):
     f, y = _batch(likelihood)
     curvature = _curvature(f, y, likelihood)
     v = curvature.vectors()
-    assert v.shape == (6, 4, 4)
+    # Cross-entropy's Hessian has rank C − 1: one backward pass fewer.
+    assert v.shape == (6, 3 if likelihood == "classification" else 4, 4)
     assert_close(v.transpose(1, 2) @ v, _loss_hessian(f, likelihood))
     assert_close(curvature.gradient_factor(), _loss_hessian(f, likelihood).sum(0))
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64))
@@ -49,6 +50,21 @@ def test_exact_ggn_vectors_are_a_root_of_the_loss_hessian(likelihood):
     # Cross-entropy keeps only the probabilities: C numbers per example.
     numbers = 6 * 4 * (1 if likelihood == "classification" else 4)
     assert curvature.nbytes() == numbers * 8
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 10])
+def test_softmax_root_is_exact_for_saturated_and_uniform_probabilities(classes):
+    """``C − 1`` vectors give ``diag(p) − p pᵀ`` to rounding, whichever class wins."""
+    torch.manual_seed(0)
+    f = torch.randn(5, classes, dtype=F64) * 3
+    f[1] = 0.0  # uniform
+    f[2, -1] = 60.0  # the reflected class saturates: q_C → 1
+    f[3, 0] = 60.0  # another class saturates: q_C → 0
+    y = torch.zeros(5, dtype=torch.long)
+    v = _curvature(f, y, "classification").vectors()
+    assert v.shape == (5, max(classes - 1, 1), classes)
+    error = (v.transpose(1, 2) @ v - _loss_hessian(f, "classification")).abs().max()
+    assert error < 1e-15
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])

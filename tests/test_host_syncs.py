@@ -1,0 +1,99 @@
+"""No host synchronisation inside the fit's inner loop (checked on the CPU build).
+
+A GPU fit stalls whenever Python needs a tensor's value (``item``, ``bool``,
+``int``, ``float``, ``tolist``) or an operator's output shape depends on values
+(``nonzero``, ``unique``). Both can be counted on the CPU build: the first by
+wrapping those ``Tensor`` methods, the second with torch's profiler. Per batch their
+number must not depend on the number of backward passes, and the predictive and
+sampling need a fixed number of them. (On the CPU build ``torch.multinomial``, the
+Monte-Carlo label sampler, also validates its input on the host; its CUDA kernel
+does not, and it is not counted here.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from laplace import Laplace
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader, TensorDataset
+
+import ekfac_laplace  # noqa: F401
+
+#: Operators whose output shape depends on the values of their input.
+SHAPE_SYNCS = ("aten::nonzero", "aten::_unique2", "aten::unique_dim")
+#: Tensor methods that read a value on the host.
+READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist")
+
+
+def _syncs(action, monkeypatch) -> int:
+    reads = []
+    for name in READS:
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, **kwargs):
+            reads.append(1)
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        action()
+    monkeypatch.undo()
+    shaped = sum(e.count for e in prof.key_averages() if e.key in SHAPE_SYNCS)
+    return len(reads) + shaped
+
+
+def _laplace(classes: int, batches: int, fisher_type: str = "type2"):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 8),
+        nn.LayerNorm(8),
+        nn.Linear(8, classes),
+    )
+    X = torch.randn(8 * batches, 1, 6, 6)
+    y = torch.randint(0, classes, (8 * batches,))
+    loader = DataLoader(TensorDataset(X, y), batch_size=8)
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="ekfac",
+        backend_kwargs={"stochastic": fisher_type == "mc"},
+        cache_budget_bytes=0,
+    )
+    return la, loader, X
+
+
+@pytest.mark.parametrize("fisher_type", ["type2", "mc"])
+def test_fit_syncs_once_per_batch_whatever_the_backward_passes(
+    fisher_type, monkeypatch
+):
+    per_batch = {}
+    for classes in (3, 10):
+        counts = []
+        for batches in (2, 4):
+            la, loader, _ = _laplace(classes, batches, fisher_type)
+            la.fit(loader)  # the first batch's probe is outside the comparison
+            fit = lambda la=la, loader=loader: la.fit(loader)  # noqa: E731
+            counts.append(_syncs(fit, monkeypatch))
+        per_batch[classes] = (counts[1] - counts[0]) / 2
+    # Two passes over the data, each reading the labels' range once per batch.
+    assert per_batch[3] == per_batch[10] == 2
+
+
+def test_predictive_and_sampling_sync_a_fixed_number_of_times(monkeypatch):
+    la, loader, X = _laplace(10, 2)
+    la.fit(loader)
+    small = _syncs(
+        lambda: la(X[:4], pred_type="glm", link_approx="probit"), monkeypatch
+    )
+    large = _syncs(
+        lambda: la(X[:16], pred_type="glm", link_approx="probit"), monkeypatch
+    )
+    assert small == large
+    few = _syncs(lambda: la.sample(10), monkeypatch)
+    assert few == _syncs(lambda: la.sample(100), monkeypatch)
