@@ -21,7 +21,7 @@ from typing import Any
 #: Seed of the Monte-Carlo label sampler unless one is given (curvlinops' default).
 DEFAULT_SEED = 2147483647
 #: Bytes of first-pass results the fast engine may keep to skip its second pass
-#: its second pass (projected from the first batch; see :mod:`ekfac_laplace.engine`).
+#: (projected from the first batch; see :mod:`ekfac_laplace.engine`).
 DEFAULT_CACHE_BUDGET_BYTES = 256 * 2**20
 
 
