@@ -55,7 +55,12 @@ from ekfac_laplace.batches import check_targets, to_device, token_rows
 from ekfac_laplace.capture import ForwardCapture, group_rows
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import EKFACFactors, accumulation_dtype, likelihood_loss
-from ekfac_laplace.layout import KroneckerLayer, ParameterLayout, layer_positions
+from ekfac_laplace.layout import (
+    KroneckerLayer,
+    LayerKind,
+    ParameterLayout,
+    layer_positions,
+)
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
 
@@ -95,6 +100,7 @@ class Sweep:
         curvature_fn: CurvatureFunction,
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None = None,
+        layers: list[KroneckerLayer] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run one batch through the network and the accumulators.
 
@@ -104,6 +110,8 @@ class Sweep:
             curvature_fn: Builds the batch's output curvature from ``(f, y)``.
             accumulator: Receives each layer's inputs and output gradients.
             diagonal: Receives the diagonal modules' gradients (first pass only).
+            layers: The Kronecker layers to visit (default: all); the backward
+                passes go only as deep as these.
 
         Returns:
             The examples' outputs (detached) and targets: ``f`` ``(B, C)`` and
@@ -116,6 +124,7 @@ class Sweep:
         """
         if not self.layout.has_diagonal:
             diagonal = None
+        layers = self.layout.layers if layers is None else layers
         capture = ForwardCapture(
             self.layout,
             diagonal=diagonal is not None,
@@ -131,7 +140,7 @@ class Sweep:
             else:
                 f_rows = f
             curvature = curvature_fn(f_rows.to(dtype), y)
-            hidden = self._hidden_layers(capture, f, every=counted is not None)
+            hidden = self._hidden_layers(capture, f, layers, every=counted is not None)
             batch = f.shape[0]
             if self.batch_dims is None and batch > 1:
                 self._locate_batches(f, hidden, capture)
@@ -143,15 +152,19 @@ class Sweep:
                     batch,
                     layer.name,
                 ).to(dtype)
-                for layer in self.layout.layers
+                for layer in layers
             }
             backward = bool(hidden) or diagonal is not None
             vectors = curvature.vectors() if backward else None
             passes = None if vectors is None else _Passes(f, vectors, counted)
             accumulator.plan(
-                positions, hidden, len(passes or ()), _padding(X, positions)
+                positions,
+                hidden,
+                len(passes or ()),
+                _padding(X, positions),
+                curvature=curvature,
             )
-            for layer in self.layout.layers:
+            for layer in layers:
                 if layer in hidden:
                     accumulator.begin(layer, positions[layer.name])
                 else:
@@ -195,8 +208,45 @@ class Sweep:
             targets += [entry.target for entry in self.layout.diagonal_modules]
         return targets
 
+    @staticmethod
+    def _output_targets(
+        hidden: list[KroneckerLayer], capture: ForwardCapture
+    ) -> list[Tensor]:
+        """Where each layer's backward passes may stop: its output, if it can.
+
+        Back-propagating to a layer's output tensor, rather than to one of its
+        parameters, spares autograd the parameter's gradient: for a convolution
+        the bias gradient alone costs as much as its input gradient on the CPU
+        (the deepest one then runs no convolution backward at all). A layer
+        applied once (not the attention projections, several calls each) whose
+        output has not been changed in place since gets its output; the others
+        their parameter.
+        """
+        targets = []
+        for layer in hidden:
+            output, version = capture.outputs[layer.name]
+            single = layer.kind in (
+                LayerKind.LINEAR,
+                LayerKind.CONV2D,
+                LayerKind.TRANSPOSED,
+            )
+            if (
+                single
+                and isinstance(output, Tensor)
+                and output.requires_grad
+                and tensor_version(output) == version
+            ):
+                targets.append(output)
+            else:
+                targets.append(layer.target)
+        return targets
+
     def _hidden_layers(
-        self, capture: ForwardCapture, f: Tensor, every: bool = False
+        self,
+        capture: ForwardCapture,
+        f: Tensor,
+        layers: list[KroneckerLayer],
+        every: bool = False,
     ) -> list[KroneckerLayer]:
         """The layers that need backward passes: all but an output layer.
 
@@ -205,7 +255,7 @@ class Sweep:
         token-level outputs, ``every``).
         """
         hidden = []
-        for layer in self.layout.layers:
+        for layer in layers:
             if layer.name not in capture.outputs:
                 raise ValueError(
                     f"Module '{layer.name}' has parameters in the posterior but did "
@@ -229,7 +279,9 @@ class Sweep:
     ) -> None:
         """Back-propagate each ``v_k`` and hand the gradients on, one at a time."""
         diagonal_modules = self.layout.diagonal_modules if diagonal else []
-        targets = self._targets(hidden, diagonal is not None)
+        targets = self._output_targets(hidden, capture)
+        if diagonal is not None:
+            targets += [entry.target for entry in self.layout.diagonal_modules]
         for k in range(len(passes)):
             torch.autograd.grad(
                 passes.output(k),
@@ -408,12 +460,16 @@ class FastEKFAC:
             }
             correction = CorrectionAccumulator(bases)
 
-            def correct() -> None:  # from the cache, or a second pass
-                if factors.caching:
-                    for layer in layers:
+            def correct() -> None:  # from the cache, and a second pass for the rest
+                cached = factors.cached if factors.caching else set()
+                for layer in layers:
+                    if layer.name in cached:
                         correction.replay(layer, factors.cache[layer.name])
-                elif layers:
-                    self._pass(batches, "EKFAC: eigenvalue correction", correction)
+                rest = [layer for layer in layers if layer.name not in cached]
+                if rest:
+                    self._pass(
+                        batches, "EKFAC: eigenvalue correction", correction, None, rest
+                    )
 
             ranks.run(correct, "the eigenvalue correction")
         else:
@@ -439,8 +495,9 @@ class FastEKFAC:
         description: str,
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None = None,
+        layers: list[KroneckerLayer] | None = None,
     ) -> Tensor:
-        """One pass over the data; returns the summed loss.
+        """One pass over the data (over ``layers``, default all); the summed loss.
 
         The label sampler is re-seeded at every pass, so both passes of a fit draw
         the same Monte-Carlo labels.
@@ -459,7 +516,9 @@ class FastEKFAC:
         for X, y in tqdm(batches, desc=description, disable=not self.progress_bar):
             y = y.to(device)
             X = to_device(X, device)
-            f, y_rows = self.sweep.run(X, y, curvature_fn, accumulator, diagonal)
+            f, y_rows = self.sweep.run(
+                X, y, curvature_fn, accumulator, diagonal, layers
+            )
             loss = loss + self.loss_function(f, y_rows)
             accumulator.batch_done(f.shape[0])
             if y_rows is not y:  # token-level outputs: count the examples

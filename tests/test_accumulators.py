@@ -82,6 +82,24 @@ def test_factor_accumulator_sums_the_kronecker_factors(kfac_approx):
     assert factors.eigenbases()["layer"][1] is None
 
 
+def test_factors_of_transposed_views_equal_those_of_contiguous_tensors():
+    """A convolution's patches and gradients arrive as views of (B, d, S) tensors."""
+    a, g = _data(positions=7)
+    a_view = a.transpose(1, 2).contiguous().transpose(1, 2)
+    g_view = g.transpose(2, 3).contiguous().transpose(2, 3)
+    assert a_view.stride(-1) != 1 and g_view.stride(-1) != 1
+    layer = _layer()
+    results = []
+    for inputs, gradients in ((a, g), (a_view, g_view)):
+        factors = FactorAccumulator([layer], KFACApprox.EXPAND, 0, num_data=B)
+        _feed(factors, layer, inputs, gradients)
+        results.append(
+            (factors.input_factors["layer"], factors.gradient_factors["layer"])
+        )
+    for contiguous, view in zip(*results):
+        assert_close(view, contiguous)
+
+
 def test_cache_is_projected_from_the_first_batch_and_dropped_over_budget():
     a, g = _data()
     layer = _layer()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ekfac_laplace.accumulators import PassAccumulator
+from ekfac_laplace import engine as engine_module
+from ekfac_laplace.accumulators import FactorAccumulator, PassAccumulator
 from ekfac_laplace.batches import LaplaceBatches
 from ekfac_laplace.engine import FastEKFAC, Sweep
 from ekfac_laplace.layout import ParameterLayout
@@ -24,7 +25,7 @@ class _Spy(PassAccumulator):
         self.gradients: list[torch.Tensor] = []
         self.passes: list[int] = []
 
-    def plan(self, inputs, hidden, passes, masks=None) -> None:
+    def plan(self, inputs, hidden, passes, masks=None, curvature=None) -> None:
         self.passes.append(passes)
 
     def begin(self, layer, a) -> None:
@@ -178,6 +179,61 @@ def test_cache_replay_equals_a_second_pass(case: Case):
         assert_close(cached, two_pass)
         assert_close(cached, small)
     assert_close(results[0].loss, results[1].loss)
+
+
+@pytest.mark.parametrize("fisher_type", ["type2", "mc"])
+def test_outputs_changed_in_place_fall_back_to_parameter_targets(fisher_type):
+    """Hidden outputs modified in place (ReLU(inplace=True)) give the same EKFAC."""
+
+    def net(inplace: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.ReLU(inplace=inplace),
+            nn.Flatten(),
+            nn.Linear(3 * 3 * 3, 4),
+            nn.ReLU(inplace=inplace),
+            nn.Linear(4, 3),
+        ).double()
+
+    X = torch.randn(10, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    results = []
+    for inplace in (False, True):
+        model = net(inplace)
+        params = list(model.parameters())
+        options = {"fisher_type": fisher_type, "cache_budget_bytes": 0}
+        results.append(fit_factors(model, params, X, y, "classification", **options))
+    for plain, in_place in zip(*(r.eigenvalues for r in results)):
+        assert_close(in_place, plain)
+
+
+def test_partial_cache_replays_the_smallest_layers_and_revisits_the_rest(monkeypatch):
+    """Budgets between nothing and everything: some layers replayed, some revisited."""
+    made: list[FactorAccumulator] = []
+
+    class Recording(FactorAccumulator):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(engine_module, "FactorAccumulator", Recording)
+    case = CASES[4]  # a CNN: two convolutions (compact entries) and a linear head
+    model, X, y = case.make()
+    params = list(model.parameters())
+    reference = fit_factors(model, params, X, y, case.likelihood, cache_budget_bytes=0)
+    n_layers = len(ParameterLayout(model, params).layers)
+    partial = set()
+    for budget in (2**k for k in range(8, 22)):
+        made.clear()
+        result = fit_factors(
+            model, params, X, y, case.likelihood, cache_budget_bytes=budget
+        )
+        for values, expected in zip(result.eigenvalues, reference.eigenvalues):
+            assert_close(values, expected)
+        if 0 < len(made[0].cached) < n_layers:
+            partial.add(len(made[0].cached))
+    assert partial  # at least one budget cached some layers but not all
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
