@@ -1,19 +1,21 @@
-"""Time and memory of EKFACLaplace against laplace-torch's KronLaplace and DiagLaplace.
+"""Time and memory of EKFACLaplace against laplace-torch's KronLaplace (and Diag).
 
-Every (case, structure, phase) runs in a fresh Python subprocess, so that one
-measurement's allocations cannot hide in another's peak. Inside the subprocess the
-model and data are built from a seed, the Laplace approximation is fitted (untimed,
-unless the phase is the fit), the kernel's peak-RSS counter is reset
-(``/proc/self/clear_refs``), and the phase is timed. We report wall seconds, the
-peak RSS during the phase and the growth over the RSS before it.
+Measured the way :mod:`timing` describes: threads pinned, every measurement in a
+fresh worker process, the contenders interleaved ``Kron EKFAC Kron EKFAC …`` over
+``--rounds`` rounds, the first call in the worker (``cold``) apart from the median
+of ``--warm`` calls after it (``warm``), and each ratio EKFAC/Kron reported as the
+median over the rounds with its spread (min–max). A worker measures one fit
+(``fit_ggn``: the exact GGN, ``fit_mc``: one Monte-Carlo label) or, after an
+untimed fit, every other phase in turn (``glm32``, ``glm128``, ``sample100``,
+``nn100``, ``marglik100``); the peak resident memory is reset before each phase.
 
 Usage::
 
-    python benchmarks/benchmark.py                 # full run, writes results/*.json
-    python benchmarks/benchmark.py --quick          # tiny smoke run, in one process
-    python benchmarks/benchmark.py --scaling        # fit vs N, GLM vs batch size
+    python benchmarks/benchmark.py                  # full run, writes results/*
+    python benchmarks/benchmark.py --quick          # tiny smoke run, one process
+    python benchmarks/benchmark.py --device cuda    # on a GPU (see docs)
 
-Timings are only comparable within one run: the script prints ratios EKFAC/Kron.
+Timings are comparable only within one run: compare the ratios.
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, as a worker
 
 # "diag" (laplace-torch's DiagLaplace, for context) is available with --structures;
 # it is not in the default run: its exact diagonal GGN takes minutes per fit at these
 # sizes and every phase needs a fit.
-STRUCTURES = ("kron", "ekfac", "ekfac_cache")
-ALL_STRUCTURES = (*STRUCTURES, "diag")
+STRUCTURES = ("kron", "ekfac")
+ALL_STRUCTURES = (*STRUCTURES, "ekfac_cache", "diag")
 FIT_ONLY = {"ekfac_cache"}  # the cache only changes the fit
 PHASES = ("fit_ggn", "fit_mc", "glm32", "glm128", "sample100", "nn100", "marglik100")
 
@@ -98,20 +99,19 @@ def build(case: str, n_data: int, quick: bool = False, seed: int = 0):
     return model.eval(), X, y
 
 
-def measure(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict:
-    """One measurement in this process."""
+FIT_PHASES = ("fit_ggn", "fit_mc")
+POST_PHASES = tuple(p for p in PHASES if p not in FIT_PHASES)
+
+
+def make_laplace(model: nn.Module, case: str, structure: str, stochastic: bool, spec):
+    """The Laplace object of a contender (laplace-torch's curvlinops backend)."""
     from laplace import Laplace
     from laplace.curvature import CurvlinopsGGN
 
     import ekfac_laplace  # noqa: F401
-    from ekfac_laplace.evaluation.memory import PeakMemory
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    model, X, y = build(case, spec["n_data"], spec.get("quick", False))
-    loader = DataLoader(TensorDataset(X, y), batch_size=256)
-    stochastic = phase == "fit_mc"
     options = {"cache_budget_bytes": 2**31} if structure == "ekfac_cache" else {}
-    la = Laplace(
+    return Laplace(
         model,
         "classification",
         subset_of_weights=spec["subset"],
@@ -120,192 +120,234 @@ def measure(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict
         backend_kwargs={"stochastic": stochastic},
         **options,
     )
-    generator = torch.Generator().manual_seed(0)
-    batch = {"glm32": 32, "glm128": 128, "glm512": 512}.get(phase)
-    if batch and structure in ("kron", "diag"):
-        classes = int(y.max()) + 1
-        modules = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        owner = model if spec["subset"] == "all" else modules[-1]
-        n_params = sum(p.numel() for p in owner.parameters())
-        jacobian_bytes = batch * classes * n_params * X.element_size()
-        if jacobian_bytes > JACOBIAN_LIMIT_BYTES:
-            return {
-                "case": case,
-                "structure": structure,
-                "phase": phase,
-                "skipped": f"dense Jacobians need {jacobian_bytes / 2**30:.0f} GiB",
-            }
-    if not phase.startswith("fit"):
-        la.fit(loader)
+
+
+def too_large(case: str, structure: str, phase: str, spec, model, X, y) -> str | None:
+    """Why laplace-torch's dense-Jacobian GLM is not attempted, if it is not."""
+    batch = {"glm32": 32, "glm128": 128}.get(phase)
+    if not batch or structure not in ("kron", "diag"):
+        return None
+    classes = int(y.max()) + 1
+    modules = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    owner = model if spec["subset"] == "all" else modules[-1]
+    n_params = sum(p.numel() for p in owner.parameters())
+    jacobian_bytes = batch * classes * n_params * X.element_size()
+    if jacobian_bytes > JACOBIAN_LIMIT_BYTES:
+        return f"dense Jacobians need {jacobian_bytes / 2**30:.0f} GiB"
+    return None
+
+
+def measure(
+    case: str,
+    structure: str,
+    group: str,
+    spec: dict[str, Any],
+    warm: int,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """One worker's measurements: a fit phase, or every phase after a fit.
+
+    Args:
+        case: The model and data.
+        structure: ``kron``, ``ekfac``, ``ekfac_cache`` or ``diag``.
+        group: ``fit_ggn``, ``fit_mc`` or ``post`` (the phases after a fit).
+        spec: The case's size and subset.
+        warm: Calls after the first.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        ``{"phases": {phase: timing}}`` (a timing is :func:`timing.time_calls`'s,
+        or ``{"skipped": reason}``) and the number of parameters.
+    """
+    from timing import pin_threads, time_calls
+
+    pin_threads()
+    model, X, y = build(case, spec["n_data"], spec.get("quick", False))
+    model, X, y = model.to(device), X.to(device), y.to(device)
+    loader = DataLoader(TensorDataset(X, y), batch_size=256)
+    la = make_laplace(model, case, structure, group == "fit_mc", spec)
+    if group in FIT_PHASES:
+        phases = {group: time_calls(lambda: la.fit(loader), warm, device)}
+        return {"phases": phases, "n_params": la.n_params}
+    la.fit(loader)
+    generator = torch.Generator(device=device).manual_seed(0)
     actions = {
-        "fit_ggn": lambda: la.fit(loader),
-        "fit_mc": lambda: la.fit(loader),
         "glm32": lambda: la(X[:32], pred_type="glm", link_approx="probit"),
         "glm128": lambda: la(X[:128], pred_type="glm", link_approx="probit"),
-        "glm512": lambda: la(X[:512], pred_type="glm", link_approx="probit"),
         "sample100": lambda: la.sample(100, generator=generator),
         "nn100": lambda: la(X[:128], pred_type="nn", link_approx="mc", n_samples=100),
         "marglik100": lambda: la.optimize_prior_precision(
             method="marglik", n_steps=100
         ),
     }
-    # Short phases are noisy: take the best of up to three runs within ~10 s (one
-    # run in the --quick smoke test, which checks that everything runs).
-    max_runs = 1 if spec.get("quick", False) else 3
-    runs: list[float] = []
-    with PeakMemory() as memory:
-        while len(runs) < max_runs and (not runs or sum(runs) < 10.0):
-            start = time.perf_counter()
-            actions[phase]()
-            runs.append(time.perf_counter() - start)
-    seconds = min(runs)
-    return {
-        "case": case,
-        "structure": structure,
-        "phase": phase,
-        "n_data": spec["n_data"],
-        "n_params": la.n_params,
-        "seconds": seconds,
-        "runs": len(runs),
-        "peak_rss_mib": memory.peak_mib,
-        "phase_growth_mib": memory.peak_mib - memory.before_mib,
-        "peak_is_exact": memory.exact,
-    }
+    phases: dict[str, Any] = {}
+    for phase in spec.get("phases", POST_PHASES):
+        if phase not in actions:
+            continue
+        reason = too_large(case, structure, phase, spec, model, X, y)
+        if reason:
+            phases[phase] = {"skipped": reason}
+            continue
+        phases[phase] = time_calls(actions[phase], warm, device)
+    return {"phases": phases, "n_params": la.n_params}
 
 
-def run_isolated(case: str, structure: str, phase: str, spec: dict[str, Any]) -> dict:
-    """Run :func:`measure` in a fresh interpreter and parse its JSON line."""
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        json.dumps([case, structure, phase, spec]),
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        tail = completed.stderr.strip().splitlines()[-1:]
-        reason = tail[0] if tail else f"exit code {completed.returncode}"
-        if completed.returncode in (-9, 137):
-            reason = "killed (out of memory)"
-        return {"case": case, "structure": structure, "phase": phase, "error": reason}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+def groups(phases: list[str]) -> list[str]:
+    """The workers needed for the phases: one per fit phase, one for the rest."""
+    needed = [p for p in FIT_PHASES if p in phases]
+    if any(p in POST_PHASES for p in phases):
+        needed.append("post")
+    return needed
+
+
+def flatten(case: str, group: str, results: list[dict[str, Any]]) -> list[dict]:
+    """One row per (contender, round, phase) from the workers' results."""
+    rows = []
+    for result in results:
+        base = {
+            "case": case,
+            "contender": result["contender"],
+            "round": result["round"],
+        }
+        if "error" in result:
+            phase = group if group != "post" else "post"
+            rows.append({**base, "phase": phase, "error": result["error"]})
+            continue
+        for phase, timing in result["phases"].items():
+            rows.append({**base, "phase": phase, **timing})
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Seconds and peak memory per phase, with EKFAC/Kron ratios."""
-    index = {(r["case"], r["structure"], r["phase"]): r for r in rows}
-    cases = sorted({r["case"] for r in rows}, key=list(CASES).index)
-    phases = [p for p in PHASES + ("glm512",) if any(r["phase"] == p for r in rows)]
+    """Seconds, peak memory and X/Kron ratios: median (min–max) over the rounds."""
+    from timing import median_of, ratio, spread
+
     lines = [
-        "| case | phase | Kron s | EKFAC s | Diag s | EKFAC/Kron time "
-        "| Kron peak MiB | EKFAC peak MiB | EKFAC/Kron peak "
-        "| EKFAC+cache/Kron time | EKFAC+cache peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | phase | X | Kron cold s | X cold s | X/Kron cold "
+        "| Kron warm s | X warm s | X/Kron warm "
+        "| Kron peak MiB | X peak MiB | X/Kron peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(row: dict | None, key: str, fmt: str = "{:.2f}") -> str:
-        if row is None:
-            return "–"
-        if "error" in row:
-            return f"failed: {row['error']}"
-        if "skipped" in row:
-            return f"skipped ({row['skipped']})"
-        return fmt.format(row[key])
-
-    def usable(row: dict | None) -> bool:
-        return row is not None and "error" not in row and "skipped" not in row
-
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    phases = [p for p in PHASES if any(r["phase"] == p for r in rows)]
+    others = [c for c in ALL_STRUCTURES if c != "kron"]
     for case in cases:
         for phase in phases:
-            kron = index.get((case, "kron", phase))
-            ekfac = index.get((case, "ekfac", phase))
-            diag = index.get((case, "diag", phase))
-            cached = index.get((case, "ekfac_cache", phase))
-            ratio = growth = cached_ratio = "–"
-            if usable(kron) and usable(cached):
-                cached_ratio = f"{cached['seconds'] / kron['seconds']:.3f}"
-            if usable(kron) and usable(ekfac):
-                ratio = f"{ekfac['seconds'] / kron['seconds']:.3f}"
-                growth = f"{ekfac['peak_rss_mib'] / kron['peak_rss_mib']:.2f}"
-            lines.append(
-                f"| {case} | {phase} | {cell(kron, 'seconds')} | "
-                f"{cell(ekfac, 'seconds')} | {cell(diag, 'seconds')} | {ratio} | "
-                f"{cell(kron, 'peak_rss_mib', '{:.0f}')} | "
-                f"{cell(ekfac, 'peak_rss_mib', '{:.0f}')} | {growth} | "
-                f"{cached_ratio} | {cell(cached, 'peak_rss_mib', '{:.0f}')} |"
-            )
+            subset = [r for r in rows if r["case"] == case and r["phase"] == phase]
+            present = {r["contender"] for r in subset}
+
+            def value(contender: str, key: str, digits: int, subset=subset) -> str:
+                found = median_of(subset, contender, key)
+                return "–" if found != found else f"{found:.{digits}f}"
+
+            for other in [c for c in others if c in present]:
+                note = ""
+                skipped = [r for r in subset if "skipped" in r]
+                errors = [r for r in subset if "error" in r]
+                if skipped:
+                    note = f" (Kron skipped: {skipped[0]['skipped']})"
+                if errors:
+                    note += f" (failed: {errors[0]['error']})"
+                name = {"ekfac": "EKFAC", "ekfac_cache": "EKFAC+cache"}.get(
+                    other, other
+                )
+                lines.append(
+                    f"| {case} | {phase}{note} | {name} | {value('kron', 'cold', 3)} | "
+                    f"{value(other, 'cold', 3)} | "
+                    f"{spread(ratio(subset, other, 'kron', 'cold'))} | "
+                    f"{value('kron', 'warm', 3)} | {value(other, 'warm', 3)} | "
+                    f"{spread(ratio(subset, other, 'kron', 'warm'))} | "
+                    f"{value('kron', 'peak_mib', 0)} | {value(other, 'peak_mib', 0)} | "
+                    f"{spread(ratio(subset, other, 'kron', 'peak_mib'))} |"
+                )
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on."""
-    return {
+    from timing import THREADS
+
+    info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "threads": int(os.environ.get("BENCH_THREADS", "2")),
-        "device": "cpu",
+        "threads": THREADS,
+        "device": device,
     }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--scaling", action="store_true", help="scaling runs only")
     parser.add_argument("--cases", nargs="*", default=None, help="subset of cases")
     parser.add_argument(
         "--structures", nargs="*", default=list(STRUCTURES), choices=ALL_STRUCTURES
     )
     parser.add_argument("--phases", nargs="*", default=list(PHASES))
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warm", type=int, default=2, help="calls after the first")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default=None, help="file name of the results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    from timing import interleave, run_worker
+
     if args.worker:
-        case, structure, phase, spec = json.loads(args.worker)
-        print(json.dumps(measure(case, structure, phase, spec)))
+        print(json.dumps(measure(*json.loads(args.worker))))
         return 0
 
     cases = QUICK_CASES if args.quick else CASES
-    selected = args.cases or list(cases)
-    rows = []
-    if args.scaling:
-        for n_data in (4096, 8192, 16384):
-            spec = {"n_data": n_data, "subset": "all"}
-            for structure in ("kron", "ekfac"):
-                rows.append(run_isolated("mlp", structure, "fit_ggn", spec))
-                print(json.dumps(rows[-1]), flush=True)
-        for phase in ("glm32", "glm128", "glm512"):
-            rows.append(run_isolated("mlp", "ekfac", phase, CASES["mlp"]))
-            print(json.dumps(rows[-1]), flush=True)
-    else:
-        run = measure if args.quick else run_isolated
-        for case in selected:
-            for phase in args.phases:
-                for structure in args.structures:
-                    if structure in FIT_ONLY and not phase.startswith("fit"):
-                        continue
-                    if structure in cases[case].get("skip", []):
-                        continue
-                    rows.append(run(case, structure, phase, cases[case]))
-                    print(json.dumps(rows[-1]), flush=True)
-        print()
-        print(markdown_table(rows))
+    rounds, warm = (1, 1) if args.quick else (args.rounds, args.warm)
+    rows: list[dict] = []
+    for case in args.cases or list(cases):
+        spec = {**cases[case], "phases": args.phases}
+        contenders = [s for s in args.structures if s not in spec.get("skip", [])]
+        for group in groups(args.phases):
+            entrants = [c for c in contenders if group != "post" or c not in FIT_ONLY]
+
+            def one(
+                contender: str, _round: int, group=group, case=case, spec=spec
+            ) -> dict[str, Any]:
+                payload = [case, contender, group, spec, warm, args.device]
+                if args.quick:
+                    return measure(*payload)
+                return run_worker(Path(__file__), payload)
+
+            results = interleave(
+                entrants,
+                rounds,
+                one,
+                lambda r, case=case, group=group: print(
+                    json.dumps({"case": case, "group": group, **r}), flush=True
+                ),
+            )
+            rows.extend(flatten(case, group, results))
+    table = markdown_table(rows)
+    print()
+    print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "benchmark_scaling" if args.scaling else "benchmark"
-    if args.quick:
-        name += "_quick"
-    payload = {"machine": machine(), "rows": rows}
+    name = args.name or ("benchmark_quick" if args.quick else "benchmark")
+    payload = {
+        "machine": machine(args.device),
+        "rounds": rounds,
+        "warm": warm,
+        "rows": rows,
+    }
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    if not args.scaling:
-        command = "python benchmarks/benchmark.py" + (" --quick" if args.quick else "")
-        report = (
-            f"Machine: {json.dumps(payload['machine'])}\n\n"
-            f"Command: `{command}`\n\n{markdown_table(rows)}\n"
-        )
-        (args.out / f"{name}.md").write_text(report)
+    command = "python benchmarks/benchmark.py" + " ".join(
+        [""] + (argv if argv is not None else sys.argv[1:])
+    )
+    (args.out / f"{name}.md").write_text(
+        f"Machine: {json.dumps(payload['machine'])}\n\nCommand: `{command}`\n\n"
+        f"Rounds: {rounds}, warm calls: {warm}.\n\n{table}\n"
+    )
     return 1 if any("error" in row for row in rows) else 0
 
 

@@ -27,8 +27,8 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     benchmark = _module()
     payload = _run(benchmark, tmp_path, "--cases", "mlp")
     out = capsys.readouterr().out
-    assert "| mlp | glm128 |" in out and "EKFAC/Kron time" in out
-    assert payload["machine"]["torch"]
+    assert "| mlp | glm128 | EKFAC |" in out and "X/Kron warm" in out
+    assert payload["machine"]["torch"] and payload["rounds"] == 1
     phases = {row["phase"] for row in payload["rows"]}
     assert phases == set(benchmark.PHASES)
     payload = _run(
@@ -37,11 +37,34 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
         *("--cases", "cnn", "last_layer_1000"),
         *("--phases", "fit_ggn", "marglik100"),
     )
-    rows = {(row["case"], row["structure"], row["phase"]) for row in payload["rows"]}
+    rows = {(r["case"], r["contender"], r["phase"]) for r in payload["rows"]}
     assert ("last_layer_1000", "ekfac", "marglik100") in rows
     assert ("cnn", "ekfac_cache", "fit_ggn") in rows
-    assert all(row["seconds"] >= 0 for row in payload["rows"])
-    assert all(row["peak_rss_mib"] > 0 for row in payload["rows"])
+    assert ("cnn", "ekfac_cache", "marglik100") not in rows  # the cache: fits only
+    for row in payload["rows"]:
+        assert row["cold"] >= 0 and row["warm"] >= 0 and len(row["calls"]) == 2
+        assert row["peak_mib"] > 0
+
+
+def test_interleaved_ratios_are_paired_by_round():
+    """Timing helpers: A B A B order, per-round ratios, median and spread."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARK.parent))
+    from timing import interleave, ratio, spread
+
+    order = []
+
+    def measure(contender: str, index: int) -> dict:
+        order.append(contender)
+        return {"warm": {"a": [2.0, 3.0, 8.0], "b": [1.0, 1.0, 2.0]}[contender][index]}
+
+    results = interleave(["a", "b"], 3, measure)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    summary = ratio(results, "a", "b", "warm")
+    assert summary == {"median": 3.0, "min": 2.0, "max": 4.0, "rounds": 3}
+    assert spread(summary) == "3.00 (2.00–4.00)"
+    assert ratio(results, "a", "c", "warm") is None and spread(None) == "–"
 
 
 def test_quick_distributed_benchmark_runs_every_way(tmp_path, capsys):
@@ -56,3 +79,30 @@ def test_quick_distributed_benchmark_runs_every_way(tmp_path, capsys):
     for row in payload["summary"].values():
         assert row["fit"] > 0 and row["passes"] >= 0
     assert "| 2x1 |" in capsys.readouterr().out
+
+
+def test_quick_scaling_benchmark_writes_every_axis_phase_and_plot(tmp_path):
+    """Every axis, phase and the floor at tiny sizes; a PNG per axis; no timings."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "scaling_benchmark", BENCHMARK.parent / "scaling.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    arguments = ["--quick", "--threads", "1", "--out", str(tmp_path)]
+    assert module.main([*arguments, "--plots", str(tmp_path / "plots")]) == 0
+    payload = json.loads((tmp_path / "scaling_quick.json").read_text())
+    assert set(payload["axes"]) == set(module.AXES)
+    for name, result in payload["axes"].items():
+        assert len(result["points"]) >= 2
+        for point in result["points"]:
+            for phase in (*module.PHASES, module.FLOOR):
+                assert point[phase]["seconds"] > 0, (name, point["x"], phase)
+        assert set(result["exponents"]) == {*module.PHASES, module.FLOOR}
+        assert all(p is not None for p in result["exponents"].values())
+        png = tmp_path / "plots" / f"scaling_quick_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "scaling_quick.md").read_text()
+    assert all(f"### {name}:" in markdown for name in module.AXES)
