@@ -53,6 +53,47 @@ def check_dense_size(
         )
 
 
+class _LogDet(torch.autograd.Function):
+    r"""``Σ_b Σ_i log(s λ_{b,i} + δ_b)`` as one autograd node (marginal likelihood).
+
+    Its gradients are closed-form sums computed with the value,
+    ``∂/∂δ_b = Σ_i 1/(s λ_{b,i} + δ_b)`` and ``∂/∂s = Σ_{b,i} λ_{b,i}/(s λ_{b,i} +
+    δ_b)``, so a marginal-likelihood step builds no per-block graph. Also returns
+    whether every damped eigenvalue is positive (a tensor: no host sync here).
+    """
+
+    @staticmethod
+    def forward(ctx, deltas, scale, *eigenvalues):  # noqa: D102
+        total = deltas.new_zeros(())
+        needs_delta, needs_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        delta_grads, scale_grad = [], deltas.new_zeros(())
+        for values, delta in zip(eigenvalues, deltas):
+            damped = (
+                values + delta if scale is None else torch.addcmul(delta, values, scale)
+            )
+            total = total + torch.log(damped).sum()
+            if needs_delta or needs_scale:
+                inverse = damped.reciprocal()
+                delta_grads.append(inverse.sum())
+                if needs_scale:
+                    scale_grad = scale_grad + (values * inverse).sum()
+        # The eigenvalues are finite, so the sum is finite exactly when every
+        # damped eigenvalue is positive (log gives -inf at 0, NaN below).
+        positive = torch.isfinite(total)
+        grads = torch.stack(delta_grads) if delta_grads else deltas.new_zeros(0)
+        ctx.save_for_backward(grads, scale_grad)
+        ctx.has_scale = scale is not None
+        ctx.mark_non_differentiable(positive)
+        return total, positive
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_positive):  # noqa: D102
+        delta_grads, scale_grad = ctx.saved_tensors
+        grad_scale = grad_total * scale_grad if ctx.has_scale else None
+        n = len(ctx.needs_input_grad) - 2
+        return (grad_total * delta_grads, grad_scale, *([None] * n))
+
+
 class EKFACDecomposed:
     r"""Block-diagonal matrix in a Kronecker-factored eigenbasis with free eigenvalues.
 
@@ -127,6 +168,15 @@ class EKFACDecomposed:
             )
         self.deltas: Tensor = self._broadcast_deltas(deltas)
         self.scale: Tensor | float | None = scale
+
+    def _derived(self, deltas: Tensor, scale: Tensor | float | None) -> EKFACDecomposed:
+        """The same blocks with other deltas and scale, without re-checking them."""
+        derived = object.__new__(EKFACDecomposed)
+        derived.eigenvectors = self.eigenvectors
+        derived.eigenvalues = self.eigenvalues
+        derived.deltas = deltas
+        derived.scale = scale
+        return derived
 
     # ------------------------------------------------------------------ structure
     def __len__(self) -> int:
@@ -240,12 +290,7 @@ class EKFACDecomposed:
                     f"EKFACDecomposed, got {type(deltas).__name__}."
                 )
             deltas = torch.as_tensor(deltas, device=self.device, dtype=self.dtype)
-        return EKFACDecomposed(
-            self.eigenvectors,
-            self.eigenvalues,
-            self.deltas + self._broadcast_deltas(deltas),
-            self.scale,
-        )
+        return self._derived(self.deltas + self._broadcast_deltas(deltas), self.scale)
 
     def __mul__(self, scalar: _Scalar) -> EKFACDecomposed:
         """Multiply the matrix by a positive scalar: ``c M`` (eigenvalues and deltas).
@@ -272,9 +317,7 @@ class EKFACDecomposed:
                 f"{type(scalar).__name__}."
             )
         scale = scalar if self.scale is None else self.scale * scalar
-        return EKFACDecomposed(
-            self.eigenvectors, self.eigenvalues, self.deltas * scalar, scale
-        )
+        return self._derived(self.deltas * scalar, scale)
 
     __radd__ = __add__
     __rmul__ = __mul__
@@ -336,16 +379,18 @@ class EKFACDecomposed:
         Raises:
             ValueError: If the matrix is singular (a zero eigenvalue with zero delta).
         """
-        # One host sync for the check, whatever the number of blocks (each
-        # marginal-likelihood step calls this); blocks named only on failure.
-        total: Tensor | int = 0
-        positive: Tensor | None = None
-        for i in range(len(self)):
-            damped = self.damped_eigenvalues(i)
-            total = total + torch.log(damped).sum()
-            block_positive = (damped > 0).all()  # NaN fails too
-            positive = block_positive if positive is None else positive & block_positive
-        if not bool(positive):
+        scale = self.scale
+        if isinstance(scale, (float, int)):
+            scale = torch.as_tensor(scale, dtype=self.dtype, device=self.device)
+        if any(values.requires_grad for values in self.eigenvalues):
+            total: Tensor | int = 0
+            for i in range(len(self)):
+                damped = self.damped_eigenvalues(i)
+                self._check_positive(i, damped, "the log determinant")
+                total = total + torch.log(damped).sum()
+            return total
+        total, positive = _LogDet.apply(self.deltas, scale, *self.eigenvalues)
+        if not bool(positive):  # one host sync; the blocks are named on failure
             for i in range(len(self)):
                 self._check_positive(
                     i, self.damped_eigenvalues(i), "the log determinant"
