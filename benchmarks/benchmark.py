@@ -100,7 +100,13 @@ def build(case: str, n_data: int, quick: bool = False, seed: int = 0):
 
 
 FIT_PHASES = ("fit_ggn", "fit_mc")
-POST_PHASES = tuple(p for p in PHASES if p not in FIT_PHASES)
+# The phases after a fit, by worker: laplace-torch's GLM at batch 128 alone, since
+# it can be killed for memory (it was on the CNN, on a 24 GiB machine), which
+# would lose the other phases' numbers of that worker.
+POST_GROUPS = {
+    "post": ("glm32", "sample100", "nn100", "marglik100"),
+    "glm128": ("glm128",),
+}
 
 
 def make_laplace(model: nn.Module, case: str, structure: str, stochastic: bool, spec):
@@ -150,7 +156,8 @@ def measure(
     Args:
         case: The model and data.
         structure: ``kron``, ``ekfac``, ``ekfac_cache`` or ``diag``.
-        group: ``fit_ggn``, ``fit_mc`` or ``post`` (the phases after a fit).
+        group: ``fit_ggn``, ``fit_mc``, or a group of phases after a fit
+            (:data:`POST_GROUPS`).
         spec: The case's size and subset.
         warm: Calls after the first.
         device: ``cpu`` or ``cuda``.
@@ -181,8 +188,8 @@ def measure(
         ),
     }
     phases: dict[str, Any] = {}
-    for phase in spec.get("phases", POST_PHASES):
-        if phase not in actions:
+    for phase in POST_GROUPS[group]:
+        if phase not in spec.get("phases", PHASES):
             continue
         reason = too_large(case, structure, phase, spec, model, X, y)
         if reason:
@@ -193,10 +200,9 @@ def measure(
 
 
 def groups(phases: list[str]) -> list[str]:
-    """The workers needed for the phases: one per fit phase, one for the rest."""
+    """The workers needed for the phases: one per fit phase, one per post group."""
     needed = [p for p in FIT_PHASES if p in phases]
-    if any(p in POST_PHASES for p in phases):
-        needed.append("post")
+    needed += [g for g, members in POST_GROUPS.items() if set(members) & set(phases)]
     return needed
 
 
@@ -209,9 +215,9 @@ def flatten(case: str, group: str, results: list[dict[str, Any]]) -> list[dict]:
             "contender": result["contender"],
             "round": result["round"],
         }
-        if "error" in result:
-            phase = group if group != "post" else "post"
-            rows.append({**base, "phase": phase, "error": result["error"]})
+        if "error" in result:  # every phase of the worker failed with it
+            for phase in POST_GROUPS.get(group, (group,)):
+                rows.append({**base, "phase": phase, "error": result["error"]})
             continue
         for phase, timing in result["phases"].items():
             rows.append({**base, "phase": phase, **timing})
@@ -310,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = {**cases[case], "phases": args.phases}
         contenders = [s for s in args.structures if s not in spec.get("skip", [])]
         for group in groups(args.phases):
-            entrants = [c for c in contenders if group != "post" or c not in FIT_ONLY]
+            entrants = [
+                c for c in contenders if group in FIT_PHASES or c not in FIT_ONLY
+            ]
 
             def one(
                 contender: str, _round: int, group=group, case=case, spec=spec
