@@ -6,8 +6,9 @@ fresh worker process, the contenders interleaved ``Kron EKFAC Kron EKFAC …`` o
 of ``--warm`` calls after it (``warm``), and each ratio EKFAC/Kron reported as the
 median over the rounds with its spread (min–max). A worker measures one fit
 (``fit_ggn``: the exact GGN, ``fit_mc``: one Monte-Carlo label) or, after an
-untimed fit, every other phase in turn (``glm32``, ``glm128``, ``sample100``,
-``nn100``, ``marglik100``); the peak resident memory is reset before each phase.
+untimed Monte-Carlo fit, every other phase in turn (``glm32``, ``sample100``,
+``nn100``, ``marglik100``; ``glm128`` on request, in a worker of its own); the peak
+resident memory is reset before each phase.
 
 Usage::
 
@@ -42,13 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, as a work
 STRUCTURES = ("kron", "ekfac")
 ALL_STRUCTURES = (*STRUCTURES, "ekfac_cache", "diag")
 FIT_ONLY = {"ekfac_cache"}  # the cache only changes the fit
-PHASES = ("fit_ggn", "fit_mc", "glm32", "glm128", "sample100", "nn100", "marglik100")
+PHASES = ("fit_ggn", "fit_mc", "glm32", "sample100", "nn100", "marglik100")
+# laplace-torch's GLM at batch 128 takes half a minute a call on the MLP (dense
+# Jacobians) and was killed for memory on the CNN: available with --phases.
+ALL_PHASES = (*PHASES, "glm128")
 
 CASES: dict[str, dict[str, Any]] = {
     "mlp": {"n_data": 8192, "subset": "all"},
     "cnn": {"n_data": 4096, "subset": "all"},
-    # laplace-torch's diagonal GGN needs 1,000 backward passes per batch here.
-    "last_layer_1000": {"n_data": 4096, "subset": "last_layer", "skip": ["diag"]},
+    # laplace-torch's GGN needs 1,000 backward passes per batch here (37 s a fit at
+    # N = 1,024); its diagonal GGN as many, per parameter group.
+    "last_layer_1000": {"n_data": 1024, "subset": "last_layer", "skip": ["diag"]},
 }
 # Dense (batch, classes, parameters) Jacobians larger than this are not attempted.
 JACOBIAN_LIMIT_BYTES = 6 * 2**30
@@ -176,7 +181,9 @@ def measure(
     if group in FIT_PHASES:
         phases = {group: time_calls(lambda: la.fit(loader), warm, device)}
         return {"phases": phases, "n_params": la.n_params}
-    la.fit(loader)
+    stochastic = make_laplace(model, case, structure, True, spec)
+    stochastic.fit(loader)  # the phases' cost does not depend on the curvature type:
+    la = stochastic  # the cheaper Monte-Carlo fit (Kron's GGN fit can take minutes)
     generator = torch.Generator(device=device).manual_seed(0)
     actions = {
         "glm32": lambda: la(X[:32], pred_type="glm", link_approx="probit"),
@@ -235,7 +242,7 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    phases = [p for p in PHASES if any(r["phase"] == p for r in rows)]
+    phases = [p for p in ALL_PHASES if any(r["phase"] == p for r in rows)]
     others = [c for c in ALL_STRUCTURES if c != "kron"]
     for case in cases:
         for phase in phases:
@@ -269,6 +276,41 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_to_run(first: list[dict], second: list[dict]) -> str:
+    """Two runs' EKFAC/Kron ratios side by side, and how far apart they are.
+
+    Args:
+        first: The rows of one run's JSON.
+        second: The rows of another.
+
+    Returns:
+        A markdown table: per case and phase, the median ratio (cold, warm, peak)
+        of each run and ``second / first − 1``.
+    """
+    from timing import ratio
+
+    lines = [
+        "| case | phase | cold: run 1 | run 2 | change | warm: run 1 | run 2 "
+        "| change | peak: run 1 | run 2 | change |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = list(dict.fromkeys((r["case"], r["phase"]) for r in first))
+    for case, phase in keys:
+        cells = []
+        for key in ("cold", "warm", "peak_mib"):
+            found = []
+            for rows in (first, second):
+                subset = [r for r in rows if r["case"] == case and r["phase"] == phase]
+                found.append(ratio(subset, "ekfac", "kron", key))
+            if None in found:
+                cells += ["–", "–", "–"]
+                continue
+            a, b = found[0]["median"], found[1]["median"]
+            cells += [f"{a:.3f}", f"{b:.3f}", f"{100 * (b / a - 1):+.1f}%"]
+        lines.append(f"| {case} | {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine(device: str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on."""
     from timing import THREADS
@@ -294,12 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--structures", nargs="*", default=list(STRUCTURES), choices=ALL_STRUCTURES
     )
-    parser.add_argument("--phases", nargs="*", default=list(PHASES))
+    parser.add_argument(
+        "--phases", nargs="*", default=list(PHASES), choices=list(ALL_PHASES)
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warm", type=int, default=2, help="calls after the first")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default=None, help="file name of the results")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("RUN1", "RUN2"),
+        help="print two runs' ratios side by side (their JSON files) and exit",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -307,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         print(json.dumps(measure(*json.loads(args.worker))))
+        return 0
+    if args.compare:
+        first, second = (json.loads(path.read_text())["rows"] for path in args.compare)
+        print(run_to_run(first, second))
         return 0
 
     cases = QUICK_CASES if args.quick else CASES

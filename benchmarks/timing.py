@@ -114,20 +114,30 @@ def time_calls(
     }
 
 
-def run_worker(script: Path, payload: Any, threads: int = THREADS) -> dict[str, Any]:
+def run_worker(
+    script: Path,
+    payload: Any,
+    threads: int = THREADS,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``script --worker payload`` in a fresh process; parse its last line.
 
     Args:
         script: The benchmark script.
         payload: JSON-serialisable arguments of the worker.
         threads: Its pinned thread count.
+        extra_env: More environment variables (``PYTHONPATH`` of an older version).
 
     Returns:
         The worker's JSON result, or ``{"error": reason}``.
     """
     command = [sys.executable, str(script), "--worker", json.dumps(payload)]
     completed = subprocess.run(
-        command, capture_output=True, text=True, check=False, env=worker_env(threads)
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**worker_env(threads), **(extra_env or {})},
     )
     if completed.returncode != 0:
         tail = completed.stderr.strip().splitlines()[-1:]
