@@ -190,8 +190,12 @@ class FactorAccumulator(PassAccumulator):
     """Sums ``A`` and ``G`` per layer; caches layers' entries within a budget.
 
     Each layer's cache over the whole data set is projected from the first batch,
-    and the layers are cached smallest first while the sum fits the budget, so an
-    oversized cache is never built. The engine replays the cached layers and makes
+    so an oversized cache is never built. If all of them fit the budget, all are
+    cached and there is no second pass. Otherwise only the layers whose compact
+    per-example entries are fewer numbers than their inputs and gradients (a
+    convolution's many positions: their corrections are the costly ones) are cached,
+    smallest first, within the budget; caching any other layer would hold memory
+    without sparing the second pass. The engine replays the cached layers and makes
     a second pass for the others only, back-propagating only as deep as they are.
     If the projection is exceeded later, every cache is dropped and the second pass
     covers all layers.
@@ -257,13 +261,17 @@ class FactorAccumulator(PassAccumulator):
             if compact < raw:
                 self._compact.add(layer.name)
             per_batch[layer.name] = min(raw, compact) * a.shape[0] * a.element_size()
-        projected = 0.0
-        for name in sorted(per_batch, key=per_batch.get):
-            whole_set = per_batch[name] * self.num_data / batch
-            if projected + whole_set > self.budget:
-                break
-            projected += whole_set
-            self.cached.add(name)
+        scale = self.num_data / batch  # batch to whole set
+        if sum(per_batch.values()) * scale <= self.budget:
+            self.cached = set(per_batch)  # no second pass at all
+        else:  # the compact layers, smallest first: their corrections are costly
+            projected = 0.0
+            compact = [name for name in per_batch if name in self._compact]
+            for name in sorted(compact, key=per_batch.get):
+                if projected + per_batch[name] * scale > self.budget:
+                    break
+                projected += per_batch[name] * scale
+                self.cached.add(name)
         if not self.cached:
             self._stop_caching()
 
