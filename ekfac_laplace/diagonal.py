@@ -68,6 +68,8 @@ class ModuleCall:
         output_dims: Batch dimension of each output leaf.
         single: Whether the output is one tensor (closed forms apply).
         conventional: Whether the module's own convention set the dimensions.
+        memo: What every backward pass of the call reuses (an embedding's rows:
+            found once, not once per pass, since ``unique`` syncs with the host).
     """
 
     name: str
@@ -79,6 +81,7 @@ class ModuleCall:
     output_dims: tuple[int | None, ...] = ()
     single: bool = False
     conventional: bool = False
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(
@@ -404,8 +407,12 @@ def restricted_gradients(
         (grad_output,) = grad_outputs
         args, kwargs = call.args, call.kwargs
         if _simple_embedding(module, names, args, kwargs):
-            rows = _rows_of(args[0], grad_output)
-            return [_embedding_rows(module, rows, grad_output)]
+            indices = _rows_of(args[0], grad_output)
+            if "embedding_rows" not in call.memo:
+                tokens = indices.reshape(indices.shape[0], -1)
+                call.memo["embedding_rows"] = torch.unique(tokens, return_inverse=True)
+            rows, position = call.memo["embedding_rows"]
+            return [_embedding_rows(module, indices, grad_output, rows, position)]
         normalised = _normalised_input(module, args, kwargs)
         if normalised is not None:
             normalised = _rows_of(normalised, grad_output)
@@ -482,15 +489,21 @@ def _simple_embedding(
 
 
 def _embedding_rows(
-    module: nn.Embedding, indices: Tensor, grad_output: Tensor
+    module: nn.Embedding,
+    indices: Tensor,
+    grad_output: Tensor,
+    rows: Tensor,
+    position: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Per-example gradients of an embedding table on the rows the batch uses."""
+    """Per-example gradients of an embedding table on the rows the batch uses.
+
+    ``rows, position = torch.unique(tokens, return_inverse=True)`` of the call.
+    """
     batch = indices.shape[0]
     tokens = indices.reshape(batch, -1)
     grads = grad_output.reshape(batch, tokens.shape[1], -1)
     if module.padding_idx is not None:  # the padding row receives no gradient
         grads = grads * (tokens != module.padding_idx).unsqueeze(-1)
-    rows, position = torch.unique(tokens, return_inverse=True)
     summed = grads.new_zeros(batch, len(rows), grads.shape[-1])
     summed.scatter_add_(1, position.unsqueeze(-1).expand_as(grads), grads)
     return rows, summed

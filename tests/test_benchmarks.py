@@ -46,6 +46,28 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
         assert row["peak_mib"] > 0
 
 
+def test_two_runs_are_compared_ratio_by_ratio(tmp_path, capsys):
+    benchmark = _module()
+
+    def rows(kron: float, ekfac: float) -> list[dict]:
+        return [
+            {"case": "cnn", "phase": "fit_ggn", "contender": c, "round": 0,
+             "cold": t, "warm": t, "peak_mib": 100.0}
+            for c, t in (("kron", kron), ("ekfac", ekfac))
+        ]  # fmt: skip
+
+    for name, (kron, ekfac) in {"a": (2.0, 2.0), "b": (2.0, 2.2)}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows(kron, ekfac)}))
+    assert (
+        benchmark.main(
+            ["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| cnn | fit_ggn | 1.000 | 1.100 | +10.0% | 1.000 | 1.100 | +10.0% |" in out
+
+
 def test_interleaved_ratios_are_paired_by_round():
     """Timing helpers: A B A B order, per-round ratios, median and spread."""
     import sys

@@ -44,8 +44,36 @@ def _syncs(action, monkeypatch) -> int:
     return len(reads) + shaped
 
 
-def _laplace(classes: int, batches: int, fisher_type: str = "type2"):
+class _Bag(nn.Module):
+    """Token embeddings (a diagonal block), their mean, a head."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 4)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(1))
+
+
+def _laplace(
+    classes: int, batches: int, fisher_type: str = "type2", tokens: bool = False
+):
     torch.manual_seed(0)
+    if tokens:
+        model = _Bag(classes)
+        X = torch.randint(0, 20, (8 * batches, 5))
+        y = torch.randint(0, classes, (8 * batches,))
+        loader = DataLoader(TensorDataset(X, y), batch_size=8)
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure="ekfac",
+            backend_kwargs={"stochastic": fisher_type == "mc"},
+            cache_budget_bytes=0,
+        )
+        return la, loader, X
     model = nn.Sequential(
         nn.Conv2d(1, 3, 3),
         nn.ReLU(),
@@ -68,21 +96,25 @@ def _laplace(classes: int, batches: int, fisher_type: str = "type2"):
     return la, loader, X
 
 
-@pytest.mark.parametrize("fisher_type", ["type2", "mc"])
+@pytest.mark.parametrize(
+    ("fisher_type", "tokens"), [("type2", False), ("mc", False), ("type2", True)]
+)
 def test_fit_syncs_once_per_batch_whatever_the_backward_passes(
-    fisher_type, monkeypatch
+    fisher_type, tokens, monkeypatch
 ):
+    """Also with an embedding's diagonal block (its rows found once per batch)."""
     per_batch = {}
     for classes in (3, 10):
         counts = []
         for batches in (2, 4):
-            la, loader, _ = _laplace(classes, batches, fisher_type)
+            la, loader, _ = _laplace(classes, batches, fisher_type, tokens)
             la.fit(loader)  # the first batch's probe is outside the comparison
             fit = lambda la=la, loader=loader: la.fit(loader)  # noqa: E731
             counts.append(_syncs(fit, monkeypatch))
         per_batch[classes] = (counts[1] - counts[0]) / 2
-    # Two passes over the data, each reading the labels' range once per batch.
-    assert per_batch[3] == per_batch[10] == 2
+    # Two passes over the data, each reading the labels' range once per batch;
+    # an embedding's rows: one unique in the pass that computes diagonal blocks.
+    assert per_batch[3] == per_batch[10] == (3 if tokens else 2)
 
 
 def test_predictive_and_sampling_sync_a_fixed_number_of_times(monkeypatch):

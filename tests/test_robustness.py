@@ -248,21 +248,70 @@ def test_monte_carlo_fit_depends_only_on_its_seed():
     assert not torch.equal(fits[0], fits[2])
 
 
+def _conv_model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 4),
+        nn.LayerNorm(4),
+        nn.Linear(4, 3),
+    ).double()
+    return (
+        model,
+        torch.randn(20, 2, 6, 6, dtype=torch.float64),
+        torch.randint(0, 3, (20,)),
+    )
+
+
+def _device_results(device: str, subset: str, conv: bool, stochastic: bool):
+    model, X, y = (_conv_model_and_data if conv else _model_and_data)()
+    model, X, y = model.to(device), X.to(device), y.to(device)
+    la = Laplace(
+        model,
+        "classification",
+        subset,
+        "ekfac",
+        prior_precision=0.5,
+        backend_kwargs={"stochastic": stochastic},
+    )
+    la.fit(loader(X, y))
+    assert all(v.device.type == device for v in la.H.eigenvalues)
+    samples = la.sample(4, generator=torch.Generator(device).manual_seed(0))
+    assert samples.device.type == device
+    la.optimize_prior_precision(method="marglik", n_steps=5)
+    probabilities = la(X, pred_type="glm", link_approx="probit")
+    return la.log_marginal_likelihood(), probabilities, la.posterior_variance
+
+
+CUDA_CASES = [
+    ("all", False, False),
+    ("last_layer", False, False),
+    ("all", True, False),  # convolutions, a layer norm's diagonal block
+    ("all", True, True),  # ... with the Monte-Carlo Fisher (the sampler on the GPU)
+]
+
+
+@pytest.mark.parametrize(("subset", "conv", "stochastic"), CUDA_CASES[2:])
+def test_device_comparison_runs_on_the_cpu(subset: str, conv: bool, stochastic: bool):
+    """The CUDA test's body, CPU against CPU: its plumbing is checked everywhere."""
+    first = _device_results("cpu", subset, conv, stochastic)
+    for a, b in zip(first, _device_results("cpu", subset, conv, stochastic)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("subset", ["all", "last_layer"])
-def test_cuda_matches_cpu(subset: str):
-    results = {}
-    for device in ("cpu", "cuda"):
-        model, X, y = _model_and_data()
-        model, X, y = model.to(device), X.to(device), y.to(device)
-        la = Laplace(model, "classification", subset, "ekfac", prior_precision=0.5)
-        la.fit(loader(X, y))
-        assert all(v.device.type == device for v in la.H.eigenvalues)
-        samples = la.sample(4, generator=torch.Generator(device).manual_seed(0))
-        assert samples.device.type == device
-        results[device] = (la.log_marginal_likelihood(), la(X), la.posterior_variance)
-    for a, b in zip(results["cuda"], results["cpu"]):
+@pytest.mark.parametrize(("subset", "conv", "stochastic"), CUDA_CASES)
+def test_cuda_matches_cpu(subset: str, conv: bool, stochastic: bool):
+    cpu = _device_results("cpu", subset, conv, stochastic)
+    cuda = _device_results("cuda", subset, conv, stochastic)
+    # The Monte-Carlo labels come from each device's own generator: other labels.
+    for a, b in zip(cuda, cpu) if not stochastic else ():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-10)
+    for value in cuda:
+        assert torch.isfinite(value).all()
 
 
 def _mistakes(X, y):
