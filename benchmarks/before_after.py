@@ -51,7 +51,7 @@ def measure(case: str, phase: str, warm: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", required=True, help="the earlier commit")
+    parser.add_argument("--ref", help="the earlier commit (required)")
     parser.add_argument("--cases", nargs="*", default=["cnn"])
     parser.add_argument("--phases", nargs="*", default=["fit_ggn", "fit_mc"])
     parser.add_argument("--rounds", type=int, default=3)
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(*json.loads(args.worker))))
         return 0
+    if not args.ref:
+        parser.error("--ref is required: the commit to compare with")
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -311,6 +311,8 @@ def run_timing(
     rounds: int,
     threads: int,
     isolated: bool,
+    warm_calls: int = 2,
+    once: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Interleave ours with the peers on every case and curvature.
 
@@ -321,6 +323,9 @@ def run_timing(
         rounds: Rounds of ``ours, peer, peer, …``.
         threads: Pinned threads per contender.
         isolated: Each measurement in a fresh worker (else in this process).
+        warm_calls: Calls after the first in each worker.
+        once: Peers measured by one cold call in the first round only (too slow
+            to repeat: kronfluence takes 80 s a fit on the MLP here).
 
     Returns:
         The table rows and every raw measurement.
@@ -328,7 +333,7 @@ def run_timing(
     rows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     for case, case_spec in cases.items():
-        warm = 1 if case_spec.get("quick", False) else WARM_CALLS
+        warm = 1 if case_spec.get("quick", False) else warm_calls
         spec = {**case_spec, "warm": warm, "threads": threads}
         for curvature in curvatures:
             able = [p for p in peers if curvature in CONTENDERS[p].curvatures]
@@ -341,7 +346,11 @@ def run_timing(
                 continue
             run = measure_isolated if isolated else measure
 
-            def one(contender: str, _: int) -> dict[str, Any]:
+            def one(contender: str, index: int) -> dict[str, Any]:
+                if contender in once:  # slow: its first call, in the first round
+                    if index:
+                        return {"skipped": "measured once (--once)"}
+                    return run(case, curvature, contender, {**spec, "warm": 0})  # noqa: B023
                 return run(case, curvature, contender, spec)  # noqa: B023
 
             def progress(result: dict[str, Any]) -> None:
@@ -369,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
     parser.add_argument("--rounds", type=int, default=None, help="3; 1 with --quick")
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--warm", type=int, default=WARM_CALLS, help="calls after the first"
+    )
+    parser.add_argument(
+        "--once", nargs="*", default=[], choices=PEERS, help="peers timed once, cold"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -404,7 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     try:
         rows, raw = run_timing(
-            cases, args.curvatures, args.peers, rounds, args.threads, not args.quick
+            cases,
+            args.curvatures,
+            args.peers,
+            rounds,
+            args.threads,
+            not args.quick,
+            args.warm,
+            args.once,
         )
     finally:
         torch.set_num_threads(threads_before)  # --quick pins this process
@@ -417,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "batch_size": BATCH_SIZE,
         "rounds": rounds,
-        "warm_calls": 1 if args.quick else WARM_CALLS,
+        "warm_calls": 1 if args.quick else args.warm,
+        "once": args.once,
         "rows": rows,
         "measurements": raw,
     }
