@@ -27,7 +27,7 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     benchmark = _module()
     payload = _run(benchmark, tmp_path, "--cases", "mlp")
     out = capsys.readouterr().out
-    assert "| mlp | glm128 | EKFAC |" in out and "X/Kron warm" in out
+    assert "| mlp | glm32 | EKFAC |" in out and "X/Kron warm" in out
     assert payload["machine"]["torch"] and payload["rounds"] == 1
     phases = {row["phase"] for row in payload["rows"]}
     assert phases == set(benchmark.PHASES)
@@ -35,12 +35,13 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
         benchmark,
         tmp_path,
         *("--cases", "cnn", "last_layer_1000"),
-        *("--phases", "fit_ggn", "marglik100"),
+        *("--phases", "fit_ggn", "marglik100", "glm128"),  # glm128: on request
     )
     rows = {(r["case"], r["contender"], r["phase"]) for r in payload["rows"]}
     assert ("last_layer_1000", "ekfac", "marglik100") in rows
     assert ("cnn", "ekfac_cache", "fit_ggn") in rows
     assert ("cnn", "ekfac_cache", "marglik100") not in rows  # the cache: fits only
+    assert ("cnn", "kron", "glm128") in rows
     for row in payload["rows"]:
         assert row["cold"] >= 0 and row["warm"] >= 0 and len(row["calls"]) == 2
         assert row["peak_mib"] > 0
