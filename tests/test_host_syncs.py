@@ -63,26 +63,16 @@ def _laplace(
     if tokens:
         model = _Bag(classes)
         X = torch.randint(0, 20, (8 * batches, 5))
-        y = torch.randint(0, classes, (8 * batches,))
-        loader = DataLoader(TensorDataset(X, y), batch_size=8)
-        la = Laplace(
-            model,
-            "classification",
-            subset_of_weights="all",
-            hessian_structure="ekfac",
-            backend_kwargs={"stochastic": fisher_type == "mc"},
-            cache_budget_bytes=0,
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 8),
+            nn.LayerNorm(8),
+            nn.Linear(8, classes),
         )
-        return la, loader, X
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(3 * 4 * 4, 8),
-        nn.LayerNorm(8),
-        nn.Linear(8, classes),
-    )
-    X = torch.randn(8 * batches, 1, 6, 6)
+        X = torch.randn(8 * batches, 1, 6, 6)
     y = torch.randint(0, classes, (8 * batches,))
     loader = DataLoader(TensorDataset(X, y), batch_size=8)
     la = Laplace(
