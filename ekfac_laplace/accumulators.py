@@ -173,6 +173,20 @@ def _add(total: Tensor | None, term: Tensor) -> Tensor:
     return term if total is None else total + term
 
 
+def _rotated_squares(
+    per_example: Tensor, q_g: Tensor | None, q_a: Tensor | None
+) -> Tensor:
+    """``Σ (Q_Gᵀ M Q_A)²`` over the leading dimensions of ``M`` ``(..., d_out, d_in)``.
+
+    A rotation given as ``None`` has been applied already (or is the identity).
+    """
+    if q_g is not None:
+        per_example = q_g.T @ per_example
+    if q_a is not None:
+        per_example = per_example @ q_a
+    return per_example.square().flatten(0, -3).sum(0)
+
+
 def _gram(x: Tensor) -> Tensor:
     """``Σ_{n,s} x_{n,s} x_{n,s}ᵀ`` of ``x`` ``(B, S, d)``.
 
@@ -242,8 +256,8 @@ class FactorAccumulator(PassAccumulator):
         """Keep the batch's padding masks; give up caching if need be.
 
         On the first batch, each hidden layer's cache form is chosen (per-example
-        gradients where they are fewer numbers than its inputs and gradients), and
-        caching stops if the whole set would not fit.
+        gradients where they are fewer numbers than its inputs and gradients) and
+        the layers to cache (see the class); caching stops if none is.
         """
         self._masks = masks or {}
         if not self.caching or self.examples_seen:
@@ -470,11 +484,7 @@ class CorrectionAccumulator(PassAccumulator):
                     g_used[start : start + chunk].transpose(1, 2),
                     a_used[start : start + chunk],
                 )
-                if not rotate_g:
-                    per_example = q_g.T @ per_example
-                if q_a is not None:
-                    per_example = per_example @ q_a
-                squares += per_example.square().sum(0)
+                squares += _rotated_squares(per_example, None if rotate_g else q_g, q_a)
             self._add_weight(layer, squares)
         if layer.bias_index is not None:
             self._add_bias(layer, (g.sum(1) @ q_g).square().sum(0))
@@ -540,8 +550,9 @@ class CorrectionAccumulator(PassAccumulator):
             chunk = max(1, CHUNK_NUMBERS // (K * d_out * d_in))
             squares = entry.weight.new_zeros(d_out, d_in)
             for start in range(0, B, chunk):
-                rotated = q_g.T @ entry.weight[start : start + chunk] @ q_a
-                squares += rotated.square().sum((0, 1))
+                squares += _rotated_squares(
+                    entry.weight[start : start + chunk], q_g, q_a
+                )
             self._add_weight(layer, squares)
         if entry.bias is not None:
             self._add_bias(layer, (entry.bias @ q_g).square().sum((0, 1)))

@@ -65,6 +65,8 @@ from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
 
 CurvatureFunction = Callable[[Tensor, Tensor], OutputCurvature]
+#: Layer kinds applied once per forward pass: their output tensor is a target.
+_SINGLE_CALL = (LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.TRANSPOSED)
 
 
 class Sweep:
@@ -201,37 +203,30 @@ class Sweep:
             capture.locate_batches(f, targets, check=True)
         self.batch_dims = dict(capture.batch_dims)
 
-    def _targets(self, hidden: list[KroneckerLayer], diagonal: bool) -> list[Tensor]:
-        """One parameter per module the backward passes must reach."""
-        targets = [layer.target for layer in hidden]
-        if diagonal:
-            targets += [entry.target for entry in self.layout.diagonal_modules]
-        return targets
-
-    @staticmethod
-    def _output_targets(
-        hidden: list[KroneckerLayer], capture: ForwardCapture
+    def _targets(
+        self,
+        hidden: list[KroneckerLayer],
+        diagonal: bool,
+        capture: ForwardCapture | None = None,
     ) -> list[Tensor]:
-        """Where each layer's backward passes may stop: its output, if it can.
+        """Where the backward passes stop: per hidden layer, then diagonal module.
 
-        Back-propagating to a layer's output tensor, rather than to one of its
-        parameters, spares autograd the parameter's gradient: for a convolution
-        the bias gradient alone costs as much as its input gradient on the CPU
-        (the deepest one then runs no convolution backward at all). A layer
-        applied once (not the attention projections, several calls each) whose
-        output has not been changed in place since gets its output; the others
-        their parameter.
+        A diagonal module gets one of its parameters. A hidden layer gets one of
+        its parameters too, or, given the ``capture``, its output tensor where it
+        can: back-propagating to the output spares autograd the parameter's
+        gradient (for a convolution the bias gradient alone costs as much as its
+        input gradient on the CPU, and the deepest one then runs no convolution
+        backward at all). A layer applied once (not the attention projections,
+        several calls each) whose output has not been changed in place since gets
+        its output.
         """
         targets = []
         for layer in hidden:
-            output, version = capture.outputs[layer.name]
-            single = layer.kind in (
-                LayerKind.LINEAR,
-                LayerKind.CONV2D,
-                LayerKind.TRANSPOSED,
-            )
+            output, version = (None, None)
+            if capture is not None:
+                output, version = capture.outputs[layer.name]
             if (
-                single
+                layer.kind in _SINGLE_CALL
                 and isinstance(output, Tensor)
                 and output.requires_grad
                 and tensor_version(output) == version
@@ -239,6 +234,8 @@ class Sweep:
                 targets.append(output)
             else:
                 targets.append(layer.target)
+        if diagonal:
+            targets += [entry.target for entry in self.layout.diagonal_modules]
         return targets
 
     def _hidden_layers(
@@ -279,9 +276,7 @@ class Sweep:
     ) -> None:
         """Back-propagate each ``v_k`` and hand the gradients on, one at a time."""
         diagonal_modules = self.layout.diagonal_modules if diagonal else []
-        targets = self._output_targets(hidden, capture)
-        if diagonal is not None:
-            targets += [entry.target for entry in self.layout.diagonal_modules]
+        targets = self._targets(hidden, diagonal is not None, capture)
         for k in range(len(passes)):
             torch.autograd.grad(
                 passes.output(k),
