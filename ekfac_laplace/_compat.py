@@ -9,14 +9,16 @@
   curvlinops release which renames the attributes fails loudly.
 * torch: a module's hook registries (``_forward_hooks``, ``_forward_pre_hooks``), to
   remove hooks that a failing curvlinops pass leaves behind
-  (:func:`removing_leftover_hooks`), and a tensor's version counter (``_version``),
-  which tells whether a tensor was changed in place (:func:`tensor_version`); and
-  the module global ``torch.nn.functional.linear``, through which
-  ``F.multi_head_attention_forward`` applies its projections: replaced for the
-  duration of one ``nn.MultiheadAttention`` forward pass so that the capture sees
-  the projections' inputs and outputs (:func:`watching_functional_linear`). A
-  ``TorchFunctionMode`` cannot see them: the attention function dispatches itself
-  to the mode as a whole.
+  (:func:`removing_leftover_hooks`), to tell whether a module has pre-hooks
+  (:func:`has_pre_hooks`) and to replay a module's call without its own forward
+  hooks (:func:`forward_hooks_suspended`); a tensor's version counter
+  (``_version``), which tells whether a tensor was changed in place
+  (:func:`tensor_version`); and the module global ``torch.nn.functional.linear``,
+  through which ``F.multi_head_attention_forward`` applies its projections:
+  replaced for the duration of one ``nn.MultiheadAttention`` forward pass so that
+  the capture sees the projections' inputs and outputs
+  (:func:`watching_functional_linear`). A ``TorchFunctionMode`` cannot see them:
+  the attention function dispatches itself to the mode as a whole.
 
 laplace-torch's private attributes are not touched anywhere.
 """
@@ -108,6 +110,42 @@ def tensor_version(tensor: Tensor) -> int:
         Its current version.
     """
     return tensor._version
+
+
+def has_pre_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward pre-hooks (a pruned or weight-normed layer).
+
+    Args:
+        module: Any module.
+
+    Returns:
+        ``True`` if its pre-hook registry is non-empty.
+    """
+    return bool(module._forward_pre_hooks)
+
+
+@contextmanager
+def forward_hooks_suspended(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` without its own forward hooks (its pre-hooks still run).
+
+    The per-example gradients of a module with a diagonal block replay its call
+    from the gradient at the output its ``forward`` returned, which already
+    accounts for what the forward hooks do downstream; running them again would
+    apply them twice, and would hand hooks with side effects (laplace-torch's
+    feature extractor stores the last layer's input) batched tensors.
+
+    Args:
+        module: The module (its submodules' hooks are kept).
+
+    Yields:
+        Nothing; the hooks are back afterwards, also on an exception.
+    """
+    hooks = module._forward_hooks
+    module._forward_hooks = type(hooks)()
+    try:
+        yield
+    finally:
+        module._forward_hooks = hooks
 
 
 def has_module_hooks(module: nn.Module) -> bool:

@@ -260,7 +260,7 @@ class FactorAccumulator(PassAccumulator):
         the layers to cache (see the class); caching stops if none is.
         """
         self._masks = masks or {}
-        if not self.caching or self.examples_seen:
+        if not self.caching or self.examples_seen or not inputs:
             return
         batch = next(iter(inputs.values())).shape[0]
         hidden_names = {layer.name for layer in hidden}

@@ -144,6 +144,7 @@ def laplace_options(
     engine: str = "fast",
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
     unsupported_layers: str = "diagonal",
+    max_factor_size: int | None = None,
 ) -> EKFACOptions:
     """The EKFAC options of a Laplace constructor's arguments, validated.
 
@@ -161,6 +162,7 @@ def laplace_options(
         engine: ``"fast"`` or ``"curvlinops"``.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
         unsupported_layers: ``"diagonal"`` or ``"raise"``.
+        max_factor_size: Larger Kronecker factors get diagonal blocks instead.
 
     Returns:
         The options.
@@ -188,5 +190,6 @@ def laplace_options(
         engine=engine,
         cache_budget_bytes=cache_budget_bytes,
         unsupported_layers=unsupported_layers,
+        max_factor_size=max_factor_size,
         **given,
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 
 def split_batch(
@@ -123,12 +124,43 @@ class LaplaceBatches:
         self.dict_key_y = dict_key_y
         self.dict_key_x = dict_key_x
         self.current_targets: Tensor | None = None
+        #: ``(batches, examples)`` of the first complete pass.
+        self.first_pass: tuple[int, int] | None = None
+        self._passes = 0
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        """The batches, integer labels as ``int64``; each pass is counted.
+
+        Raises:
+            ValueError: At the end of a pass that yields another number of batches
+                or examples than the first.
+        """
+        batches = examples = 0
         for batch in self.loader:
             X, y = split_batch(batch, self.dict_key_y, self.dict_key_x)
+            if not y.is_floating_point() and y.dtype not in (torch.int64, torch.bool):
+                y = y.long()  # int32 / uint8 labels: what the torch losses take
             self.current_targets = y
+            batches += 1
+            examples += y.shape[0] if y.ndim else 1
             yield X, y
+        self._pass_done(batches, examples)
+
+    def _pass_done(self, batches: int, examples: int) -> None:
+        self._passes += 1
+        if self.first_pass is None:
+            self.first_pass = (batches, examples)
+            return
+        if (batches, examples) != self.first_pass:
+            first_batches, first_examples = self.first_pass
+            raise ValueError(
+                f"Pass {self._passes} over train_loader yielded {examples} examples "
+                f"in {batches} batches, the first pass {first_examples} in "
+                f"{first_batches}. The fit passes over the data more than once and "
+                "needs the same data each time: a one-shot iterator, a sampler "
+                "whose length changes or a loader that drops batches at random "
+                "does not give it. Use a DataLoader over a Dataset."
+            )
 
     def first(self) -> tuple[Any, Tensor]:
         """The first batch.
@@ -146,6 +178,53 @@ class LaplaceBatches:
                 "fit got a train_loader that yields no batches (an empty loader, or "
                 "drop_last=True with fewer examples than the batch size)."
             ) from None
+
+
+def check_reiterable(loader: Iterable[Any]) -> None:
+    """Refuse a one-shot iterator as a training loader.
+
+    A fit passes over the data two or three times (and the last-layer class takes
+    a first batch to find the last layer): an iterator whose ``__iter__`` returns
+    the same object (a generator, or a class handing out one generator) would
+    lose its first batch and then be empty.
+
+    Args:
+        loader: The training loader.
+
+    Raises:
+        ValueError: If two ``iter(loader)`` are the same iterator.
+    """
+    if isinstance(loader, DataLoader):  # re-iterable; iter() would start workers
+        return
+    if iter(loader) is iter(loader):
+        raise ValueError(
+            f"train_loader is a one-shot iterator ({type(loader).__name__}: every "
+            "iter() of it is the same object, as for a generator), but the fit "
+            "passes over the data more than once. Pass a DataLoader, a list of "
+            "batches, or an object whose __iter__ starts a new pass each time."
+        )
+
+
+def first_inputs(batches: Iterable[Any]) -> Any:
+    """The model input of the first batch of re-iterable ``(X, y)`` batches.
+
+    Args:
+        batches: :class:`LaplaceBatches` (or anything with ``first()``), or any
+            re-iterable of ``(X, y)`` pairs.
+
+    Returns:
+        ``X`` of the first batch.
+
+    Raises:
+        ValueError: If there is no batch.
+    """
+    first = getattr(batches, "first", None)
+    if callable(first):
+        X, _ = first()
+        return X
+    for X, _ in batches:
+        return X
+    raise ValueError("fit got a train_loader that yields no batches.")
 
 
 def dataset_size(loader: Any, shard: bool = False) -> int:
@@ -210,21 +289,32 @@ def check_inputs(X: Any, dtype: torch.dtype, dict_key_x: str = "input_ids") -> N
             )
 
 
-def check_targets(f: Tensor, y: Tensor, likelihood: str) -> None:
+def check_targets(
+    f: Tensor, y: Tensor, likelihood: str, batch: int | None = None
+) -> None:
     """Refuse targets that do not fit the outputs and the likelihood.
 
     Classification targets are class indices (an integer dtype, shape ``(B,)``,
     values in ``[0, C)``) or class probabilities (floating, shape ``(B, C)``);
-    regression targets are floating, shaped like the outputs.
+    regression targets are floating, shaped like the outputs. Floating targets
+    must be finite. One host read per batch (the labels' range, or whether the
+    floating targets are finite); none for a batch without examples.
 
     Args:
         f: Model outputs ``(B, C)``.
         y: The batch's targets.
         likelihood: ``"classification"`` or ``"regression"``.
+        batch: The batch's index in the loader, for the message.
 
     Raises:
-        ValueError: Naming the problem and the fix.
+        ValueError: Naming the problem, the batch and the fix.
     """
+    if y.is_floating_point() and y.numel() and not bool(torch.isfinite(y).all()):
+        where = "" if batch is None else f" of batch {batch}"
+        raise ValueError(
+            f"The targets{where} contain NaN or Inf; the likelihood and the "
+            "evidence would be NaN. Remove or repair those examples."
+        )
     if likelihood == "regression":
         if y.shape != f.shape:
             raise ValueError(
@@ -250,6 +340,8 @@ def check_targets(f: Tensor, y: Tensor, likelihood: str) -> None:
             f"Classification targets of shape (batch,) must be integer class "
             f"indices, got {y.dtype}; use y.long()."
         )
+    if y.numel() == 0:  # a batch whose tokens all have the label -100
+        return
     low, high = torch.stack(torch.aminmax(y)).tolist()  # one host sync a batch
     if low < 0 or high >= f.shape[1]:
         raise ValueError(

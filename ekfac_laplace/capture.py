@@ -6,8 +6,11 @@ and the GLM predictive use. It records what each module of a
 modules that run more than once, and stores the gradients arriving at their outputs
 during backward:
 
-* ``nn.Linear`` / ``nn.Conv2d`` / GPT-2 ``Conv1D``: the module's input and output,
-  from a forward hook;
+* ``nn.Linear`` / ``nn.Conv2d`` / GPT-2 ``Conv1D``: the input its ``forward``
+  receives and the output it returns, from a forward hook that runs before any
+  other: a hook of the user's that changes the output (``lambda m, i, o: 2 * o``)
+  acts downstream of the captured output, so the gradient arriving there accounts
+  for it and ``y = W x + b`` still holds for what is captured;
 * ``nn.MultiheadAttention``'s projections, which it applies with ``F.linear`` on
   sequence-first tensors inside ``F.multi_head_attention_forward``: during its
   forward pass every such call whose weight is the packed ``in_proj_weight`` (or a
@@ -17,7 +20,12 @@ during backward:
   each output gradient placed in the rows of the weight it used (zero elsewhere), so
   that ``Σ_s g_s a_sᵀ`` is the weight's gradient;
 * modules with diagonal blocks: their call (:class:`~ekfac_laplace.diagonal.ModuleCall`,
-  any structure of inputs and outputs) and the gradient at each output tensor.
+  any structure of inputs and outputs) with the arguments as the caller passed them
+  (before the module's forward pre-hooks, which a pruned or weight-normed layer
+  uses to compute its weight) and the output its ``forward`` returned (before its
+  forward hooks), and the gradient at each output tensor; its per-example
+  gradients replay its pre-hooks and ``forward``
+  (:func:`~ekfac_laplace.diagonal.per_example_gradients`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
-from ekfac_laplace._compat import tensor_version, watching_functional_linear
+from ekfac_laplace._compat import (
+    has_pre_hooks,
+    tensor_version,
+    watching_functional_linear,
+)
 from ekfac_laplace.diagonal import CaptureError, ModuleCall, UnsplittableCallError
 from ekfac_laplace.layout import (
     KroneckerLayer,
@@ -136,13 +148,21 @@ class ForwardCapture:
         self._attentions: dict[int, tuple[int, int]] = {}  # running: (L, B)
         self._handles: list[RemovableHandle] = []
         self._restore_linear: Callable[[], None] | None = None
+        # Per diagonal module: its arguments as passed, before its pre-hooks.
+        self._raw_calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        #: Kronecker layer name to whether a forward hook of the user's replaced
+        #: (or changed in place) the output its ``forward`` returned.
+        self.changed_by_hooks: dict[str, bool] = {}
 
     def __enter__(self) -> ForwardCapture:
         attentions: dict[int, nn.MultiheadAttention] = {}
         for layer in self.layout.layers:
             if layer.attention is None:
-                hook = functools.partial(self._layer_hook, layer.name)
-                self._handles.append(layer.module.register_forward_hook(hook))
+                first = functools.partial(self._layer_hook, layer.name)
+                last = functools.partial(self._layer_output_seen, layer.name)
+                module = layer.module
+                self._handles.append(module.register_forward_hook(first, prepend=True))
+                self._handles.append(module.register_forward_hook(last))
                 continue
             weight = layer.module.get_parameter(layer.weight_name)
             self._projections[id(weight)] = _Projection(layer)
@@ -157,9 +177,18 @@ class ForwardCapture:
             self._handles.append(attention.register_forward_hook(post))
         if self.diagonal:
             for entry in self.layout.diagonal_modules:
-                hook = functools.partial(self._diagonal_hook, entry.name)
+                hooked = has_pre_hooks(entry.module)
+                pre = functools.partial(self._diagonal_starts, entry.name)
+                hook = functools.partial(self._diagonal_hook, entry.name, hooked)
                 self._handles.append(
-                    entry.module.register_forward_hook(hook, with_kwargs=True)
+                    entry.module.register_forward_pre_hook(
+                        pre, prepend=True, with_kwargs=True
+                    )
+                )
+                self._handles.append(
+                    entry.module.register_forward_hook(
+                        hook, prepend=True, with_kwargs=True
+                    )
                 )
         return self
 
@@ -189,6 +218,22 @@ class ForwardCapture:
             if projection.layer.name == name:
                 return self._projection_gradients(projection)
         return []
+
+    def check_ran(self, layer: KroneckerLayer) -> None:
+        """Refuse a Kronecker layer of the posterior that did not run.
+
+        Args:
+            layer: A layer of the layout, after the forward pass.
+
+        Raises:
+            ValueError: If it did not run in the forward pass.
+        """
+        if layer.name not in self.outputs:
+            raise ValueError(
+                f"Module '{layer.name}' has parameters in the posterior but did not "
+                "run in the forward pass; freeze its parameters with "
+                "requires_grad_(False)."
+            )
 
     def take_input(self, name: str) -> Tensor:
         """A Kronecker layer's input with its batch in dimension 0, removed.
@@ -359,20 +404,43 @@ class ForwardCapture:
     def _layer_hook(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
     ) -> None:
+        """First of the forward hooks: the input and output of ``forward``."""
         self._first_call(name)
         self.inputs[name] = args[0].detach()
         self.outputs[name] = (output, tensor_version(output))
         self._watch(name, output)
 
-    def _diagonal_hook(
+    def _layer_output_seen(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> None:
+        """Last of the forward hooks: did the user's hooks change the output?"""
+        raw, version = self.outputs[name]
+        self.changed_by_hooks[name] = (
+            output is not raw or tensor_version(raw) != version
+        )
+
+    def _diagonal_starts(
         self,
         name: str,
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+    ) -> None:
+        """First of the pre-hooks: the arguments as the caller passed them."""
+        self._raw_calls[name] = (args, dict(kwargs))
+
+    def _diagonal_hook(
+        self,
+        name: str,
+        pre_hooked: bool,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         output: Any,
     ) -> Tensor | None:
+        """First of the forward hooks: the call, with the raw arguments."""
         self._first_call(name)
+        args, kwargs = self._raw_calls.pop(name, (args, kwargs))
         replaced = None
         if isinstance(output, Tensor) and self._shared(output):
             # One row broadcast to every example (a position embedding called on
@@ -382,7 +450,7 @@ class ForwardCapture:
             replaced = output = output.expand(self.batch, *output.shape[1:])
         dim = self.batch_dims.get(name, 0)
         self.calls[name] = ModuleCall.of(
-            name, module, args, kwargs, output, self.batch, dim
+            name, module, args, kwargs, output, self.batch, dim, pre_hooked
         )
         for leaf_index, leaf in enumerate(tree_flatten(output)[0]):
             if isinstance(leaf, Tensor) and leaf.requires_grad:

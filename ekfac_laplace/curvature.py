@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.batches import LaplaceBatches
+from ekfac_laplace.batches import LaplaceBatches, first_inputs
 from ekfac_laplace.curvlinops_engine import curvlinops_ekfac
 from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.engine import fast_ekfac
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
+from ekfac_laplace.layer_check import checked_layout
 from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions, Engine
 
@@ -66,19 +67,31 @@ def compute_ekfac(
         The eigenbases, the corrected eigenvalues (summed over the data, clamped at
         zero) and the data term, in laplace-torch's scale.
 
+    Before any pass, every block is checked on the first batch
+    (:mod:`ekfac_laplace.layer_check`): a layer that does not compute
+    ``y = W x + b`` with its parameters gets its exact diagonal block.
+
     Raises:
-        ValueError: For an unsupported likelihood, layer or eigenbasis, or a
+        ValueError: For an unsupported likelihood, layer or eigenbasis, a layer
+            that fails the check with ``unsupported_layers="raise"``, or a
             non-finite curvature (the message names the layer).
+        MemoryError: For a Kronecker factor too large for memory without
+            ``options.max_factor_size``.
     """
     options = EKFACOptions() if options is None else options
     _, factor = likelihood_loss(likelihood)
-    layout = ParameterLayout(model, params, options.unsupported_layers)
-    if eigenbasis is not None and len(eigenbasis) != len(layout):
-        raise ValueError(
-            f"The eigenbasis has {len(eigenbasis)} blocks but there are "
-            f"{len(layout)} parameter tensors."
-        )
+    layout = ParameterLayout(
+        model,
+        params,
+        options.unsupported_layers,
+        max_factor_size=options.max_factor_size,
+    )
+    if eigenbasis is not None:
+        layout = layout.following(eigenbasis)
     ranks = ranks_of(process_group)
+    layout = checked_layout(
+        model, layout, first_inputs(batches), ranks, keep=eigenbasis is not None
+    )
     if options.engine == Engine.FAST:
         raw = fast_ekfac(
             model,
@@ -107,6 +120,11 @@ def compute_ekfac(
             dict_key_x=dict_key_x,
             eigenbasis=eigenbasis,
             progress_bar=progress_bar,
+        )
+    if not bool(torch.isfinite(raw.loss)):
+        raise ValueError(
+            "The summed loss over the training data is not finite (NaN or Inf); "
+            "check the model's outputs and the targets for NaN/Inf."
         )
     for block, values in zip(layout.blocks, raw.eigenvalues):
         if not torch.isfinite(values).all():

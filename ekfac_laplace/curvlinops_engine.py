@@ -53,9 +53,12 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
     """
     block = layout.first_diagonal()
     if block is not None:
+        owner = layout.owners[layout.blocks.index(block)]
+        reason = layout.demoted.get(owner.name)
+        why = f": a {type(owner.module).__name__} that {reason}" if reason else ""
         raise ValueError(
             f"engine='curvlinops' supports only nn.Linear and nn.Conv2d, but "
-            f"'{block.module}.{block.name}' needs a diagonal block; use "
+            f"'{block.module}.{block.name}' needs a diagonal block{why}; use "
             "engine='fast' (the default)."
         )
     for layer in layout.layers:
@@ -93,6 +96,14 @@ def check_first_batch(
             f"{tuple(f.shape)}; use engine='fast' (the default), which takes "
             "token-level outputs."
         )
+    for name, changed in capture.changed_by_hooks.items():
+        if changed:
+            raise ValueError(
+                f"A forward hook changes the output of layer '{name}'; curvlinops "
+                "takes the changed output for the layer's, and its Kronecker "
+                "factors would be wrong. Use engine='fast' (the default), which "
+                "captures the output of the layer's forward itself."
+            )
     for name, a in capture.inputs.items():
         if a.shape[0] != f.shape[0]:
             raise ValueError(

@@ -26,7 +26,8 @@ statistics) and layer norms in closed form, ``Σ g ⊙ x̂`` and ``Σ g``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
+
+from ekfac_laplace._compat import forward_hooks_suspended
 
 # Per-example gradients are computed in chunks of examples holding at most this many
 # numbers (chunk × parameters of the module), e.g. 64 MiB in float32.
@@ -68,6 +71,10 @@ class ModuleCall:
         output_dims: Batch dimension of each output leaf.
         single: Whether the output is one tensor (closed forms apply).
         conventional: Whether the module's own convention set the dimensions.
+        pre_hooked: Whether the module has forward pre-hooks: ``args`` and
+            ``kwargs`` are then as the caller passed them, before the pre-hooks
+            (which the per-example gradients replay), and the closed forms, which
+            read the input that ``forward`` receives, do not apply.
         memo: What every backward pass of the call reuses (an embedding's rows:
             found once, not once per pass, since ``unique`` syncs with the host).
     """
@@ -81,6 +88,7 @@ class ModuleCall:
     output_dims: tuple[int | None, ...] = ()
     single: bool = False
     conventional: bool = False
+    pre_hooked: bool = False
     memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -93,6 +101,7 @@ class ModuleCall:
         output: Any,
         batch: int | None = None,
         batch_dim: int = 0,
+        pre_hooked: bool = False,
     ) -> ModuleCall:
         """Record a call: detach its inputs and find the batch dimensions.
 
@@ -105,6 +114,7 @@ class ModuleCall:
             batch: The number of examples of the forward pass, if known.
             batch_dim: The outputs' batch dimension (modules without a
                 convention).
+            pre_hooked: Whether ``args`` / ``kwargs`` precede forward pre-hooks.
 
         Returns:
             The call.
@@ -120,6 +130,7 @@ class ModuleCall:
             detach_inputs(kwargs),
             tuple(tuple(x.shape) if isinstance(x, Tensor) else None for x in leaves),
             single=isinstance(output, Tensor),
+            pre_hooked=pre_hooked,
         )
         convention = _convention(name, module, args, kwargs, leaves)
         if convention is None:
@@ -300,12 +311,18 @@ def per_example_gradients(
 
     For each example ``n`` this is ``∂⟨g_n, m(x_n; θ)⟩/∂θ``, the vector-Jacobian
     product of the module's forward on that example alone with its output
-    gradients ``g_n`` (one per output leaf; ``None`` where none arrived).
+    gradients ``g_n`` (one per output leaf; ``None`` where none arrived). The call
+    is replayed through ``torch.func.functional_call``: the module's forward
+    pre-hooks run (a pruned layer's computes its weight from ``weight_orig``), its
+    own forward hooks do not (``g_n`` arrived at the output of ``forward``, before
+    them), and tensor attributes that the pre-hooks set on the module (a pruned
+    layer's ``weight``) are restored afterwards.
 
     Args:
         module: A module whose forward treats examples independently (norm layers in
             eval mode, embeddings, recurrent layers, attention, ...).
-        names: Names of the parameters of ``module`` (non-recursive) to differentiate.
+        names: Names of the parameters of ``module`` to differentiate, relative to
+            it (``"weight"``, ``"parametrizations.weight.original"``).
         call: Its forward call, with the batch dimension of every tensor.
         grad_outputs: Gradient at each output leaf of the call.
 
@@ -337,6 +354,20 @@ def per_example_gradients(
         )
         return pullback(cotangents)[0]
 
+    with forward_hooks_suspended(module), _tensor_attributes_kept(module):
+        return _replayed(module, names, call, one_example, gradients, leaf_dims, rows)
+
+
+def _replayed(
+    module: nn.Module,
+    names: Sequence[str],
+    call: ModuleCall,
+    one_example: Any,
+    gradients: tuple[Tensor, ...],
+    leaf_dims: list[int | None],
+    rows: int,
+) -> list[Tensor]:
+    """``one_example`` over the rows: ``vmap``, or a loop for recurrent layers."""
     if isinstance(module, nn.RNNBase):  # no batching rule for the fused kernels
         per_row = [
             one_example(
@@ -347,7 +378,7 @@ def per_example_gradients(
             for n in range(rows)
         ]
         return [torch.stack([grads[name] for grads in per_row]) for name in names]
-    numbers = sum(p.numel() for p in params.values())
+    numbers = sum(module.get_parameter(name).numel() for name in names)
     chunk = max(1, min(rows, CHUNK_NUMBERS // max(numbers, 1)))
     with warnings.catch_warnings():
         # functorch runs ops without a batching rule (attention kernels) in a loop:
@@ -359,6 +390,25 @@ def per_example_gradients(
             chunk_size=chunk,
         )(call.args, call.kwargs, gradients)
     return [grads[name] for name in names]
+
+
+@contextmanager
+def _tensor_attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the plain tensor attributes of ``module`` and its submodules.
+
+    A pruned (or old-style weight-normed) layer's pre-hook sets its ``weight``
+    attribute from its parameters on every call; replayed under ``vmap`` it would
+    leave a batched tensor there.
+    """
+    saved = [
+        (child, {k: v for k, v in vars(child).items() if isinstance(v, Tensor)})
+        for child in module.modules()
+    ]
+    try:
+        yield
+    finally:
+        for child, attributes in saved:
+            vars(child).update(attributes)
 
 
 def _unsqueezed(values: Any, dims: Any) -> Any:
@@ -403,7 +453,7 @@ def restricted_gradients(
         Per name ``(rows, gradients)``: ``rows`` of shape ``(R,)`` with gradients of
         shape ``(B, R, D)``, or ``None`` with gradients ``(B, *parameter.shape)``.
     """
-    if call.single and call.batch_first:
+    if call.single and call.batch_first and _plain_call(names, call):
         (grad_output,) = grad_outputs
         args, kwargs = call.args, call.kwargs
         if _simple_embedding(module, names, args, kwargs):
@@ -420,6 +470,11 @@ def restricted_gradients(
             return [(None, grad) for grad in grads]
     grads = per_example_gradients(module, names, call, grad_outputs)
     return [(None, grad) for grad in grads]
+
+
+def _plain_call(names: Sequence[str], call: ModuleCall) -> bool:
+    """Whether the closed forms apply: plain parameters, no pre-hooks."""
+    return not call.pre_hooked and set(names) <= {"weight", "bias"}
 
 
 def _rows_of(tensor: Tensor, grad_output: Tensor) -> Tensor:

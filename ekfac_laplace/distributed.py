@@ -74,13 +74,17 @@ class LocalRanks:
         Returns:
             What ``work`` returns.
 
+        An interrupt (``KeyboardInterrupt``, ``SystemExit``) on a rank that stays
+        alive is told to the others too, so that they stop at once instead of
+        waiting for the process group's timeout.
+
         Raises:
             BaseException: This rank's own error, unchanged; on the other ranks a
                 :class:`DistributedFitError` naming it (see :meth:`agree`).
         """
         try:
             result = work()
-        except Exception as error:  # noqa: BLE001 - re-raised by agree
+        except BaseException as error:  # noqa: BLE001 - re-raised by agree
             self.agree(error, what)
             raise  # agree re-raises this rank's error; kept for the reader
         self.agree(None, what)

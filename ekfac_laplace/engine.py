@@ -135,10 +135,13 @@ class Sweep:
         )
         with torch.enable_grad():
             f = self._forward(X, capture)
-            counted = None
+            counted, schedule = None, None
             dtype = accumulation_dtype(f.dtype)  # float32 for half precision
             if f.ndim == 3:
                 f_rows, y, counted = token_rows(f, y, self.likelihood)
+                schedule = token_schedule(counted)
+                if not schedule:  # every label -100: no example, nothing to add
+                    return f_rows.detach().to(dtype), y
             else:
                 f_rows = f
             curvature = curvature_fn(f_rows.to(dtype), y)
@@ -158,7 +161,7 @@ class Sweep:
             }
             backward = bool(hidden) or diagonal is not None
             vectors = curvature.vectors() if backward else None
-            passes = None if vectors is None else _Passes(f, vectors, counted)
+            passes = None if vectors is None else _Passes(f, vectors, schedule)
             accumulator.plan(
                 positions,
                 hidden,
@@ -253,12 +256,7 @@ class Sweep:
         """
         hidden = []
         for layer in layers:
-            if layer.name not in capture.outputs:
-                raise ValueError(
-                    f"Module '{layer.name}' has parameters in the posterior but did "
-                    "not run in the forward pass; freeze its parameters with "
-                    "requires_grad_(False)."
-                )
+            capture.check_ran(layer)
             output, version = capture.outputs[layer.name]
             if every or output is not f or version != tensor_version(f):
                 hidden.append(layer)
@@ -311,18 +309,19 @@ class _Passes:
     Args:
         f: The outputs.
         vectors: The curvature vectors of the examples' rows, ``(R, K, C)``.
-        counted: For token-level outputs, the mask of counted tokens ``(B, T)``.
+        schedule: For token-level outputs, :func:`token_schedule` of the counted
+            tokens.
     """
 
-    def __init__(self, f: Tensor, vectors: Tensor, counted: Tensor | None) -> None:
+    def __init__(
+        self,
+        f: Tensor,
+        vectors: Tensor,
+        schedule: list[tuple[int, Tensor, Tensor]] | None,
+    ) -> None:
         self.f, self.vectors = f, vectors
-        self.per_token: list[tuple[int, Tensor, Tensor]] = []
-        if counted is not None:
-            sequences, tokens = counted.nonzero(as_tuple=True)
-            for t in torch.unique(tokens).tolist():
-                rows = (tokens == t).nonzero(as_tuple=True)[0]
-                self.per_token.append((t, sequences[rows], rows))
-        self.tokens = counted is not None
+        self.per_token = schedule or []
+        self.tokens = schedule is not None
 
     def __len__(self) -> int:
         K = self.vectors.shape[1]
@@ -335,6 +334,25 @@ class _Passes:
             return (self.f * self.vectors[:, index]).sum()
         t, sequences, rows = self.per_token[index // K]
         return (self.f[sequences, t] * self.vectors[rows, index % K]).sum()
+
+
+def token_schedule(counted: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+    """Per token position with a counted token: the sequences and rows it has.
+
+    Args:
+        counted: The mask of counted tokens ``(B, T)``.
+
+    Returns:
+        ``(t, sequences, rows)`` per position ``t`` (empty if no token counts):
+        the sequences whose token ``t`` counts and their rows among the counted
+        tokens (row-major order).
+    """
+    sequences, tokens = counted.nonzero(as_tuple=True)
+    schedule = []
+    for t in torch.unique(tokens).tolist():
+        rows = (tokens == t).nonzero(as_tuple=True)[0]
+        schedule.append((t, sequences[rows], rows))
+    return schedule
 
 
 def _padding(X: Any, positions: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -406,6 +424,7 @@ class FastEKFAC:
         self.token_level = False
         self.loss_function, _ = likelihood_loss(likelihood)
         self.passes = 0
+        self._batch_index = 0
 
     def compute(
         self,
@@ -508,7 +527,8 @@ class FastEKFAC:
         dtype = accumulation_dtype(reference.dtype)
         loss = torch.zeros((), dtype=dtype, device=device)
         self.tokens = 0
-        for X, y in tqdm(batches, desc=description, disable=not self.progress_bar):
+        progress = tqdm(batches, desc=description, disable=not self.progress_bar)
+        for self._batch_index, (X, y) in enumerate(progress):
             y = y.to(device)
             X = to_device(X, device)
             f, y_rows = self.sweep.run(
@@ -524,7 +544,8 @@ class FastEKFAC:
     def _output_curvature(
         self, generator: torch.Generator, f: Tensor, y: Tensor
     ) -> OutputCurvature:
-        check_targets(f, y, self.likelihood)  # every batch, not only the first
+        # Every batch, not only the first.
+        check_targets(f, y, self.likelihood, self._batch_index)
         return OutputCurvature(f, y, self.likelihood, self.options, generator)
 
     def _assemble(

@@ -24,6 +24,7 @@ from ekfac_laplace.backends import laplace_options
 from ekfac_laplace.batches import (
     LaplaceBatches,
     check_inputs,
+    check_reiterable,
     dataset_size,
     naming_failing_module,
     to_device,
@@ -36,17 +37,20 @@ from ekfac_laplace.options import (
 )
 from ekfac_laplace.posterior import (
     EKFACPosterior,
+    check_finite,
     check_positive_scalar,
     check_prior_precision,
+    parameters_kept,
 )
 from ekfac_laplace.predictive import glm_predictive_variance
+from ekfac_laplace.state import checked_state, restored_on_failure
 
 _LIKELIHOODS = tuple(likelihood.value for likelihood in Likelihood)
 
 
 def _checked_options(
     likelihood: Likelihood | str,
-    hyperparameters: tuple[float | Tensor, float | Tensor, float],
+    hyperparameters: tuple[float | Tensor, float | Tensor, float, float | Tensor],
     *args: Any,
     **kwargs: Any,
 ) -> EKFACOptions:
@@ -54,7 +58,8 @@ def _checked_options(
 
     Args:
         likelihood: The Laplace object's likelihood.
-        hyperparameters: Its initial ``(prior_precision, sigma_noise, temperature)``.
+        hyperparameters: Its initial ``(prior_precision, sigma_noise, temperature,
+            prior_mean)``.
         *args: The backend arguments of :func:`~ekfac_laplace.backends.laplace_options`.
         **kwargs: Its EKFAC keywords.
 
@@ -71,10 +76,11 @@ def _checked_options(
             f"{', '.join(repr(name) for name in _LIKELIHOODS)}."
         )
     options = laplace_options(*args, **kwargs)
-    prior_precision, sigma_noise, temperature = hyperparameters
+    prior_precision, sigma_noise, temperature, prior_mean = hyperparameters
     check_prior_precision(prior_precision)
     check_positive_scalar("sigma_noise", sigma_noise)
     check_positive_scalar("temperature", temperature)
+    check_finite("prior_mean", prior_mean)
     return options
 
 
@@ -120,13 +126,17 @@ class EKFACLaplace(EKFACPosterior):
         seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
         engine: ``"fast"`` (default) or ``"curvlinops"``.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
-        unsupported_layers: ``"diagonal"`` (default) or ``"raise"``.
+        unsupported_layers: ``"diagonal"`` (default) or ``"raise"``: for
+            parameters KFAC cannot factorise and layers that fail the layer check.
+        max_factor_size: Layers with a Kronecker factor of more rows get their
+            exact diagonal block; ``None`` (default): factors over 2 GiB are
+            refused.
         process_group: A ``torch.distributed`` process group for a data-parallel
             fit (``torch.distributed.group.WORLD`` or a subgroup): each rank fits
             the loader of its shard and every rank gets the posterior of the union
             of the shards. ``None`` (default): one process.
 
-    The seven from ``kfac_approx`` to ``unsupported_layers`` become one
+    The eight from ``kfac_approx`` to ``max_factor_size`` become one
     :class:`~ekfac_laplace.EKFACOptions`, ``la.options``.
 
     Raises:
@@ -156,12 +166,13 @@ class EKFACLaplace(EKFACPosterior):
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
         unsupported_layers: str = "diagonal",
+        max_factor_size: int | None = None,
         process_group: Any | None = None,
     ) -> None:
         self.process_group = process_group
         self.options = _checked_options(
             likelihood,
-            (prior_precision, sigma_noise, temperature),
+            (prior_precision, sigma_noise, temperature, prior_mean),
             backend,
             backend_kwargs,
             asdl_fisher_kwargs,
@@ -171,6 +182,7 @@ class EKFACLaplace(EKFACPosterior):
             engine=engine,
             cache_budget_bytes=cache_budget_bytes,
             unsupported_layers=unsupported_layers,
+            max_factor_size=max_factor_size,
         )
         super().__init__(
             model,
@@ -250,6 +262,9 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         seed: Seed of the Monte-Carlo label sampler.
         engine: ``"fast"`` (default) or ``"curvlinops"``.
         cache_budget_bytes: Memory the fast engine may use to skip its second pass.
+        max_factor_size: Last layers with a Kronecker factor of more rows (a large
+            vocabulary) get their exact diagonal block; ``None`` (default):
+            factors over 2 GiB are refused.
         process_group: A ``torch.distributed`` process group for a data-parallel
             fit (see :class:`EKFACLaplace`).
 
@@ -281,13 +296,14 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         seed: int = DEFAULT_SEED,
         engine: str = "fast",
         cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
+        max_factor_size: int | None = None,
         process_group: Any | None = None,
     ) -> None:
         self.process_group = process_group
         # laplace-torch's LLLaplace refuses asdl_fisher_kwargs itself.
         self.options = _checked_options(
             likelihood,
-            (prior_precision, sigma_noise, temperature),
+            (prior_precision, sigma_noise, temperature, prior_mean),
             backend,
             backend_kwargs,
             kfac_approx=kfac_approx,
@@ -295,6 +311,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             seed=seed,
             engine=engine,
             cache_budget_bytes=cache_budget_bytes,
+            max_factor_size=max_factor_size,
         )
         super().__init__(
             model,
@@ -347,6 +364,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
 
     def _check_first_batch(self, train_loader: DataLoader, shard: bool) -> None:
         """This rank's loader and first batch, before laplace-torch uses them."""
+        check_reiterable(train_loader)
         dataset_size(train_loader, shard=shard)
         batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
         X, _ = batches.first()
@@ -354,21 +372,86 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         with naming_failing_module(self.model.model), torch.no_grad():
             self.model.model(to_device(X, self._device))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state; its keys, class and likelihood are checked first.
+    def state_dict(self) -> dict[str, Any]:
+        """laplace-torch's last-layer state, without training data.
 
-        laplace-torch's ``LLLaplace.load_state_dict`` looks for the last layer
-        before its own checks; ours come before that.
+        Returns:
+            The state of :meth:`EKFACPosterior.state_dict` with the last layer's
+            name under ``"_last_layer_name"`` and ``"data"`` set to ``None``
+            (laplace-torch stores the first training batch there, to find the last
+            layer again; the name is enough).
+        """
+        state = EKFACPosterior.state_dict(self)
+        state["_last_layer_name"] = self._last_layer_path()
+        state["data"] = None
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state, validated against the model before anything changes.
+
+        The last layer is the one the state names (or, for a state that holds a
+        first training batch instead, the one laplace-torch finds with it).
 
         Args:
             state_dict: A state from :meth:`state_dict` for the same model.
 
         Raises:
             KeyError: If a key is missing.
-            ValueError: If the state is from another class, model or likelihood.
+            ValueError: If the state is from another class, model or likelihood,
+                names another last layer, or holds invalid values. The object is
+                unchanged.
         """
-        self._check_state(state_dict, ("_last_layer_name", "data"))
-        LLLaplace.load_state_dict(self, state_dict)
+        self._check_state(state_dict, ("_last_layer_name",))
+        name = self._state_last_layer(state_dict)
+        layer = self.model.model.get_submodule(name)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        n_layers = len(list(layer.parameters()))
+        checked = checked_state(
+            state_dict,
+            self.model.model,
+            params,
+            sum(p.numel() for p in layer.parameters()),
+            n_layers,
+        )
+        with restored_on_failure(self, self.model):
+            if self.model.last_layer is None:
+                self.model.set_last_layer(name)
+            self.n_params = sum(p.numel() for p in layer.parameters())
+            self.n_layers = n_layers
+            self._apply_state({**state_dict, "data": None}, checked)
+
+    def _state_last_layer(self, state_dict: dict[str, Any]) -> str:
+        """The name of the last layer a state is for, checked against the model."""
+        name = state_dict["_last_layer_name"]
+        if self.model.last_layer is not None:
+            known = self._last_layer_path()
+            if name is not None and name != known:
+                raise ValueError(
+                    f"The state is for the last layer {name!r}, but this model's "
+                    f"last layer is {known!r}."
+                )
+            return known
+        if name is None and state_dict.get("data") is not None:
+            # A state from ekfac_laplace 0.2 or laplace-torch: a first batch.
+            self._find_last_layer(state_dict["data"])
+            return self._last_layer_path()
+        modules = dict(self.model.model.named_modules())
+        if not isinstance(modules.get(name), nn.Linear):
+            raise ValueError(
+                f"The state names the last layer {name!r}, which is not an "
+                "nn.Linear of this model; load it into the model it was fitted on, "
+                "or pass last_layer_name."
+            )
+        return name
+
+    def _last_layer_path(self) -> str:
+        """The last layer's name in the network."""
+        last_layer = self._last_layer()
+        return next(
+            name
+            for name, module in self.model.model.named_modules()
+            if module is last_layer
+        )
 
     def _posterior_params(self) -> list[Tensor]:
         return [p for p in self._last_layer().parameters() if p.requires_grad]
@@ -500,7 +583,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         last_layer = self._last_layer()
         X = to_device(X, self._device)
         outputs, features = [], None
-        try:
+        with parameters_kept(last_layer.parameters()):
             for sample in self.sample(n_samples, generator):
                 vector_to_parameters(sample, last_layer.parameters())
                 if features is None:
@@ -510,6 +593,4 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
                 else:
                     f = last_layer(features)
                 outputs.append(f if self.enable_backprop else f.detach())
-        finally:
-            vector_to_parameters(self.mean, last_layer.parameters())
         return torch.stack(outputs)

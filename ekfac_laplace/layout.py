@@ -1,11 +1,11 @@
 """Where each parameter lives and which block it gets.
 
 A Laplace posterior over parameters ``θ = (θ_1, ..., θ_B)`` has one block per
-parameter tensor. :class:`ParameterLayout` maps each tensor to the module that owns
-it and decides its block: a Kronecker-factored eigenbasis for every parameter that
-acts as a linear map on inputs we can capture, a diagonal block (EKFAC in the
-identity basis) for every other parameter, or a refusal (weight tying, a foreign
-tensor, ``unsupported_layers="raise"``). The linear maps (:class:`LayerKind`):
+parameter tensor. :class:`ParameterLayout` maps each tensor to the module that
+applies it and decides its block: a Kronecker-factored eigenbasis for the weight and
+bias of every linear map we can capture, a diagonal block (EKFAC in the identity
+basis) for every other parameter, or a refusal (weight tying, a foreign tensor,
+``unsupported_layers="raise"``). The linear maps (:class:`LayerKind`):
 
 * ``nn.Linear`` and ``nn.Conv2d`` (groups 1, zero padding);
 * GPT-2's ``Conv1D`` (Hugging Face ``transformers``), a ``Linear`` that stores its
@@ -13,22 +13,40 @@ tensor, ``unsupported_layers="raise"``). The linear maps (:class:`LayerKind`):
 * ``nn.MultiheadAttention``'s packed ``in_proj_weight`` / ``in_proj_bias`` and its
   ``out_proj``, which it applies functionally (``F.linear``) inside its forward.
 
+A module of one of these kinds gets Kronecker blocks only if the parameters of it
+in the posterior are exactly its ``weight`` and ``bias``: a pruned layer
+(``weight_orig``), an old-style weight norm (``weight_g``, ``weight_v``) or a
+parametrised weight (``parametrizations.weight.original``, owned by the layer it
+parametrises) gets diagonal blocks, computed through the module's own forward. The
+assumption ``y = W x + b`` itself is checked on real data before a fit
+(:mod:`ekfac_laplace.layer_check`), which moves every layer that fails it to
+diagonal blocks (``diagonal_layers``). A Kronecker factor too large for memory is
+refused before any work, or, with ``max_factor_size``, moved to diagonal blocks.
+
 What these modules see in a forward pass is recorded by
 :class:`~ekfac_laplace.capture.ForwardCapture`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from ekfac_laplace.diagonal import CaptureError, check_diagonal_module
 from ekfac_laplace.options import UnsupportedLayers
+
+#: Without ``max_factor_size``, a Kronecker factor larger than this (in the
+#: accumulation dtype) is refused before any work: it, its eigenvectors and
+#: ``eigh``'s workspace would not fit a usual machine, and its ``eigh`` would take
+#: hours.
+FACTOR_LIMIT_BYTES = 2**31
 
 
 class LayerKind(str, Enum):
@@ -144,8 +162,9 @@ class ParameterBlock(NamedTuple):
     """One parameter tensor of the posterior: its owner and its kind of block.
 
     Attributes:
-        module: Name of the owning module in the model.
-        name: Name of the parameter in that module (``"weight"``, ``"bias"``, ...).
+        module: Name of the module that applies it in the model.
+        name: Name of the parameter in that module (``"weight"``, ``"bias"``,
+            ``"weight_orig"``, ``"parametrizations.weight.original"``, ...).
         diagonal: ``True`` for a diagonal block (EKFAC in the identity basis).
     """
 
@@ -191,6 +210,23 @@ class KroneckerLayer:
         """Whether the weight is stored ``(d_in, d_out)`` (eigenbasis ``Q_A ⊗ Q_G``)."""
         return self.kind == LayerKind.TRANSPOSED
 
+    def as_matrix(self, weight_like: Tensor) -> Tensor:
+        """The weight (or a tensor shaped like it) as the ``(d_out, d_in)`` map.
+
+        The Kronecker factors act on this matrix: ``G`` on its rows, ``A`` on its
+        columns (a convolution's ``(out, in, kh, kw)`` flattened to ``(out,
+        in·kh·kw)``, GPT-2's ``(d_in, d_out)`` transposed).
+
+        Args:
+            weight_like: Shaped like the weight.
+
+        Returns:
+            Shape ``(d_out, d_in)`` (a view where possible).
+        """
+        if self.transposed:
+            return weight_like.T
+        return weight_like.reshape(weight_like.shape[0], -1)
+
     def weight_block(
         self, q_g: Tensor, q_a: Tensor, values: Tensor
     ) -> tuple[tuple[Tensor, Tensor], Tensor]:
@@ -227,16 +263,30 @@ class KroneckerLayer:
         return first, second, values
 
     @property
+    def weight(self) -> Tensor:
+        """The weight parameter."""
+        return self.module.get_parameter(self.weight_name)
+
+    @property
     def out_features(self) -> int:
-        """Output width ``d_out`` (channels for ``Conv2d``)."""
-        module = self.module
-        if self.kind == LayerKind.CONV2D:
-            return module.out_channels
-        if self.kind == LayerKind.TRANSPOSED:
-            return module.nf
-        if self.kind == LayerKind.ATTENTION_IN:
-            return module.in_proj_weight.shape[0]
-        return module.out_features
+        """Output width ``d_out`` (channels for ``Conv2d``): rows of ``G``."""
+        return self.as_matrix(self.weight).shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Input width ``d_in`` (``c_in·kh·kw`` for ``Conv2d``): rows of ``A``."""
+        return self.as_matrix(self.weight).shape[1]
+
+    def factor_sizes(self) -> dict[str, int]:
+        """The Kronecker factors the posterior's blocks of this layer need.
+
+        Returns:
+            ``{"gradient": d_out}``, and ``"input": d_in`` with the weight.
+        """
+        sizes = {"gradient": self.out_features}
+        if self.weight_index is not None:
+            sizes["input"] = self.in_features
+        return sizes
 
     @property
     def target(self) -> Tensor:
@@ -256,7 +306,8 @@ class DiagonalModule:
     Attributes:
         name: The module's name in the model.
         module: The module.
-        param_names: Its parameters in the posterior (non-recursive names).
+        param_names: Its parameters in the posterior (names relative to it, e.g.
+            ``"weight"`` or ``"parametrizations.weight.original"``).
         indices: Their block indices.
     """
 
@@ -279,6 +330,12 @@ class ParameterLayout:
         params: The posterior's parameters, in vector order.
         unsupported_layers: ``"diagonal"``: parameters of modules KFAC cannot
             factorise get diagonal blocks; ``"raise"``: refuse them.
+        diagonal_layers: Kronecker layers that get diagonal blocks instead, each
+            with the reason (they failed :mod:`~ekfac_laplace.layer_check`, or a
+            fit gave them diagonal blocks).
+        max_factor_size: Layers whose Kronecker factor would have more rows than
+            this get diagonal blocks; ``None``: a factor larger than
+            :data:`FACTOR_LIMIT_BYTES` is refused.
 
     Attributes:
         params: The parameters, in vector order.
@@ -286,12 +343,18 @@ class ParameterLayout:
         layers: The Kronecker-factored layers, in order of first appearance.
         diagonal_modules: The modules with diagonal blocks, in that order.
         owners: Per block, its :class:`KroneckerLayer` or :class:`DiagonalModule`.
+        demoted: Layer name to why a module of a Kronecker kind got diagonal blocks
+            (its parameters are not its plain weight and bias, ``diagonal_layers``,
+            ``max_factor_size``).
 
     Raises:
         ValueError: For a tensor that is not a parameter of ``model``, a parameter
             shared by several modules (weight tying), an unsupported module with
-            ``unsupported_layers="raise"``, or a module whose per-example curvature
-            is undefined (batch norm in training mode, ``Embedding(max_norm=...)``).
+            ``unsupported_layers="raise"``, a module whose per-example curvature
+            is undefined (batch norm in training mode, ``Embedding(max_norm=...)``),
+            or an attention's out-projection that cannot have Kronecker blocks.
+        MemoryError: For a Kronecker factor larger than
+            :data:`FACTOR_LIMIT_BYTES` without ``max_factor_size``.
     """
 
     def __init__(
@@ -299,31 +362,64 @@ class ParameterLayout:
         model: nn.Module,
         params: Sequence[Tensor],
         unsupported_layers: UnsupportedLayers | str = UnsupportedLayers.DIAGONAL,
+        diagonal_layers: Mapping[str, str] | None = None,
+        max_factor_size: int | None = None,
     ) -> None:
         if not params:
             raise ValueError(
                 "The posterior has no parameters: every parameter has "
                 "requires_grad=False. Unfreeze the parameters to treat as random."
             )
-        policy = UnsupportedLayers.parse(unsupported_layers, "unsupported_layers")
+        self.model = model
         self.params: list[Tensor] = list(params)
+        self.unsupported_layers = UnsupportedLayers.parse(
+            unsupported_layers, "unsupported_layers"
+        )
+        self.max_factor_size = max_factor_size
+        self.diagonal_layers: dict[str, str] = dict(diagonal_layers or {})
         owners = _owners(model)
+        resolved = [_owner(owners, param) for param in self.params]
+        self._assign(resolved, self.diagonal_layers)
+        #: Layer name to why ``max_factor_size`` gave it diagonal blocks.
+        self.oversized = self._oversized_layers()
+        if self.oversized:
+            self._assign(resolved, {**self.diagonal_layers, **self.oversized})
+
+    def _assign(
+        self,
+        resolved: list[tuple[str, str, nn.Module]],
+        diagonal_layers: Mapping[str, str],
+    ) -> None:
+        """Give each parameter its block (sets blocks, owners, layers, ...)."""
+        in_posterior: dict[str, set[str]] = {}
+        for module_name, param_name, _ in resolved:
+            in_posterior.setdefault(module_name, set()).add(param_name)
         layers: dict[str, KroneckerLayer] = {}
         diagonal: dict[str, DiagonalModule] = {}
+        self.demoted: dict[str, str] = {}
         self.blocks: list[ParameterBlock] = []
         self.owners: list[KroneckerLayer | DiagonalModule] = []
-        for index, param in enumerate(params):
-            module_name, param_name, module = _owner(owners, param)
-            found = _kronecker_layer(model, module_name, module, param_name)
+        for index, (module_name, param_name, module) in enumerate(resolved):
+            found = _kronecker_layer(self.model, module_name, module, param_name)
+            reason = None
             if found is not None:
-                layer = layers.setdefault(found.name, found)
-                kind = "bias" if param_name == layer.bias_name else "weight"
-                setattr(layer, f"{kind}_index", index)
-                self.blocks.append(ParameterBlock(module_name, param_name, False))
-                self.owners.append(layer)
-                continue
-            if policy == UnsupportedLayers.RAISE:
-                raise ValueError(_unsupported_message(module_name, param_name, module))
+                reason = _plain_parameters_reason(found, in_posterior[module_name])
+                if reason is None:
+                    reason = diagonal_layers.get(found.name)
+                if reason is None:
+                    layer = layers.setdefault(found.name, found)
+                    kind = "bias" if param_name == layer.bias_name else "weight"
+                    setattr(layer, f"{kind}_index", index)
+                    self.blocks.append(ParameterBlock(module_name, param_name, False))
+                    self.owners.append(layer)
+                    continue
+                if found.kind == LayerKind.ATTENTION_OUT:
+                    raise ValueError(_functional_projection_message(found, reason))
+                self.demoted.setdefault(found.name, reason)
+            if self.unsupported_layers == UnsupportedLayers.RAISE:
+                raise ValueError(
+                    _unsupported_message(module_name, param_name, module, reason)
+                )
             check_diagonal_module(module_name, module)
             entry = diagonal.setdefault(
                 module_name, DiagonalModule(module_name, module)
@@ -334,6 +430,82 @@ class ParameterLayout:
             self.owners.append(entry)
         self.layers: list[KroneckerLayer] = list(layers.values())
         self.diagonal_modules: list[DiagonalModule] = list(diagonal.values())
+
+    @classmethod
+    def fitted(
+        cls,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        eigenvectors: Sequence[tuple[Tensor, ...]],
+    ) -> ParameterLayout:
+        """The layout a fit gave ``params``: diagonal where its basis is ``()``.
+
+        Args:
+            model: The network.
+            params: The posterior's parameters, in vector order.
+            eigenvectors: Per block, the fitted eigenbasis (``()``: diagonal).
+
+        Returns:
+            The layout, with the fit's diagonal blocks.
+
+        Raises:
+            ValueError: See :meth:`following`.
+        """
+        return cls(model, params, max_factor_size=_NO_LIMIT).following(eigenvectors)
+
+    def following(self, eigenvectors: Sequence[tuple[Tensor, ...]]) -> ParameterLayout:
+        """This layout with diagonal blocks where a fit's basis is ``()``.
+
+        Args:
+            eigenvectors: Per block, the fitted eigenbasis (``()``: diagonal).
+
+        Returns:
+            The layout of the fit (``self`` if it is this one).
+
+        Raises:
+            ValueError: If the fit has a different number of blocks, or a
+                Kronecker block where this model's module cannot have one (the
+                model changed since the fit).
+        """
+        if len(eigenvectors) != len(self):
+            raise ValueError(
+                f"The eigenbasis has {len(eigenvectors)} blocks but there are "
+                f"{len(self)} parameter tensors."
+            )
+        layout = self.with_diagonal(
+            {
+                owner.name: FITTED_DIAGONAL
+                for owner, basis in zip(self.owners, eigenvectors)
+                if isinstance(owner, KroneckerLayer) and not basis
+            }
+        )
+        for block, basis in zip(layout.blocks, eigenvectors):
+            if block.diagonal and basis:
+                raise ValueError(
+                    f"The fit gave '{block.module}.{block.name}' a Kronecker block, "
+                    "but its module cannot have one now (the model changed since "
+                    "the fit: pruning or a parametrisation added?). Fit again."
+                )
+        return layout
+
+    def with_diagonal(self, reasons: Mapping[str, str]) -> ParameterLayout:
+        """The same layout with more Kronecker layers on diagonal blocks.
+
+        Args:
+            reasons: Layer name to why it gets diagonal blocks.
+
+        Returns:
+            A new layout (``self`` if ``reasons`` is empty).
+        """
+        if not reasons:
+            return self
+        return ParameterLayout(
+            self.model,
+            self.params,
+            self.unsupported_layers,
+            diagonal_layers={**self.diagonal_layers, **reasons},
+            max_factor_size=self.max_factor_size,
+        )
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -384,6 +556,74 @@ class ParameterLayout:
         """
         return next((block for block in self.blocks if block.diagonal), None)
 
+    def _oversized_layers(self) -> dict[str, str]:
+        """Layers over ``max_factor_size`` (to move to diagonal blocks), or refuse.
+
+        Returns:
+            Layer name to the reason.
+
+        Raises:
+            MemoryError: Without ``max_factor_size``, for a factor larger than
+                :data:`FACTOR_LIMIT_BYTES`.
+        """
+        oversized = {}
+        for layer in self.layers:
+            for factor, size in layer.factor_sizes().items():
+                if self.max_factor_size is not None:
+                    if size > self.max_factor_size:
+                        oversized[layer.name] = (
+                            f"has a Kronecker {factor} factor of {size} rows, more "
+                            f"than max_factor_size={self.max_factor_size}"
+                        )
+                    continue
+                dtype = layer.weight.dtype
+                if dtype in (torch.float16, torch.bfloat16):
+                    dtype = torch.float32  # accumulated in float32
+                nbytes = size * size * torch.empty((), dtype=dtype).element_size()
+                if nbytes > FACTOR_LIMIT_BYTES:
+                    raise MemoryError(
+                        f"Layer '{layer.name}' ({type(layer.module).__name__}) needs "
+                        f"a Kronecker {factor} factor of {size} × {size} "
+                        f"({nbytes / 2**30:.1f} GiB in {dtype}, as much again for "
+                        "its eigenvectors, and an eigh of that size), over the "
+                        f"limit of {FACTOR_LIMIT_BYTES / 2**30:.0f} GiB. Pass "
+                        "max_factor_size=N to give layers with a factor of more "
+                        "than N rows their exact diagonal block instead, freeze "
+                        "the layer with requires_grad_(False), or use "
+                        "subset_of_weights='last_layer'."
+                    )
+        return oversized
+
+
+#: Why a layer has diagonal blocks in :meth:`ParameterLayout.fitted`.
+FITTED_DIAGONAL = "got diagonal blocks in the fit"
+#: ``max_factor_size`` that never refuses (a fitted layout is checked by its fit).
+_NO_LIMIT = 2**62
+
+
+def _functional_projection_message(layer: KroneckerLayer, reason: str) -> str:
+    return (
+        f"'{layer.name}' cannot have Kronecker blocks ({reason}), and "
+        "nn.MultiheadAttention applies it functionally (F.linear inside its "
+        "forward), so it cannot have a diagonal block either. Freeze it with "
+        "requires_grad_(False)."
+    )
+
+
+def _plain_parameters_reason(layer: KroneckerLayer, names: set[str]) -> str | None:
+    """Why a layer's parameters in the posterior are not its plain weight and bias."""
+    own = {layer.weight_name, layer.bias_name}
+    if layer.kind == LayerKind.ATTENTION_IN:
+        return None  # its other parameters (bias_k, bias_v) get diagonal blocks
+    other = sorted(names - own)
+    if not other:
+        return None
+    return (
+        f"has the parameters {sorted(names)} in the posterior, not a plain "
+        f"'{layer.weight_name}' and '{layer.bias_name}' (pruning, an old-style "
+        "weight or spectral norm, a parametrisation)"
+    )
+
 
 def _kronecker_layer(
     model: nn.Module, module_name: str, module: nn.Module, param_name: str
@@ -398,7 +638,7 @@ def _kronecker_layer(
             )
         kind = LayerKind.CONV2D if isinstance(module, nn.Conv2d) else LayerKind.LINEAR
         return KroneckerLayer(module_name, module, kind)
-    if is_transposed_linear(module) and param_name in ("weight", "bias"):
+    if is_transposed_linear(module):
         return KroneckerLayer(module_name, module, LayerKind.TRANSPOSED)
     if (
         isinstance(module, nn.MultiheadAttention)
@@ -410,14 +650,37 @@ def _kronecker_layer(
     return None
 
 
+def _applying_module(
+    model: nn.Module, module_name: str, module: nn.Module, param_name: str
+) -> tuple[str, str, nn.Module]:
+    """The module that applies a parameter, and the parameter's name in it.
+
+    A parametrised tensor (``torch.nn.utils.parametrize``) is owned by a
+    ``ParametrizationList`` under ``<module>.parametrizations.<tensor>``, which
+    computes the tensor when ``<module>`` reads it: the parameter belongs to
+    ``<module>``, named ``parametrizations.<tensor>.original``.
+    """
+    parts = module_name.split(".") if module_name else []
+    for i, part in enumerate(parts):
+        if part != "parametrizations":
+            continue
+        parent_name = ".".join(parts[:i])
+        parent = model.get_submodule(parent_name)
+        if parametrize.is_parametrized(parent):
+            name = ".".join([*parts[i:], param_name])
+            return parent_name, name, parent
+    return module_name, param_name, module
+
+
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
-    """Parameter id to every ``(module name, parameter name, module)`` owning it."""
+    """Parameter id to every ``(module name, parameter name, module)`` applying it."""
     owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
+            owner = _applying_module(model, module_name, module, param_name)
             entries = owners.setdefault(id(param), [])
-            if all(entry[2] is not module for entry in entries):
-                entries.append((module_name, param_name, module))
+            if all(entry[2] is not owner[2] for entry in entries):
+                entries.append(owner)
     return owners
 
 
@@ -441,8 +704,14 @@ def _owner(
     return entries[0]
 
 
-def _unsupported_message(module_name: str, param_name: str, module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+def _unsupported_message(
+    module_name: str, param_name: str, module: nn.Module, demoted: str | None
+) -> str:
+    if demoted is not None:
+        reason = (
+            f"a {type(module).__name__} that cannot get Kronecker blocks: {demoted}"
+        )
+    elif isinstance(module, nn.Conv2d) and module.groups != 1:
         reason = f"groups={module.groups}"
     elif isinstance(module, nn.Conv2d):
         reason = f"padding_mode={module.padding_mode!r}"
@@ -451,7 +720,8 @@ def _unsupported_message(module_name: str, param_name: str, module: nn.Module) -
     return (
         f"Parameter '{module_name}.{param_name}' belongs to {reason}, which KFAC "
         "cannot factorise (supported: nn.Linear, nn.Conv2d with groups=1 and zero "
-        "padding, GPT-2's Conv1D, nn.MultiheadAttention's packed projections). Use "
-        "unsupported_layers='diagonal' (the default) for an exact diagonal block, "
-        "freeze it with requires_grad_(False), or use subset_of_weights='last_layer'."
+        "padding, GPT-2's Conv1D, nn.MultiheadAttention's packed projections, with "
+        "their plain weight and bias). Use unsupported_layers='diagonal' (the "
+        "default) for an exact diagonal block, freeze it with "
+        "requires_grad_(False), or use subset_of_weights='last_layer'."
     )

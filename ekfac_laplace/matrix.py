@@ -430,7 +430,8 @@ class EKFACDecomposed:
         return block @ basis[0].T
 
     def _join(self, blocks: list[Tensor], leading: torch.Size) -> Tensor:
-        return torch.cat([b.reshape(*leading, -1) for b in blocks], dim=-1)
+        """Per-block ``(..., out[, in])`` back to ``(..., P)`` (also for no rows)."""
+        return torch.cat([b.flatten(start_dim=len(leading)) for b in blocks], dim=-1)
 
     def _matmul(self, W: Tensor, exponent: float) -> Tensor:
         """``W M^exponent`` for ``W`` of shape ``(..., P)`` (``M`` is symmetric)."""

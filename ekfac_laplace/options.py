@@ -1,10 +1,11 @@
 """The options of an EKFAC fit, validated once and passed whole.
 
-Seven settings decide how the EKFAC curvature is computed: which curvature
+Eight settings decide how the EKFAC curvature is computed: which curvature
 (``fisher_type``), how weight-sharing layers are factorised (``kfac_approx``), the
 Monte-Carlo sampler (``mc_samples``, ``seed``), which engine computes it and how much
-memory it may keep (``engine``, ``cache_budget_bytes``), and what happens to parameters
-KFAC cannot factorise (``unsupported_layers``). :class:`EKFACOptions` holds them as one
+memory it may keep (``engine``, ``cache_budget_bytes``), what happens to parameters
+KFAC cannot factorise (``unsupported_layers``), and how large a Kronecker factor may
+be (``max_factor_size``). :class:`EKFACOptions` holds them as one
 frozen value: built (and checked) once where a user passes them, handed whole to
 :func:`ekfac_laplace.compute_ekfac` and the engines, and saved whole in a Laplace
 object's ``state_dict``. The string choices are enums, as curvlinops' ``FisherType``
@@ -118,8 +119,11 @@ class EKFACOptions:
             either its inputs and output gradients or, where fewer numbers (a
             convolution's many positions), its per-example gradients.
         unsupported_layers: ``"diagonal"`` (default): parameters of modules KFAC
-            cannot factorise get the exact GGN / Fisher diagonal; ``"raise"``: refuse
-            them.
+            cannot factorise, and layers that fail the layer check, get the exact
+            GGN / Fisher diagonal; ``"raise"``: refuse them.
+        max_factor_size: Layers whose Kronecker factor would have more rows than
+            this get their exact diagonal block instead; ``None`` (default):
+            a factor over 2 GiB is refused before any work.
 
     Raises:
         ValueError: For an unknown choice, a non-integer or out-of-range number, or
@@ -133,6 +137,7 @@ class EKFACOptions:
     engine: Engine = Engine.FAST
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     unsupported_layers: UnsupportedLayers = UnsupportedLayers.DIAGONAL
+    max_factor_size: int | None = None
 
     def __post_init__(self) -> None:
         parsed = {
@@ -147,6 +152,8 @@ class EKFACOptions:
                 "cache_budget_bytes", self.cache_budget_bytes, 0
             ),
         }
+        if self.max_factor_size is not None:
+            _check_int("max_factor_size", self.max_factor_size, 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if parsed["mc_samples"] != 1 and parsed["fisher_type"] != FisherType.MC:

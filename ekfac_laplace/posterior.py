@@ -20,20 +20,23 @@ which finds the last layer and then calls ours.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from laplace.utils.enums import Likelihood, PriorStructure
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 
 from ekfac_laplace.batches import (
     LaplaceBatches,
     batch_size,
+    check_reiterable,
     dataset_size,
     output_size,
     to_device,
@@ -45,6 +48,46 @@ from ekfac_laplace.factors import EKFACFactors
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.predictive import glm_predictive_variance
+from ekfac_laplace.state import CheckedState, checked_state, restored_on_failure
+
+
+@contextmanager
+def parameters_kept(params: Iterable[Tensor]) -> Iterator[None]:
+    """Give ``params`` their own values back when the block ends, however it ends.
+
+    The block may write samples into the parameters (``vector_to_parameters``);
+    afterwards each parameter holds its original tensor again (the same storage,
+    so nothing else aliases it).
+
+    Args:
+        params: The parameters.
+
+    Yields:
+        Nothing.
+    """
+    params = list(params)
+    originals = [param.data for param in params]
+    try:
+        yield
+    finally:
+        for param, original in zip(params, originals):
+            param.data = original
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's bytes: equal exactly when the values are bit-equal.
+
+    Args:
+        tensor: Any tensor (copied to the host one at a time).
+
+    Returns:
+        The hex digest, with the dtype and shape prefixed.
+    """
+    data = tensor.detach().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{data.dtype}{tuple(tensor.shape)}".encode())
+    if data.numel():
+        digest.update(data.view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def real_values(name: str, value: object) -> Tensor:
@@ -94,6 +137,24 @@ def check_prior_precision(prior_precision: float | Tensor) -> None:
             f"prior_precision must be finite and non-negative, got "
             f"{values.flatten()[:8].tolist()}; a zero prior is allowed only where "
             "the curvature is positive."
+        )
+
+
+def check_finite(name: str, value: float | Tensor) -> None:
+    """Refuse a hyperparameter with a NaN or Inf (the prior mean).
+
+    Args:
+        name: The hyperparameter's name, for the message.
+        value: Its value.
+
+    Raises:
+        ValueError: Unless every value is a finite real number.
+    """
+    values = real_values(name, value)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"{name} must be finite, got {values.flatten()[:8].tolist()}; the "
+            "evidence would be NaN."
         )
 
 
@@ -183,6 +244,12 @@ class EKFACPosterior(ParametricLaplace):
         check_positive_scalar("sigma_noise", value)
         BaseLaplace.sigma_noise.fset(self, value)
 
+    @BaseLaplace.prior_mean.setter
+    def prior_mean(self, prior_mean: float | Tensor) -> None:
+        """Set the prior mean ``μ₀`` (finite; scalar or one per parameter)."""
+        check_finite("prior_mean", prior_mean)
+        BaseLaplace.prior_mean.fset(self, prior_mean)
+
     @BaseLaplace.prior_precision.setter
     def prior_precision(self, prior_precision: float | Tensor) -> None:
         """Set a scalar or per-layer prior precision; per-parameter is refused."""
@@ -259,11 +326,12 @@ class EKFACPosterior(ParametricLaplace):
         likelihood = self._curvature_likelihood
         num_data, n_outputs = ranks.run(  # every rank learns whether all passed
             lambda: (
+                check_reiterable(train_loader),
                 dataset_size(train_loader, shard=ranks.size > 1),
                 output_size(
                     self.model, batches, likelihood, self._device, self.dict_key_x
                 ),
-            ),
+            )[1:],
             "the checks of the first batch",
         )
         ranks.same(lambda: self._fit_signature(override), "the model, options and fit")
@@ -307,22 +375,22 @@ class EKFACPosterior(ParametricLaplace):
     def _fit_signature(self, override: bool) -> dict[str, object]:
         """What every rank of a data-parallel fit must share.
 
-        The parameters' values enter through a float64 fingerprint, equal for equal
-        parameters.
+        The parameters' values enter bit for bit, through a SHA-256 digest of each
+        tensor's bytes; so do the prior and the likelihood's hyperparameters.
         """
         params = self._posterior_params()
-        fingerprint, offset = 0.0, 0
-        for p in params:  # Σ_i w_i θ_i, one parameter tensor at a time
-            values = p.detach().reshape(-1).double()
-            positions = torch.arange(offset, offset + len(values), device=p.device)
-            fingerprint += float((values * (positions % 97 + 1)).sum())
-            offset += len(values)
         return {
             "the class": type(self).__name__,
             "the likelihood": str(self.likelihood),
             "the parameter shapes": [tuple(p.shape) for p in params],
             "the dtype": str(self._dtype),
-            "the parameter values (fingerprint)": fingerprint,
+            "the parameter values (SHA-256 per tensor)": [
+                tensor_digest(p) for p in params
+            ],
+            "the prior precision": self.prior_precision.tolist(),
+            "the prior mean (SHA-256)": tensor_digest(self.prior_mean),
+            "sigma_noise": float(self.sigma_noise),
+            "the temperature": float(self.temperature),
             "the options": self.options.to_state(),
             "override": override,
             "the previous fit's blocks": None
@@ -415,17 +483,18 @@ class EKFACPosterior(ParametricLaplace):
             generator: Random generator on the model's device.
 
         Returns:
-            Shape ``(n_samples, P)``.
+            Shape ``(n_samples, P)``, in the model's dtype.
         """
         precision = self.posterior_precision
         z = torch.randn(
             n_samples,
             self.n_params,
             device=self._device,
-            dtype=self._dtype,
+            dtype=precision.dtype,  # float32 for a half-precision model
             generator=generator,
         )
-        return self.mean.reshape(1, -1) + precision.eigenbasis_matmul(z, exponent=-0.5)
+        deviations = precision.eigenbasis_matmul(z, exponent=-0.5)
+        return (self.mean.reshape(1, -1) + deviations).to(self._dtype)
 
     def functional_variance(self, Js: Tensor) -> Tensor:
         """``J P⁻¹ Jᵀ`` per input.
@@ -467,7 +536,8 @@ class EKFACPosterior(ParametricLaplace):
             sigma_noise: Replaces the observation noise first (regression).
 
         Returns:
-            Scalar tensor.
+            Scalar tensor, in the model's dtype (computed in float32 for a
+            half-precision model).
 
         Raises:
             ValueError: For ``sigma_noise`` with a likelihood other than regression.
@@ -476,7 +546,8 @@ class EKFACPosterior(ParametricLaplace):
         if sigma_noise is not None and self.likelihood != Likelihood.REGRESSION:
             raise ValueError("Can only change sigma_noise for regression.")
         self._check_H_init()
-        return super().log_marginal_likelihood(prior_precision, sigma_noise)
+        evidence = super().log_marginal_likelihood(prior_precision, sigma_noise)
+        return evidence.to(self._dtype)
 
     # -------------------------------------------------------------------- prior
     @property
@@ -590,7 +661,8 @@ class EKFACPosterior(ParametricLaplace):
         eigenbasis (:mod:`ekfac_laplace.predictive`) without forming the
         ``(batch, outputs, parameters)`` Jacobian. ``enable_backprop=True`` and
         models that reuse a layer within one forward pass take laplace-torch's
-        dense-Jacobian path (bounded by ``dense_limit_bytes``).
+        dense-Jacobian path (bounded by ``dense_limit_bytes``). Both are returned
+        in the model's dtype; no inputs give empty results.
         """
         self._check_H_init()
         if joint:
@@ -609,7 +681,7 @@ class EKFACPosterior(ParametricLaplace):
             else:
                 if diagonal_output and not joint:
                     f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-                return f_mu, f_var
+                return f_mu.to(self._dtype), f_var.to(self._dtype)
         check_dense_size(
             (batch_size(X, self.dict_key_x), self.n_outputs, self.n_params),
             self._dtype,
@@ -617,7 +689,8 @@ class EKFACPosterior(ParametricLaplace):
             "reused layer)",
             self.dense_limit_bytes,
         )
-        return self._dense_glm_predictive_distribution(X, joint, diagonal_output)
+        f_mu, f_var = self._dense_glm_predictive_distribution(X, joint, diagonal_output)
+        return f_mu.to(self._dtype), f_var.to(self._dtype)
 
     def _dense_glm_predictive_distribution(
         self, X: Tensor | Mapping[str, Any], joint: bool, diagonal_output: bool
@@ -626,6 +699,49 @@ class EKFACPosterior(ParametricLaplace):
         return ParametricLaplace._glm_predictive_distribution(
             self, X, joint=joint, diagonal_output=diagonal_output
         )
+
+    def _nn_functional_samples(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """The network's outputs at ``n_samples`` posterior samples.
+
+        laplace-torch's, with the MAP parameters restored also when a forward
+        pass raises (or is interrupted): a sample left in the model would shift
+        every later GLM prediction.
+        """
+        X = to_device(X, self._device)
+        outputs = []
+        with parameters_kept(self.params):
+            for sample in self.sample(n_samples, generator):
+                vector_to_parameters(sample, self.params)
+                f = self.model(X, **model_kwargs)
+                outputs.append(f if self.enable_backprop else f.detach())
+        return torch.stack(outputs)
+
+    def _nn_predictive_classification(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """The Monte-Carlo average of the samples' class probabilities.
+
+        Summed online as laplace-torch does; the MAP parameters are restored
+        whatever happens.
+        """
+        X = to_device(X, self._device)
+        probabilities: Tensor | float = 0.0
+        with parameters_kept(self.params):
+            for sample in self.sample(n_samples, generator):
+                vector_to_parameters(sample, self.params)
+                logits = self.model(X, **model_kwargs).detach()
+                probabilities = probabilities + torch.softmax(logits, -1) / n_samples
+        return probabilities
 
     # ------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, Any]:
@@ -669,25 +785,30 @@ class EKFACPosterior(ParametricLaplace):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`, validating it first.
 
+        Every block's kind and shapes, its eigenvalues (finite, non-negative) and
+        eigenvectors (finite, orthonormal), the mean and every hyperparameter are
+        checked against this model before anything changes
+        (:func:`~ekfac_laplace.state.checked_state`).
+
         Args:
             state_dict: A state produced by the same class for the same model.
 
         Raises:
             KeyError: If the state lacks one of laplace-torch's keys (as
                 laplace-torch raises).
-            ValueError: If the state is from another class, model or likelihood, or
-                is not an EKFAC state. The object is unchanged.
+            ValueError: If the state is from another class, model or likelihood, is
+                not an EKFAC state, or holds invalid values. The object is
+                unchanged.
         """
         self._check_state(state_dict)
-        decomposed = EKFACDecomposed.from_state(state_dict["H"])
-        options = EKFACOptions.from_state(state_dict.get("ekfac_options", ()))
-        sizes = self._block_sizes()
-        if decomposed.block_sizes != sizes:
-            raise ValueError(
-                f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but "
-                f"this model's parameter tensors have sizes {sizes}; load it into the "
-                "model it was fitted on."
-            )
-        super().load_state_dict(state_dict)
-        self.H = decomposed
-        self.options = options
+        params = self._posterior_params()
+        checked = checked_state(
+            state_dict, self.model, params, self.n_params, self.n_layers
+        )
+        with restored_on_failure(self, self.model):
+            self._apply_state(state_dict, checked)
+
+    def _apply_state(self, state_dict: dict[str, Any], checked: CheckedState) -> None:
+        """Set a validated state (laplace-torch's load, with our ``H``)."""
+        ParametricLaplace.load_state_dict(self, {**state_dict, "H": checked.curvature})
+        self.options = checked.options

@@ -84,13 +84,15 @@ def glm_predictive_variance(
             sees a number of rows that is not a multiple of the inputs; the caller
             can fall back to the dense Jacobian.
     """
-    layout = ParameterLayout(model, params)
+    layout = ParameterLayout.fitted(model, params, precision.eigenvectors)
     if batch is None and isinstance(X, Tensor):
         batch = X.shape[0]
     capture = ForwardCapture(layout, batch=batch)
     with capture:
         f = model(X)
     tokens = f.shape[1:] if f.ndim == 3 else None
+    if f.shape[0] == 0:  # no inputs: empty results of the right shapes
+        return _empty(f.detach(), joint)
     f = f.flatten(start_dim=1)
     B, K = f.shape
     targets = layout.backprop_targets()
@@ -135,6 +137,14 @@ def glm_predictive_variance(
         variance = blocks.permute(0, 3, 1, 2).reshape(B * T, C, C)
         return f.detach().reshape(B * T, C), variance
     return f.detach(), variance
+
+
+def _empty(f: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
+    """The predictive of no inputs: ``(0, K)`` and ``(0, K, K)`` (joint: ``(0, 0)``)."""
+    K = f.shape[-1]
+    if joint:
+        return f.reshape(0), f.new_zeros(0, 0)
+    return f.reshape(0, K), f.new_zeros(0, K, K)
 
 
 def _layer_term(

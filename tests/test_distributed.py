@@ -45,10 +45,22 @@ def _cnn() -> nn.Module:
     )
 
 
+class _Masked(nn.Linear):
+    """A layer that fails the layer check: its exact diagonal block on every rank."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(self.weight).triu()
+        return nn.functional.linear(x, mask * self.weight, self.bias)
+
+
 def _data(kind: str, seed: int = 0) -> tuple[nn.Module, TensorDataset]:
     """A float64 model (eval mode, non-trivial batch-norm statistics) and its data."""
     torch.manual_seed(seed)
-    if kind == "cnn":
+    if kind == "masked":
+        model = _mlp().double()
+        model[0] = _Masked(4, 5).double()
+        X = torch.randn(N_DATA, 4, dtype=torch.float64)
+    elif kind == "cnn":
         model = _cnn().double().eval()
         model[1].running_mean.normal_()
         model[1].running_var.uniform_(0.5, 2.0)
@@ -74,6 +86,7 @@ CONFIGS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     ),
     "mlp-regression-all": ("regression", "regression", "all", {"sigma_noise": 0.5}),
     "mlp-classification-ll": ("mlp", "classification", "last_layer", {}),
+    "masked-classification-all": ("masked", "classification", "all", {}),
     "cnn-classification-all-reduce": (
         "cnn",
         "classification",
@@ -173,11 +186,13 @@ def _failure_scenarios(rank: int, world: int, group: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     def attempt(name: str, la, loader) -> None:
+        start = time.perf_counter()
         try:
             la.fit(loader)
             results[name] = ("ok", "", la.H is None)
-        except Exception as error:  # noqa: BLE001 - recorded for the test
+        except BaseException as error:  # noqa: BLE001 - recorded for the test
             results[name] = (type(error).__name__, str(error), la.H is None)
+        results[f"{name}_seconds"] = time.perf_counter() - start
 
     # A rank with an empty shard.
     la, data = _laplace("mlp-classification-all", group)
@@ -199,6 +214,30 @@ def _failure_scenarios(rank: int, world: int, group: Any) -> dict[str, Any]:
     handle = la.model[0].register_forward_pre_hook(fail_late)
     attempt("raises", la, DataLoader(_shard(data, rank, world), batch_size=2))
     handle.remove()
+    # A rank interrupted (Ctrl-C) in its pass that stays alive.
+    la, data = _laplace("mlp-classification-all", group)
+    calls["n"] = 0
+
+    def interrupted(module, args):
+        calls["n"] += 1
+        if rank == world - 1 and calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    handle = la.model[0].register_forward_pre_hook(interrupted)
+    attempt("interrupt", la, DataLoader(_shard(data, rank, world), batch_size=2))
+    handle.remove()
+    # A rank whose model has two entries swapped (same shapes, same sum).
+    model = _data("mlp")[0]
+    if rank == world - 1:
+        with torch.no_grad():
+            first, second = model[0].weight[0, 0].item(), model[0].weight[0, 1].item()
+            model[0].weight[0, 0], model[0].weight[0, 1] = second, first
+    la, data = _laplace("mlp-classification-all", group, model=model)
+    attempt("swapped", la, DataLoader(_shard(data, rank, world), batch_size=3))
+    # Ranks with different priors.
+    la, data = _laplace("mlp-classification-all", group)
+    la.prior_precision = 2.0 if rank == world - 1 else 1.0
+    attempt("priors", la, DataLoader(_shard(data, rank, world), batch_size=3))
     # Without the opt-in, a DistributedSampler shard is fitted with a warning.
     la, data = _laplace("mlp-classification-all", None)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
@@ -289,7 +328,9 @@ def _flat(blocks: list) -> list[torch.Tensor]:
 
 def _single_process(config: str) -> dict[str, Any]:
     la, data = _laplace(config)
-    la.fit(DataLoader(data, batch_size=3))
+    with warnings.catch_warnings():  # the masked layer's diagonal block
+        warnings.filterwarnings("ignore", message=".*exact diagonal block instead")
+        la.fit(DataLoader(data, batch_size=3))
     return _summary(la, data)
 
 
@@ -306,6 +347,8 @@ def test_every_rank_holds_the_single_process_posterior_of_the_union(fitted):
         for rank in range(world):
             got = results[rank][config]
             assert got["n_data"] == N_DATA
+            if config.startswith("masked"):  # failed the layer check on each rank
+                assert [len(b) for b in got["eigenvectors"]] == [0, 0, 2, 1]
             for key in ("precision", "log_det", "log_marglik", "f_var", "loss"):
                 _assert_close(got[key], expected[key])
             # The eigenbasis is only defined up to rotations within degenerate
@@ -380,6 +423,16 @@ def test_failures_stop_every_rank_without_a_hang(tmp_path):
     assert results[world - 1]["raises"][:2] == ("RuntimeError", "disk read failed")
     assert results[0]["raises"][0] == "DistributedFitError"
     assert "disk read failed" in results[0]["raises"][1]
+    # An interrupted rank stops the others at once (the group's timeout is 60 s).
+    assert results[world - 1]["interrupt"][0] == "KeyboardInterrupt"
+    name, message, unchanged = results[0]["interrupt"]
+    assert name == "DistributedFitError" and "KeyboardInterrupt" in message
+    assert unchanged and results[0]["interrupt_seconds"] < 20
+    for rank in range(world):  # bit-exact parameters, and the same priors
+        name, message, unchanged = results[rank]["swapped"]
+        assert name == "ValueError" and "SHA-256" in message and unchanged
+        name, message, unchanged = results[rank]["priors"]
+        assert name == "ValueError" and "prior precision" in message and unchanged
     for rank in range(world):
         assert any("process_group" in w for w in results[rank]["warning"])
         name, message, unchanged = results[rank]["gridsearch"]

@@ -78,7 +78,8 @@ def test_state_round_trip_stores_plain_values():
     )
     state = options.to_state()
     assert all(
-        isinstance(name, str) and type(value) in (str, int) for name, value in state
+        isinstance(name, str) and type(value) in (str, int, type(None))
+        for name, value in state
     )
     buffer = io.BytesIO()
     torch.save(state, buffer)

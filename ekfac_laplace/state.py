@@ -1,0 +1,288 @@
+"""A saved EKFAC posterior: what its state holds, checked before it is loaded.
+
+``state_dict()`` is laplace-torch's state (the mean, the curvature ``H``, the loss,
+the prior, the noise, the data and output counts, the likelihood, the temperature)
+with ``H`` as one ``(λ, *eigenvectors)`` tuple of tensors per parameter tensor and
+the options as ``"ekfac_options"``: plain values only, which ``torch.load(...,
+weights_only=True)`` reads. A last-layer state names its last layer
+(``"_last_layer_name"``) and holds no training data (``"data"`` is ``None``).
+
+:func:`checked_state` validates a state against the model it is loaded into before
+the Laplace object changes at all: every block's kind (a Kronecker block only where
+the model's module can have one), the exact shapes of its eigenvectors and
+eigenvalues, finite non-negative eigenvalues, finite orthonormal eigenvectors, a
+finite mean of the right length, and every hyperparameter. A state from a mirrored
+architecture (``Linear(4, 6)-Linear(6, 4)`` into ``Linear(6, 4)-Linear(4, 6)``,
+the same block sizes) is refused by the shapes.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ekfac_laplace.factors import accumulation_dtype
+from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, ParameterLayout
+from ekfac_laplace.matrix import EKFACDecomposed
+from ekfac_laplace.options import EKFACOptions
+
+#: How far ``QᵀQ`` may be from ``I`` (largest entry), by the eigenvectors' dtype.
+ORTHONORMALITY_TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-3}
+#: Eigenvalues below ``-NEGATIVE_TOLERANCE · max|λ|`` of their block are refused
+#: (a fit clamps them at zero; online fits add such blocks).
+NEGATIVE_TOLERANCE = 1e-6
+
+
+@dataclass
+class CheckedState:
+    """A validated state, ready to be set on a Laplace object.
+
+    Attributes:
+        curvature: ``H`` on the model's device.
+        options: The EKFAC options it was fitted with.
+    """
+
+    curvature: EKFACDecomposed
+    options: EKFACOptions
+
+
+def checked_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    params: Sequence[Tensor],
+    n_params: int,
+    n_layers: int,
+) -> CheckedState:
+    """Validate a state against the model it is loaded into; change nothing.
+
+    Args:
+        state: The state (keys, class and likelihood already checked).
+        model: The network the posterior is over.
+        params: The posterior's parameters, in vector order.
+        n_params: The length of the mean vector.
+        n_layers: The number of parameter tensors a per-layer prior has.
+
+    Returns:
+        The curvature and the options.
+
+    Raises:
+        ValueError: Naming the first thing that does not fit.
+    """
+    curvature = checked_curvature(state["H"], model, params)
+    options = EKFACOptions.from_state(state.get("ekfac_options", ()))
+    _check_vector("mean", state["mean"], n_params)
+    prior_mean = state["prior_mean"]
+    if isinstance(prior_mean, Tensor) and prior_mean.numel() > 1:
+        _check_vector("prior_mean", prior_mean, n_params)
+    else:
+        _check_finite_number("prior_mean", prior_mean)
+    _check_prior(state["prior_precision"], n_layers)
+    for name in ("sigma_noise", "temperature"):
+        _check_positive(name, state[name])
+    _check_finite_number("loss", state["loss"])
+    for name in ("n_data", "n_outputs"):
+        value = state[name]
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 1:
+            raise ValueError(
+                f"The state's {name} must be a positive count, got {value!r}."
+            )
+    if not isinstance(state["enable_backprop"], bool):
+        raise ValueError(
+            f"The state's enable_backprop must be True or False, got "
+            f"{state['enable_backprop']!r}."
+        )
+    return CheckedState(curvature, options)
+
+
+def checked_curvature(
+    saved: Any, model: nn.Module, params: Sequence[Tensor]
+) -> EKFACDecomposed:
+    """The saved ``H``, checked block by block against ``params``.
+
+    Args:
+        saved: ``H`` as :meth:`EKFACDecomposed.to_state` wrote it.
+        model: The network.
+        params: The posterior's parameters, in vector order.
+
+    Returns:
+        The matrix, on the parameters' device.
+
+    Raises:
+        ValueError: For another structure, number of blocks, kind of block or
+            shape, non-finite or negative eigenvalues, or eigenvectors that are
+            not finite and orthonormal.
+    """
+    decomposed = EKFACDecomposed.from_state(saved)
+    sizes = [p.numel() for p in params]
+    if decomposed.block_sizes != sizes:
+        raise ValueError(
+            f"The state's EKFAC blocks have sizes {decomposed.block_sizes} but this "
+            f"model's parameter tensors have sizes {sizes}; load it into the model "
+            "it was fitted on."
+        )
+    layout = ParameterLayout.fitted(model, params, decomposed.eigenvectors)
+    device = params[0].device
+    eigenvectors, eigenvalues = [], []
+    for index, (block, owner, param) in enumerate(
+        zip(layout.blocks, layout.owners, params)
+    ):
+        where = f"'{block.module}.{block.name}'" if block.module else repr(block.name)
+        basis = decomposed.eigenvectors[index]
+        values = decomposed.eigenvalues[index]
+        expected = _expected_shapes(owner, index, param)
+        found = (tuple(values.shape), [tuple(q.shape) for q in basis])
+        if found != expected:
+            raise ValueError(
+                f"The state's block of {where} has eigenvalues of shape {found[0]} "
+                f"and eigenvectors of shapes {found[1]}, but this model's parameter "
+                f"of shape {tuple(param.shape)} needs {expected[0]} and "
+                f"{expected[1]}: the state is from another architecture. Load it "
+                "into the model it was fitted on."
+            )
+        _check_eigenvalues(where, values)
+        for q in basis:
+            _check_orthonormal(where, q)
+        eigenvectors.append(tuple(q.to(device) for q in basis))
+        eigenvalues.append(values.to(device))
+    return EKFACDecomposed(eigenvectors, eigenvalues)
+
+
+def _expected_shapes(
+    owner: KroneckerLayer | DiagonalModule, index: int, param: Tensor
+) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """The eigenvalue shape and eigenvector shapes block ``index`` must have."""
+    if isinstance(owner, DiagonalModule):
+        return tuple(param.shape), []
+    d_out, d_in = owner.out_features, owner.in_features
+    if index == owner.bias_index:
+        return (d_out,), [(d_out, d_out)]
+    (first, second), values = owner.weight_block(
+        torch.empty(d_out, d_out, device="meta"),
+        torch.empty(d_in, d_in, device="meta"),
+        torch.empty(d_out, d_in, device="meta"),
+    )
+    return tuple(values.shape), [tuple(first.shape), tuple(second.shape)]
+
+
+def _check_eigenvalues(where: str, values: Tensor) -> None:
+    if not values.is_floating_point() or not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"The state's eigenvalues of {where} are not finite floating-point "
+            "numbers (NaN or Inf); the state is corrupt. Fit again."
+        )
+    if values.numel() == 0:
+        return
+    scale = float(values.abs().max())
+    lowest = float(values.min())
+    if lowest < -NEGATIVE_TOLERANCE * scale:
+        raise ValueError(
+            f"The state's eigenvalues of {where} go down to {lowest:.3g}; a GGN or "
+            "Fisher has none below zero (beyond round-off). The state is corrupt or "
+            "not an EKFAC curvature; fit again."
+        )
+
+
+def _check_orthonormal(where: str, q: Tensor) -> None:
+    if not q.is_floating_point() or not bool(torch.isfinite(q).all()):
+        raise ValueError(
+            f"The state's eigenvectors of {where} are not finite floating-point "
+            "numbers; the state is corrupt. Fit again."
+        )
+    tolerance = ORTHONORMALITY_TOLERANCES.get(accumulation_dtype(q.dtype), 1e-3)
+    precise = q.double()
+    identity = torch.eye(len(q), dtype=torch.float64, device=q.device)
+    error = float((precise.T @ precise - identity).abs().max()) if len(q) else 0.0
+    if error > tolerance:
+        raise ValueError(
+            f"The state's eigenvectors of {where} are not orthonormal "
+            f"(max |QᵀQ − I| = {error:.2g}); the state is corrupt. Fit again."
+        )
+
+
+def _check_vector(name: str, value: Any, length: int) -> None:
+    if not isinstance(value, Tensor) or tuple(value.shape) != (length,):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+        raise ValueError(
+            f"The state's {name} has shape {shape}, but this model's posterior has "
+            f"{length} parameters; load it into the model it was fitted on."
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"The state's {name} is not finite (NaN or Inf); the state is corrupt."
+        )
+
+
+def _check_finite_number(name: str, value: Any) -> None:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not torch.isfinite(torch.as_tensor(float(value)))
+    ):
+        raise ValueError(f"The state's {name} must be a finite number, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    tensor = torch.as_tensor(value) if isinstance(value, numbers.Real) else value
+    if (
+        not isinstance(tensor, Tensor)
+        or tensor.numel() != 1
+        or not bool(torch.isfinite(tensor).all())
+        or float(tensor) <= 0
+    ):
+        raise ValueError(
+            f"The state's {name} must be one finite, positive number, got {value!r}."
+        )
+
+
+def _check_prior(value: Any, n_layers: int) -> None:
+    tensor = torch.as_tensor(value) if isinstance(value, numbers.Real) else value
+    if (
+        not isinstance(tensor, Tensor)
+        or tensor.ndim > 1
+        or tensor.numel() not in (1, n_layers)
+    ):
+        raise ValueError(
+            f"The state's prior_precision must be a scalar or one value per "
+            f"parameter tensor ({n_layers}), got {value!r:.80}."
+        )
+    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise ValueError(
+            f"The state's prior_precision must be finite and non-negative, got "
+            f"{tensor.flatten()[:8].tolist()}."
+        )
+
+
+@contextmanager
+def restored_on_failure(laplace: object, model: nn.Module) -> Iterator[None]:
+    """Put every attribute of ``laplace`` back if the block raises.
+
+    Args:
+        laplace: The Laplace object being loaded.
+        model: Its model (laplace-torch sets ``model.output_size``).
+
+    Yields:
+        Nothing.
+    """
+    attributes = dict(vars(laplace))
+    missing = object()
+    output_size = getattr(model, "output_size", missing)
+    try:
+        yield
+    except BaseException:
+        vars(laplace).clear()
+        vars(laplace).update(attributes)
+        if output_size is missing:
+            vars(model).pop("output_size", None)
+        else:
+            model.output_size = output_size
+        raise
