@@ -20,17 +20,95 @@
   (:func:`watching_functional_linear`). A ``TorchFunctionMode`` cannot see them:
   the attention function dispatches itself to the mode as a whole.
 
-laplace-torch's private attributes are not touched anywhere.
+* laplace-torch: the private members of its Laplace classes that ours read
+  (:data:`LAPLACE_TORCH_READS`: the model's device and dtype, the likelihood scale
+  ``1/(σ² T)``, the Jacobians' device check, the last-layer search), each read
+  through one function here, and the private methods that laplace-torch calls and
+  our classes override (:data:`LAPLACE_TORCH_HOOKS`: the curvature's
+  initialisation and fitted check, the GLM predictive, the sampled-network
+  predictive). :func:`check_laplace_torch` verifies both on import, so that a
+  laplace-torch release that renames one fails loudly instead of bypassing an
+  override silently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import torch
 from curvlinops import EKFACLinearOperator
+from laplace.baselaplace import BaseLaplace, ParametricLaplace
+from laplace.lllaplace import LLLaplace
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+#: laplace-torch private members our classes read (through the functions below).
+LAPLACE_TORCH_READS = (
+    (BaseLaplace, "_device"),
+    (BaseLaplace, "_dtype"),
+    (BaseLaplace, "_H_factor"),
+    (BaseLaplace, "_check_jacobians"),
+    (LLLaplace, "_find_last_layer"),
+)
+#: laplace-torch private methods that laplace-torch itself calls and our classes
+#: override (``EKFACPosterior``, ``EKFACLLLaplace``).
+LAPLACE_TORCH_HOOKS = (
+    (ParametricLaplace, "_init_H"),
+    (ParametricLaplace, "_check_H_init"),
+    (ParametricLaplace, "_glm_predictive_distribution"),
+    (ParametricLaplace, "_nn_functional_samples"),
+    (ParametricLaplace, "_nn_predictive_classification"),
+    (LLLaplace, "_glm_predictive_distribution"),
+    (LLLaplace, "_nn_predictive_samples"),
+    (LLLaplace, "_nn_predictive_classification"),
+)
+
+
+def check_laplace_torch() -> None:
+    """Refuse a laplace-torch without the private members we rely on.
+
+    Raises:
+        ImportError: Naming the missing members and the supported version.
+    """
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls, name in LAPLACE_TORCH_READS + LAPLACE_TORCH_HOOKS
+        if not hasattr(cls, name)
+    ]
+    if missing:
+        raise ImportError(
+            f"The installed laplace-torch has no {missing}; ekfac_laplace reads or "
+            "overrides them and supports laplace-torch 0.3. Install it: "
+            "pip install 'laplace-torch>=0.3,<0.4'."
+        )
+
+
+def model_device(laplace: Any) -> torch.device:
+    """The device of a Laplace object's model (laplace-torch's ``_device``)."""
+    return laplace._device
+
+
+def model_dtype(laplace: Any) -> torch.dtype:
+    """The dtype of a Laplace object's model (laplace-torch's ``_dtype``)."""
+    return laplace._dtype
+
+
+def likelihood_scale(laplace: Any) -> Tensor:
+    """``1/(σ² T)``, the factor of the curvature (laplace-torch's ``_H_factor``)."""
+    return laplace._H_factor
+
+
+def check_jacobians(laplace: Any, jacobians: Tensor) -> None:
+    """laplace-torch's check of Jacobians given to ``functional_covariance``."""
+    laplace._check_jacobians(jacobians)
+
+
+def find_last_layer(laplace: Any, data: Any) -> None:
+    """laplace-torch's search for the last layer with a first batch ``data``."""
+    laplace._find_last_layer(data)
+
 
 _EIGENVECTOR_ATTRIBUTES = (
     "_input_covariances_eigenvectors",

@@ -289,6 +289,28 @@ def check_inputs(X: Any, dtype: torch.dtype, dict_key_x: str = "input_ids") -> N
             )
 
 
+def check_outputs(out: Any) -> Tensor:
+    """Refuse a model that does not return one tensor of outputs.
+
+    Args:
+        out: What the model returned.
+
+    Returns:
+        ``out``, a tensor.
+
+    Raises:
+        ValueError: For a tuple, a dict or anything else.
+    """
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"The model returns a {type(out).__name__}; EKFAC Laplace needs it to "
+            "return one tensor of outputs, (batch, outputs) or (batch, tokens, "
+            "classes). Wrap the model in an nn.Module whose forward returns the "
+            "logits, e.g. model(x)[0] or model(x).logits."
+        )
+    return out
+
+
 def check_targets(
     f: Tensor, y: Tensor, likelihood: str, batch: int | None = None
 ) -> None:
@@ -469,7 +491,7 @@ def output_size(
     X, y = batches.first()
     check_inputs(X, next(model.parameters()).dtype, dict_key_x)
     with naming_failing_module(model):
-        out = model(to_device(X, device))
+        out = check_outputs(model(to_device(X, device)))
     y = y.to(out.device)
     if out.ndim == 3:
         out, y, _ = token_rows(out, y, likelihood)

@@ -20,10 +20,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 
+from ekfac_laplace._compat import (
+    check_laplace_torch,
+    find_last_layer,
+    model_device,
+    model_dtype,
+)
 from ekfac_laplace.backends import laplace_options
 from ekfac_laplace.batches import (
     LaplaceBatches,
     check_inputs,
+    check_outputs,
     check_reiterable,
     dataset_size,
     naming_failing_module,
@@ -44,6 +51,8 @@ from ekfac_laplace.posterior import (
 )
 from ekfac_laplace.predictive import glm_predictive_variance
 from ekfac_laplace.state import checked_state, restored_on_failure
+
+check_laplace_torch()  # the private members our classes read and override
 
 _LIKELIHOODS = tuple(likelihood.value for likelihood in Likelihood)
 
@@ -368,9 +377,9 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         dataset_size(train_loader, shard=shard)
         batches = LaplaceBatches(train_loader, self.dict_key_y, self.dict_key_x)
         X, _ = batches.first()
-        check_inputs(X, self._dtype, self.dict_key_x)
+        check_inputs(X, model_dtype(self), self.dict_key_x)
         with naming_failing_module(self.model.model), torch.no_grad():
-            self.model.model(to_device(X, self._device))
+            check_outputs(self.model.model(to_device(X, model_device(self))))
 
     def state_dict(self) -> dict[str, Any]:
         """laplace-torch's last-layer state, without training data.
@@ -433,7 +442,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             return known
         if name is None and state_dict.get("data") is not None:
             # A state from ekfac_laplace 0.2 or laplace-torch: a first batch.
-            self._find_last_layer(state_dict["data"])
+            find_last_layer(self, state_dict["data"])
             return self._last_layer_path()
         modules = dict(self.model.model.named_modules())
         if not isinstance(modules.get(name), nn.Linear):
@@ -493,7 +502,9 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         if self.model.feature_reduction is None:
             return EKFACPosterior._jacobian_free_predictive(self, X, joint)
         with torch.no_grad():
-            f, features = self.model.forward_with_features(to_device(X, self._device))
+            f, features = self.model.forward_with_features(
+                to_device(X, model_device(self))
+            )
         _, f_var = glm_predictive_variance(
             self._last_layer(),
             self._posterior_params(),
@@ -581,7 +592,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         network (the last layer alone would not give the outputs).
         """
         last_layer = self._last_layer()
-        X = to_device(X, self._device)
+        X = to_device(X, model_device(self))
         outputs, features = [], None
         with parameters_kept(last_layer.parameters()):
             for sample in self.sample(n_samples, generator):

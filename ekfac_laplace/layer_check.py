@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace._compat import has_pre_hooks
-from ekfac_laplace.batches import batch_size, to_device
+from ekfac_laplace.batches import batch_size, check_outputs, to_device
 from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.diagonal import restricted_gradients
 from ekfac_laplace.distributed import LocalRanks
@@ -152,14 +152,7 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
     capture = ForwardCapture(layout, diagonal=True, batch=batch_size(X))
     with torch.enable_grad():
         with capture:
-            f = model(X)
-        if not isinstance(f, Tensor):
-            raise ValueError(
-                f"The model returns a {type(f).__name__}; EKFAC Laplace needs it to "
-                "return one tensor of outputs, (batch, outputs) or (batch, tokens, "
-                "classes). Wrap the model so that it returns the logits, e.g. "
-                "lambda x: model(x)[0] in an nn.Module."
-            )
+            f = check_outputs(model(X))
         if not f.requires_grad:
             return {}  # no parameter of the posterior reaches the outputs
         capture.locate_batches(f, layout.backprop_targets(), check=False)

@@ -33,6 +33,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
 
+from ekfac_laplace._compat import (
+    check_jacobians,
+    likelihood_scale,
+    model_device,
+    model_dtype,
+)
 from ekfac_laplace.batches import (
     LaplaceBatches,
     batch_size,
@@ -329,7 +335,7 @@ class EKFACPosterior(ParametricLaplace):
                 check_reiterable(train_loader),
                 dataset_size(train_loader, shard=ranks.size > 1),
                 output_size(
-                    self.model, batches, likelihood, self._device, self.dict_key_x
+                    self.model, batches, likelihood, model_device(self), self.dict_key_x
                 ),
             )[1:],
             "the checks of the first batch",
@@ -367,7 +373,7 @@ class EKFACPosterior(ParametricLaplace):
             self.model,
             self._posterior_params(),
             self.posterior_precision,
-            to_device(X, self._device),
+            to_device(X, model_device(self)),
             joint=joint,
             batch=batch_size(X, self.dict_key_x),
         )
@@ -383,7 +389,7 @@ class EKFACPosterior(ParametricLaplace):
             "the class": type(self).__name__,
             "the likelihood": str(self.likelihood),
             "the parameter shapes": [tuple(p.shape) for p in params],
-            "the dtype": str(self._dtype),
+            "the dtype": str(model_dtype(self)),
             "the parameter values (SHA-256 per tensor)": [
                 tensor_digest(p) for p in params
             ],
@@ -431,7 +437,7 @@ class EKFACPosterior(ParametricLaplace):
     def posterior_precision(self) -> EKFACDecomposed:
         """Posterior precision ``H / (σ² T) + δ`` as an :class:`EKFACDecomposed`."""
         self._check_H_init()
-        return self.H * self._H_factor + self.prior_precision
+        return self.H * likelihood_scale(self) + self.prior_precision
 
     @property
     def posterior_covariance(self) -> Tensor:
@@ -489,12 +495,12 @@ class EKFACPosterior(ParametricLaplace):
         z = torch.randn(
             n_samples,
             self.n_params,
-            device=self._device,
+            device=model_device(self),
             dtype=precision.dtype,  # float32 for a half-precision model
             generator=generator,
         )
         deviations = precision.eigenbasis_matmul(z, exponent=-0.5)
-        return (self.mean.reshape(1, -1) + deviations).to(self._dtype)
+        return (self.mean.reshape(1, -1) + deviations).to(model_dtype(self))
 
     def functional_variance(self, Js: Tensor) -> Tensor:
         """``J P⁻¹ Jᵀ`` per input.
@@ -516,7 +522,7 @@ class EKFACPosterior(ParametricLaplace):
         Returns:
             Shape ``(B·K, B·K)``.
         """
-        self._check_jacobians(Js)
+        check_jacobians(self, Js)
         n_batch, n_outs, n_params = Js.shape
         flat = Js.reshape(1, n_batch * n_outs, n_params)
         return self.posterior_precision.inv_square_form(flat).squeeze(0)
@@ -547,7 +553,7 @@ class EKFACPosterior(ParametricLaplace):
             raise ValueError("Can only change sigma_noise for regression.")
         self._check_H_init()
         evidence = super().log_marginal_likelihood(prior_precision, sigma_noise)
-        return evidence.to(self._dtype)
+        return evidence.to(model_dtype(self))
 
     # -------------------------------------------------------------------- prior
     @property
@@ -669,7 +675,7 @@ class EKFACPosterior(ParametricLaplace):
             size = batch_size(X, self.dict_key_x) * self.n_outputs
             check_dense_size(
                 (size, size),
-                self._dtype,
+                model_dtype(self),
                 "joint predictive covariance",
                 self.dense_limit_bytes,
             )
@@ -681,16 +687,16 @@ class EKFACPosterior(ParametricLaplace):
             else:
                 if diagonal_output and not joint:
                     f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-                return f_mu.to(self._dtype), f_var.to(self._dtype)
+                return f_mu.to(model_dtype(self)), f_var.to(model_dtype(self))
         check_dense_size(
             (batch_size(X, self.dict_key_x), self.n_outputs, self.n_params),
-            self._dtype,
+            model_dtype(self),
             "Jacobian of laplace-torch's predictive (enable_backprop=True or a "
             "reused layer)",
             self.dense_limit_bytes,
         )
         f_mu, f_var = self._dense_glm_predictive_distribution(X, joint, diagonal_output)
-        return f_mu.to(self._dtype), f_var.to(self._dtype)
+        return f_mu.to(model_dtype(self)), f_var.to(model_dtype(self))
 
     def _dense_glm_predictive_distribution(
         self, X: Tensor | Mapping[str, Any], joint: bool, diagonal_output: bool
@@ -713,7 +719,7 @@ class EKFACPosterior(ParametricLaplace):
         pass raises (or is interrupted): a sample left in the model would shift
         every later GLM prediction.
         """
-        X = to_device(X, self._device)
+        X = to_device(X, model_device(self))
         outputs = []
         with parameters_kept(self.params):
             for sample in self.sample(n_samples, generator):
@@ -734,7 +740,7 @@ class EKFACPosterior(ParametricLaplace):
         Summed online as laplace-torch does; the MAP parameters are restored
         whatever happens.
         """
-        X = to_device(X, self._device)
+        X = to_device(X, model_device(self))
         probabilities: Tensor | float = 0.0
         with parameters_kept(self.params):
             for sample in self.sample(n_samples, generator):

@@ -611,6 +611,29 @@ def _token_curvature(model, params, X, labels, fisher_type: str):
     return total
 
 
+@pytest.mark.parametrize("silent", [0, 1])
+def test_a_batch_without_counted_tokens_contributes_nothing(silent: int):
+    """Prompt-only (every label -100) batches, first or later: the fit is that of
+    the data without them."""
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    X, labels = _lm_data(6)
+    rows = slice(2 * silent, 2 * silent + 2)
+    labels[rows] = -100
+    la = EKFACLaplace(model, "classification", prior_precision=0.5)
+    la.fit(_loader(X, labels, batch_size=2))
+    kept = [n for n in range(6) if n not in range(6)[rows]]
+    reference = EKFACLaplace(model, "classification", prior_precision=0.5)
+    reference.fit(
+        _loader({k: v[kept] for k, v in X.items()}, labels[kept], batch_size=2)
+    )
+    assert la.n_data == reference.n_data == int((labels != -100).sum())
+    assert_close(la.loss, reference.loss)
+    assert_close(
+        la.posterior_precision.to_matrix(), reference.posterior_precision.to_matrix()
+    )
+
+
 @pytest.mark.parametrize("backend", ["ggn", "ef"])
 def test_token_level_outputs_each_counted_token_an_example(backend: str):
     """Outputs (B, T, V), labels -100 ignored: N is the number of counted tokens,

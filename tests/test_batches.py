@@ -142,3 +142,62 @@ def test_a_forward_error_names_the_module():
         with naming_failing_module(model):
             model(torch.randn(5, 2))
     assert not any(has_module_hooks(m) for m in model.modules())
+
+
+def test_one_shot_iterators_are_refused_and_re_iterables_pass():
+    from ekfac_laplace.batches import check_reiterable
+
+    X, y = torch.randn(4, 2), torch.arange(4)
+    batches = [(X[:2], y[:2]), (X[2:], y[2:])]
+    check_reiterable(batches)
+    check_reiterable(DataLoader(TensorDataset(X, y), batch_size=2))
+    check_reiterable(LaplaceBatches(batches))
+    for one_shot in (iter(batches), (batch for batch in batches)):
+        with pytest.raises(ValueError, match="one-shot iterator"):
+            check_reiterable(one_shot)
+
+
+def test_every_pass_must_yield_the_data_of_the_first():
+    X, y = torch.randn(6, 2), torch.arange(6)
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    batches = LaplaceBatches(data)
+    batches.first()  # a partial pass is not counted
+    assert sum(len(b) for _, b in batches) == 6 and batches.first_pass == (2, 6)
+    assert sum(len(b) for _, b in batches) == 6
+    data.pop()
+    with pytest.raises(ValueError, match=r"Pass 3 .* yielded 3 examples in 1 batches"):
+        list(batches)
+
+
+def test_labels_of_any_integer_width_become_int64():
+    for dtype in (torch.int32, torch.int16, torch.uint8, torch.int64):
+        batches = LaplaceBatches(
+            [(torch.randn(2, 2), torch.tensor([0, 1], dtype=dtype))]
+        )
+        ((_, y),) = list(batches)
+        assert y.dtype == torch.int64
+    floats = LaplaceBatches([(torch.randn(2, 2), torch.randn(2))])
+    assert next(iter(floats))[1].dtype == torch.float32
+
+
+def test_targets_must_be_finite_and_a_batch_may_have_none():
+    f = torch.randn(3, 3)
+    check_targets(f[:0], torch.zeros(0, dtype=torch.long), "classification")
+    for y, likelihood in (
+        (torch.tensor([[0.2, float("nan"), 0.8]] * 3), "classification"),
+        (torch.full((3, 3), float("inf")), "regression"),
+    ):
+        with pytest.raises(ValueError, match="targets of batch 4 contain NaN or Inf"):
+            check_targets(f, y, likelihood, batch=4)
+
+
+def test_a_model_must_return_one_tensor():
+    from ekfac_laplace.batches import check_outputs
+
+    out = torch.randn(2, 3)
+    assert check_outputs(out) is out
+    for bad, name in (((out, out), "tuple"), ({"logits": out}, "dict")):
+        with pytest.raises(
+            ValueError, match=f"returns a {name}; .*model\\(x\\)\\[0\\]"
+        ):
+            check_outputs(bad)

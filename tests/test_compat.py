@@ -58,3 +58,20 @@ def test_watching_functional_linear_sees_calls_and_restores_torch_s():
     assert seen == [torch.Size([2, 4])]
     F.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert len(seen) == 1
+
+
+def test_laplace_torch_has_every_private_member_we_read_or_override():
+    _compat.check_laplace_torch()
+    from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
+
+    for _, name in _compat.LAPLACE_TORCH_HOOKS:  # our classes do override them
+        owner = EKFACLLLaplace if hasattr(EKFACLLLaplace, name) else EKFACLaplace
+        assert getattr(owner, name).__module__.startswith("ekfac_laplace"), name
+
+
+def test_a_laplace_torch_without_them_is_refused(monkeypatch):
+    from laplace.baselaplace import BaseLaplace
+
+    monkeypatch.delattr(BaseLaplace, "_H_factor")
+    with pytest.raises(ImportError, match=r"BaseLaplace\._H_factor.*0\.3"):
+        _compat.check_laplace_torch()

@@ -123,3 +123,47 @@ def test_group_rows_gathers_each_examples_consecutive_rows():
     assert group_rows(rows, 6, "layer") is rows
     with pytest.raises(RowGroupingError, match="'layer' sees 6 rows for a batch of 4"):
         group_rows(rows, 4, "layer")
+
+
+def test_a_kronecker_factor_too_large_for_memory_is_refused_before_any_work():
+    model = nn.Sequential(nn.Linear(40_000, 2))  # A: 40,000² floats, 6 GiB
+    with pytest.raises(
+        MemoryError,
+        match=r"Layer '0' \(Linear\) needs a Kronecker "
+        r"input factor of 40000 × 40000 \(6\.0 GiB.*max_factor_size",
+    ):
+        ParameterLayout(model, list(model.parameters()))
+    layout = ParameterLayout(model, list(model.parameters()), max_factor_size=1_000)
+    assert layout.layers == [] and [b.diagonal for b in layout.blocks] == [True, True]
+    assert "more than max_factor_size=1000" in layout.oversized["0"]
+    # Only the weight needs A: the bias alone has a 2 × 2 gradient factor.
+    bias_only = ParameterLayout(model, [model[0].bias])
+    assert [layer.factor_sizes() for layer in bias_only.layers] == [{"gradient": 2}]
+    with pytest.raises(ValueError, match="cannot get Kronecker blocks|max_factor"):
+        ParameterLayout(
+            model,
+            list(model.parameters()),
+            unsupported_layers="raise",
+            max_factor_size=1_000,
+        )
+
+
+def test_a_large_layer_fits_with_its_exact_diagonal_block():
+    from ekfac_laplace import EKFACLaplace
+    from tests.cases import loader
+    from tests.utils import assert_close, jacobians, output_hessians
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3_000, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    X = torch.randn(6, 3_000, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    la = EKFACLaplace(model, "classification", max_factor_size=100)
+    la.fit(loader(X, y))  # no warning: the user asked for it
+    assert [len(b) for b in la.H.eigenvectors] == [0, 0, 2, 1]
+    params = list(model.parameters())[:2]
+    J, f = jacobians(model, params, X)
+    diagonal = torch.einsum(
+        "nci,ncd,ndi->i", J, output_hessians(f, "classification"), J
+    )
+    fitted = torch.cat([values.flatten() for values in la.H.eigenvalues[:2]])
+    assert_close(fitted, diagonal)

@@ -314,12 +314,43 @@ def test_cuda_matches_cpu(subset: str, conv: bool, stochastic: bool):
         assert torch.isfinite(value).all()
 
 
+class _OneShot:
+    """A loader whose ``__iter__`` hands out one generator: a single pass."""
+
+    def __init__(self, X, y) -> None:
+        self.dataset = X
+        self.batches = iter([(X[:6], y[:6]), (X[6:], y[6:])])
+
+    def __iter__(self):
+        return self.batches
+
+
+class _Pair(nn.Module):
+    """Returns ``(logits, features)``, as many models do."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), x
+
+
 def _mistakes(X, y):
     """Common mistakes: (loader, error class, message) — all before the first pass
     except the late label, which the engine catches in its batch."""
     late = y.clone()
     late[-1] = 7  # only in the last batch
+    soft = torch.softmax(torch.randn(len(y), 3, dtype=X.dtype), -1)
+    soft[-1, 0] = float("nan")  # only in the last batch (index 2)
     return {
+        "one-shot iterator": (_OneShot(X, y), ValueError, "one-shot iterator"),
+        "NaN soft labels later": (loader(X, soft), ValueError, "targets of batch 2"),
+        "model returns a tuple": (
+            loader(X, y),
+            ValueError,
+            r"returns a tuple; .* return one tensor",
+        ),
         "empty loader": (loader(X[:0], y[:0]), ValueError, "empty training set"),
         "float class targets": (loader(X, y.double()), ValueError, r"y\.long\(\)"),
         "label out of range": (loader(X, y + 3), ValueError, r"\[0, 3\)"),
@@ -337,6 +368,9 @@ def _mistakes(X, y):
 @pytest.mark.parametrize(
     "mistake",
     [
+        "one-shot iterator",
+        "NaN soft labels later",
+        "model returns a tuple",
         "empty loader",
         "float class targets",
         "label out of range",
@@ -348,10 +382,13 @@ def _mistakes(X, y):
 def test_common_mistakes_say_what_to_do_and_leave_the_object(subset, mistake):
     model, X, y = _model_and_data()
     data, error, match = _mistakes(X, y)[mistake]
-    la = Laplace(model, "classification", subset, hessian_structure="ekfac")
+    fitted = _Pair(model) if mistake == "model returns a tuple" else model
+    la = Laplace(fitted, "classification", subset, hessian_structure="ekfac")
     with pytest.raises(error, match=match):
         la.fit(data)
     assert la.H is None
+    if fitted is not model:
+        la = Laplace(model, "classification", subset, hessian_structure="ekfac")
     la.fit(loader(X, y))  # usable after the error
     assert torch.isfinite(la.log_marginal_likelihood())
 
@@ -365,3 +402,134 @@ def test_empty_loader_with_a_dataset_is_a_value_error_for_the_last_layer():
     )
     with pytest.raises(ValueError, match="yields no batches"):
         la.fit(data)
+
+
+class _Shrinking:
+    """A loader whose every complete pass yields one batch fewer than the last."""
+
+    def __init__(self, X, y) -> None:
+        self.X, self.y, self.dataset, self.complete = X, y, X, 0
+
+    def __iter__(self):
+        stop = len(self.X) - 4 * self.complete
+        for start in range(0, stop, 4):
+            yield self.X[start : start + 4], self.y[start : start + 4]
+        self.complete += 1
+
+
+@pytest.mark.parametrize("engine", ["fast", "curvlinops"])
+def test_a_second_pass_over_other_data_is_refused(engine):
+    model, X, y = _model_and_data()
+    la = EKFACLaplace(model, "classification", cache_budget_bytes=0, engine=engine)
+    with pytest.raises(ValueError, match=r"Pass 2 over train_loader yielded 8 ex"):
+        la.fit(_Shrinking(X, y))
+    assert la.H is None
+
+
+def test_integer_labels_of_any_width_fit_as_int64():
+    model, X, y = _model_and_data()
+    reference = EKFACLaplace(model, "classification")
+    reference.fit(loader(X, y))
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        for engine in ("fast", "curvlinops"):
+            la = EKFACLaplace(model, "classification", engine=engine)
+            la.fit(loader(X, y.to(dtype)))
+            torch.testing.assert_close(
+                la.posterior_precision.to_matrix(),
+                reference.posterior_precision.to_matrix(),
+            )
+
+
+def test_non_finite_targets_and_prior_means_are_refused():
+    model, X, _ = _model_and_data()
+    targets = torch.randn(len(X), 3, dtype=X.dtype)
+    targets[7, 1] = float("inf")  # batch 1
+    for engine, match in (
+        ("fast", "targets of batch 1 contain NaN or Inf"),
+        ("curvlinops", "summed loss over the training data is not finite"),
+    ):
+        la = EKFACLaplace(model, "regression", engine=engine)
+        with pytest.raises(ValueError, match=match):
+            la.fit(loader(X, targets))
+        assert la.H is None
+    with pytest.raises(ValueError, match="prior_mean must be finite"):
+        EKFACLaplace(model, "classification", prior_mean=float("nan"))
+    la, X, y = _fitted()
+    with pytest.raises(ValueError, match="prior_mean must be finite"):
+        la.prior_mean = torch.full((la.n_params,), float("inf"), dtype=X.dtype)
+    assert torch.isfinite(la.log_marginal_likelihood())
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_no_inputs_and_no_samples_give_empty_results(subset, likelihood):
+    model, X, y = _model_and_data()
+    if likelihood == "regression":
+        y = torch.randn(len(X), 3, dtype=X.dtype)
+    la = Laplace(model, likelihood, subset, hessian_structure="ekfac")
+    la.fit(loader(X, y))
+    assert la.sample(0).shape == (0, la.n_params)
+    if likelihood == "classification":
+        assert la(X[:0]).shape == (0, 3)
+        assert la(X[:0], link_approx="mc", n_samples=4).shape == (0, 3)
+        return
+    mean, variance = la(X[:0])
+    assert mean.shape == (0, 3) and variance.shape == (0, 3, 3)
+    mean, variance = la(X[:0], joint=True)
+    assert mean.shape == (0,) and variance.shape == (0, 0)
+    mean, variance = la(X[:0], diagonal_output=True)
+    assert variance.shape == (0, 3)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_results_come_back_in_the_model_dtype(subset, dtype):
+    """Accumulated in float32 (``H`` is float32), returned in the model's dtype,
+    and equal to the float32 fit of the same weights to half precision."""
+    model, X, y = _model_and_data(dtype=torch.float32)
+    results = {}
+    for precision in (torch.float32, dtype):
+        half = model.to(precision)
+        la = Laplace(half, "classification", subset, hessian_structure="ekfac")
+        la.fit(loader(X.to(precision), y))
+        assert la.H.eigenvalues[0].dtype == torch.float32
+        evidence = la.log_marginal_likelihood()
+        probs = la(X[:4].to(precision), link_approx="probit")
+        samples = la.sample(3)
+        nn_probs = la(X[:4].to(precision), pred_type="nn", link_approx="mc")
+        for value in (evidence, probs, samples, nn_probs):
+            assert value.dtype == precision
+        results[precision] = (evidence.float(), probs.float())
+    tolerance = 2e-2 if dtype == torch.float16 else 6e-2
+    for full, half in zip(results[torch.float32], results[dtype]):
+        torch.testing.assert_close(half, full, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_nn_predictive_leaves_the_map_weights(subset, interruption):
+    model, X, y = _model_and_data()
+    la = Laplace(model, "classification", subset, hessian_structure="ekfac")
+    la.fit(loader(X, y))
+    network = la.model.model if subset == "last_layer" else model  # LL: a copy
+    before = [p.detach().clone() for p in network.parameters()]
+    storage = [p.data_ptr() for p in network.parameters()]
+    expected = la(X[:3])
+    calls = {"n": 0}
+
+    def fail_on_the_third_sample(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise interruption("stop")
+
+    sampled = network[2] if subset == "last_layer" else network[0]  # runs per sample
+    handle = sampled.register_forward_pre_hook(fail_on_the_third_sample)
+    try:
+        with pytest.raises(interruption):
+            la(X[:3], pred_type="nn", link_approx="mc", n_samples=5)
+    finally:
+        handle.remove()
+    params = list(network.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [p.data_ptr() for p in params] == storage  # no aliasing of la.mean
+    assert torch.equal(la(X[:3]), expected)

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -139,12 +142,12 @@ def _common_arguments(command: str) -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--checkpoint",
-        type=Path,
+        type=_path,
         help="load the MAP weights from this state_dict file instead of training",
     )
     data.add_argument(
         "--save-checkpoint",
-        type=Path,
+        type=_path,
         help="save the trained MAP weights (a state_dict) to this file",
     )
     data.add_argument(
@@ -153,11 +156,13 @@ def _common_arguments(command: str) -> argparse.ArgumentParser:
     data.add_argument(
         "--batch-size", type=_positive_int, default=64, help="batch size (64)"
     )
-    data.add_argument("--seed", type=int, default=0, help="seed of everything (0)")
+    data.add_argument(
+        "--seed", type=_seed, default=0, help="seed of everything (0 ... 2**32 - 1)"
+    )
     output = common.add_argument_group("output")
     output.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         help=f"output folder (default: ./{default_out(command, '<dataset>')})",
     )
     output.add_argument("--no-plots", action="store_true", help="skip the figures")
@@ -425,8 +430,15 @@ def _check_arguments(args: argparse.Namespace) -> None:
             f"--model cnn needs an image data set; {args.dataset} has vector inputs "
             "(use --model mlp or --dataset digits)"
         )
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint} is not a file")
+    if args.checkpoint is not None:
+        _check_checkpoint(args.checkpoint)
+    if args.save_checkpoint is not None:
+        _check_writable(args.save_checkpoint, "--save-checkpoint", folder=False)
+    if args.command == "sample" and args.n_samples < 2:
+        raise UsageError(
+            f"--n-samples {args.n_samples}: the sample command compares the "
+            "samples' variances with the posterior's, which needs at least 2"
+        )
     if args.command == "compare":
         try:
             for spec in args.candidates:
@@ -444,6 +456,63 @@ def _check_arguments(args: argparse.Namespace) -> None:
         args.out = default_out(args.command, args.dataset)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
+    _check_writable(args.out, "--out", folder=True)
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse a --checkpoint that is not a file torch reads as plain tensors."""
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path} is not a file")
+    try:
+        with warnings.catch_warnings():  # torch's notes on foreign pickles
+            warnings.simplefilter("ignore")
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure: one line, exit 2
+        raise UsageError(
+            f"--checkpoint {path} is not a state_dict of tensors that torch.load(..., "
+            f"weights_only=True) reads ({type(error).__name__}); pass a file written "
+            "by --save-checkpoint"
+        ) from None
+
+
+def _check_writable(path: Path, option: str, folder: bool) -> None:
+    """Make sure ``path`` (a folder, or a file's folder) can be written, now.
+
+    Found only after the training, an unwritable output would lose the results.
+    """
+    if not folder and path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    target = path if folder else path.parent
+    blocking = next((p for p in (target, *target.parents) if p.is_file()), None)
+    if blocking is not None:
+        raise UsageError(f"{option} {path}: {blocking} is a file, not a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"{option} {path} cannot be written ({error.strerror or error}); "
+            "choose a writable location"
+        ) from None
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(
+            f"expected a seed from 0 to 2**32 - 1 (numpy's range), got {value}"
+        )
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -126,7 +126,7 @@ def map_model(args: argparse.Namespace, problem: Problem) -> nn.Module:
         try:
             state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError, TypeError) as error:
+        except Exception as error:  # noqa: BLE001 - any failure: one line, exit 2
             first_line = str(error).strip().split("\n")[0]
             raise UsageError(
                 f"cannot load --checkpoint {args.checkpoint} into the {args.model} "

@@ -239,7 +239,9 @@ class Comparison:
             "rows": [asdict(row) for row in self.rows],
             "records": self.records(),
         }
-        path.write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+        path.write_text(
+            json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
+        )
         return path
 
     def to_csv(self, path: str | Path) -> Path:
@@ -376,14 +378,22 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (JSON has no NaN), recursively.
+
+    Args:
+        value: Numbers, strings, mappings and sequences of them.
+
+    Returns:
+        The same structure, valid for ``json.dumps(..., allow_nan=False)``.
+    """
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {
-            (f"{k:g}" if isinstance(k, float) else str(k)): _json_safe(v)
+            (f"{k:g}" if isinstance(k, float) else str(k)): json_safe(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -31,6 +31,7 @@ from ekfac_laplace.evaluation.comparison import (
 )
 from ekfac_laplace.evaluation.metrics import Predictions
 from ekfac_laplace.evaluation.problems import Problem
+from ekfac_laplace.evaluation.report import json_safe
 from ekfac_laplace.evaluation.sampling import SampleCheck
 
 
@@ -76,7 +77,8 @@ def run_sample(args: argparse.Namespace) -> int:
         }
         args.out.mkdir(parents=True, exist_ok=True)
         written = [args.out / "samples.json"]
-        written[0].write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
+        written[0].write_text(text + "\n")
         if args.save_samples:
             torch.save(samples, args.out / "samples.pt")
             written.append(args.out / "samples.pt")

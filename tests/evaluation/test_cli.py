@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import ekfac_laplace
 from ekfac_laplace.evaluation import cli, models
@@ -256,3 +257,54 @@ def test_on_a_terminal_the_command_shows_one_progress_bar(tmp_path, monkeypatch)
     # Nothing inside draws its own bar: MAP training, the fit, the prior tuning.
     for inner in ("Training MAP", "Candidates", "Hessian", "EKFAC", "marginal"):
         assert inner not in bars, inner
+
+
+class _Evil:
+    """A pickle that would run a command when unpickled without weights_only."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--checkpoint", "junk.pt"], "not a state_dict of tensors"),
+        (["compare", "--checkpoint", "evil.pt"], "not a state_dict of tensors"),
+        (["compare", "--out", "junk.pt/results"], "junk.pt is a file, not a folder"),
+        (["compare", "--out", ""], "expected a path, got an empty string"),
+        (["compare", "--save-checkpoint", "."], "is a folder; give a file name"),
+        (
+            ["compare", "--save-checkpoint", "junk.pt/map.pt"],
+            "junk.pt is a file, not a folder",
+        ),
+        (["compare", "--seed", "-1"], "expected a seed from 0 to 2**32 - 1"),
+        (["compare", "--seed", "1e23"], "expected an integer, got '1e23'"),
+        (["compare", "--seed", str(10**23)], "expected a seed from 0"),
+        (["sample", "--n-samples", "1"], "needs at least 2"),
+    ],
+)
+def test_unusable_files_and_values_are_refused_before_any_work(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    """Exit 2 with one line, before training (the table would be lost after)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(bytes(range(256)) * 3)
+    torch.save(_Evil(str(tmp_path / "marker")), tmp_path / "evil.pt")
+    for module in ("cli", "sample_command"):
+        monkeypatch.setattr(
+            f"ekfac_laplace.evaluation.{module}.problem_and_model",
+            lambda *args: pytest.fail("work started"),
+        )
+    try:
+        status = main([*argv, "--quiet"])
+    except SystemExit as exit_:
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "junk.pt"]
