@@ -205,26 +205,38 @@ def check_reiterable(loader: Iterable[Any]) -> None:
         )
 
 
-def first_inputs(batches: Iterable[Any]) -> Any:
-    """The model input of the first batch of re-iterable ``(X, y)`` batches.
+def first_examples(batches: Iterable[Any], count: int) -> Any:
+    """The model input of the first ``count`` examples of the first batch.
 
     Args:
         batches: :class:`LaplaceBatches` (or anything with ``first()``), or any
             re-iterable of ``(X, y)`` pairs.
+        count: How many examples at most.
 
     Returns:
-        ``X`` of the first batch.
+        ``X`` of the first batch with every tensor that has the batch's examples in
+        dimension 0 (as many rows as the targets) cut to ``count`` rows.
 
     Raises:
         ValueError: If there is no batch.
     """
     first = getattr(batches, "first", None)
     if callable(first):
-        X, _ = first()
-        return X
-    for X, _ in batches:
-        return X
-    raise ValueError("fit got a train_loader that yields no batches.")
+        X, y = first()
+    else:
+        X, y = next(iter(batches), (None, None))
+        if y is None:
+            raise ValueError("fit got a train_loader that yields no batches.")
+    rows = y.shape[0] if y.ndim else 1
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.ndim and value.shape[0] == rows:
+            return value[:count]
+        return value
+
+    if isinstance(X, Mapping):
+        return {key: cut(value) for key, value in X.items()}
+    return cut(X)
 
 
 def dataset_size(loader: Any, shard: bool = False) -> int:

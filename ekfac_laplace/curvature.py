@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.batches import LaplaceBatches, first_inputs
+from ekfac_laplace.batches import LaplaceBatches, first_examples
 from ekfac_laplace.curvlinops_engine import curvlinops_ekfac
 from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.engine import fast_ekfac
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
-from ekfac_laplace.layer_check import checked_layout
+from ekfac_laplace.layer_check import CHECK_EXAMPLES, checked_layout
 from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions, Engine
 
@@ -89,9 +89,8 @@ def compute_ekfac(
     if eigenbasis is not None:
         layout = layout.following(eigenbasis)
     ranks = ranks_of(process_group)
-    layout = checked_layout(
-        model, layout, first_inputs(batches), ranks, keep=eigenbasis is not None
-    )
+    X = first_examples(batches, CHECK_EXAMPLES)
+    layout = checked_layout(model, layout, X, ranks, keep=eigenbasis is not None)
     if options.engine == Engine.FAST:
         raw = fast_ekfac(
             model,

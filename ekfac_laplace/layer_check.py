@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace._compat import has_pre_hooks
-from ekfac_laplace.batches import batch_size, check_outputs, to_device
+from ekfac_laplace.batches import check_outputs, to_device
 from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.diagonal import restricted_gradients
 from ekfac_laplace.distributed import LocalRanks
@@ -69,6 +69,10 @@ TOLERANCES = {
 }
 #: Seed of the random output direction ``v`` (the global generator is untouched).
 DIRECTION_SEED = 0
+#: Examples of the first batch the check runs on: enough for any layer that does
+#: not compute what it should to show it, few enough to cost a fraction of a
+#: batch (0.3% of the benchmark's CNN fit).
+CHECK_EXAMPLES = 32
 #: The classes whose ``forward`` the Kronecker kinds assume.
 _BASE_CLASSES = {LayerKind.LINEAR: nn.Linear, LayerKind.CONV2D: nn.Conv2d}
 
@@ -89,7 +93,7 @@ def checked_layout(
     Args:
         model: The network.
         layout: Its parameter layout.
-        X: A batch of inputs (the first batch of the fit).
+        X: A batch of inputs (the first examples of the fit's first batch).
         ranks: The ranks of a data-parallel fit: each checks its own batch, and a
             layer failing on any rank gets diagonal blocks on every rank.
         keep: Refuse any change of the layout (online fitting keeps the first
@@ -149,7 +153,7 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
         LayerCheckError: If a parameter with a diagonal block fails.
         ValueError: If the model does not return one tensor.
     """
-    capture = ForwardCapture(layout, diagonal=True, batch=batch_size(X))
+    capture = ForwardCapture(layout, diagonal=True, batch=_examples(X))
     with torch.enable_grad():
         with capture:
             f = check_outputs(model(X))
@@ -190,6 +194,16 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
                     "with requires_grad_(False)."
                 )
     return failing
+
+
+def _examples(X: Any) -> int | None:
+    """The number of examples of a model input (``None`` if it cannot be told)."""
+    if isinstance(X, Tensor):
+        return X.shape[0] if X.ndim else None
+    if isinstance(X, Mapping):
+        rows = {v.shape[0] for v in X.values() if isinstance(v, Tensor) and v.ndim}
+        return rows.pop() if len(rows) == 1 else None
+    return None
 
 
 def _layer_error(
