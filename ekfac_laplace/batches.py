@@ -513,5 +513,5 @@ def output_size(
             f"(batch, tokens, classes), got {tuple(out.shape)}; flatten other "
             "dimensions into the batch dimension."
         )
-    check_targets(out, y, likelihood)
+    check_targets(out, y, likelihood, batch=0)
     return int(out.shape[-1])
