@@ -706,6 +706,25 @@ class EKFACPosterior(ParametricLaplace):
             self, X, joint=joint, diagonal_output=diagonal_output
         )
 
+    def _sampled_outputs(
+        self,
+        X: Tensor | Mapping[str, Any],
+        n_samples: int,
+        generator: torch.Generator | None,
+        **model_kwargs: Any,
+    ) -> Iterator[Tensor]:
+        """The network's outputs at each of ``n_samples`` posterior samples.
+
+        The MAP parameters are back in the model when the loop ends, also when a
+        forward pass raises or is interrupted: a sample left in the model would
+        shift every later GLM prediction.
+        """
+        X = to_device(X, model_device(self))
+        with parameters_kept(self.params):
+            for sample in self.sample(n_samples, generator):
+                vector_to_parameters(sample, self.params)
+                yield self.model(X, **model_kwargs)
+
     def _nn_functional_samples(
         self,
         X: Tensor | Mapping[str, Any],
@@ -713,20 +732,9 @@ class EKFACPosterior(ParametricLaplace):
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
     ) -> Tensor:
-        """The network's outputs at ``n_samples`` posterior samples.
-
-        laplace-torch's, with the MAP parameters restored also when a forward
-        pass raises (or is interrupted): a sample left in the model would shift
-        every later GLM prediction.
-        """
-        X = to_device(X, model_device(self))
-        outputs = []
-        with parameters_kept(self.params):
-            for sample in self.sample(n_samples, generator):
-                vector_to_parameters(sample, self.params)
-                f = self.model(X, **model_kwargs)
-                outputs.append(f if self.enable_backprop else f.detach())
-        return torch.stack(outputs)
+        """laplace-torch's sampled-network outputs, the MAP weights kept safe."""
+        outputs = self._sampled_outputs(X, n_samples, generator, **model_kwargs)
+        return torch.stack([f if self.enable_backprop else f.detach() for f in outputs])
 
     def _nn_predictive_classification(
         self,
@@ -735,18 +743,10 @@ class EKFACPosterior(ParametricLaplace):
         generator: torch.Generator | None = None,
         **model_kwargs: Any,
     ) -> Tensor:
-        """The Monte-Carlo average of the samples' class probabilities.
-
-        Summed online as laplace-torch does; the MAP parameters are restored
-        whatever happens.
-        """
-        X = to_device(X, model_device(self))
+        """The samples' class probabilities averaged online, as laplace-torch."""
         probabilities: Tensor | float = 0.0
-        with parameters_kept(self.params):
-            for sample in self.sample(n_samples, generator):
-                vector_to_parameters(sample, self.params)
-                logits = self.model(X, **model_kwargs).detach()
-                probabilities = probabilities + torch.softmax(logits, -1) / n_samples
+        for f in self._sampled_outputs(X, n_samples, generator, **model_kwargs):
+            probabilities = probabilities + torch.softmax(f.detach(), -1) / n_samples
         return probabilities
 
     # ------------------------------------------------------------ serialisation
