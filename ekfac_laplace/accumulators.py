@@ -38,7 +38,12 @@ from torch import Tensor
 
 from ekfac_laplace.diagonal import CHUNK_NUMBERS, ModuleCall, restricted_gradients
 from ekfac_laplace.factors import accumulation_dtype
-from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, group_rows
+from ekfac_laplace.layout import (
+    DiagonalModule,
+    KroneckerLayer,
+    LayerBasis,
+    group_rows,
+)
 from ekfac_laplace.options import KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
 
@@ -87,17 +92,13 @@ def per_example_numbers(
         passes: The backward passes ``K``.
 
     Returns:
-        ``(S (d_in + K d_out), K d_out (d_in [weight] + 1 [bias]))``.
+        ``(S (d_in + K d_out), K (d_out d_in [weight] + d_b [bias]))``.
     """
     d_out = layer.out_features
     raw = positions * (d_in + passes * d_out)
-    compact = (
-        passes
-        * d_out
-        * (
-            (d_in if layer.weight_index is not None else 0)
-            + (1 if layer.bias_index is not None else 0)
-        )
+    compact = passes * (
+        (d_out * d_in if layer.weight_index is not None else 0)
+        + (layer.bias_features if layer.bias_index is not None else 0)
     )
     return raw, compact
 
@@ -133,13 +134,22 @@ class PassAccumulator:
             a: Its inputs, ``(B, S, d_in)``.
         """
 
-    def gradient(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
+    def gradient(
+        self,
+        layer: KroneckerLayer,
+        a: Tensor,
+        g: Tensor | None,
+        bias_rows: Tensor | None = None,
+    ) -> None:
         """One backward pass of a hidden layer.
 
         Args:
             layer: The layer.
             a: Its inputs, ``(B, S, d_in)``.
-            g: Its output gradients, ``(B, S, d_out)``.
+            g: Its output gradients, ``(B, S, d_out)`` (``None`` for a layer with
+                only a bias of its own).
+            bias_rows: For a bias with a factor of its own, its rows
+                ``(B, S_b, d_b)``.
         """
 
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
@@ -237,6 +247,7 @@ class FactorAccumulator(PassAccumulator):
         self.examples_seen = 0
         self.input_factors: dict[str, Tensor] = {}
         self.gradient_factors: dict[str, Tensor] = {}
+        self.bias_factors: dict[str, Tensor] = {}  # biases with a factor of their own
         self.cache: dict[str, list[CacheEntry]] = {layer.name: [] for layer in layers}
         self._pending: dict[str, list[Tensor]] = {}
         self._masks: dict[str, Tensor] = {}
@@ -272,8 +283,9 @@ class FactorAccumulator(PassAccumulator):
                 per_batch[layer.name] = a.numel() * a.element_size() + held
                 continue
             raw, compact = per_example_numbers(layer, a.shape[1], a.shape[2], passes)
-            if compact < raw:
+            if compact < raw or layer.separate_bias:  # a separate bias: compact only
                 self._compact.add(layer.name)
+                raw = compact
             per_batch[layer.name] = min(raw, compact) * a.shape[0] * a.element_size()
         scale = self.num_data / batch  # batch to whole set
         if sum(per_batch.values()) * scale <= self.budget:
@@ -294,19 +306,31 @@ class FactorAccumulator(PassAccumulator):
         self._add_input_factor(layer, a)
         self._pending[layer.name] = []
 
-    def gradient(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
-        """Add the pass's ``g gᵀ`` to ``G``."""
-        term = _gram(g) if self.expand else _gram(g.sum(1, keepdim=True))
-        self.gradient_factors[layer.name] = _add(
-            self.gradient_factors.get(layer.name), term
-        )
+    def gradient(
+        self,
+        layer: KroneckerLayer,
+        a: Tensor,
+        g: Tensor | None,
+        bias_rows: Tensor | None = None,
+    ) -> None:
+        """Add the pass's ``g gᵀ`` to ``G`` (and a separate bias's to its factor)."""
+        for factors, rows in (
+            (self.gradient_factors, g),
+            (self.bias_factors, bias_rows),
+        ):
+            if rows is None:
+                continue
+            term = _gram(rows) if self.expand else _gram(rows.sum(1, keepdim=True))
+            factors[layer.name] = _add(factors.get(layer.name), term)
         if not self.caching or layer.name not in self.cached:
             return
         if layer.name in self._compact:  # only the per-example gradients
             weight = None
             if layer.weight_index is not None:
                 weight = torch.bmm(g.transpose(1, 2), a)
-            bias = g.sum(1) if layer.bias_index is not None else None
+            bias = None
+            if layer.bias_index is not None:
+                bias = (g if bias_rows is None else bias_rows).sum(1)
             self._pending[layer.name].append((weight, bias))
         else:
             self._pending[layer.name].append(g)
@@ -342,35 +366,38 @@ class FactorAccumulator(PassAccumulator):
         """Count the examples seen."""
         self.examples_seen += batch_size
 
-    def eigenbases(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+    def eigenbases(self) -> dict[str, LayerBasis]:
         """The eigenvectors of the accumulated factors.
 
         Returns:
-            Layer name to ``(Q_G, Q_A)``; ``Q_A`` is ``None`` when the layer's
-            weight is not in the posterior.
+            Layer name to its :class:`~ekfac_laplace.layout.LayerBasis`.
         """
         return {layer.name: self.eigenbasis(layer) for layer in self.layers}
 
-    def eigenbasis(self, layer: KroneckerLayer) -> tuple[Tensor, Tensor | None]:
-        """The eigenvectors ``(Q_G, Q_A)`` of one layer's factors.
+    def eigenbasis(self, layer: KroneckerLayer) -> LayerBasis:
+        """The eigenvectors of one layer's factors.
 
         Args:
             layer: The layer.
 
         Returns:
-            ``Q_G`` and ``Q_A`` (``None`` without a weight in the posterior).
+            ``Q_G`` (where ``G`` is kept), ``Q_A`` (with the weight in the
+            posterior) and a separate bias factor's eigenvectors.
         """
-        q_g = robust_eigenvectors(
-            self.gradient_factors[layer.name],
-            f"gradient factor of layer '{layer.name}'",
-        )
-        q_a = None
-        if layer.name in self.input_factors:
-            q_a = robust_eigenvectors(
-                self.input_factors[layer.name],
-                f"input factor of layer '{layer.name}'",
+        found = []
+        for factors, what in (
+            (self.gradient_factors, "gradient"),
+            (self.input_factors, "input"),
+            (self.bias_factors, "bias"),
+        ):
+            found.append(
+                robust_eigenvectors(
+                    factors[layer.name], f"{what} factor of layer '{layer.name}'"
+                )
+                if layer.name in factors
+                else None
             )
-        return q_g, q_a
+        return LayerBasis(*found)
 
     def partial_sums(self) -> list[Tensor]:
         """The factors in layer order (``A`` where kept, ``G``), to sum over ranks.
@@ -380,9 +407,13 @@ class FactorAccumulator(PassAccumulator):
         """
         sums = []
         for layer in self.layers:
-            if layer.name in self.input_factors:
-                sums.append(self.input_factors[layer.name])
-            sums.append(self.gradient_factors[layer.name])
+            for factors in (
+                self.input_factors,
+                self.gradient_factors,
+                self.bias_factors,
+            ):
+                if layer.name in factors:
+                    sums.append(factors[layer.name])
         return sums
 
     def _add_input_factor(self, layer: KroneckerLayer, a: Tensor) -> None:
@@ -420,14 +451,14 @@ class CorrectionAccumulator(PassAccumulator):
     """Sums the corrected eigenvalues of each layer in fixed eigenbases.
 
     Args:
-        bases: Layer name to ``(Q_G, Q_A)`` (``Q_A`` ``None`` without a weight).
+        bases: Layer name to its eigenbases.
 
     Attributes:
         weight_corrections: Layer name to ``λ`` of its weight, ``(d_out, d_in)``.
         bias_corrections: Layer name to ``λ`` of its bias, ``(d_out,)``.
     """
 
-    def __init__(self, bases: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+    def __init__(self, bases: dict[str, LayerBasis]) -> None:
         self.bases = bases
         self.weight_corrections: dict[str, Tensor] = {}
         self.bias_corrections: dict[str, Tensor] = {}
@@ -451,11 +482,13 @@ class CorrectionAccumulator(PassAccumulator):
 
     def begin(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Prepare the batch: rotate shared inputs once for all passes, if cheaper."""
+        if not layer.shares_weight:
+            return
         if a.shape[1] == 1:
-            d_out = self.bases[layer.name][0].shape[0]
+            d_out = self.bases[layer.name].gradient.shape[0]
             self._squares[layer.name] = a.new_zeros(a.shape[0], d_out)
         elif layer.weight_index is not None:
-            q_g, q_a = self.bases[layer.name]
+            q_g, q_a, _ = self.bases[layer.name]
             B, S, d_in = a.shape
             rotate_a, rotate_g = contraction_order(
                 B, S, d_in, q_g.shape[0], self._passes
@@ -465,9 +498,20 @@ class CorrectionAccumulator(PassAccumulator):
             else:
                 self._inputs[layer.name] = (a, q_a, rotate_g)
 
-    def gradient(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
+    def gradient(
+        self,
+        layer: KroneckerLayer,
+        a: Tensor,
+        g: Tensor | None,
+        bias_rows: Tensor | None = None,
+    ) -> None:
         """Add one pass: rotated gradient squares, or rotated per-example grads."""
-        q_g = self.bases[layer.name][0]
+        basis = self.bases[layer.name]
+        if bias_rows is not None:  # a bias with a factor of its own
+            self._add_bias(layer, (bias_rows.sum(1) @ basis.bias).square().sum(0))
+        if g is None:
+            return
+        q_g = basis.gradient
         if a.shape[1] == 1:
             self._squares[layer.name] += (g[:, 0] @ q_g).square()
             return
@@ -486,12 +530,12 @@ class CorrectionAccumulator(PassAccumulator):
                 )
                 squares += _rotated_squares(per_example, None if rotate_g else q_g, q_a)
             self._add_weight(layer, squares)
-        if layer.bias_index is not None:
+        if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, (g.sum(1) @ q_g).square().sum(0))
 
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Finish a layer without weight sharing with one matrix product."""
-        if a.shape[1] == 1:
+        if layer.name in self._squares:
             self._finish(layer, a, self._squares.pop(layer.name))
         self._inputs.pop(layer.name, None)
 
@@ -499,7 +543,8 @@ class CorrectionAccumulator(PassAccumulator):
         self, layer: KroneckerLayer, a: Tensor, curvature: OutputCurvature
     ) -> None:
         """The output layer's correction in closed form."""
-        self._finish(layer, a, curvature.rotated_squares(self.bases[layer.name][0]))
+        squares = curvature.rotated_squares(self.bases[layer.name].gradient)
+        self._finish(layer, a, squares)
 
     def partial_sums(self, layers: list[KroneckerLayer]) -> list[Tensor]:
         """The corrected eigenvalues in layer order (weight, bias), to sum over ranks.
@@ -544,7 +589,7 @@ class CorrectionAccumulator(PassAccumulator):
         self, layer: KroneckerLayer, entry: PerExampleGradients
     ) -> None:
         """Rotate cached per-example gradients, square and sum them."""
-        q_g, q_a = self.bases[layer.name]
+        q_g, q_a, _ = self.bases[layer.name]
         if entry.weight is not None:
             B, K, d_out, d_in = entry.weight.shape
             chunk = max(1, CHUNK_NUMBERS // (K * d_out * d_in))
@@ -555,14 +600,15 @@ class CorrectionAccumulator(PassAccumulator):
                 )
             self._add_weight(layer, squares)
         if entry.bias is not None:
-            self._add_bias(layer, (entry.bias @ q_g).square().sum((0, 1)))
+            q_b = self.bases[layer.name].for_bias
+            self._add_bias(layer, (entry.bias @ q_b).square().sum((0, 1)))
 
     def _finish(self, layer: KroneckerLayer, a: Tensor, squares: Tensor) -> None:
         """No weight sharing: ``λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ``."""
         if layer.weight_index is not None:
-            q_a = self.bases[layer.name][1]
+            q_a = self.bases[layer.name].input
             self._add_weight(layer, squares.T @ (a[:, 0] @ q_a).square())
-        if layer.bias_index is not None:
+        if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, squares.sum(0))
 
     def _add_weight(self, layer: KroneckerLayer, term: Tensor) -> None:

@@ -49,7 +49,6 @@ from ekfac_laplace._compat import (
 from ekfac_laplace.diagonal import CaptureError, ModuleCall, UnsplittableCallError
 from ekfac_laplace.layout import (
     KroneckerLayer,
-    LayerKind,
     ParameterLayout,
     RowGroupingError,
     group_rows,
@@ -320,7 +319,7 @@ class ForwardCapture:
         """Per module, the dimensions that could hold the batch (0 first)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for layer in self.layout.layers:
-            if layer.kind in (LayerKind.LINEAR, LayerKind.TRANSPOSED):
+            if not layer.kind.batch_first and layer.attention is None:
                 if layer.name in self.inputs:
                     shapes[layer.name] = tuple(self.inputs[layer.name].shape)
         for name, call in self.calls.items():

@@ -23,20 +23,13 @@ from ekfac_laplace import _compat
 from ekfac_laplace.batches import LaplaceBatches, batch_size, to_device
 from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.factors import EKFACFactors, likelihood_loss
-from ekfac_laplace.layout import LayerKind, ParameterLayout
+from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions, FisherType
 
 _FISHER_TYPES = {
     FisherType.TYPE2: CurvlinopsFisherType.TYPE2,
     FisherType.MC: CurvlinopsFisherType.MC,
     FisherType.EMPIRICAL: CurvlinopsFisherType.EMPIRICAL,
-}
-
-
-_DESCRIPTIONS = {
-    LayerKind.TRANSPOSED: "a GPT-2 Conv1D",
-    LayerKind.ATTENTION_IN: "the in-projection of an nn.MultiheadAttention",
-    LayerKind.ATTENTION_OUT: "the out-projection of an nn.MultiheadAttention",
 }
 
 
@@ -62,11 +55,11 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
             "engine='fast' (the default)."
         )
     for layer in layout.layers:
-        if layer.kind not in (LayerKind.LINEAR, LayerKind.CONV2D):
+        if not layer.kind.curvlinops_supports(layer.module):
             raise ValueError(
-                f"engine='curvlinops' supports only nn.Linear and nn.Conv2d, but "
-                f"'{layer.name}' is {_DESCRIPTIONS[layer.kind]}; use engine='fast' "
-                "(the default)."
+                f"engine='curvlinops' supports only nn.Linear and nn.Conv2d (zero "
+                f"padding), but '{layer.name}' is {layer.kind.description} "
+                f"({type(layer.module).__name__}); use engine='fast' (the default)."
             )
 
 
@@ -191,9 +184,9 @@ def _fix_eigenbasis(
     eigenbasis: list[tuple[Tensor, ...]],
 ) -> None:
     bases = layout.layer_bases(eigenbasis)
-    gradient_eigenvectors = {name: q_g for name, (q_g, _) in bases.items()}
+    gradient_eigenvectors = {name: basis.gradient for name, basis in bases.items()}
     input_eigenvectors = {
-        name: q_a for name, (_, q_a) in bases.items() if q_a is not None
+        name: basis.input for name, basis in bases.items() if basis.input is not None
     }
     _compat.set_kronecker_eigenbasis(
         operator, input_eigenvectors, gradient_eigenvectors

@@ -55,18 +55,11 @@ from ekfac_laplace.batches import check_targets, to_device, token_rows
 from ekfac_laplace.capture import ForwardCapture, group_rows
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import EKFACFactors, accumulation_dtype, likelihood_loss
-from ekfac_laplace.layout import (
-    KroneckerLayer,
-    LayerKind,
-    ParameterLayout,
-    layer_positions,
-)
+from ekfac_laplace.layout import KroneckerLayer, LayerBasis, ParameterLayout
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
 
 CurvatureFunction = Callable[[Tensor, Tensor], OutputCurvature]
-#: Layer kinds applied once per forward pass: their output tensor is a target.
-_SINGLE_CALL = (LayerKind.LINEAR, LayerKind.CONV2D, LayerKind.TRANSPOSED)
 
 
 class Sweep:
@@ -151,11 +144,7 @@ class Sweep:
                 self._locate_batches(f, hidden, capture)
             positions = {  # the raw inputs are released as they are unfolded
                 layer.name: group_rows(
-                    layer_positions(
-                        layer.module, capture.take_input(layer.name), is_input=True
-                    ),
-                    batch,
-                    layer.name,
+                    layer.inputs(capture.take_input(layer.name)), batch, layer.name
                 ).to(dtype)
                 for layer in layers
             }
@@ -229,7 +218,7 @@ class Sweep:
             if capture is not None:
                 output, version = capture.outputs[layer.name]
             if (
-                layer.kind in _SINGLE_CALL
+                not layer.kind.applied_by_parent  # one call: one output tensor
                 and isinstance(output, Tensor)
                 and output.requires_grad
                 and tensor_version(output) == version
@@ -258,7 +247,12 @@ class Sweep:
         for layer in layers:
             capture.check_ran(layer)
             output, version = capture.outputs[layer.name]
-            if every or output is not f or version != tensor_version(f):
+            closed_form = (
+                output is f
+                and version == tensor_version(f)
+                and not layer.kind.separate_bias
+            )
+            if every or not closed_form:
                 hidden.append(layer)
         return hidden
 
@@ -284,12 +278,18 @@ class Sweep:
             )
             for layer in hidden:
                 (gradient,) = capture.take_gradients(layer.name)
-                g = group_rows(
-                    layer_positions(layer.module, gradient, is_input=False),
-                    f.shape[0],
-                    layer.name,
-                ).to(positions[layer.name].dtype)
-                accumulator.gradient(layer, positions[layer.name], g)
+                rows = [
+                    group_rows(positions_of(gradient), f.shape[0], layer.name).to(
+                        positions[layer.name].dtype
+                    )
+                    if wanted
+                    else None
+                    for positions_of, wanted in (
+                        (layer.output_gradients, layer.shares_weight),
+                        (layer.bias_gradients, layer.separate_bias),
+                    )
+                ]
+                accumulator.gradient(layer, positions[layer.name], *rows)
             for entry in diagonal_modules:
                 call = capture.calls.get(entry.name)
                 for gradients in capture.take_gradients(entry.name):  # unused: none
@@ -465,12 +465,11 @@ class FastEKFAC:
                 [*factors.partial_sums(), *diagonal.partial_sums(), loss, tokens]
             )
             shared = ranks.share_out(
-                len(layers),
-                lambda i: [q for q in factors.eigenbasis(layers[i]) if q is not None],
+                len(layers), lambda i: factors.eigenbasis(layers[i]).tensors()
             )
             bases = {
-                layer.name: (q[0], q[1] if len(q) == 2 else None)
-                for layer, q in zip(layers, shared)
+                layer.name: LayerBasis.of(layer, tensors)
+                for layer, tensors in zip(layers, shared)
             }
             correction = CorrectionAccumulator(bases)
 
@@ -550,7 +549,7 @@ class FastEKFAC:
 
     def _assemble(
         self,
-        bases: dict[str, tuple[Tensor, Tensor | None]],
+        bases: dict[str, LayerBasis],
         correction: CorrectionAccumulator,
         diagonal: DiagonalSquares,
         loss: Tensor,
@@ -560,16 +559,17 @@ class FastEKFAC:
         eigenvectors: list[tuple[Tensor, ...]] = [()] * n_blocks
         eigenvalues: list[Tensor | None] = [None] * n_blocks
         for layer in self.layout.layers:
-            q_g, q_a = bases[layer.name]
+            basis = bases[layer.name]
             if layer.weight_index is not None:
+                q_g = basis.gradient
                 weight = correction.weight_corrections[layer.name]
-                basis, values = layer.weight_block(
-                    q_g, q_a, weight.reshape(q_g.shape[0], -1)
+                block, values = layer.weight_block(
+                    q_g, basis.input, weight.reshape(q_g.shape[0], -1)
                 )
-                eigenvectors[layer.weight_index] = basis
+                eigenvectors[layer.weight_index] = block
                 eigenvalues[layer.weight_index] = values
             if layer.bias_index is not None:
-                eigenvectors[layer.bias_index] = (q_g,)
+                eigenvectors[layer.bias_index] = (basis.for_bias,)
                 eigenvalues[layer.bias_index] = correction.bias_corrections[layer.name]
         for entry in self.layout.diagonal_modules:
             for index, squares in zip(entry.indices, diagonal.squares[entry.name]):

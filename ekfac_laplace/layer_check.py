@@ -52,9 +52,7 @@ from ekfac_laplace.layout import (
     FITTED_DIAGONAL,
     DiagonalModule,
     KroneckerLayer,
-    LayerKind,
     ParameterLayout,
-    layer_positions,
 )
 from ekfac_laplace.options import UnsupportedLayers
 
@@ -73,8 +71,6 @@ DIRECTION_SEED = 0
 #: not compute what it should to show it, few enough to cost a fraction of a
 #: batch (0.3% of the benchmark's CNN fit).
 CHECK_EXAMPLES = 32
-#: The classes whose ``forward`` the Kronecker kinds assume.
-_BASE_CLASSES = {LayerKind.LINEAR: nn.Linear, LayerKind.CONV2D: nn.Conv2d}
 
 
 class LayerCheckError(ValueError):
@@ -211,22 +207,24 @@ def _layer_error(
 ) -> float:
     """The largest relative difference of the layer's rebuilt gradients."""
     passes = capture.take_gradients(layer.name)
-    a = layer_positions(layer.module, capture.take_input(layer.name), is_input=True)
+    a = layer.inputs(capture.take_input(layer.name))
     dtype = accumulation_dtype(a.dtype)
     a = a.to(dtype)
-    if passes:
-        (output_gradient,) = passes
-        g = layer_positions(layer.module, output_gradient, is_input=False).to(dtype)
-    else:  # the layer does not reach the outputs
-        g = a.new_zeros(*a.shape[:2], layer.out_features)
+    output_gradient = passes[0] if passes else None  # None: it does not reach f
     errors = []
     if layer.weight_index is not None:
-        rebuilt = torch.einsum("nsi,nsj->ij", g, a)
+        rebuilt = a.new_zeros(layer.out_features, layer.in_features)
+        if output_gradient is not None:
+            g = layer.output_gradients(output_gradient).to(dtype)
+            rebuilt = torch.einsum("nsi,nsj->ij", g, a)
         actual = gradients[layer.weight_index]
         actual = None if actual is None else layer.as_matrix(actual)
         errors.append(_relative_error(rebuilt, actual))
     if layer.bias_index is not None:
-        errors.append(_relative_error(g.sum((0, 1)), gradients[layer.bias_index]))
+        rebuilt = a.new_zeros(layer.bias_features)
+        if output_gradient is not None:
+            rebuilt = layer.bias_gradients(output_gradient).to(dtype).sum((0, 1))
+        errors.append(_relative_error(rebuilt, gradients[layer.bias_index]))
     return max(errors)
 
 
@@ -269,7 +267,7 @@ def _relative_error(rebuilt: Tensor, actual: Tensor | None) -> float:
 def _suspected_causes(layer: KroneckerLayer) -> str:
     """What usually makes a layer fail the check, from what can be seen."""
     module = layer.module
-    base = _BASE_CLASSES.get(layer.kind)
+    base = layer.kind.assumed_class(module)
     if base is not None and type(module).forward is not base.forward:
         return (
             f"{type(module).__name__} overrides {base.__name__}.forward, e.g. to "

@@ -3,22 +3,18 @@
 A Laplace posterior over parameters ``θ = (θ_1, ..., θ_B)`` has one block per
 parameter tensor. :class:`ParameterLayout` maps each tensor to the module that
 applies it and decides its block: a Kronecker-factored eigenbasis for the weight and
-bias of every linear map we can capture, a diagonal block (EKFAC in the identity
-basis) for every other parameter, or a refusal (weight tying, a foreign tensor,
-``unsupported_layers="raise"``). The linear maps (:class:`LayerKind`):
+bias of every layer of a registered kind (:mod:`ekfac_laplace.kinds`: ``Linear``,
+convolutions and transposed convolutions, GPT-2's ``Conv1D``, attention
+projections), a diagonal block (EKFAC in the identity basis) for every other
+parameter, or a refusal (weight tying, a foreign tensor,
+``unsupported_layers="raise"``).
 
-* ``nn.Linear`` and ``nn.Conv2d`` (groups 1, zero padding);
-* GPT-2's ``Conv1D`` (Hugging Face ``transformers``), a ``Linear`` that stores its
-  weight transposed, ``(d_in, d_out)``: its eigenbasis is ``Q_A ⊗ Q_G``;
-* ``nn.MultiheadAttention``'s packed ``in_proj_weight`` / ``in_proj_bias`` and its
-  ``out_proj``, which it applies functionally (``F.linear``) inside its forward.
-
-A module of one of these kinds gets Kronecker blocks only if the parameters of it
-in the posterior are exactly its ``weight`` and ``bias``: a pruned layer
-(``weight_orig``), an old-style weight norm (``weight_g``, ``weight_v``) or a
-parametrised weight (``parametrizations.weight.original``, owned by the layer it
-parametrises) gets diagonal blocks, computed through the module's own forward. The
-assumption ``y = W x + b`` itself is checked on real data before a fit
+A module of a Kronecker kind gets Kronecker blocks only if the parameters of it in
+the posterior are exactly its weight and bias: a pruned layer (``weight_orig``), an
+old-style weight norm (``weight_g``, ``weight_v``) or a parametrised weight
+(``parametrizations.weight.original``, owned by the layer it parametrises) gets
+diagonal blocks, computed through the module's own forward. The assumption
+``y = W x + b`` itself is checked on real data before a fit
 (:mod:`ekfac_laplace.layer_check`), which moves every layer that fails it to
 diagonal blocks (``diagonal_layers``). A Kronecker factor too large for memory is
 refused before any work, or, with ``max_factor_size``, moved to diagonal blocks.
@@ -31,15 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ekfac_laplace.diagonal import CaptureError, check_diagonal_module
+from ekfac_laplace.kinds import LayerKind, kind_of, unsupported_reason
 from ekfac_laplace.options import UnsupportedLayers
 
 #: Without ``max_factor_size``, a Kronecker factor larger than this (in the
@@ -47,74 +42,6 @@ from ekfac_laplace.options import UnsupportedLayers
 #: ``eigh``'s workspace would not fit a usual machine, and its ``eigh`` would take
 #: hours.
 FACTOR_LIMIT_BYTES = 2**31
-
-
-class LayerKind(str, Enum):
-    """How a Kronecker-factored layer applies its weight, and how it is captured."""
-
-    LINEAR = "linear"
-    CONV2D = "conv2d"
-    TRANSPOSED = "transposed"  # GPT-2's Conv1D: weight (d_in, d_out)
-    ATTENTION_IN = "attention_in"  # MultiheadAttention.in_proj_weight / _bias
-    ATTENTION_OUT = "attention_out"  # MultiheadAttention.out_proj (functional)
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is GPT-2's ``Conv1D``: ``x @ W + b`` with ``W (d_in, d_out)``.
-
-    Recognised by duck typing, so that ``transformers`` is not needed: the class is
-    named ``Conv1D`` and has ``nf`` outputs, a 2-D weight ``(d_in, nf)`` and a bias
-    ``(nf,)``.
-    """
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(getattr(module, "nf", None), int)
-        and isinstance(weight, Tensor)
-        and weight.ndim == 2
-        and weight.shape[1] == module.nf
-    )
-
-
-def kfac_supported(module: nn.Module) -> bool:
-    """Whether KFAC factorises the curvature of ``module``'s parameters.
-
-    Args:
-        module: Any module.
-
-    Returns:
-        ``True`` for ``nn.Linear`` and for ``nn.Conv2d`` with ``groups=1`` and zero
-        padding.
-    """
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros"
-    return isinstance(module, nn.Linear)
-
-
-def layer_positions(module: nn.Module, tensor: Tensor, is_input: bool) -> Tensor:
-    """Inputs (as patches) or output gradients of a layer as ``(B, S, d)``.
-
-    Args:
-        module: An ``nn.Linear``, ``nn.Conv2d`` or GPT-2 ``Conv1D``; for the
-            attention projections the capture hands them on as ``(B, S, d)``.
-        tensor: The layer's input (``is_input=True``) or an output-shaped tensor.
-        is_input: Whether ``tensor`` is the input (``Conv2d``: unfolded to patches).
-
-    Returns:
-        Shape ``(B, S, d)`` with ``S`` the positions sharing the weight.
-    """
-    if isinstance(module, nn.Conv2d):
-        if is_input:
-            patches = F.unfold(
-                tensor,
-                module.kernel_size,
-                dilation=module.dilation,
-                padding=module.padding,
-                stride=module.stride,
-            )
-            return patches.transpose(1, 2)
-        return tensor.flatten(start_dim=2).transpose(1, 2)
-    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
 
 
 class RowGroupingError(CaptureError):
@@ -175,22 +102,24 @@ class ParameterBlock(NamedTuple):
 
 @dataclass
 class KroneckerLayer:
-    """A linear map with Kronecker-factored blocks (see :class:`LayerKind`).
+    """A layer with Kronecker-factored blocks: a module and its kind.
+
+    What it sees and how its weight is laid out come from its
+    :class:`~ekfac_laplace.kinds.LayerKind`.
 
     Attributes:
         name: The layer's name: the module's name in the model, or
             ``"<attention>.in_proj"`` for an attention's packed in-projection.
         module: The module owning the parameters.
-        kind: How it applies its weight.
-        attention: For the attention kinds, the ``nn.MultiheadAttention`` that
-            applies it.
+        kind: Its kind.
+        attention: For kinds an attention applies, that ``nn.MultiheadAttention``.
         weight_index: Block index of its weight, if the weight is in the posterior.
         bias_index: Block index of its bias, if the bias is in the posterior.
     """
 
     name: str
     module: nn.Module
-    kind: LayerKind = LayerKind.LINEAR
+    kind: LayerKind
     attention: nn.MultiheadAttention | None = None
     weight_index: int | None = None
     bias_index: int | None = None
@@ -198,24 +127,46 @@ class KroneckerLayer:
     @property
     def weight_name(self) -> str:
         """The weight's name in :attr:`module`."""
-        return "in_proj_weight" if self.kind == LayerKind.ATTENTION_IN else "weight"
+        return self.kind.weight_name
 
     @property
     def bias_name(self) -> str:
         """The bias's name in :attr:`module`."""
-        return "in_proj_bias" if self.kind == LayerKind.ATTENTION_IN else "bias"
+        return self.kind.bias_name
 
     @property
     def transposed(self) -> bool:
-        """Whether the weight is stored ``(d_in, d_out)`` (eigenbasis ``Q_A ⊗ Q_G``)."""
-        return self.kind == LayerKind.TRANSPOSED
+        """Whether the block's eigenbasis is ``Q_A ⊗ Q_G`` (see the kind)."""
+        return self.kind.transposed
+
+    @property
+    def separate_bias(self) -> bool:
+        """Whether the bias is in the posterior with a factor of its own."""
+        return self.kind.separate_bias and self.bias_index is not None
+
+    @property
+    def shares_weight(self) -> bool:
+        """Whether ``G`` is needed: for the weight, or for a bias that shares it."""
+        return self.weight_index is not None or not self.kind.separate_bias
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """``a`` ``(B, S, d_in)`` of the input (batch in dimension 0)."""
+        return self.kind.inputs(self.module, x)
+
+    def output_gradients(self, gradient: Tensor) -> Tensor:
+        """``g`` ``(B, S, d_out)`` of an output-shaped tensor."""
+        return self.kind.output_gradients(self.module, gradient)
+
+    def bias_gradients(self, gradient: Tensor) -> Tensor:
+        """The rows ``(B, S_b, d_b)`` whose sums are the bias's gradients."""
+        return self.kind.bias_gradients(self.module, gradient)
 
     def as_matrix(self, weight_like: Tensor) -> Tensor:
         """The weight (or a tensor shaped like it) as the ``(d_out, d_in)`` map.
 
         The Kronecker factors act on this matrix: ``G`` on its rows, ``A`` on its
-        columns (a convolution's ``(out, in, kh, kw)`` flattened to ``(out,
-        in·kh·kw)``, GPT-2's ``(d_in, d_out)`` transposed).
+        columns (a convolution's ``(out, in, *k)`` flattened to ``(out, in·k)``,
+        GPT-2's ``(d_in, d_out)`` transposed).
 
         Args:
             weight_like: Shaped like the weight.
@@ -223,9 +174,7 @@ class KroneckerLayer:
         Returns:
             Shape ``(d_out, d_in)`` (a view where possible).
         """
-        if self.transposed:
-            return weight_like.T
-        return weight_like.reshape(weight_like.shape[0], -1)
+        return self.kind.as_matrix(weight_like)
 
     def weight_block(
         self, q_g: Tensor, q_a: Tensor, values: Tensor
@@ -238,8 +187,8 @@ class KroneckerLayer:
             values: Corrected eigenvalues ``(d_out, d_in)``.
 
         Returns:
-            ``((Q_G, Q_A), λ)``, or for a weight stored ``(d_in, d_out)``
-            ``((Q_A, Q_G), λᵀ)``; applying the inverse gives the factors back.
+            ``((Q_G, Q_A), λ)``, or for a transposed layout ``((Q_A, Q_G), λᵀ)``;
+            applying the inverse gives the factors back.
         """
         if self.transposed:
             return (q_a, q_g), values.T.contiguous()
@@ -269,23 +218,35 @@ class KroneckerLayer:
 
     @property
     def out_features(self) -> int:
-        """Output width ``d_out`` (channels for ``Conv2d``): rows of ``G``."""
+        """Output width ``d_out`` (channels for a convolution): rows of ``G``."""
         return self.as_matrix(self.weight).shape[0]
 
     @property
     def in_features(self) -> int:
-        """Input width ``d_in`` (``c_in·kh·kw`` for ``Conv2d``): rows of ``A``."""
+        """Input width ``d_in`` (``c_in·k`` for a convolution): rows of ``A``."""
         return self.as_matrix(self.weight).shape[1]
+
+    @property
+    def bias_features(self) -> int:
+        """Rows of the bias's factor: ``G``'s, or its own (``separate_bias``)."""
+        if self.kind.separate_bias:
+            return self.kind.bias_features(self.module)
+        return self.out_features
 
     def factor_sizes(self) -> dict[str, int]:
         """The Kronecker factors the posterior's blocks of this layer need.
 
         Returns:
-            ``{"gradient": d_out}``, and ``"input": d_in`` with the weight.
+            ``"gradient": d_out`` where ``G`` is needed, ``"input": d_in`` with
+            the weight, ``"bias": d_b`` for a bias with its own factor.
         """
-        sizes = {"gradient": self.out_features}
+        sizes = {}
+        if self.shares_weight:
+            sizes["gradient"] = self.out_features
         if self.weight_index is not None:
             sizes["input"] = self.in_features
+        if self.separate_bias:
+            sizes["bias"] = self.bias_features
         return sizes
 
     @property
@@ -297,6 +258,51 @@ class KroneckerLayer:
         """
         name = self.weight_name if self.bias_index is None else self.bias_name
         return self.module.get_parameter(name)
+
+
+class LayerBasis(NamedTuple):
+    """The eigenvectors of one Kronecker layer's factors.
+
+    Attributes:
+        gradient: ``Q_G`` (``None`` for a layer with only a bias of its own).
+        input: ``Q_A`` (``None`` without the weight in the posterior).
+        bias: The bias's own factor's eigenvectors (``separate_bias``), else
+            ``None`` (the bias uses ``Q_G``).
+    """
+
+    gradient: Tensor | None
+    input: Tensor | None = None
+    bias: Tensor | None = None
+
+    @property
+    def for_bias(self) -> Tensor | None:
+        """The eigenvectors of the bias's block: its own, or ``Q_G``."""
+        return self.gradient if self.bias is None else self.bias
+
+    def tensors(self) -> list[Tensor]:
+        """The eigenvectors present, in the order ``(Q_G, Q_A, Q_B)``.
+
+        Returns:
+            The tensors (for sharing them out over ranks).
+        """
+        return [q for q in self if q is not None]
+
+    @classmethod
+    def of(cls, layer: KroneckerLayer, tensors: Sequence[Tensor]) -> LayerBasis:
+        """The inverse of :meth:`tensors` for ``layer``.
+
+        Args:
+            layer: The layer.
+            tensors: What :meth:`tensors` gave.
+
+        Returns:
+            The basis.
+        """
+        present = iter(tensors)
+        gradient = next(present) if layer.shares_weight else None
+        inputs = next(present) if layer.weight_index is not None else None
+        bias = next(present) if layer.separate_bias else None
+        return cls(gradient, inputs, bias)
 
 
 @dataclass
@@ -413,7 +419,7 @@ class ParameterLayout:
                     self.blocks.append(ParameterBlock(module_name, param_name, False))
                     self.owners.append(layer)
                     continue
-                if found.kind == LayerKind.ATTENTION_OUT:
+                if found.kind.applied_by_parent and found.module is not found.attention:
                     raise ValueError(_functional_projection_message(found, reason))
                 self.demoted.setdefault(found.name, reason)
             if self.unsupported_layers == UnsupportedLayers.RAISE:
@@ -529,23 +535,28 @@ class ParameterLayout:
 
     def layer_bases(
         self, eigenbasis: Sequence[tuple[Tensor, ...]]
-    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+    ) -> dict[str, LayerBasis]:
         """Per-block eigenbases regrouped per Kronecker layer (online fitting).
 
         Args:
-            eigenbasis: Per block, ``(Q_G, Q_A)``, ``(Q_G,)`` or ``()``.
+            eigenbasis: Per block, ``(Q_G, Q_A)`` (or transposed), ``(Q_G,)``
+                (a bias) or ``()``.
 
         Returns:
-            Layer name to ``(Q_G, Q_A)``; ``Q_A`` is ``None`` when the layer's
-            weight is not in the posterior.
+            Layer name to its :class:`LayerBasis`.
         """
         bases = {}
         for layer in self.layers:
-            if layer.weight_index is None:
-                bases[layer.name] = (eigenbasis[layer.bias_index][0], None)
-            else:
+            q_g = q_a = q_b = None
+            if layer.weight_index is not None:
                 q_g, q_a, _ = layer.factor_block(eigenbasis[layer.weight_index])
-                bases[layer.name] = (q_g, q_a)
+            if layer.bias_index is not None:
+                (bias_basis,) = eigenbasis[layer.bias_index]
+                if layer.separate_bias:
+                    q_b = bias_basis
+                elif q_g is None:  # no weight: the bias carries Q_G
+                    q_g = bias_basis
+            bases[layer.name] = LayerBasis(q_g, q_a, q_b)
         return bases
 
     def first_diagonal(self) -> ParameterBlock | None:
@@ -613,7 +624,7 @@ def _functional_projection_message(layer: KroneckerLayer, reason: str) -> str:
 def _plain_parameters_reason(layer: KroneckerLayer, names: set[str]) -> str | None:
     """Why a layer's parameters in the posterior are not its plain weight and bias."""
     own = {layer.weight_name, layer.bias_name}
-    if layer.kind == LayerKind.ATTENTION_IN:
+    if layer.kind.other_parameters_diagonal:
         return None  # its other parameters (bias_k, bias_v) get diagonal blocks
     other = sorted(names - own)
     if not other:
@@ -629,25 +640,12 @@ def _kronecker_layer(
     model: nn.Module, module_name: str, module: nn.Module, param_name: str
 ) -> KroneckerLayer | None:
     """The Kronecker layer a parameter belongs to, or ``None`` (diagonal block)."""
-    if kfac_supported(module):
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
-            return KroneckerLayer(
-                module_name, module, LayerKind.ATTENTION_OUT, attention=parent
-            )
-        kind = LayerKind.CONV2D if isinstance(module, nn.Conv2d) else LayerKind.LINEAR
-        return KroneckerLayer(module_name, module, kind)
-    if is_transposed_linear(module):
-        return KroneckerLayer(module_name, module, LayerKind.TRANSPOSED)
-    if (
-        isinstance(module, nn.MultiheadAttention)
-        and module.in_proj_weight is not None  # packed: q, k, v of one width
-        and param_name in ("in_proj_weight", "in_proj_bias")
-    ):
-        name = f"{module_name}.in_proj" if module_name else "in_proj"
-        return KroneckerLayer(name, module, LayerKind.ATTENTION_IN, attention=module)
-    return None
+    found = kind_of(model, module_name, module, param_name)
+    if found is None:
+        return None
+    kind, name = found
+    attention = kind.attention_of(model, module_name, module)
+    return KroneckerLayer(name, module, kind, attention=attention)
 
 
 def _applying_module(
@@ -708,20 +706,16 @@ def _unsupported_message(
     module_name: str, param_name: str, module: nn.Module, demoted: str | None
 ) -> str:
     if demoted is not None:
-        reason = (
-            f"a {type(module).__name__} that cannot get Kronecker blocks: {demoted}"
-        )
-    elif isinstance(module, nn.Conv2d) and module.groups != 1:
-        reason = f"groups={module.groups}"
-    elif isinstance(module, nn.Conv2d):
-        reason = f"padding_mode={module.padding_mode!r}"
+        reason = f"a {type(module).__name__} that {demoted}"
     else:
-        reason = f"a {type(module).__name__}"
+        why = unsupported_reason(module)
+        reason = f"a {type(module).__name__}" + (f" with {why}" if why else "")
     return (
         f"Parameter '{module_name}.{param_name}' belongs to {reason}, which KFAC "
-        "cannot factorise (supported: nn.Linear, nn.Conv2d with groups=1 and zero "
-        "padding, GPT-2's Conv1D, nn.MultiheadAttention's packed projections, with "
-        "their plain weight and bias). Use unsupported_layers='diagonal' (the "
-        "default) for an exact diagonal block, freeze it with "
-        "requires_grad_(False), or use subset_of_weights='last_layer'."
+        "cannot factorise (supported: nn.Linear, nn.Conv1d/2d/3d and "
+        "nn.ConvTranspose1d/2d/3d with groups=1, GPT-2's Conv1D, "
+        "nn.MultiheadAttention's packed projections, with their plain weight and "
+        "bias). Use unsupported_layers='diagonal' (the default) for an exact "
+        "diagonal block, freeze it with requires_grad_(False), or use "
+        "subset_of_weights='last_layer'."
     )

@@ -36,7 +36,6 @@ from ekfac_laplace.layout import (
     KroneckerLayer,
     ParameterLayout,
     group_rows,
-    layer_positions,
 )
 from ekfac_laplace.matrix import EKFACDecomposed
 
@@ -106,19 +105,21 @@ def glm_predictive_variance(
         gradients = capture.take_gradients(layer.name)
         if not gradients:
             continue  # the layer does not influence the outputs
-        g = torch.stack(
-            [
-                group_rows(layer_positions(layer.module, grad, False), B, layer.name)
-                for grad in gradients
-            ],
-            dim=1,
-        )  # (B, K, S, out)
-        a = group_rows(
-            layer_positions(layer.module, capture.take_input(layer.name), True),
-            B,
-            layer.name,
-        )
-        variance = variance + _layer_term(layer, precision, g, a, joint)
+        rows = {  # (B, K, S, d): g for the weight, the bias's own rows if it has
+            which: torch.stack(
+                [group_rows(positions(grad), B, layer.name) for grad in gradients],
+                dim=1,
+            )
+            for which, positions in (
+                ("weight", layer.output_gradients),
+                ("bias", layer.bias_gradients),
+            )
+            if (which == "weight" and layer.shares_weight)
+            or (which == "bias" and layer.separate_bias)
+        }
+        rows.setdefault("bias", rows.get("weight"))
+        a = group_rows(layer.inputs(capture.take_input(layer.name)), B, layer.name)
+        variance = variance + _layer_term(layer, precision, rows, a, joint)
     for entry in layout.diagonal_modules:
         passes = capture.take_gradients(entry.name)
         if not passes:
@@ -150,7 +151,7 @@ def _empty(f: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
 def _layer_term(
     layer: KroneckerLayer,
     precision: EKFACDecomposed,
-    g: Tensor,
+    rows: dict[str, Tensor | None],
     a: Tensor,
     joint: bool,
 ) -> Tensor:
@@ -159,7 +160,9 @@ def _layer_term(
     Args:
         layer: The layer.
         precision: The posterior precision.
-        g: Its output Jacobians, ``(B, K, S, out)``.
+        rows: Its output Jacobians ``g`` ``(B, K, S, out)`` under ``"weight"``,
+            and the bias's rows under ``"bias"`` (the same unless the bias has a
+            factor of its own).
         a: Its inputs, ``(B, S, in)``.
         joint: Over all pairs of inputs, or per input.
 
@@ -168,10 +171,11 @@ def _layer_term(
     """
     term = 0
     if layer.bias_index is not None:
-        (q_g,) = precision.eigenvectors[layer.bias_index]
+        (q_b,) = precision.eigenvectors[layer.bias_index]
         inverse = precision.powered_eigenvalues(layer.bias_index, -1)
-        term = term + _bias_term(g.to(q_g.dtype) @ q_g, inverse, joint)
+        term = term + _bias_term(rows["bias"].to(q_b.dtype) @ q_b, inverse, joint)
     if layer.weight_index is not None:
+        g = rows["weight"]
         q_g, q_a, inverse = layer.factor_block(
             precision.eigenvectors[layer.weight_index],
             precision.powered_eigenvalues(layer.weight_index, -1),

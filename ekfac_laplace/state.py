@@ -161,9 +161,10 @@ def _expected_shapes(
     """The eigenvalue shape and eigenvector shapes block ``index`` must have."""
     if isinstance(owner, DiagonalModule):
         return tuple(param.shape), []
-    d_out, d_in = owner.out_features, owner.in_features
     if index == owner.bias_index:
-        return (d_out,), [(d_out, d_out)]
+        d_b = owner.bias_features
+        return (d_b,), [(d_b, d_b)]
+    d_out, d_in = owner.out_features, owner.in_features
     (first, second), values = owner.weight_block(
         torch.empty(d_out, d_out, device="meta"),
         torch.empty(d_in, d_in, device="meta"),

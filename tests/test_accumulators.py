@@ -18,10 +18,13 @@ from ekfac_laplace.accumulators import (
     robust_eigenvectors,
 )
 from ekfac_laplace.diagonal import ModuleCall
-from ekfac_laplace.layout import DiagonalModule, KroneckerLayer
+from ekfac_laplace.kinds.linear import Linear
+from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, LayerBasis
 from ekfac_laplace.options import EKFACOptions, KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
 from tests.utils import assert_close
+
+LINEAR = Linear()
 
 F64 = torch.float64
 B, S, D_IN, D_OUT, K = 5, 3, 4, 2, 3
@@ -31,6 +34,7 @@ def _layer(weight: bool = True, bias: bool = True) -> KroneckerLayer:
     return KroneckerLayer(
         "layer",
         nn.Linear(D_IN, D_OUT),
+        LINEAR,
         weight_index=0 if weight else None,
         bias_index=1 if bias else None,
     )
@@ -70,7 +74,7 @@ def test_factor_accumulator_sums_the_kronecker_factors(kfac_approx):
         G = torch.einsum("kbi,kbj->ij", g.sum(2), g.sum(2))
     assert_close(factors.input_factors["layer"], A)
     assert_close(factors.gradient_factors["layer"], G)
-    q_g, q_a = factors.eigenbases()["layer"]
+    q_g, q_a, _ = factors.eigenbases()["layer"]
     for q, M in ((q_g, G), (q_a, A)):
         rotated = q.T @ M @ q
         assert_close(rotated - torch.diag(torch.diagonal(rotated)), torch.zeros_like(M))
@@ -79,7 +83,7 @@ def test_factor_accumulator_sums_the_kronecker_factors(kfac_approx):
     factors = FactorAccumulator([bias_only], KFACApprox.EXPAND, 0, num_data=B)
     _feed(factors, bias_only, a, g)
     assert "layer" not in factors.input_factors
-    assert factors.eigenbases()["layer"][1] is None
+    assert factors.eigenbases()["layer"].input is None
 
 
 def test_factors_of_transposed_views_equal_those_of_contiguous_tensors():
@@ -135,7 +139,7 @@ def test_correction_accumulator_squares_rotated_per_example_gradients(
     a, g = _data(positions)
     layer = _layer()
     q_g, q_a = _orthogonal(D_OUT, 1), _orthogonal(D_IN, 2)
-    correction = CorrectionAccumulator({"layer": (q_g, q_a)})
+    correction = CorrectionAccumulator({"layer": LayerBasis(q_g, q_a)})
     _feed(correction, layer, a, g)
     per_example = torch.einsum("kbso,kbsi->kboi", g, a.expand(K, -1, -1, -1))
     rotated = q_g.T @ per_example @ q_a
@@ -163,7 +167,7 @@ def test_replay_and_the_output_layer_closed_form_equal_a_second_pass():
     )
     a = torch.randn(B, 1, D_IN, dtype=F64)
     layer = _layer()
-    bases = {"layer": (_orthogonal(D_OUT, 3), _orthogonal(D_IN, 4))}
+    bases = {"layer": LayerBasis(_orthogonal(D_OUT, 3), _orthogonal(D_IN, 4))}
     # The output layer's closed form against its vectors fed as gradients.
     closed = CorrectionAccumulator(bases)
     closed.output(layer, a, curvature)
@@ -205,7 +209,7 @@ def test_compact_cache_of_many_positions_replays_as_a_second_pass(weight, bias):
     entries = factors.cache["layer"]
     assert all(isinstance(entry, PerExampleGradients) for entry in entries)
     assert factors.cache_bytes == 2 * B * compact * 8
-    bases = {"layer": (_orthogonal(D_OUT, 5), _orthogonal(D_IN, 6))}
+    bases = {"layer": LayerBasis(_orthogonal(D_OUT, 5), _orthogonal(D_IN, 6))}
     replayed = CorrectionAccumulator(bases)
     replayed.replay(layer, entries)
     second_pass = CorrectionAccumulator(bases)

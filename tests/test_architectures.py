@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models import VisionTransformer
 
 from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
-from ekfac_laplace.layout import LayerKind, ParameterLayout
+from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.cases import loader
 from tests.utils import (
@@ -263,37 +263,37 @@ MODELS = {
     # name: (builder, kinds of its Kronecker layers, diagonal parameter names)
     "transformer_encoder": (
         Encoder,
-        {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
+        {"attention_in", "attention_out", "linear"},
         {"embedding.weight", *ENCODER_NORMS},
     ),
     "transformer_encoder_seq_first_norm_first": (
         lambda: Encoder(batch_first=False, norm_first=True),
-        {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
+        {"attention_in", "attention_out", "linear"},
         {"embedding.weight", *ENCODER_NORMS},
     ),
     "cross_attention": (
         CrossAttention,
-        {LayerKind.ATTENTION_IN, LayerKind.ATTENTION_OUT, LayerKind.LINEAR},
+        {"attention_in", "attention_out", "linear"},
         {"embedding.weight"},
     ),
     "lstm": (
         Recurrent,
-        {LayerKind.LINEAR},
+        {"linear"},
         {"embedding.weight", *RNN_WEIGHTS},
     ),
     "gru_seq_first": (
         lambda: Recurrent("gru", batch_first=False),
-        {LayerKind.LINEAR},
+        {"linear"},
         {"embedding.weight", *RNN_WEIGHTS},
     ),
-    "gpt2_conv1d": (GPT2Style, {LayerKind.TRANSPOSED}, {"embedding.weight"}),
+    "gpt2_conv1d": (GPT2Style, {"gpt2_conv1d"}, {"embedding.weight"}),
     "vit": (
         vit,
         {
-            LayerKind.CONV2D,
-            LayerKind.ATTENTION_IN,
-            LayerKind.ATTENTION_OUT,
-            LayerKind.LINEAR,
+            "convolution",
+            "attention_in",
+            "attention_out",
+            "linear",
         },
         {"class_token", "encoder.pos_embedding"}
         | {
@@ -339,7 +339,7 @@ def test_blocks_match_the_dense_ggn(name: str):
     la = _fit(model, X, y)
     params = list(model.parameters())
     layout = ParameterLayout(model, params)
-    assert {layer.kind for layer in layout.layers} == MODELS[name][1]
+    assert {layer.kind.name for layer in layout.layers} == MODELS[name][1]
     exact = blocks(
         loop_ggn(model, params, X, "classification"), [p.numel() for p in params]
     )

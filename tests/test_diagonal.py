@@ -196,12 +196,12 @@ MODELS = {
         3,
         {"embedding.weight", "positions.weight", "norm.weight", "norm.bias"},
     ),
-    "grouped_and_reflect_conv": (
+    "grouped_and_reflect_conv": (  # the reflect-padded one: Kronecker blocks
         odd_convs,
         lambda n: torch.randn(n, 2, 4, 4),
         "classification",
         3,
-        {"0.weight", "0.bias", "2.weight", "2.bias"},
+        {"0.weight", "0.bias"},
     ),
     "lora_frozen_base": (
         LoRA,

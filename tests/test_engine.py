@@ -31,7 +31,7 @@ class _Spy(PassAccumulator):
     def begin(self, layer, a) -> None:
         self.calls.append(("begin", layer.name, tuple(a.shape)))
 
-    def gradient(self, layer, a, g) -> None:
+    def gradient(self, layer, a, g, bias_rows=None) -> None:
         self.calls.append(("gradient", layer.name, tuple(g.shape)))
         self.gradients.append(g)
 

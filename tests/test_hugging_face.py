@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
-from ekfac_laplace.layout import LayerKind, ParameterLayout
+from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.predictive import glm_predictive_variance
 from tests.test_architectures import CLASSES, VOCABULARY, _loader, token_batch
 from tests.utils import (
@@ -84,9 +84,9 @@ def bert() -> nn.Module:
 
 FAMILIES = {
     # name: (builder, LoRA target modules, kinds of the Kronecker layers)
-    "llama": (llama, ["q_proj", "v_proj"], {LayerKind.LINEAR}),
-    "gpt2": (gpt2, ["c_attn"], {LayerKind.TRANSPOSED, LayerKind.LINEAR}),
-    "bert": (bert, ["query", "value"], {LayerKind.LINEAR}),
+    "llama": (llama, ["q_proj", "v_proj"], {"linear"}),
+    "gpt2": (gpt2, ["c_attn"], {"gpt2_conv1d", "linear"}),
+    "bert": (bert, ["query", "value"], {"linear"}),
 }
 
 
@@ -159,7 +159,7 @@ def test_all_weights_match_the_dense_ggn_and_jacobians(name: str):
     after = model.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
     layout = ParameterLayout(model, la._posterior_params())
-    assert {layer.kind for layer in layout.layers} == FAMILIES[name][2]
+    assert {layer.kind.name for layer in layout.layers} == FAMILIES[name][2]
     _check_blocks(model, la, X)
     _check_predictive(model, la)
     assert not model.training

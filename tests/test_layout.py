@@ -11,8 +11,6 @@ from ekfac_laplace.layout import (
     ParameterLayout,
     RowGroupingError,
     group_rows,
-    kfac_supported,
-    layer_positions,
 )
 
 
@@ -80,26 +78,6 @@ def test_layout_of_a_subset_and_its_refusals():
         ParameterLayout(norm, list(norm.parameters()))
 
 
-def test_kfac_supported_and_layer_positions():
-    assert kfac_supported(nn.Linear(2, 2)) and kfac_supported(nn.Conv2d(2, 2, 3))
-    assert not kfac_supported(nn.Conv2d(2, 2, 3, groups=2))
-    assert not kfac_supported(nn.Conv2d(2, 2, 3, padding_mode="reflect"))
-    assert not kfac_supported(nn.LayerNorm(2))
-    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-    x = torch.randn(4, 2, 6, 6)
-    patches = layer_positions(conv, x, is_input=True)
-    assert patches.shape == (4, 9, 18)
-    out = conv(x)
-    # The convolution is the patches times the flattened kernel.
-    assert torch.allclose(
-        patches @ conv.weight.flatten(1).T + conv.bias,
-        layer_positions(conv, out, is_input=False),
-        atol=1e-6,
-    )
-    tokens = torch.randn(4, 7, 5)
-    assert layer_positions(nn.Linear(5, 2), tokens, True).shape == (4, 7, 5)
-
-
 def test_layer_bases_regroup_the_block_eigenbases_per_layer():
     model = _mixed()
     params = [p for p in model.parameters()]
@@ -110,9 +88,10 @@ def test_layer_bases_regroup_the_block_eigenbases_per_layer():
     ]
     bases = layout.layer_bases(eigenbasis)
     assert list(bases) == ["0", "2", "4"]
-    assert bases["0"][1] is None and bases["0"][0] is eigenbasis[0][0]
-    assert bases["2"] == eigenbasis[1]
-    assert bases["4"] == eigenbasis[4]  # the weight's pair, shared by the bias
+    assert bases["0"].input is None and bases["0"].gradient is eigenbasis[0][0]
+    assert bases["0"].for_bias is eigenbasis[0][0]
+    assert bases["2"][:2] == eigenbasis[1] and bases["2"].bias is None
+    assert bases["4"][:2] == eigenbasis[4]  # the weight's pair, shared by the bias
 
 
 def test_group_rows_gathers_each_examples_consecutive_rows():

@@ -115,24 +115,76 @@ def block_diagonal(matrix: Tensor, sizes: list[int]) -> Tensor:
     return torch.block_diag(*blocks(matrix, sizes))
 
 
-def _layer_inputs(module: nn.Module, inputs: Tensor) -> Tensor:
-    """Layer inputs as ``(N, S, d_in)`` (Conv2d: unfolded patches)."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(
-            inputs,
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
+    """A convolution's patches ``(N, S, c_in·k)`` as torch's own convolution sees
+    them: output channel 0 is linear in its kernel ``W[0]``, with the patches as
+    its Jacobian (any padding, padding mode, stride, dilation, dimension)."""
+    weight = module.weight.detach()
+
+    def channel_zero(kernel: Tensor) -> Tensor:
+        params = {"weight": torch.cat([kernel.unsqueeze(0), weight[1:]])}
+        if module.bias is not None:
+            params["bias"] = torch.zeros_like(module.bias)
+        return functional_call(module, params, (inputs,))[:, 0]
+
+    J = jacrev(channel_zero)(weight[0])  # (N, *spatial_out, c_in, *k)
+    return J.reshape(inputs.shape[0], -1, weight[0].numel())
+
+
+def transposed_conv_patches(module: nn.Module, grads: Tensor) -> Tensor:
+    """A transposed convolution's ``g`` ``(N, S_in, c_out·k)``: for input position
+    ``s``, the gradient of ``⟨grads, y⟩`` w.r.t. ``W[0]`` when the input is one at
+    channel 0 and position ``s`` (``y`` is then linear in ``W[0]``)."""
+    weight = module.weight.detach()
+    spatial = module.weight.shape[2:]  # kernel; the input size follows from grads
+    n_dims = len(spatial)
+    sizes = [
+        (size + 2 * p - d * (k - 1) - extra - 1) // s + 1
+        for size, p, d, k, extra, s in zip(
+            grads.shape[2:],
+            module.padding,
+            module.dilation,
             module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
+            module.output_padding,
+            module.stride,
         )
-        return patches.transpose(1, 2)
+    ]
+    rows = []
+    for position in range(math.prod(sizes)):
+        one_hot = torch.zeros(1, weight.shape[0], math.prod(sizes), dtype=grads.dtype)
+        one_hot[0, 0, position] = 1.0
+        one_hot = one_hot.reshape(1, weight.shape[0], *sizes)
+
+        def response(kernel: Tensor, one_hot=one_hot) -> Tensor:
+            params = {"weight": torch.cat([kernel.unsqueeze(0), weight[1:]])}
+            if module.bias is not None:
+                params["bias"] = torch.zeros_like(module.bias)
+            return functional_call(module, params, (one_hot,))[0]
+
+        J = jacrev(response)(weight[0])  # (c_out, *out, c_out, *k)
+        rows.append(torch.einsum("nc...,c...k->nk", grads, J.flatten(-1 - n_dims)))
+    return torch.stack(rows, dim=1)
+
+
+def _layer_inputs(module: nn.Module, inputs: Tensor) -> Tensor:
+    """Layer inputs as ``(N, S, d_in)`` (convolutions: patches)."""
+    if isinstance(module, CONVOLUTIONS):
+        return conv_patches(module, inputs)
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):
+        return inputs.flatten(start_dim=2).transpose(1, 2)
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 
 
 def _layer_output_grads(module: nn.Module, grads: Tensor) -> Tensor:
     """Gradients w.r.t. layer outputs as ``(N, S, d_out)``."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVOLUTIONS):
         return grads.flatten(start_dim=2).transpose(1, 2)
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):
+        return transposed_conv_patches(module, grads)
     return grads.reshape(grads.shape[0], -1, grads.shape[-1])
 
 
