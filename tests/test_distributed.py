@@ -56,7 +56,16 @@ class _Masked(nn.Linear):
 def _data(kind: str, seed: int = 0) -> tuple[nn.Module, TensorDataset]:
     """A float64 model (eval mode, non-trivial batch-norm statistics) and its data."""
     torch.manual_seed(seed)
-    if kind == "masked":
+    if kind == "convs":  # a convolution and a transposed one (a bias of its own)
+        model = nn.Sequential(
+            nn.Conv1d(1, 2, 3, padding=1, padding_mode="reflect"),
+            nn.Tanh(),
+            nn.ConvTranspose1d(2, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(2 * 8, 3),
+        ).double()
+        X = torch.randn(N_DATA, 1, 4, dtype=torch.float64)
+    elif kind == "masked":
         model = _mlp().double()
         model[0] = _Masked(4, 5).double()
         X = torch.randn(N_DATA, 4, dtype=torch.float64)
@@ -87,6 +96,12 @@ CONFIGS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "mlp-regression-all": ("regression", "regression", "all", {"sigma_noise": 0.5}),
     "mlp-classification-ll": ("mlp", "classification", "last_layer", {}),
     "masked-classification-all": ("masked", "classification", "all", {}),
+    "convs-classification-all-nocache": (  # expand: reduce's G has a null space
+        "convs",
+        "classification",
+        "all",
+        {"cache_budget_bytes": 0},
+    ),
     "cnn-classification-all-reduce": (
         "cnn",
         "classification",
