@@ -432,6 +432,22 @@ class FactorAccumulator(PassAccumulator):
             term = flat.T @ flat
         self.input_factors[layer.name] = _add(self.input_factors.get(layer.name), term)
 
+    def replay(self, correction: CorrectionAccumulator) -> list[KroneckerLayer]:
+        """Feed the cached layers' entries to ``correction``, emptying the cache.
+
+        Args:
+            correction: The accumulator of the corrected eigenvalues.
+
+        Returns:
+            The layers a second pass must visit (not cached, or all of them if the
+            cache was given up).
+        """
+        cached = self.cached if self.caching else set()
+        for layer in self.layers:
+            if layer.name in cached:
+                correction.replay(layer, self.cache[layer.name])
+        return [layer for layer in self.layers if layer.name not in cached]
+
     def _remember(self, layer: KroneckerLayer, nbytes: int, entry: CacheEntry) -> None:
         if not self.caching or layer.name not in self.cached:
             return

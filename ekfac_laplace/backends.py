@@ -25,12 +25,7 @@ from laplace.curvature import (
     GGNInterface,
 )
 
-from ekfac_laplace.options import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    DEFAULT_SEED,
-    EKFACOptions,
-    FisherType,
-)
+from ekfac_laplace.options import EKFACOptions, FisherType, option_keywords
 
 #: ``asdl_fisher_kwargs`` keys that KronLaplace users pass, and the EKFAC option each
 #: sets. ``mc_samples`` / ``kfac_approx`` / ``seed`` are curvlinops' KFAC arguments;
@@ -137,14 +132,7 @@ def laplace_options(
     backend: type[CurvatureInterface] | None = None,
     backend_kwargs: Mapping[str, Any] | None = None,
     asdl_fisher_kwargs: Mapping[str, Any] | None = None,
-    *,
-    kfac_approx: str = "expand",
-    mc_samples: int = 1,
-    seed: int = DEFAULT_SEED,
-    engine: str = "fast",
-    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
-    unsupported_layers: str = "diagonal",
-    max_factor_size: int | None = None,
+    **options: Any,
 ) -> EKFACOptions:
     """The EKFAC options of a Laplace constructor's arguments, validated.
 
@@ -156,13 +144,8 @@ def laplace_options(
         backend_kwargs: The backend's keyword arguments.
         asdl_fisher_kwargs: KronLaplace-style ``mc_samples`` / ``n_mc_samples``,
             ``kfac_approx`` and ``seed``.
-        kfac_approx: ``"expand"`` or ``"reduce"``.
-        mc_samples: Labels per example for the Monte-Carlo Fisher.
-        seed: Seed of the Monte-Carlo label sampler.
-        engine: ``"fast"`` or ``"curvlinops"``.
-        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
-        unsupported_layers: ``"diagonal"`` or ``"raise"``.
-        max_factor_size: Larger Kronecker factors get diagonal blocks instead.
+        **options: The keyword options of :class:`~ekfac_laplace.EKFACOptions`
+            (:func:`~ekfac_laplace.options.option_keywords`).
 
     Returns:
         The options.
@@ -170,8 +153,14 @@ def laplace_options(
     Raises:
         ValueError: For an unsupported backend, unknown ``asdl_fisher_kwargs`` keys
             or an invalid option.
+        TypeError: For an unknown option.
     """
-    given = {"kfac_approx": kfac_approx, "mc_samples": mc_samples, "seed": seed}
+    unknown = set(options) - set(option_keywords())
+    if unknown:
+        raise TypeError(
+            f"Unknown EKFAC options {sorted(unknown)}; the options are "
+            f"{', '.join(option_keywords())}."
+        )
     extra = dict(asdl_fisher_kwargs or {})
     unknown = set(extra) - set(ASDL_FISHER_KEYS)
     if unknown:
@@ -183,13 +172,9 @@ def laplace_options(
         raise ValueError(
             "asdl_fisher_kwargs has both 'mc_samples' and 'n_mc_samples'; give one."
         )
+    given = dict(options)
     for key, value in extra.items():
         given[ASDL_FISHER_KEYS[key]] = value
     return EKFACOptions(
-        fisher_type=fisher_type_of(backend, backend_kwargs or {}),
-        engine=engine,
-        cache_budget_bytes=cache_budget_bytes,
-        unsupported_layers=unsupported_layers,
-        max_factor_size=max_factor_size,
-        **given,
+        fisher_type=fisher_type_of(backend, backend_kwargs or {}), **given
     )

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -145,6 +146,11 @@ class LaplaceBatches:
             examples += y.shape[0] if y.ndim else 1
             yield X, y
         self._pass_done(batches, examples)
+
+    @property
+    def passes(self) -> int:
+        """The complete passes over the loader so far (``first()`` is not one)."""
+        return self._passes
 
     def _pass_done(self, batches: int, examples: int) -> None:
         self._passes += 1
@@ -324,7 +330,7 @@ def check_outputs(out: Any) -> Tensor:
 
 
 def check_targets(
-    f: Tensor, y: Tensor, likelihood: str, batch: int | None = None
+    f: Tensor, y: Tensor, likelihood: Likelihood | str, batch: int | None = None
 ) -> None:
     """Refuse targets that do not fit the outputs and the likelihood.
 
@@ -349,7 +355,7 @@ def check_targets(
             f"The targets{where} contain NaN or Inf; the likelihood and the "
             "evidence would be NaN. Remove or repair those examples."
         )
-    if likelihood == "regression":
+    if likelihood == Likelihood.REGRESSION:
         if y.shape != f.shape:
             raise ValueError(
                 f"Regression targets have shape {tuple(y.shape)} but the model "
@@ -390,7 +396,9 @@ def check_targets(
 IGNORE_INDEX = -100
 
 
-def token_rows(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor, Tensor]:
+def token_rows(
+    f: Tensor, y: Tensor, likelihood: Likelihood | str
+) -> tuple[Tensor, Tensor, Tensor]:
     """The counted tokens of token-level outputs, one row each.
 
     A language model's outputs ``(B, T, C)`` with labels ``(B, T)`` are one
@@ -409,7 +417,7 @@ def token_rows(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor, T
     Raises:
         ValueError: For targets of another shape.
     """
-    if likelihood == "regression":
+    if likelihood == Likelihood.REGRESSION:
         if y.shape != f.shape:
             raise ValueError(
                 f"Token-level outputs of shape {tuple(f.shape)} need regression "
@@ -474,7 +482,7 @@ def naming_failing_module(model: nn.Module) -> Iterator[None]:
 def output_size(
     model: nn.Module,
     batches: LaplaceBatches,
-    likelihood: str,
+    likelihood: Likelihood | str,
     device: torch.device,
     dict_key_x: str = "input_ids",
 ) -> int:

@@ -17,13 +17,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 
 from ekfac_laplace.batches import LaplaceBatches, first_examples
 from ekfac_laplace.curvlinops_engine import curvlinops_ekfac
 from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.engine import fast_ekfac
-from ekfac_laplace.factors import EKFACFactors, likelihood_loss
+from ekfac_laplace.factors import (
+    EKFACFactors,
+    curvature_likelihood,
+    likelihood_loss,
+)
 from ekfac_laplace.layer_check import CHECK_EXAMPLES, checked_layout
 from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions, Engine
@@ -33,7 +38,7 @@ def compute_ekfac(
     model: nn.Module,
     params: Sequence[Tensor],
     batches: LaplaceBatches,
-    likelihood: str,
+    likelihood: Likelihood | str,
     num_data: int,
     options: EKFACOptions | None = None,
     *,
@@ -79,6 +84,7 @@ def compute_ekfac(
             ``options.max_factor_size``.
     """
     options = EKFACOptions() if options is None else options
+    likelihood = curvature_likelihood(likelihood)
     _, factor = likelihood_loss(likelihood)
     layout = ParameterLayout(
         model,

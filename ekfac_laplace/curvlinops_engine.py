@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from curvlinops import EKFACLinearOperator
 from curvlinops import FisherType as CurvlinopsFisherType
+from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 
 from ekfac_laplace import _compat
@@ -111,7 +112,7 @@ def curvlinops_ekfac(
     model: nn.Module,
     layout: ParameterLayout,
     batches: LaplaceBatches,
-    likelihood: str,
+    likelihood: Likelihood | str,
     num_data: int,
     options: EKFACOptions,
     *,

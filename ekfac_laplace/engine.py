@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -81,7 +82,7 @@ class Sweep:
         self,
         model: nn.Module,
         layout: ParameterLayout,
-        likelihood: str = "classification",
+        likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
     ) -> None:
         self.model = model
         self.layout = layout
@@ -385,6 +386,29 @@ def _padding(X: Any, positions: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+class PassTotals(NamedTuple):
+    """What one pass over the data counted (summed over the ranks in place).
+
+    Attributes:
+        loss: The summed loss.
+        examples: The examples seen (counted tokens for token-level outputs), as
+            a tensor.
+        token_level: Whether the outputs were token-level.
+    """
+
+    loss: Tensor
+    examples: Tensor
+    token_level: bool = False
+
+    def tensors(self) -> list[Tensor]:
+        """The counts to sum over the ranks (in place).
+
+        Returns:
+            ``[loss, examples]``.
+        """
+        return [self.loss, self.examples]
+
+
 class FastEKFAC:
     """EKFAC over a data set with :class:`Sweep`: factors, eigenbases, correction.
 
@@ -406,7 +430,7 @@ class FastEKFAC:
         self,
         model: nn.Module,
         layout: ParameterLayout,
-        likelihood: str,
+        likelihood: Likelihood | str,
         options: EKFACOptions,
         num_data: int,
         progress_bar: bool = False,
@@ -420,11 +444,7 @@ class FastEKFAC:
         self.progress_bar = progress_bar
         self.ranks = LocalRanks() if ranks is None else ranks
         self.sweep = Sweep(model, layout, likelihood)
-        self.tokens = 0  # counted tokens of token-level outputs (the last pass)
-        self.token_level = False
         self.loss_function, _ = likelihood_loss(likelihood)
-        self.passes = 0
-        self._batch_index = 0
 
     def compute(
         self,
@@ -454,15 +474,14 @@ class FastEKFAC:
                 self.options.cache_budget_bytes,
                 self.num_data,
             )
-            loss = ranks.run(
+            totals = ranks.run(
                 lambda: self._pass(
                     batches, "EKFAC: Kronecker factors", factors, diagonal
                 ),
                 "the Kronecker-factor pass",
             )
-            tokens = loss.new_tensor(float(self.tokens))
             ranks.sum_(
-                [*factors.partial_sums(), *diagonal.partial_sums(), loss, tokens]
+                [*factors.partial_sums(), *diagonal.partial_sums(), *totals.tensors()]
             )
             shared = ranks.share_out(
                 len(layers), lambda i: factors.eigenbasis(layers[i]).tensors()
@@ -474,11 +493,7 @@ class FastEKFAC:
             correction = CorrectionAccumulator(bases)
 
             def correct() -> None:  # from the cache, and a second pass for the rest
-                cached = factors.cached if factors.caching else set()
-                for layer in layers:
-                    if layer.name in cached:
-                        correction.replay(layer, factors.cache[layer.name])
-                rest = [layer for layer in layers if layer.name not in cached]
+                rest = factors.replay(correction)
                 if rest:
                     self._pass(
                         batches, "EKFAC: eigenvalue correction", correction, None, rest
@@ -488,19 +503,15 @@ class FastEKFAC:
         else:
             bases = self.layout.layer_bases(eigenbasis)
             correction = CorrectionAccumulator(bases)
-            loss = ranks.run(
+            totals = ranks.run(
                 lambda: self._pass(
                     batches, "EKFAC: eigenvalue correction", correction, diagonal
                 ),
                 "the eigenvalue-correction pass",
             )
-            tokens = loss.new_tensor(float(self.tokens))
-            ranks.sum_([*diagonal.partial_sums(), loss, tokens])
+            ranks.sum_([*diagonal.partial_sums(), *totals.tensors()])
         ranks.sum_(correction.partial_sums(layers))
-        factors = self._assemble(bases, correction, diagonal, loss)
-        if self.token_level:
-            factors.tokens = round(float(tokens))
-        return factors
+        return self._assemble(bases, correction, diagonal, totals)
 
     def _pass(
         self,
@@ -509,42 +520,38 @@ class FastEKFAC:
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None = None,
         layers: list[KroneckerLayer] | None = None,
-    ) -> Tensor:
-        """One pass over the data (over ``layers``, default all); the summed loss.
+    ) -> PassTotals:
+        """One pass over the data (over ``layers``, default all); what it counted.
 
         The label sampler is re-seeded at every pass, so both passes of a fit draw
         the same Monte-Carlo labels.
         """
-        self.passes += 1
         reference = self.layout.params[0]
         device = reference.device
         generator = torch.Generator(device=device)
         # One stream per rank: reproducible for a given seed and number of ranks.
         generator.manual_seed(self.options.seed + self.ranks.rank)
-
-        curvature_fn = functools.partial(self._output_curvature, generator)
         dtype = accumulation_dtype(reference.dtype)
         loss = torch.zeros((), dtype=dtype, device=device)
-        self.tokens = 0
+        examples, token_level = 0, False
         progress = tqdm(batches, desc=description, disable=not self.progress_bar)
-        for self._batch_index, (X, y) in enumerate(progress):
+        for index, (X, y) in enumerate(progress):
             y = y.to(device)
             X = to_device(X, device)
+            curvature_fn = functools.partial(self._output_curvature, generator, index)
             f, y_rows = self.sweep.run(
                 X, y, curvature_fn, accumulator, diagonal, layers
             )
             loss = loss + self.loss_function(f, y_rows)
             accumulator.batch_done(f.shape[0])
-            if y_rows is not y:  # token-level outputs: count the examples
-                self.token_level = True
-                self.tokens += y_rows.shape[0]
-        return loss
+            token_level = token_level or y_rows is not y  # each token an example
+            examples += y_rows.shape[0]
+        return PassTotals(loss, loss.new_tensor(float(examples)), token_level)
 
     def _output_curvature(
-        self, generator: torch.Generator, f: Tensor, y: Tensor
+        self, generator: torch.Generator, batch: int, f: Tensor, y: Tensor
     ) -> OutputCurvature:
-        # Every batch, not only the first.
-        check_targets(f, y, self.likelihood, self._batch_index)
+        check_targets(f, y, self.likelihood, batch)  # every batch, not the first
         return OutputCurvature(f, y, self.likelihood, self.options, generator)
 
     def _assemble(
@@ -552,9 +559,9 @@ class FastEKFAC:
         bases: dict[str, LayerBasis],
         correction: CorrectionAccumulator,
         diagonal: DiagonalSquares,
-        loss: Tensor,
+        totals: PassTotals,
     ) -> EKFACFactors:
-        """Eigenvectors and eigenvalues in block order."""
+        """Eigenvectors and eigenvalues in block order, the loss and the count."""
         n_blocks = len(self.layout)
         eigenvectors: list[tuple[Tensor, ...]] = [()] * n_blocks
         eigenvalues: list[Tensor | None] = [None] * n_blocks
@@ -574,14 +581,15 @@ class FastEKFAC:
         for entry in self.layout.diagonal_modules:
             for index, squares in zip(entry.indices, diagonal.squares[entry.name]):
                 eigenvalues[index] = squares
-        return EKFACFactors(eigenvectors, eigenvalues, loss)
+        tokens = round(float(totals.examples)) if totals.token_level else None
+        return EKFACFactors(eigenvectors, eigenvalues, totals.loss, tokens)
 
 
 def fast_ekfac(
     model: nn.Module,
     layout: ParameterLayout,
     batches: Iterable[tuple[Any, Tensor]],
-    likelihood: str,
+    likelihood: Likelihood | str,
     num_data: int,
     options: EKFACOptions,
     *,

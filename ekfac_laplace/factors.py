@@ -22,11 +22,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 
 from ekfac_laplace.matrix import EKFACDecomposed
 
-LIKELIHOODS = ("classification", "regression")
+#: The likelihoods whose curvature EKFAC computes (laplace-torch's enum; reward
+#: modelling is fitted as classification over pairs).
+LIKELIHOODS = (Likelihood.CLASSIFICATION, Likelihood.REGRESSION)
+
+
+def curvature_likelihood(likelihood: Likelihood | str) -> Likelihood:
+    """The likelihood of a curvature, as laplace-torch's enum.
+
+    Args:
+        likelihood: ``"classification"`` or ``"regression"`` (or the enum).
+
+    Returns:
+        The enum member.
+
+    Raises:
+        ValueError: For another likelihood.
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(
+            f"EKFAC supports the likelihoods 'classification' and 'regression', got "
+            f"{likelihood!r}."
+        )
+    return Likelihood(likelihood)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +67,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def likelihood_loss(likelihood: str) -> tuple[nn.Module, float]:
+def likelihood_loss(likelihood: Likelihood | str) -> tuple[nn.Module, float]:
     """laplace-torch's summed loss of a likelihood and its factor to the NLL.
 
     Args:
@@ -57,14 +80,9 @@ def likelihood_loss(likelihood: str) -> tuple[nn.Module, float]:
     Raises:
         ValueError: For another likelihood.
     """
-    if likelihood == "classification":
+    if curvature_likelihood(likelihood) == Likelihood.CLASSIFICATION:
         return nn.CrossEntropyLoss(reduction="sum"), 1.0
-    if likelihood == "regression":
-        return nn.MSELoss(reduction="sum"), 0.5
-    raise ValueError(
-        f"EKFAC supports the likelihoods 'classification' and 'regression', got "
-        f"{likelihood!r}."
-    )
+    return nn.MSELoss(reduction="sum"), 0.5
 
 
 @dataclass

@@ -10,7 +10,7 @@ constructor arguments and the EKFAC options.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from laplace.curvature import CurvatureInterface
@@ -19,6 +19,9 @@ from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from ekfac_laplace._compat import (
     check_laplace_torch,
@@ -37,11 +40,7 @@ from ekfac_laplace.batches import (
     to_device,
 )
 from ekfac_laplace.distributed import ranks_of
-from ekfac_laplace.options import (
-    DEFAULT_CACHE_BUDGET_BYTES,
-    DEFAULT_SEED,
-    EKFACOptions,
-)
+from ekfac_laplace.options import EKFACOptions, OptionKeywords, taking_options
 from ekfac_laplace.posterior import (
     EKFACPosterior,
     check_finite,
@@ -53,8 +52,6 @@ from ekfac_laplace.predictive import glm_predictive_variance
 from ekfac_laplace.state import checked_state, restored_on_failure
 
 check_laplace_torch()  # the private members our classes read and override
-
-_LIKELIHOODS = tuple(likelihood.value for likelihood in Likelihood)
 
 
 def _checked_options(
@@ -79,10 +76,10 @@ def _checked_options(
         ValueError: For an unsupported likelihood, backend or option, or a bad
             hyperparameter.
     """
-    if likelihood not in _LIKELIHOODS:
+    if likelihood not in tuple(Likelihood):
         raise ValueError(
             f"Invalid likelihood type {likelihood!r}; EKFAC Laplace supports "
-            f"{', '.join(repr(name) for name in _LIKELIHOODS)}."
+            f"{', '.join(repr(member.value) for member in Likelihood)}."
         )
     options = laplace_options(*args, **kwargs)
     prior_precision, sigma_noise, temperature, prior_mean = hyperparameters
@@ -107,10 +104,12 @@ class EKFACLaplace(EKFACPosterior):
     basis and the exact diagonal of the curvature.
 
     Args:
-        model: The MAP network. Parameters (``requires_grad=True``) of ``nn.Linear``
-            and ``nn.Conv2d`` get Kronecker-factored eigenbases; those of other
-            modules (norm layers, embeddings, grouped convolutions, ...) diagonal
-            blocks, the exact GGN / Fisher diagonal (see ``unsupported_layers``).
+        model: The MAP network. Parameters (``requires_grad=True``) of the layers
+            of a Kronecker kind (:mod:`ekfac_laplace.kinds`: ``nn.Linear``,
+            convolutions, transposed convolutions, ...) get Kronecker-factored
+            eigenbases; those of other modules (norm layers, embeddings, grouped
+            convolutions, ...) diagonal blocks, the exact GGN / Fisher diagonal
+            (see ``unsupported_layers``).
         likelihood: ``"classification"``, ``"regression"`` or
             ``"reward_modeling"`` (fitted as classification over pairs, predicted
             as regression, as laplace-torch).
@@ -130,23 +129,15 @@ class EKFACLaplace(EKFACPosterior):
             laplace-torch's predictive where ours does not apply.
         asdl_fisher_kwargs: For compatibility with ``KronLaplace``: may carry
             ``mc_samples`` (or ``n_mc_samples``), ``kfac_approx`` and ``seed``.
-        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
-        mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
-        seed: Seed of the Monte-Carlo label sampler (fits are reproducible).
-        engine: ``"fast"`` (default) or ``"curvlinops"``.
-        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
-        unsupported_layers: ``"diagonal"`` (default) or ``"raise"``: for
-            parameters KFAC cannot factorise and layers that fail the layer check.
-        max_factor_size: Layers with a Kronecker factor of more rows get their
-            exact diagonal block; ``None`` (default): factors over 2 GiB are
-            refused.
         process_group: A ``torch.distributed`` process group for a data-parallel
             fit (``torch.distributed.group.WORLD`` or a subgroup): each rank fits
             the loader of its shard and every rank gets the posterior of the union
             of the shards. ``None`` (default): one process.
-
-    The eight from ``kfac_approx`` to ``max_factor_size`` become one
-    :class:`~ekfac_laplace.EKFACOptions`, ``la.options``.
+        **options: The keywords of :class:`~ekfac_laplace.EKFACOptions` (all but
+            ``fisher_type``, which the backend decides: ``kfac_approx``,
+            ``engine``, ``unsupported_layers``, ...), with its defaults;
+            together they become ``la.options``. ``help(EKFACLaplace)`` shows
+            each with its description.
 
     Raises:
         ValueError: For an unsupported likelihood, backend, option or
@@ -155,6 +146,7 @@ class EKFACLaplace(EKFACPosterior):
 
     _key = ("all", "ekfac")
 
+    @taking_options
     def __init__(
         self,
         model: nn.Module,
@@ -169,14 +161,8 @@ class EKFACLaplace(EKFACPosterior):
         backend: type[CurvatureInterface] | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
-        kfac_approx: str = "expand",
-        mc_samples: int = 1,
-        seed: int = DEFAULT_SEED,
-        engine: str = "fast",
-        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
-        unsupported_layers: str = "diagonal",
-        max_factor_size: int | None = None,
         process_group: Any | None = None,
+        **options: Unpack[OptionKeywords],
     ) -> None:
         self.process_group = process_group
         self.options = _checked_options(
@@ -185,13 +171,7 @@ class EKFACLaplace(EKFACPosterior):
             backend,
             backend_kwargs,
             asdl_fisher_kwargs,
-            kfac_approx=kfac_approx,
-            mc_samples=mc_samples,
-            seed=seed,
-            engine=engine,
-            cache_budget_bytes=cache_budget_bytes,
-            unsupported_layers=unsupported_layers,
-            max_factor_size=max_factor_size,
+            **options,
         )
         super().__init__(
             model,
@@ -266,16 +246,10 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         last_layer_name: Name of the last layer; found automatically if ``None``.
         backend_kwargs: Passed to the backend.
         asdl_fisher_kwargs: Not supported for last-layer Laplace (laplace-torch).
-        kfac_approx: ``"expand"`` or ``"reduce"``.
-        mc_samples: Labels sampled per example for the Monte-Carlo Fisher.
-        seed: Seed of the Monte-Carlo label sampler.
-        engine: ``"fast"`` (default) or ``"curvlinops"``.
-        cache_budget_bytes: Memory the fast engine may use to skip its second pass.
-        max_factor_size: Last layers with a Kronecker factor of more rows (a large
-            vocabulary) get their exact diagonal block; ``None`` (default):
-            factors over 2 GiB are refused.
         process_group: A ``torch.distributed`` process group for a data-parallel
             fit (see :class:`EKFACLaplace`).
+        **options: The keywords of :class:`~ekfac_laplace.EKFACOptions`, as for
+            :class:`EKFACLaplace` (``max_factor_size`` for a large vocabulary).
 
     Raises:
         ValueError: For an unsupported likelihood, backend, option or
@@ -284,6 +258,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
 
     _key = ("last_layer", "ekfac")
 
+    @taking_options
     def __init__(
         self,
         model: nn.Module,
@@ -300,13 +275,8 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         last_layer_name: str | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
-        kfac_approx: str = "expand",
-        mc_samples: int = 1,
-        seed: int = DEFAULT_SEED,
-        engine: str = "fast",
-        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES,
-        max_factor_size: int | None = None,
         process_group: Any | None = None,
+        **options: Unpack[OptionKeywords],
     ) -> None:
         self.process_group = process_group
         # laplace-torch's LLLaplace refuses asdl_fisher_kwargs itself.
@@ -315,12 +285,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             (prior_precision, sigma_noise, temperature, prior_mean),
             backend,
             backend_kwargs,
-            kfac_approx=kfac_approx,
-            mc_samples=mc_samples,
-            seed=seed,
-            engine=engine,
-            cache_budget_bytes=cache_budget_bytes,
-            max_factor_size=max_factor_size,
+            **options,
         )
         super().__init__(
             model,

@@ -5,19 +5,30 @@ Eight settings decide how the EKFAC curvature is computed: which curvature
 Monte-Carlo sampler (``mc_samples``, ``seed``), which engine computes it and how much
 memory it may keep (``engine``, ``cache_budget_bytes``), what happens to parameters
 KFAC cannot factorise (``unsupported_layers``), and how large a Kronecker factor may
-be (``max_factor_size``). :class:`EKFACOptions` holds them as one
-frozen value: built (and checked) once where a user passes them, handed whole to
+be (``max_factor_size``). :class:`EKFACOptions` holds them as one frozen value:
+built (and checked) once where a user passes them, handed whole to
 :func:`ekfac_laplace.compute_ekfac` and the engines, and saved whole in a Laplace
 object's ``state_dict``. The string choices are enums, as curvlinops' ``FisherType``
 and ``KFACType``; plain strings are accepted and converted.
+
+The dataclass is the one declaration of the options: a new option is a field and
+its line in the class docstring. The Laplace constructors take every option but
+``fisher_type`` (which the backend decides) as a keyword (:func:`taking_options`
+gives them the signature and the help of each), :func:`option_keywords` lists
+them, and :class:`OptionKeywords` types them for static checkers (a test keeps it
+equal to the fields).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+import difflib
+import functools
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 #: Seed of the Monte-Carlo label sampler unless one is given (curvlinops' default).
 DEFAULT_SEED = 2147483647
@@ -107,7 +118,9 @@ class EKFACOptions:
     Attributes:
         fisher_type: The curvature: exact GGN (``"type2"``, default), Monte-Carlo
             Fisher (``"mc"``) or empirical Fisher (``"empirical"``).
-        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for ``Conv2d``.
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``: how the positions
+            that share a weight (a convolution's, a sequence's) enter the
+            Kronecker factors.
         mc_samples: Labels drawn per example for the Monte-Carlo Fisher (``1``
             otherwise).
         seed: Seed of the Monte-Carlo label sampler; every pass draws the same labels,
@@ -130,7 +143,10 @@ class EKFACOptions:
             ``mc_samples != 1`` without ``fisher_type="mc"``.
     """
 
-    fisher_type: FisherType = FisherType.TYPE2
+    fisher_type: FisherType = field(
+        default=FisherType.TYPE2,
+        metadata={"keyword": False},  # from the backend
+    )
     kfac_approx: KFACApprox = KFACApprox.EXPAND
     mc_samples: int = 1
     seed: int = DEFAULT_SEED
@@ -198,3 +214,115 @@ class EKFACOptions:
                 f"The saved EKFAC options have unknown names {sorted(unknown)}."
             )
         return cls(**values)
+
+
+class OptionKeywords(TypedDict, total=False):
+    """The keyword options of the Laplace constructors, for static type checkers.
+
+    The same names and types as the :class:`EKFACOptions` fields (but
+    ``fisher_type``); ``tests/test_options.py`` keeps them equal. Used as
+    ``**options: Unpack[OptionKeywords]`` so that editors complete them.
+    """
+
+    kfac_approx: KFACApprox | str
+    mc_samples: int
+    seed: int
+    engine: Engine | str
+    cache_budget_bytes: int
+    unsupported_layers: UnsupportedLayers | str
+    max_factor_size: int | None
+
+
+_CHOICES = ("fisher_type", "kfac_approx", "engine", "unsupported_layers")
+
+
+def option_keywords() -> dict[str, Any]:
+    """The options a Laplace constructor takes as keywords, with their defaults.
+
+    Returns:
+        Name to default (an enum's default as its string), in field order.
+    """
+    defaults = {}
+    for option in fields(EKFACOptions):
+        if option.metadata.get("keyword", True):
+            default = option.default
+            defaults[option.name] = (
+                default.value if isinstance(default, Enum) else default
+            )
+    return defaults
+
+
+def option_docs() -> dict[str, str]:
+    """Each option's description, from the ``Attributes`` of :class:`EKFACOptions`.
+
+    Returns:
+        Name to its text (continuation lines joined).
+    """
+    section = (EKFACOptions.__doc__ or "").split("Attributes:", 1)[-1]
+    section = section.split("Raises:", 1)[0]
+    docs: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^ {8}(\w+): (.*)$", line)
+        if match:
+            name, text = match.groups()
+            docs[name] = text
+        elif name is not None and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+Init = TypeVar("Init", bound=Callable[..., None])
+
+
+def taking_options(init: Init) -> Init:
+    """Give a Laplace constructor that takes ``**options`` the option keywords.
+
+    The wrapped ``__init__`` refuses an unknown keyword as Python would
+    (``TypeError``, with the closest option named), and shows each option of
+    :func:`option_keywords` with its default in its signature (``help``, IDEs that
+    inspect at run time) and its description in its docstring.
+
+    Args:
+        init: ``__init__(self, ..., **options)``.
+
+    Returns:
+        The wrapped ``__init__``.
+    """
+    signature = inspect.signature(init)
+    named = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    defaults = option_keywords()
+    types = {  # a choice also takes its string
+        f.name: f"{f.type} | str" if f.name in _CHOICES else f.type
+        for f in fields(EKFACOptions)
+    }
+    keywords = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=types[name]
+        )
+        for name, value in defaults.items()
+    ]
+    accepted = {p.name for p in named} | set(defaults)
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [key for key in kwargs if key not in accepted]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(accepted), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"{type(self).__name__}.__init__() got an unexpected keyword "
+                f"argument {unknown[0]!r}{hint} Its EKFAC options are "
+                f"{', '.join(defaults)}."
+            )
+        init(self, *args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*named, *keywords])
+    docs = option_docs()
+    lines = [f"    {name}: {docs.get(name, '')}" for name in defaults]
+    wrapper.__doc__ = (
+        (init.__doc__ or "")
+        + "\n\nEKFAC options (keywords; see EKFACOptions):\n\n"
+        + "\n".join(lines)
+    )
+    return wrapper  # type: ignore[return-value]

@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 
 import torch
+from laplace.utils.enums import Likelihood
 from torch import Tensor
 from torch.nn import functional as F
 
 from ekfac_laplace.options import EKFACOptions, FisherType
 
 
-def loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
+def loss_gradient(f: Tensor, y: Tensor, likelihood: Likelihood | str) -> Tensor:
     """Gradient of the summed torch loss w.r.t. the outputs, per example.
 
     Args:
@@ -40,7 +41,7 @@ def loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
     Returns:
         Shape ``(B, C)``.
     """
-    if likelihood == "regression":
+    if likelihood == Likelihood.REGRESSION:
         return 2.0 * (f - y)
     if y.ndim == 1:
         return f.softmax(dim=1) - F.one_hot(y, f.shape[1]).to(f.dtype)
@@ -67,7 +68,7 @@ class OutputCurvature:
         self,
         f: Tensor,
         y: Tensor,
-        likelihood: str,
+        likelihood: Likelihood | str,
         options: EKFACOptions,
         generator: torch.Generator,
     ) -> None:
@@ -75,7 +76,7 @@ class OutputCurvature:
         self.probabilities: Tensor | None = None
         self._vectors: Tensor | None = None
         if options.fisher_type == FisherType.TYPE2:
-            if likelihood == "classification":
+            if likelihood == Likelihood.CLASSIFICATION:
                 self.probabilities = f.softmax(dim=1)
             else:
                 eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
@@ -164,12 +165,12 @@ def _softmax_root(p: Tensor) -> Tensor:
 
 
 def _sampled_gradients(
-    f: Tensor, likelihood: str, mc_samples: int, generator: torch.Generator
+    f: Tensor, likelihood: Likelihood | str, mc_samples: int, generator: torch.Generator
 ) -> Tensor:
     """``(B, S, C)`` loss gradients at labels drawn from the model, over ``√S``."""
     samples = []
     for _ in range(mc_samples):
-        if likelihood == "regression":
+        if likelihood == Likelihood.REGRESSION:
             noise = torch.randn(
                 f.shape, generator=generator, dtype=f.dtype, device=f.device
             )

@@ -272,11 +272,11 @@ class EKFACPosterior(ParametricLaplace):
         BaseLaplace.prior_precision.fset(self, prior_precision)
 
     @property
-    def _curvature_likelihood(self) -> str:
+    def _curvature_likelihood(self) -> Likelihood:
         """The likelihood of the curvature: reward modelling fits as classification."""
         if self.likelihood == Likelihood.REWARD_MODELING:
-            return Likelihood.CLASSIFICATION.value
-        return str(Likelihood(self.likelihood).value)
+            return Likelihood.CLASSIFICATION
+        return Likelihood(self.likelihood)
 
     # ----------------------------------------- what the posterior is over
     def _posterior_params(self) -> list[Tensor]:

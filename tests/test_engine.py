@@ -155,7 +155,7 @@ def test_pass_count(options, eigenbasis, passes):
     )
     batches = LaplaceBatches(loader(X, y, batch_size=5))
     engine.compute(batches, basis if eigenbasis else None)
-    assert engine.passes == passes
+    assert batches.passes == passes
     assert forwards[0] == passes * 5  # 24 examples in batches of 5
 
 

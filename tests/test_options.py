@@ -91,3 +91,37 @@ def test_state_round_trip_stores_plain_values():
         EKFACOptions.from_state((*state, ("damping", 1)))
     with pytest.raises(ValueError, match="Unknown engine"):
         EKFACOptions.from_state({"engine": "asdl"})
+
+
+def test_every_option_is_declared_once_and_reaches_every_constructor():
+    import inspect
+
+    from ekfac_laplace import EKFACLaplace, EKFACLLLaplace
+    from ekfac_laplace.backends import laplace_options
+    from ekfac_laplace.options import OptionKeywords, option_docs, option_keywords
+
+    keywords = option_keywords()
+    fields = {f.name: f for f in dataclasses.fields(EKFACOptions)}
+    assert list(keywords) == [name for name in fields if name != "fisher_type"]
+    assert set(option_docs()) == set(fields)  # every field has its description
+    # The static mirror of the keywords: the same names and types.
+    annotations = {
+        name: getattr(annotation, "__forward_arg__", annotation)
+        for name, annotation in OptionKeywords.__annotations__.items()
+    }
+    assert list(annotations) == list(keywords)
+    for name, annotation in annotations.items():
+        assert annotation.split(" | ")[0] == fields[name].type.split(" | ")[0]
+    for cls in (EKFACLaplace, EKFACLLLaplace):
+        parameters = inspect.signature(cls).parameters
+        for name, default in keywords.items():
+            assert parameters[name].default == default, (cls, name)
+            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+            assert option_docs()[name] in cls.__init__.__doc__
+        with pytest.raises(TypeError, match=r"'kfac_aprox'; did you mean 'kfac_ap"):
+            cls(torch.nn.Linear(2, 2), "classification", kfac_aprox="reduce")
+    with pytest.raises(TypeError, match=r"Unknown EKFAC options \['damping'\]"):
+        laplace_options(damping=1.0)
+    assert laplace_options(engine="curvlinops", max_factor_size=7) == EKFACOptions(
+        engine="curvlinops", max_factor_size=7
+    )

@@ -42,6 +42,7 @@ from ekfac_laplace.evaluation.memory import PeakMemory
 from ekfac_laplace.evaluation.metrics import Predictions, metrics_of
 from ekfac_laplace.evaluation.predictions import LINK_APPROXES, PRED_TYPES, predict
 from ekfac_laplace.evaluation.report import Comparison, ComparisonRow
+from ekfac_laplace.factors import LIKELIHOODS
 
 PRIOR_TUNINGS = ("marglik", "gridsearch", "none")
 PRIOR_STRUCTURES = ("scalar", "layerwise")
@@ -215,7 +216,7 @@ def compare(
         train_loader, test_loader, val_loader, ood_loader, shift_loaders or {}
     )
     parsed = _parse_candidates(candidates)
-    if likelihood not in ("classification", "regression"):
+    if likelihood not in LIKELIHOODS:
         raise ValueError(
             f"Unknown likelihood {likelihood!r}; choose 'classification' or "
             "'regression'."

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ekfac_laplace.factors import LIKELIHOODS
+
 MODELS = ("mlp", "cnn")
-LIKELIHOODS = ("classification", "regression")
 
 
 def mlp(
@@ -162,7 +163,8 @@ def train_map(
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(
-            f"Unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}."
+            f"Unknown likelihood {likelihood!r}; choose one of "
+            f"{tuple(member.value for member in LIKELIHOODS)}."
         )
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}.")

@@ -31,18 +31,20 @@ from ekfac_laplace.evaluation.metrics import (
     RegressionPredictions,
     metrics_of,
 )
+from ekfac_laplace.factors import LIKELIHOODS
 
-LIKELIHOODS = ("classification", "regression")
 PRED_TYPES = ("glm", "nn")
+#: The likelihoods that can be evaluated, by name.
+LIKELIHOOD_NAMES = tuple(member.value for member in LIKELIHOODS)
 LINK_APPROXES = ("probit", "mc", "bridge", "bridge_norm")
 
 
 def _resolve_likelihood(predictor: object, likelihood: str | None) -> str:
     if isinstance(predictor, BaseLaplace):
         own = str(getattr(predictor.likelihood, "value", predictor.likelihood))
-        if own not in LIKELIHOODS:
+        if own not in LIKELIHOOD_NAMES:
             raise ValueError(
-                f"Only Laplace objects with likelihood in {LIKELIHOODS} can be "
+                f"Only Laplace objects with likelihood in {LIKELIHOOD_NAMES} can be "
                 f"evaluated, got {own!r}."
             )
         if likelihood is not None and likelihood != own:
@@ -57,7 +59,7 @@ def _resolve_likelihood(predictor: object, likelihood: str | None) -> str:
                 "A plain nn.Module needs likelihood='classification' or "
                 "'regression' (a Laplace object carries its own)."
             )
-        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("likelihood", likelihood, LIKELIHOOD_NAMES)
         return likelihood
     raise TypeError(
         "predictor must be a fitted laplace-torch Laplace object or an nn.Module, "
