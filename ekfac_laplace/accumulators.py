@@ -210,6 +210,19 @@ def _gram(x: Tensor) -> Tensor:
     return flat.T @ flat
 
 
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    """``(B, S, G·d)`` as ``(B, S, G, d)``: a grouped layer's groups apart."""
+    return x.reshape(*x.shape[:2], groups, -1)
+
+
+def _factor_term(x: Tensor, groups: int) -> Tensor:
+    """``Σ x xᵀ`` over the rows of ``x`` ``(B, S, G·d)``, per group if ``G > 1``."""
+    if groups == 1:
+        return _gram(x)
+    grouped = _grouped(x, groups)
+    return torch.einsum("bsgi,bsgj->gij", grouped, grouped)
+
+
 class FactorAccumulator(PassAccumulator):
     """Sums ``A`` and ``G`` per layer; caches layers' entries within a budget.
 
@@ -278,6 +291,8 @@ class FactorAccumulator(PassAccumulator):
         per_batch = {}  # bytes of each layer's entry of this batch
         for layer in self.layers:
             a = inputs[layer.name]
+            if layer.groups > 1:  # its per-group correction is a second pass's
+                continue
             if layer.name not in hidden_names:  # the output layer: a and the curvature
                 held = curvature.nbytes() if curvature is not None else 0
                 per_batch[layer.name] = a.numel() * a.element_size() + held
@@ -320,7 +335,10 @@ class FactorAccumulator(PassAccumulator):
         ):
             if rows is None:
                 continue
-            term = _gram(rows) if self.expand else _gram(rows.sum(1, keepdim=True))
+            groups = layer.groups if factors is self.gradient_factors else 1
+            if not self.expand:
+                rows = rows.sum(1, keepdim=True)
+            term = _factor_term(rows, groups)
             factors[layer.name] = _add(factors.get(layer.name), term)
         if not self.caching or layer.name not in self.cached:
             return
@@ -423,13 +441,12 @@ class FactorAccumulator(PassAccumulator):
         if mask is not None:  # padding positions: left out
             a = a * mask.unsqueeze(-1)
         if self.expand:
-            term = _gram(a)
+            term = _factor_term(a, layer.groups)
         elif mask is not None:  # the mean over the tokens
             flat = a.sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-            term = flat.T @ flat
+            term = _factor_term(flat.unsqueeze(1), layer.groups)
         else:
-            flat = a.mean(1)
-            term = flat.T @ flat
+            term = _factor_term(a.mean(1, keepdim=True), layer.groups)
         self.input_factors[layer.name] = _add(self.input_factors.get(layer.name), term)
 
     def replay(self, correction: CorrectionAccumulator) -> list[KroneckerLayer]:
@@ -500,6 +517,12 @@ class CorrectionAccumulator(PassAccumulator):
         """Prepare the batch: rotate shared inputs once for all passes, if cheaper."""
         if not layer.shares_weight:
             return
+        if layer.groups > 1:  # each group's inputs in its own basis
+            q_a = self.bases[layer.name].input
+            if q_a is not None:
+                rotated = torch.einsum("bsgi,gij->bsgj", _grouped(a, layer.groups), q_a)
+                self._inputs[layer.name] = (rotated, None, True)
+            return
         if a.shape[1] == 1:
             d_out = self.bases[layer.name].gradient.shape[0]
             self._squares[layer.name] = a.new_zeros(a.shape[0], d_out)
@@ -528,6 +551,9 @@ class CorrectionAccumulator(PassAccumulator):
         if g is None:
             return
         q_g = basis.gradient
+        if layer.groups > 1:
+            self._grouped_gradient(layer, g, q_g)
+            return
         if a.shape[1] == 1:
             self._squares[layer.name] += (g[:, 0] @ q_g).square()
             return
@@ -548,6 +574,25 @@ class CorrectionAccumulator(PassAccumulator):
             self._add_weight(layer, squares)
         if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, (g.sum(1) @ q_g).square().sum(0))
+
+    def _grouped_gradient(self, layer: KroneckerLayer, g: Tensor, q_g: Tensor) -> None:
+        """One pass of a grouped layer: per group, as :meth:`gradient` does."""
+        g_rot = torch.einsum("bsgo,gop->bsgp", _grouped(g, layer.groups), q_g)
+        if layer.weight_index is not None:
+            a_rot = self._inputs[layer.name][0]  # (B, S, G, d_in), rotated
+            per_group = g_rot.shape[-1] * a_rot.shape[-1] * layer.groups
+            chunk = max(1, CHUNK_NUMBERS // per_group)
+            squares = g.new_zeros(layer.groups, g_rot.shape[-1], a_rot.shape[-1])
+            for start in range(0, g.shape[0], chunk):
+                rotated = torch.einsum(
+                    "bsgo,bsgi->bgoi",
+                    g_rot[start : start + chunk],
+                    a_rot[start : start + chunk],
+                )
+                squares += rotated.square().sum(0)
+            self._add_weight(layer, squares)
+        if layer.bias_index is not None and not layer.separate_bias:
+            self._add_bias(layer, g_rot.sum(1).square().sum(0))
 
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Finish a layer without weight sharing with one matrix product."""
@@ -759,8 +804,9 @@ def robust_eigenvectors(factor: Tensor, description: str) -> Tensor:
     except torch.linalg.LinAlgError:
         pass
     double = factor.double()
-    shift = double.diagonal().abs().mean().clamp_min(1.0) * 1e-8
-    identity = torch.eye(len(double), dtype=double.dtype, device=double.device)
+    scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)
+    shift = scale.clamp_min(1.0).unsqueeze(-1) * 1e-8  # per matrix of a stack
+    identity = torch.eye(double.shape[-1], dtype=double.dtype, device=double.device)
     for candidate in (double, double + shift * identity):
         try:
             return torch.linalg.eigh(candidate).eigenvectors.to(factor.dtype)

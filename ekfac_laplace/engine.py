@@ -252,6 +252,7 @@ class Sweep:
                 output is f
                 and version == tensor_version(f)
                 and not layer.kind.separate_bias
+                and layer.groups == 1
             )
             if every or not closed_form:
                 hidden.append(layer)
@@ -570,9 +571,9 @@ class FastEKFAC:
             if layer.weight_index is not None:
                 q_g = basis.gradient
                 weight = correction.weight_corrections[layer.name]
-                block, values = layer.weight_block(
-                    q_g, basis.input, weight.reshape(q_g.shape[0], -1)
-                )
+                if layer.groups == 1:
+                    weight = weight.reshape(q_g.shape[0], -1)
+                block, values = layer.weight_block(q_g, basis.input, weight)
                 eigenvectors[layer.weight_index] = block
                 eigenvalues[layer.weight_index] = values
             if layer.bias_index is not None:

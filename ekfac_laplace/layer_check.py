@@ -213,12 +213,17 @@ def _layer_error(
     output_gradient = passes[0] if passes else None  # None: it does not reach f
     errors = []
     if layer.weight_index is not None:
-        rebuilt = a.new_zeros(layer.out_features, layer.in_features)
+        G = layer.groups  # each group's rows rebuild its own map
+        rebuilt = a.new_zeros(G, layer.out_features, layer.in_features)
         if output_gradient is not None:
             g = layer.output_gradients(output_gradient).to(dtype)
-            rebuilt = torch.einsum("nsi,nsj->ij", g, a)
+            rebuilt = torch.einsum(
+                "nsgi,nsgj->gij",
+                g.reshape(*g.shape[:2], G, -1),
+                a.reshape(*a.shape[:2], G, -1),
+            )
         actual = gradients[layer.weight_index]
-        actual = None if actual is None else layer.as_matrix(actual)
+        actual = None if actual is None else layer.as_groups(actual)
         errors.append(_relative_error(rebuilt, actual))
     if layer.bias_index is not None:
         rebuilt = a.new_zeros(layer.bias_features)

@@ -140,6 +140,11 @@ class KroneckerLayer:
         return self.kind.transposed
 
     @property
+    def groups(self) -> int:
+        """``G``: the weight's independent groups, each with its own factors."""
+        return self.kind.groups(self.module)
+
+    @property
     def separate_bias(self) -> bool:
         """Whether the bias is in the posterior with a factor of its own."""
         return self.kind.separate_bias and self.bias_index is not None
@@ -176,22 +181,34 @@ class KroneckerLayer:
         """
         return self.kind.as_matrix(weight_like)
 
+    def as_groups(self, weight_like: Tensor) -> Tensor:
+        """The weight (or a tensor shaped like it) as ``G`` maps ``(d_out, d_in)``.
+
+        Args:
+            weight_like: Shaped like the weight.
+
+        Returns:
+            Shape ``(G, d_out, d_in)``, ``d_out`` and ``d_in`` per group.
+        """
+        return self.kind.as_groups(weight_like, self.groups)
+
     def weight_block(
         self, q_g: Tensor, q_a: Tensor, values: Tensor
     ) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """The weight's block in the layout of the weight itself.
 
         Args:
-            q_g: The gradient factor's eigenvectors.
+            q_g: The gradient factor's eigenvectors (``(G, d_out, d_out)`` for a
+                grouped layer).
             q_a: The input factor's eigenvectors.
-            values: Corrected eigenvalues ``(d_out, d_in)``.
+            values: Corrected eigenvalues ``(d_out, d_in)`` (``(G, ...)``).
 
         Returns:
             ``((Q_G, Q_A), λ)``, or for a transposed layout ``((Q_A, Q_G), λᵀ)``;
             applying the inverse gives the factors back.
         """
         if self.transposed:
-            return (q_a, q_g), values.T.contiguous()
+            return (q_a, q_g), values.mT.contiguous()
         return (q_g, q_a), values
 
     def factor_block(
@@ -208,7 +225,7 @@ class KroneckerLayer:
         """
         first, second = basis
         if self.transposed:
-            return second, first, None if values is None else values.T
+            return second, first, None if values is None else values.mT
         return first, second, values
 
     @property
@@ -218,13 +235,13 @@ class KroneckerLayer:
 
     @property
     def out_features(self) -> int:
-        """Output width ``d_out`` (channels for a convolution): rows of ``G``."""
-        return self.as_matrix(self.weight).shape[0]
+        """Output width ``d_out`` per group (channels of a convolution): ``G``'s."""
+        return self.as_groups(self.weight).shape[1]
 
     @property
     def in_features(self) -> int:
-        """Input width ``d_in`` (``c_in·k`` for a convolution): rows of ``A``."""
-        return self.as_matrix(self.weight).shape[1]
+        """Input width ``d_in`` per group (``c_in·k`` of a convolution): ``A``'s."""
+        return self.as_groups(self.weight).shape[2]
 
     @property
     def bias_features(self) -> int:
@@ -590,11 +607,13 @@ class ParameterLayout:
                 dtype = layer.weight.dtype
                 if dtype in (torch.float16, torch.bfloat16):
                     dtype = torch.float32  # accumulated in float32
-                nbytes = size * size * torch.empty((), dtype=dtype).element_size()
+                copies = 1 if factor == "bias" else layer.groups  # one per group
+                nbytes = copies * size * size * torch.empty((), dtype=dtype).itemsize
                 if nbytes > FACTOR_LIMIT_BYTES:
+                    each = f" in each of {copies} groups" if copies > 1 else ""
                     raise MemoryError(
                         f"Layer '{layer.name}' ({type(layer.module).__name__}) needs "
-                        f"a Kronecker {factor} factor of {size} × {size} "
+                        f"a Kronecker {factor} factor of {size} × {size}{each} "
                         f"({nbytes / 2**30:.1f} GiB in {dtype}, as much again for "
                         "its eigenvectors, and an eigh of that size), over the "
                         f"limit of {FACTOR_LIMIT_BYTES / 2**30:.0f} GiB. Pass "

@@ -102,8 +102,12 @@ class EKFACDecomposed:
     eigenvectors ``(Q_G, Q_A)`` and eigenvalues ``λ`` of shape ``(out, in)``; a bias
     block of size ``out`` has eigenvectors ``(Q_G,)`` and eigenvalues of shape
     ``(out,)``; a diagonal block (a parameter KFAC cannot factorise) has eigenvectors
-    ``()`` — the identity basis — and eigenvalues of any shape. With the additive
-    ``δ_b`` (e.g. a prior precision) of block ``b``,
+    ``()`` — the identity basis — and eigenvalues of any shape. A grouped layer's
+    blocks (a grouped convolution: ``G`` independent maps) stack ``G`` bases,
+    eigenvectors ``(G, out, out)`` and ``(G, in, in)`` with eigenvalues
+    ``(G, out, in)`` (``(G, out)`` for its bias): the block is
+    ``⊕_g Q_G^g ⊗ Q_A^g``. With the additive ``δ_b`` (e.g. a prior precision) of
+    block ``b``,
 
     $$
         M_b = (Q_G \otimes Q_A) \, \mathrm{diag}(\mathrm{vec}(λ_b) + δ_b) \,
@@ -145,13 +149,19 @@ class EKFACDecomposed:
                 "eigenvalue tensors; pass one of each per parameter block."
             )
         for index, (basis, values) in enumerate(zip(eigenvectors, eigenvalues)):
-            expected = tuple(q.shape[0] for q in basis)
-            if len(basis) not in (0, 1, 2) or any(
-                q.ndim != 2 or q.shape != (n, n) for q, n in zip(basis, expected)
+            groups = {tuple(q.shape[:-2]) for q in basis}
+            expected = (*next(iter(groups), ()), *(q.shape[-1] for q in basis))
+            if (
+                len(basis) not in (0, 1, 2)
+                or len(groups) > 1
+                or any(
+                    q.ndim not in (2, 3) or q.shape[-2] != q.shape[-1] for q in basis
+                )
             ):
                 raise ValueError(
                     f"Block {index}: eigenvectors must be () (identity basis), (Q_G,) "
-                    f"or (Q_G, Q_A) with square matrices, got shapes "
+                    f"or (Q_G, Q_A) with square matrices (or G stacked square "
+                    f"matrices each, for G groups), got shapes "
                     f"{[tuple(q.shape) for q in basis]}."
                 )
             if basis and tuple(values.shape) != expected:
@@ -417,7 +427,9 @@ class EKFACDecomposed:
         if not basis:
             return block
         if len(basis) == 2:
-            return basis[0].T @ block @ basis[1]
+            return basis[0].mT @ block @ basis[1]
+        if basis[0].ndim == 3:  # one rotation per group
+            return (block.unsqueeze(-2) @ basis[0]).squeeze(-2)
         return block @ basis[0]
 
     def _rotate_out(self, index: int, block: Tensor) -> Tensor:
@@ -426,7 +438,9 @@ class EKFACDecomposed:
         if not basis:
             return block
         if len(basis) == 2:
-            return basis[0] @ block @ basis[1].T
+            return basis[0] @ block @ basis[1].mT
+        if basis[0].ndim == 3:
+            return (block.unsqueeze(-2) @ basis[0].mT).squeeze(-2)
         return block @ basis[0].T
 
     def _join(self, blocks: list[Tensor], leading: torch.Size) -> Tensor:
@@ -530,9 +544,9 @@ class EKFACDecomposed:
                 continue
             squared_g = basis[0].square()
             if len(basis) == 2:
-                diagonals.append((squared_g @ powered @ basis[1].square().T).flatten())
+                diagonals.append((squared_g @ powered @ basis[1].square().mT).flatten())
             else:
-                diagonals.append(squared_g @ powered)
+                diagonals.append((squared_g @ powered.unsqueeze(-1)).flatten())
         return torch.cat(diagonals)
 
     def to_matrix(
@@ -561,8 +575,11 @@ class EKFACDecomposed:
                     torch.diag(self.powered_eigenvalues(i, exponent).flatten())
                 )
                 continue
-            Q = torch.kron(basis[0], basis[1]) if len(basis) == 2 else basis[0]
-            blocks.append(
-                (Q * self.powered_eigenvalues(i, exponent).reshape(1, -1)) @ Q.T
-            )
+            powered = self.powered_eigenvalues(i, exponent)
+            stacked = basis[0].ndim == 3  # one basis per group
+            for group in range(basis[0].shape[0] if stacked else 1):
+                factors = [q[group] for q in basis] if stacked else list(basis)
+                values = powered[group] if stacked else powered
+                Q = torch.kron(*factors) if len(factors) == 2 else factors[0]
+                blocks.append((Q * values.reshape(1, -1)) @ Q.T)
         return torch.block_diag(*blocks)

@@ -169,6 +169,8 @@ def _layer_term(
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
+    if layer.groups > 1:
+        return _grouped_layer_term(layer, precision, rows, a, joint)
     term = 0
     if layer.bias_index is not None:
         (q_b,) = precision.eigenvectors[layer.bias_index]
@@ -186,6 +188,51 @@ def _layer_term(
         else:
             term = term + _shared_weight_term(g_rot, a_rot, inverse, joint)
     return term
+
+
+def _grouped_layer_term(
+    layer: KroneckerLayer,
+    precision: EKFACDecomposed,
+    rows: dict[str, Tensor | None],
+    a: Tensor,
+    joint: bool,
+) -> Tensor:
+    """:func:`_layer_term` of a grouped layer: each group in its own basis.
+
+    ``J̃_{n,c,g} = Σ_s (Q_G^gᵀ g_{n,c,s,g}) (Q_A^gᵀ a_{n,s,g})ᵀ``, squared against
+    ``S_g`` and summed over the groups (the bias: ``Σ_s Q_G^gᵀ g_{n,c,s,g}``).
+    """
+    G = layer.groups
+    term = 0
+    if layer.bias_index is not None:
+        (q_b,) = precision.eigenvectors[layer.bias_index]
+        inverse = precision.powered_eigenvalues(layer.bias_index, -1)
+        bias_rows = rows["bias"].to(q_b.dtype)
+        if q_b.ndim == 3:  # per group (a bias that shares G)
+            rotated = torch.einsum("bksgo,gop->bksgp", _grouped4(bias_rows, G), q_b)
+            rotated, inverse = rotated.flatten(-2), inverse.flatten()
+        else:
+            rotated = bias_rows @ q_b
+        term = term + _bias_term(rotated, inverse, joint)
+    if layer.weight_index is not None:
+        q_g, q_a, inverse = layer.factor_block(
+            precision.eigenvectors[layer.weight_index],
+            precision.powered_eigenvalues(layer.weight_index, -1),
+        )
+        g = _grouped4(rows["weight"].to(q_g.dtype), G)  # (B, K, S, G, out)
+        g_rot = torch.einsum("bksgo,gop->bksgp", g, q_g)
+        a_rot = torch.einsum(
+            "bsgi,gij->bsgj", a.to(q_a.dtype).reshape(*a.shape[:2], G, -1), q_a
+        )
+        J = torch.einsum("bksgo,bsgi->bkgoi", g_rot, a_rot)
+        pattern = _pair("bkgoi,blgoi,goi->bkl", "bkgoi,clgoi,goi->bkcl", joint)
+        term = term + torch.einsum(pattern, J, J, inverse)
+    return term
+
+
+def _grouped4(x: Tensor, groups: int) -> Tensor:
+    """``(B, K, S, G·d)`` as ``(B, K, S, G, d)``."""
+    return x.reshape(*x.shape[:3], groups, -1)
 
 
 def _pair(per_input: str, joint: str, use_joint: bool) -> str:

@@ -161,14 +161,17 @@ def _expected_shapes(
     """The eigenvalue shape and eigenvector shapes block ``index`` must have."""
     if isinstance(owner, DiagonalModule):
         return tuple(param.shape), []
+    groups = () if owner.groups == 1 else (owner.groups,)
     if index == owner.bias_index:
         d_b = owner.bias_features
-        return (d_b,), [(d_b, d_b)]
+        if owner.separate_bias:
+            return (d_b,), [(d_b, d_b)]
+        return (*groups, d_b), [(*groups, d_b, d_b)]
     d_out, d_in = owner.out_features, owner.in_features
     (first, second), values = owner.weight_block(
-        torch.empty(d_out, d_out, device="meta"),
-        torch.empty(d_in, d_in, device="meta"),
-        torch.empty(d_out, d_in, device="meta"),
+        torch.empty(*groups, d_out, d_out, device="meta"),
+        torch.empty(*groups, d_in, d_in, device="meta"),
+        torch.empty(*groups, d_out, d_in, device="meta"),
     )
     return tuple(values.shape), [tuple(first.shape), tuple(second.shape)]
 
@@ -199,8 +202,8 @@ def _check_orthonormal(where: str, q: Tensor) -> None:
         )
     tolerance = ORTHONORMALITY_TOLERANCES.get(accumulation_dtype(q.dtype), 1e-3)
     precise = q.double()
-    identity = torch.eye(len(q), dtype=torch.float64, device=q.device)
-    error = float((precise.T @ precise - identity).abs().max()) if len(q) else 0.0
+    identity = torch.eye(q.shape[-1], dtype=torch.float64, device=q.device)
+    error = float((precise.mT @ precise - identity).abs().max()) if q.numel() else 0.0
     if error > tolerance:
         raise ValueError(
             f"The state's eigenvectors of {where} are not orthonormal "

@@ -234,18 +234,6 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="Unknown unsupported_layers"):
         fit_factors(model, params, X, y, case.likelihood, unsupported_layers="ignore")
 
-    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
-    for model, message in ((grouped, "Conv2d with groups=2"),):
-        with pytest.raises(ValueError, match=message):
-            fit_factors(
-                model,
-                list(model.parameters()),
-                torch.randn(3, 2, 3, 3).double(),
-                torch.randint(0, 2, (3,)),
-                "classification",
-                unsupported_layers="raise",
-            )
-
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_non_finite_curvature_names_the_layer(engine: str):

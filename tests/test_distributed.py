@@ -56,15 +56,15 @@ class _Masked(nn.Linear):
 def _data(kind: str, seed: int = 0) -> tuple[nn.Module, TensorDataset]:
     """A float64 model (eval mode, non-trivial batch-norm statistics) and its data."""
     torch.manual_seed(seed)
-    if kind == "convs":  # a convolution and a transposed one (a bias of its own)
-        model = nn.Sequential(
-            nn.Conv1d(1, 2, 3, padding=1, padding_mode="reflect"),
+    if kind == "convs":  # a convolution and a transposed one (a bias of its own),
+        model = nn.Sequential(  # grouped: a basis per group
+            nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect", groups=2),
             nn.Tanh(),
-            nn.ConvTranspose1d(2, 2, 2, stride=2),
+            nn.ConvTranspose1d(4, 2, 2, stride=2, groups=2),
             nn.Flatten(),
             nn.Linear(2 * 8, 3),
         ).double()
-        X = torch.randn(N_DATA, 1, 4, dtype=torch.float64)
+        X = torch.randn(N_DATA, 2, 4, dtype=torch.float64)
     elif kind == "masked":
         model = _mlp().double()
         model[0] = _Masked(4, 5).double()

@@ -119,26 +119,33 @@ CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def conv_patches(module: nn.Module, inputs: Tensor) -> Tensor:
+def conv_patches(module: nn.Module, inputs: Tensor, channel: int = 0) -> Tensor:
     """A convolution's patches ``(N, S, c_in·k)`` as torch's own convolution sees
-    them: output channel 0 is linear in its kernel ``W[0]``, with the patches as
-    its Jacobian (any padding, padding mode, stride, dilation, dimension)."""
+    them: output ``channel`` is linear in its kernel ``W[channel]``, with the
+    patches as its Jacobian (any padding, padding mode, stride, dilation,
+    dimension; a grouped convolution: the patches of that channel's group)."""
     weight = module.weight.detach()
 
-    def channel_zero(kernel: Tensor) -> Tensor:
-        params = {"weight": torch.cat([kernel.unsqueeze(0), weight[1:]])}
+    def one_channel(kernel: Tensor) -> Tensor:
+        params = {
+            "weight": torch.cat(
+                [weight[:channel], kernel.unsqueeze(0), weight[channel + 1 :]]
+            )
+        }
         if module.bias is not None:
             params["bias"] = torch.zeros_like(module.bias)
-        return functional_call(module, params, (inputs,))[:, 0]
+        return functional_call(module, params, (inputs,))[:, channel]
 
-    J = jacrev(channel_zero)(weight[0])  # (N, *spatial_out, c_in, *k)
+    J = jacrev(one_channel)(weight[channel])  # (N, *spatial_out, c_in/G, *k)
     return J.reshape(inputs.shape[0], -1, weight[0].numel())
 
 
-def transposed_conv_patches(module: nn.Module, grads: Tensor) -> Tensor:
-    """A transposed convolution's ``g`` ``(N, S_in, c_out·k)``: for input position
-    ``s``, the gradient of ``⟨grads, y⟩`` w.r.t. ``W[0]`` when the input is one at
-    channel 0 and position ``s`` (``y`` is then linear in ``W[0]``)."""
+def transposed_conv_patches(
+    module: nn.Module, grads: Tensor, channel: int = 0
+) -> Tensor:
+    """A transposed convolution's ``g`` ``(N, S_in, c_out/G·k)``: for input
+    position ``s``, the gradient of ``⟨grads, y⟩`` w.r.t. ``W[channel]`` when the
+    input is one at ``channel`` and position ``s`` (``y`` is then linear in it)."""
     weight = module.weight.detach()
     spatial = module.weight.shape[2:]  # kernel; the input size follows from grads
     n_dims = len(spatial)
@@ -156,16 +163,20 @@ def transposed_conv_patches(module: nn.Module, grads: Tensor) -> Tensor:
     rows = []
     for position in range(math.prod(sizes)):
         one_hot = torch.zeros(1, weight.shape[0], math.prod(sizes), dtype=grads.dtype)
-        one_hot[0, 0, position] = 1.0
+        one_hot[0, channel, position] = 1.0
         one_hot = one_hot.reshape(1, weight.shape[0], *sizes)
 
         def response(kernel: Tensor, one_hot=one_hot) -> Tensor:
-            params = {"weight": torch.cat([kernel.unsqueeze(0), weight[1:]])}
+            params = {
+                "weight": torch.cat(
+                    [weight[:channel], kernel.unsqueeze(0), weight[channel + 1 :]]
+                )
+            }
             if module.bias is not None:
                 params["bias"] = torch.zeros_like(module.bias)
             return functional_call(module, params, (one_hot,))[0]
 
-        J = jacrev(response)(weight[0])  # (c_out, *out, c_out, *k)
+        J = jacrev(response)(weight[channel])  # (c_out, *out, c_out/G, *k)
         rows.append(torch.einsum("nc...,c...k->nk", grads, J.flatten(-1 - n_dims)))
     return torch.stack(rows, dim=1)
 
@@ -311,6 +322,20 @@ def ekfac_in_basis(exact_block: Tensor, basis: tuple[Tensor, ...]) -> Tensor:
 
 
 def corrected_eigenvalues(exact_block: Tensor, basis: tuple[Tensor, ...]) -> Tensor:
+    """``diag(Qᵀ B Q)``; for stacked (per-group) bases, group by group on the
+    diagonal blocks of ``B`` (the groups are contiguous in the parameter)."""
+    if basis and basis[0].ndim == 3:
+        groups = basis[0].shape[0]
+        size = exact_block.shape[0] // groups
+        return torch.cat(
+            [
+                corrected_eigenvalues(
+                    exact_block[g * size : (g + 1) * size, g * size : (g + 1) * size],
+                    tuple(q[g] for q in basis),
+                )
+                for g in range(groups)
+            ]
+        )
     Q = torch.kron(basis[0], basis[1]) if len(basis) == 2 else basis[0]
     return torch.diagonal(Q.T @ exact_block @ Q)
 

@@ -211,6 +211,35 @@ class LayerKind:
         """
         return weight_like.reshape(weight_like.shape[0], -1)
 
+    def groups(self, module: nn.Module) -> int:
+        """The number of independent groups of the weight (grouped convolutions).
+
+        A grouped layer's ``a`` and ``g`` hold the groups side by side
+        (``G·d_in``, ``G·d_out``, each group's contiguous), and each group gets its
+        own Kronecker factors: the block is ``⊕_g Q_G^g ⊗ Q_A^g``.
+
+        Args:
+            module: The module.
+
+        Returns:
+            ``G`` (``1`` by default).
+        """
+        return 1
+
+    def as_groups(self, weight_like: Tensor, groups: int) -> Tensor:
+        """The weight (or a tensor shaped like it) as ``G`` maps ``(d_out, d_in)``.
+
+        Args:
+            weight_like: Shaped like the weight.
+            groups: ``G``.
+
+        Returns:
+            Shape ``(G, d_out, d_in)``; for ``G = 1`` :meth:`as_matrix` of it.
+        """
+        if groups == 1:
+            return self.as_matrix(weight_like).unsqueeze(0)
+        return weight_like.reshape(groups, weight_like.shape[0] // groups, -1)
+
     def bias_features(self, module: nn.Module) -> int:
         """The bias's size (with :attr:`separate_bias`, its own factor's).
 

@@ -1,13 +1,16 @@
-"""``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` with ``groups=1``.
+"""``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``, grouped or not.
 
 ``a`` are the input's patches: one row per output position, the input channels
 times the kernel's positions (``c_in·k``, channel-major, as the weight
 ``(c_out, c_in, *k)`` flattens), for every stride, dilation, padding (numbers,
 ``"same"``, ``"valid"``) and padding mode (zeros, reflect, replicate, circular: the
 input is padded as the convolution pads it, then unfolded); ``g`` is the output
-gradient, one row per output position. The bias shares ``G``. curvlinops supports
-``nn.Conv2d`` with zero padding of numbers. A grouped convolution (``groups > 1``,
-depthwise) gets diagonal blocks.
+gradient, one row per output position. The bias shares ``G``. A grouped
+convolution (``groups > 1``, depthwise) applies a weight ``(c_out/G, c_in/G·k)``
+per group to its channels: the groups are side by side in ``a`` and ``g`` (the
+unfold is channel-major), and each gets its own factors, so its block is
+``⊕_g Q_G^g ⊗ Q_A^g``. curvlinops supports ``nn.Conv2d`` with ``groups=1`` and zero
+padding of numbers.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def _product(values: Sequence[int]) -> int:
 
 
 class Convolution(LayerKind):
-    """A convolution over one, two or three spatial dimensions, ``groups=1``."""
+    """A convolution over one, two or three spatial dimensions."""
 
     name = "convolution"
     description = "a convolution"
@@ -119,14 +122,15 @@ class Convolution(LayerKind):
         """Any ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, under its own name."""
         return module_name if isinstance(module, CONVOLUTIONS) else None
 
-    def unsupported(self, module: nn.Module) -> str | None:
-        """A grouped convolution: per-group factors are not supported."""
-        return f"groups={module.groups}" if module.groups != 1 else None
+    def groups(self, module: nn.Module) -> int:
+        """``module.groups``."""
+        return module.groups
 
     def curvlinops_supports(self, module: nn.Module) -> bool:
         """The KFAC of curvlinops handles ``nn.Conv2d`` with zero padding of numbers."""
         return (
             isinstance(module, nn.Conv2d)
+            and module.groups == 1
             and module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
         )

@@ -1,4 +1,4 @@
-r"""``nn.ConvTranspose1d``, ``ConvTranspose2d``, ``ConvTranspose3d`` with ``groups=1``.
+r"""``nn.ConvTranspose1d``, ``ConvTranspose2d``, ``ConvTranspose3d``, grouped or not.
 
 A transposed convolution is the adjoint of a convolution: input position ``s``
 adds ``W[:, :, k] x_s`` to the output at ``s·stride + k·dilation − padding``. Its
@@ -17,7 +17,10 @@ eigenbasis is ``Q_A ⊗ Q_G``. The bias adds to every *output* position, so its
 gradient is the output gradient summed there, not a sum of ``g``: the bias has its
 own factor, from the output gradient one row per output position. ``output_padding``
 adds output positions no patch covers beyond the input's; they reach the bias only.
-curvlinops does not support it; a grouped one gets diagonal blocks.
+A grouped one (weight ``(c_in, c_out/G, *k)``) maps the ``c_in/G`` channels of each
+group to its ``c_out/G``: per group, ``a`` its input channels and ``g`` its
+output-gradient patches (both contiguous, channel-major), and factors of its own.
+curvlinops does not support it.
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ class TransposedConvolution(LayerKind):
         """Any ``nn.ConvTranspose{1,2,3}d``, under its own name."""
         return module_name if isinstance(module, TRANSPOSED_CONVOLUTIONS) else None
 
-    def unsupported(self, module: nn.Module) -> str | None:
-        """A grouped one: per-group factors are not supported."""
-        return f"groups={module.groups}" if module.groups != 1 else None
+    def groups(self, module: nn.Module) -> int:
+        """``module.groups``."""
+        return module.groups
+
+    def as_groups(self, weight_like: Tensor, groups: int) -> Tensor:
+        """Per group, ``(c_in/G, c_out/G·k)`` flattened and transposed."""
+        return weight_like.reshape(groups, weight_like.shape[0] // groups, -1).mT
 
     def inputs(self, module: nn.Module, x: Tensor) -> Tensor:
         """One row per input position: its channels."""

@@ -26,6 +26,7 @@ from tests.utils import (
     assert_close,
     backprop_vectors,
     blocks,
+    conv_patches,
     corrected_eigenvalues,
     dense_empirical_fisher,
     dense_ggn,
@@ -33,6 +34,7 @@ from tests.utils import (
     kfac_factors,
     mc_fisher_moments,
     supported_modules,
+    transposed_conv_patches,
 )
 
 MC_SAMPLES = 128
@@ -114,6 +116,17 @@ CASES = [
         lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, padding=(0, 1, 0)),
         (2, 2, 2, 2),
     ),
+    Case("conv2d_groups", lambda: nn.Conv2d(4, 6, 2, groups=2, padding=1), (4, 3, 3)),
+    Case(
+        "conv1d_depthwise_reflect",
+        lambda: nn.Conv1d(3, 3, 3, groups=3, padding=1, padding_mode="reflect"),
+        (3, 6),
+    ),
+    Case(
+        "conv_transpose2d_groups",
+        lambda: nn.ConvTranspose2d(4, 2, 2, groups=2, stride=2),
+        (4, 2, 2),
+    ),
 ]
 IDS = [case.name for case in CASES]
 KINDS = {
@@ -143,20 +156,60 @@ def _check_blocks(model, X, y, factors, fisher_type: str, kfac_approx: str) -> N
     ):
         assert basis, "every block is Kronecker-factored"
         assert_close(values.flatten(), corrected_eigenvalues(block, basis))
-        A, G, _, _ = kfac_factors(model, module, X, vectors, kfac_approx)
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        if kind == "bias" and transposed:  # its own factor: the output gradient
-            references = (
-                _transposed_bias_factor(model, module, X, vectors, kfac_approx),
-            )
-        elif kind == "bias":
-            references = (G,)
+        groups = getattr(module, "groups", 1)
+        for group in range(groups):
+            A, G = _reference_factors(model, module, X, vectors, kfac_approx, group)
+            if kind == "bias" and transposed:  # its own factor: the output gradient
+                references = (
+                    _transposed_bias_factor(model, module, X, vectors, kfac_approx),
+                )
+            elif kind == "bias":
+                references = (G,)
+            else:
+                references = (A, G) if transposed else (G, A)
+            for q, factor in zip(basis, references):
+                q = q[group] if q.ndim == 3 else q
+                rotated = q.T @ factor @ q
+                off = rotated - torch.diag(torch.diagonal(rotated))
+                assert off.abs().max() <= 1e-9 * factor.abs().max()
+
+
+def _reference_factors(model, module, X, vectors, kfac_approx: str, group: int):
+    """``A`` and ``G`` of one group, from torch's convolution (not our unfold)."""
+    if getattr(module, "groups", 1) == 1:
+        A, G, _, _ = kfac_factors(model, module, X, vectors, kfac_approx)
+        return A, G
+    store = {}
+    handle = module.register_forward_hook(
+        lambda m, i, o: store.update(input=i[0].detach(), output=o)
+    )
+    f = model(X)
+    handle.remove()
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    width = module.weight.shape[0] // module.groups  # rows of W per group
+    if transposed:  # a: this group's input channels; g: their output patches
+        a = store["input"][:, group * width : (group + 1) * width]
+        a = a.flatten(2).transpose(1, 2)
+    else:  # a: the patches of the group's first output channel
+        a = conv_patches(module, store["input"], channel=group * width)
+    gradients = []
+    for k in range(vectors.shape[1]):
+        (grad,) = torch.autograd.grad(
+            (f * vectors[:, k]).sum(), store["output"], retain_graph=True
+        )
+        if transposed:
+            g = transposed_conv_patches(module, grad, channel=group * width)
         else:
-            references = (A, G) if transposed else (G, A)
-        for q, factor in zip(basis, references):
-            rotated = q.T @ factor @ q
-            off = rotated - torch.diag(torch.diagonal(rotated))
-            assert off.abs().max() <= 1e-9 * factor.abs().max()
+            g = grad[:, group * width : (group + 1) * width].flatten(2).transpose(1, 2)
+        gradients.append(g)
+    g = torch.stack(gradients, dim=1)  # (N, K, S, d_out)
+    if kfac_approx == "reduce":
+        a, g = a.mean(1, keepdim=True), g.sum(2, keepdim=True)
+    N, S = a.shape[:2]
+    A = torch.einsum("nsi,nsj->ij", a, a) / (N * S)
+    G = torch.einsum("nksi,nksj->ij", g, g)
+    return A, G
 
 
 def _transposed_bias_factor(model, module, X, vectors, kfac_approx: str) -> Tensor:
@@ -189,7 +242,11 @@ def test_a_layer_s_rows_rebuild_its_gradient_exactly(case: Case):
     grads = torch.autograd.grad((out * direction).sum(), list(model[0].parameters()))
     a, g = layer.inputs(x), layer.output_gradients(direction)
     assert a.shape[:2] == g.shape[:2]
-    assert_close(torch.einsum("nsi,nsj->ij", g, a), layer.as_matrix(grads[0]))
+    G = layer.groups  # a grouped layer: each group's rows give its own map
+    rebuilt = torch.einsum(
+        "nsgi,nsgj->gij", g.reshape(*g.shape[:2], G, -1), a.reshape(*a.shape[:2], G, -1)
+    )
+    assert_close(rebuilt, layer.as_groups(grads[0]))
     if model[0].bias is not None:
         assert_close(layer.bias_gradients(direction).sum((0, 1)), grads[1])
 
@@ -264,14 +321,21 @@ def test_posterior_predictive_samples_and_state(case: Case):
         torch.testing.assert_close(new, 2 * old, rtol=1e-12, atol=1e-14)
 
 
-def test_grouped_convolutions_get_diagonal_blocks():
-    torch.manual_seed(0)
-    for layer in (nn.Conv1d(4, 4, 3, groups=4), nn.ConvTranspose2d(2, 4, 2, groups=2)):
-        model = nn.Sequential(layer, nn.Flatten()).double()
-        layout = ParameterLayout(model, list(model.parameters()))
-        assert layout.layers == [] and all(b.diagonal for b in layout.blocks)
-        with pytest.raises(ValueError, match=r"with groups=\d, which KFAC cannot"):
-            ParameterLayout(model, list(model.parameters()), unsupported_layers="raise")
+def test_grouped_layers_stack_one_basis_per_group():
+    model, X, y = CASES[IDS.index("conv2d_groups")].make()
+    la = EKFACLaplace(model, "classification")
+    _quietly(lambda: la.fit(loader(X, y)))
+    weight, bias = la.H.eigenvectors[:2]
+    assert [tuple(q.shape) for q in weight] == [(2, 3, 3), (2, 8, 8)]
+    assert [tuple(q.shape) for q in bias] == [(2, 3, 3)]
+    assert la.H.eigenvalues[0].shape == (2, 3, 8)
+    # The transposed one: its bias has one factor over all its outputs.
+    model, X, y = CASES[IDS.index("conv_transpose2d_groups")].make()
+    la = EKFACLaplace(model, "classification")
+    _quietly(lambda: la.fit(loader(X, y)))
+    weight, bias = la.H.eigenvectors[:2]
+    assert [tuple(q.shape) for q in weight] == [(2, 2, 2), (2, 4, 4)]
+    assert [tuple(q.shape) for q in bias] == [(2, 2)]
 
 
 def test_the_curvlinops_engine_takes_only_conv2d_with_zero_padding():
