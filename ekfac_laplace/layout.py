@@ -732,7 +732,7 @@ def _unsupported_message(
     return (
         f"Parameter '{module_name}.{param_name}' belongs to {reason}, which KFAC "
         "cannot factorise (supported: nn.Linear, nn.Conv1d/2d/3d and "
-        "nn.ConvTranspose1d/2d/3d with groups=1, GPT-2's Conv1D, "
+        "nn.ConvTranspose1d/2d/3d, GPT-2's Conv1D, "
         "nn.MultiheadAttention's packed projections, with their plain weight and "
         "bias). Use unsupported_layers='diagonal' (the default) for an exact "
         "diagonal block, freeze it with requires_grad_(False), or use "
