@@ -36,7 +36,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ekfac_laplace.dense import DenseBlocks
 from ekfac_laplace.diagonal import CHUNK_NUMBERS, ModuleCall, restricted_gradients
+from ekfac_laplace.eigh import robust_eigenvectors
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import (
     DiagonalModule,
@@ -721,14 +723,21 @@ def contraction_order(
 class DiagonalSquares:
     """Sums ``Σ_n (∂⟨g_n, m(x_n)⟩/∂θ)²`` for the parameters with diagonal blocks.
 
+    The parameters of these modules with exact blocks get their per-example
+    gradients' outer products instead, in ``dense``.
+
     Args:
-        modules: The modules with diagonal blocks.
+        modules: The modules with diagonal (or exact) blocks.
+        dense: Where the exact blocks are summed.
 
     Attributes:
         squares: Module name to one tensor per parameter, shaped like it.
     """
 
-    def __init__(self, modules: list[DiagonalModule]) -> None:
+    def __init__(
+        self, modules: list[DiagonalModule], dense: DenseBlocks | None = None
+    ) -> None:
+        self.dense = dense
         self.squares: dict[str, list[Tensor]] = {
             entry.name: [
                 torch.zeros_like(
@@ -768,52 +777,18 @@ class DiagonalSquares:
         grads = restricted_gradients(
             entry.module, entry.param_names, call, grad_outputs
         )
-        for squares, (rows, grad) in zip(self.squares[entry.name], grads):
+        for squares, (rows, grad), index, dense in zip(
+            self.squares[entry.name], grads, entry.indices, entry.dense
+        ):
             grad = group_rows(grad.unsqueeze(1), batch, entry.name).sum(1)
             grad = grad.to(squares.dtype)
-            if rows is None:
+            if dense:  # the whole per-example gradient, for the exact block
+                if rows is not None:  # an embedding's rows of the batch
+                    grad = squares.new_zeros(len(grad), *squares.shape).index_add_(
+                        1, rows, grad
+                    )
+                self.dense.add(index, grad)
+            elif rows is None:
                 squares += grad.square().sum(0)
             else:
                 squares.index_add_(0, rows, grad.square().sum(0))
-
-
-def robust_eigenvectors(factor: Tensor, description: str) -> Tensor:
-    """Eigenvectors of a Kronecker factor, robust to ``eigh`` failing to converge.
-
-    ``eigh`` can fail on ill-conditioned float32 factors; it is retried in float64,
-    then in float64 with a shift ``c I`` (which leaves the eigenvectors unchanged).
-
-    Args:
-        factor: A symmetric positive semi-definite matrix.
-        description: What it is, for messages.
-
-    Returns:
-        Orthonormal eigenvectors (columns) in the factor's dtype.
-
-    Raises:
-        ValueError: If the factor is not finite.
-        RuntimeError: If ``eigh`` fails even in float64 with a shift.
-    """
-    if not torch.isfinite(factor).all():
-        raise ValueError(
-            f"The Kronecker {description} is not finite (NaN or Inf); check the "
-            "model's outputs and the data for NaN/Inf."
-        )
-    try:
-        return torch.linalg.eigh(factor).eigenvectors
-    except torch.linalg.LinAlgError:
-        pass
-    double = factor.double()
-    scale = double.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)
-    shift = scale.clamp_min(1.0).unsqueeze(-1) * 1e-8  # per matrix of a stack
-    identity = torch.eye(double.shape[-1], dtype=double.dtype, device=double.device)
-    for candidate in (double, double + shift * identity):
-        try:
-            return torch.linalg.eigh(candidate).eigenvectors.to(factor.dtype)
-        except torch.linalg.LinAlgError:
-            continue
-    raise RuntimeError(
-        f"eigh did not converge on the Kronecker {description}, even in float64 "
-        "with a diagonal shift; the factor is numerically degenerate. Check the "
-        "data scale, or freeze that layer with requires_grad_(False)."
-    )

@@ -91,6 +91,7 @@ def compute_ekfac(
         params,
         options.unsupported_layers,
         max_factor_size=options.max_factor_size,
+        dense_blocks_up_to=options.dense_blocks_up_to,
     )
     if eigenbasis is not None:
         layout = layout.following(eigenbasis)

@@ -45,6 +45,13 @@ def check_curvlinops_layout(layout: ParameterLayout) -> None:
             ``nn.Linear`` / ``nn.Conv2d`` (attention projections, GPT-2's
             ``Conv1D``).
     """
+    if layout.has_dense:
+        block = layout.blocks[min(layout.dense)]
+        raise ValueError(
+            f"engine='curvlinops' computes no exact blocks, but "
+            f"'{block.module}.{block.name}' gets one (dense_blocks_up_to); use "
+            "engine='fast' (the default)."
+        )
     block = layout.first_diagonal()
     if block is not None:
         owner = layout.owners[layout.blocks.index(block)]

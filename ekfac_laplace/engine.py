@@ -54,6 +54,7 @@ from ekfac_laplace.accumulators import (
 )
 from ekfac_laplace.batches import check_targets, to_device, token_rows
 from ekfac_laplace.capture import ForwardCapture, group_rows
+from ekfac_laplace.dense import DenseBlocks, decompose
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import EKFACFactors, accumulation_dtype, likelihood_loss
 from ekfac_laplace.layout import KroneckerLayer, LayerBasis, ParameterLayout
@@ -105,7 +106,8 @@ class Sweep:
             y: The targets.
             curvature_fn: Builds the batch's output curvature from ``(f, y)``.
             accumulator: Receives each layer's inputs and output gradients.
-            diagonal: Receives the diagonal modules' gradients (first pass only).
+            diagonal: Receives the diagonal modules' gradients, and (its
+                ``dense``) the exact blocks' (first pass only).
             layers: The Kronecker layers to visit (default: all); the backward
                 passes go only as deep as these.
 
@@ -118,7 +120,8 @@ class Sweep:
                 ``(batch, tokens, classes)``, a reused module, or a diagonal module
                 whose examples cannot be told apart.
         """
-        if not self.layout.has_diagonal:
+        dense = None if diagonal is None else diagonal.dense
+        if not self.layout.has_diagonal and not dense:
             diagonal = None
         layers = self.layout.layers if layers is None else layers
         capture = ForwardCapture(
@@ -149,7 +152,9 @@ class Sweep:
                 ).to(dtype)
                 for layer in layers
             }
-            backward = bool(hidden) or diagonal is not None
+            backward = bool(hidden) or (
+                diagonal is not None and self.layout.has_diagonal
+            )
             vectors = curvature.vectors() if backward else None
             passes = None if vectors is None else _Passes(f, vectors, schedule)
             accumulator.plan(
@@ -160,10 +165,15 @@ class Sweep:
                 curvature=curvature,
             )
             for layer in layers:
+                a = positions[layer.name]
                 if layer in hidden:
-                    accumulator.begin(layer, positions[layer.name])
-                else:
-                    accumulator.output(layer, positions[layer.name], curvature)
+                    if layer.has_kronecker:
+                        accumulator.begin(layer, a)
+                    continue
+                if layer.has_kronecker:
+                    accumulator.output(layer, a, curvature)
+                if dense and layer in self.layout.dense_layers:
+                    dense.output(layer, a, curvature)
             if passes is not None:
                 self._backward_passes(
                     f, passes, hidden, capture, positions, accumulator, diagonal
@@ -270,6 +280,7 @@ class Sweep:
     ) -> None:
         """Back-propagate each ``v_k`` and hand the gradients on, one at a time."""
         diagonal_modules = self.layout.diagonal_modules if diagonal else []
+        dense = None if diagonal is None else diagonal.dense
         targets = self._targets(hidden, diagonal is not None, capture)
         for k in range(len(passes)):
             torch.autograd.grad(
@@ -280,24 +291,42 @@ class Sweep:
             )
             for layer in hidden:
                 (gradient,) = capture.take_gradients(layer.name)
-                rows = [
+                exact = bool(dense) and layer in self.layout.dense_layers
+                g, bias_rows = (
                     group_rows(positions_of(gradient), f.shape[0], layer.name).to(
                         positions[layer.name].dtype
                     )
                     if wanted
                     else None
                     for positions_of, wanted in (
-                        (layer.output_gradients, layer.shares_weight),
-                        (layer.bias_gradients, layer.separate_bias),
+                        (
+                            layer.output_gradients,
+                            layer.shares_weight or (exact and layer.dense_needs_rows),
+                        ),
+                        (
+                            layer.bias_gradients,
+                            layer.separate_bias
+                            or (exact and layer.dense_needs_bias_rows),
+                        ),
                     )
-                ]
-                accumulator.gradient(layer, positions[layer.name], *rows)
+                )
+                a = positions[layer.name]
+                if layer.has_kronecker:
+                    accumulator.gradient(
+                        layer,
+                        a,
+                        g if layer.shares_weight else None,
+                        bias_rows if layer.separate_bias else None,
+                    )
+                if exact:
+                    dense.gradient(layer, a, g, bias_rows)
             for entry in diagonal_modules:
                 call = capture.calls.get(entry.name)
                 for gradients in capture.take_gradients(entry.name):  # unused: none
                     diagonal.add(entry, call, gradients, f.shape[0])
         for layer in hidden:
-            accumulator.end(layer, positions[layer.name])
+            if layer.has_kronecker:
+                accumulator.end(layer, positions[layer.name])
 
 
 class _Passes:
@@ -466,8 +495,9 @@ class FastEKFAC:
             The factors; diagonal blocks have eigenvectors ``()``.
         """
         ranks = self.ranks
-        layers = self.layout.layers
-        diagonal = DiagonalSquares(self.layout.diagonal_modules)
+        layers = self.layout.kronecker_layers
+        dense = DenseBlocks(self.layout)
+        diagonal = DiagonalSquares(self.layout.diagonal_modules, dense)
         if eigenbasis is None:
             factors = FactorAccumulator(
                 layers,
@@ -482,15 +512,22 @@ class FastEKFAC:
                 "the Kronecker-factor pass",
             )
             ranks.sum_(
-                [*factors.partial_sums(), *diagonal.partial_sums(), *totals.tensors()]
+                [
+                    *factors.partial_sums(),
+                    *diagonal.partial_sums(),
+                    *dense.partial_sums(),
+                    *totals.tensors(),
+                ]
             )
             shared = ranks.share_out(
-                len(layers), lambda i: factors.eigenbasis(layers[i]).tensors()
+                len(layers) + len(dense.blocks),
+                lambda i: self._eigenbasis(factors, dense, i),
             )
             bases = {
                 layer.name: LayerBasis.of(layer, tensors)
                 for layer, tensors in zip(layers, shared)
             }
+            exact = dict(zip(dense.blocks, shared[len(layers) :]))
             correction = CorrectionAccumulator(bases)
 
             def correct() -> None:  # from the cache, and a second pass for the rest
@@ -510,9 +547,35 @@ class FastEKFAC:
                 ),
                 "the eigenvalue-correction pass",
             )
-            ranks.sum_([*diagonal.partial_sums(), *totals.tensors()])
+            ranks.sum_(
+                [*diagonal.partial_sums(), *dense.partial_sums(), *totals.tensors()]
+            )
+            exact = {}  # the new data's exact blocks, merged by the caller
         ranks.sum_(correction.partial_sums(layers))
-        return self._assemble(bases, correction, diagonal, totals)
+        factors = self._assemble(bases, correction, diagonal, totals)
+        for index, (values, basis) in exact.items():
+            factors.eigenvectors[index] = (basis,)
+            factors.eigenvalues[index] = values
+        if eigenbasis is not None:
+            for index, block in dense.blocks.items():
+                factors.eigenvectors[index] = eigenbasis[index]
+                factors.eigenvalues[index] = block.new_zeros(block.shape[0])
+            factors.dense = dict(dense.blocks)
+        return factors
+
+    def _eigenbasis(
+        self, factors: FactorAccumulator, dense: DenseBlocks, item: int
+    ) -> list[Tensor]:
+        """Eigendecomposition ``item``: the layers' factors, then the exact blocks."""
+        layers = factors.layers
+        if item < len(layers):
+            return factors.eigenbasis(layers[item]).tensors()
+        index = list(dense.blocks)[item - len(layers)]
+        block = self.layout.blocks[index]
+        values, basis = decompose(
+            dense.blocks[index], f"exact block of '{block.module}.{block.name}'"
+        )
+        return [values, basis]
 
     def _pass(
         self,
@@ -566,7 +629,7 @@ class FastEKFAC:
         n_blocks = len(self.layout)
         eigenvectors: list[tuple[Tensor, ...]] = [()] * n_blocks
         eigenvalues: list[Tensor | None] = [None] * n_blocks
-        for layer in self.layout.layers:
+        for layer in self.layout.kronecker_layers:
             basis = bases[layer.name]
             if layer.weight_index is not None:
                 q_g = basis.gradient
@@ -581,7 +644,7 @@ class FastEKFAC:
                 eigenvalues[layer.bias_index] = correction.bias_corrections[layer.name]
         for entry in self.layout.diagonal_modules:
             for index, squares in zip(entry.indices, diagonal.squares[entry.name]):
-                eigenvalues[index] = squares
+                eigenvalues[index] = squares  # an exact block's: set by compute
         tokens = round(float(totals.examples)) if totals.token_level else None
         return EKFACFactors(eigenvectors, eigenvalues, totals.loss, tokens)
 

@@ -19,7 +19,7 @@ and the factor between the two scales; :meth:`EKFACFactors.scaled` applies it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from laplace.utils.enums import Likelihood
@@ -99,12 +99,16 @@ class EKFACFactors:
             eigenvalues (laplace-torch stores it as ``Laplace.loss``).
         tokens: For token-level outputs ``(B, T, C)``, the number of counted
             tokens (the examples ``N``); ``None`` otherwise.
+        dense: Online fitting only: block index to this data's exact block
+            ``(n, n)``, to add to the previous fit's (its entries in
+            ``eigenvalues`` are zeros in the previous basis).
     """
 
     eigenvectors: list[tuple[Tensor, ...]]
     eigenvalues: list[Tensor]
     loss: Tensor
     tokens: int | None = None
+    dense: dict[int, Tensor] = field(default_factory=dict)
 
     def scaled(self, factor: float) -> EKFACFactors:
         """The factors in another scale, eigenvalues clamped at zero.
@@ -121,6 +125,7 @@ class EKFACFactors:
             [values.mul(factor).clamp_min(0.0) for values in self.eigenvalues],
             factor * self.loss,
             self.tokens,
+            {index: block * factor for index, block in self.dense.items()},
         )
 
     def to_decomposed(self) -> EKFACDecomposed:

@@ -476,6 +476,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             self.posterior_precision,
             features.reshape(len(f), -1),
             joint=joint,
+            dense_blocks_up_to=self.options.dense_blocks_up_to,
         )
         return (f.flatten() if joint else f), f_var
 

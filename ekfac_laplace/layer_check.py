@@ -212,7 +212,14 @@ def _layer_error(
     a = a.to(dtype)
     output_gradient = passes[0] if passes else None  # None: it does not reach f
     errors = []
-    if layer.weight_index is not None:
+    weight_index = next(
+        (i for i in (layer.weight_index, layer.dense_weight_index) if i is not None),
+        None,
+    )
+    bias_index = next(
+        (i for i in (layer.bias_index, layer.dense_bias_index) if i is not None), None
+    )
+    if weight_index is not None:
         G = layer.groups  # each group's rows rebuild its own map
         rebuilt = a.new_zeros(G, layer.out_features, layer.in_features)
         if output_gradient is not None:
@@ -222,14 +229,14 @@ def _layer_error(
                 g.reshape(*g.shape[:2], G, -1),
                 a.reshape(*a.shape[:2], G, -1),
             )
-        actual = gradients[layer.weight_index]
+        actual = gradients[weight_index]
         actual = None if actual is None else layer.as_groups(actual)
         errors.append(_relative_error(rebuilt, actual))
-    if layer.bias_index is not None:
-        rebuilt = a.new_zeros(layer.bias_features)
+    if bias_index is not None:
+        rebuilt = a.new_zeros(layer.module.get_parameter(layer.bias_name).numel())
         if output_gradient is not None:
             rebuilt = layer.bias_gradients(output_gradient).to(dtype).sum((0, 1))
-        errors.append(_relative_error(rebuilt, gradients[layer.bias_index]))
+        errors.append(_relative_error(rebuilt, gradients[bias_index]))
     return max(errors)
 
 

@@ -25,7 +25,7 @@ What these modules see in a forward pass is recorded by
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -93,11 +93,13 @@ class ParameterBlock(NamedTuple):
         name: Name of the parameter in that module (``"weight"``, ``"bias"``,
             ``"weight_orig"``, ``"parametrizations.weight.original"``, ...).
         diagonal: ``True`` for a diagonal block (EKFAC in the identity basis).
+        dense: ``True`` for an exact (dense) block (``dense_blocks_up_to``).
     """
 
     module: str
     name: str
     diagonal: bool
+    dense: bool = False
 
 
 @dataclass
@@ -113,8 +115,12 @@ class KroneckerLayer:
         module: The module owning the parameters.
         kind: Its kind.
         attention: For kinds an attention applies, that ``nn.MultiheadAttention``.
-        weight_index: Block index of its weight, if the weight is in the posterior.
-        bias_index: Block index of its bias, if the bias is in the posterior.
+        weight_index: Block index of its weight, if the weight is in the posterior
+            with a Kronecker block.
+        bias_index: Block index of its bias, if the bias is in the posterior with
+            a Kronecker block.
+        dense_weight_index: Block index of its weight with an exact (dense) block.
+        dense_bias_index: Block index of its bias with an exact (dense) block.
     """
 
     name: str
@@ -123,6 +129,8 @@ class KroneckerLayer:
     attention: nn.MultiheadAttention | None = None
     weight_index: int | None = None
     bias_index: int | None = None
+    dense_weight_index: int | None = None
+    dense_bias_index: int | None = None
 
     @property
     def weight_name(self) -> str:
@@ -152,7 +160,26 @@ class KroneckerLayer:
     @property
     def shares_weight(self) -> bool:
         """Whether ``G`` is needed: for the weight, or for a bias that shares it."""
-        return self.weight_index is not None or not self.kind.separate_bias
+        return self.weight_index is not None or (
+            self.bias_index is not None and not self.kind.separate_bias
+        )
+
+    @property
+    def has_kronecker(self) -> bool:
+        """Whether the layer has a Kronecker block (else only exact blocks)."""
+        return self.weight_index is not None or self.bias_index is not None
+
+    @property
+    def dense_needs_rows(self) -> bool:
+        """Whether its exact blocks need ``g`` (a weight, or a bias that sums it)."""
+        return self.dense_weight_index is not None or (
+            self.dense_bias_index is not None and not self.kind.separate_bias
+        )
+
+    @property
+    def dense_needs_bias_rows(self) -> bool:
+        """Whether its exact bias block needs the bias's own rows."""
+        return self.dense_bias_index is not None and self.kind.separate_bias
 
     def inputs(self, x: Tensor) -> Tensor:
         """``a`` ``(B, S, d_in)`` of the input (batch in dimension 0)."""
@@ -332,12 +359,18 @@ class DiagonalModule:
         param_names: Its parameters in the posterior (names relative to it, e.g.
             ``"weight"`` or ``"parametrizations.weight.original"``).
         indices: Their block indices.
+        dense: Per parameter, whether its block is exact (dense) rather than
+            diagonal.
     """
 
     name: str
     module: nn.Module
     param_names: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
+    dense: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dense += [False] * (len(self.param_names) - len(self.dense))
 
     @property
     def target(self) -> Tensor:
@@ -359,6 +392,10 @@ class ParameterLayout:
         max_factor_size: Layers whose Kronecker factor would have more rows than
             this get diagonal blocks; ``None``: a factor larger than
             :data:`FACTOR_LIMIT_BYTES` is refused.
+        dense_blocks_up_to: Parameter tensors with at most this many entries get
+            their exact (dense) block instead of a Kronecker or diagonal one.
+        dense_blocks: Block indices that get exact blocks whatever their size (a
+            fit's, see :meth:`fitted`).
 
     Attributes:
         params: The parameters, in vector order.
@@ -387,6 +424,8 @@ class ParameterLayout:
         unsupported_layers: UnsupportedLayers | str = UnsupportedLayers.DIAGONAL,
         diagonal_layers: Mapping[str, str] | None = None,
         max_factor_size: int | None = None,
+        dense_blocks_up_to: int = 0,
+        dense_blocks: Collection[int] = (),
     ) -> None:
         if not params:
             raise ValueError(
@@ -400,6 +439,13 @@ class ParameterLayout:
         )
         self.max_factor_size = max_factor_size
         self.diagonal_layers: dict[str, str] = dict(diagonal_layers or {})
+        self.dense_blocks_up_to = dense_blocks_up_to
+        #: The block indices with exact (dense) blocks.
+        self.dense: set[int] = set(dense_blocks) | {
+            index
+            for index, param in enumerate(self.params)
+            if param.numel() <= dense_blocks_up_to
+        }
         owners = _owners(model)
         resolved = [_owner(owners, param) for param in self.params]
         self._assign(resolved, self.diagonal_layers)
@@ -432,14 +478,19 @@ class ParameterLayout:
                 if reason is None:
                     layer = layers.setdefault(found.name, found)
                     kind = "bias" if param_name == layer.bias_name else "weight"
-                    setattr(layer, f"{kind}_index", index)
-                    self.blocks.append(ParameterBlock(module_name, param_name, False))
+                    dense = index in self.dense
+                    prefix = "dense_" if dense else ""
+                    setattr(layer, f"{prefix}{kind}_index", index)
+                    self.blocks.append(
+                        ParameterBlock(module_name, param_name, False, dense)
+                    )
                     self.owners.append(layer)
                     continue
                 if found.kind.applied_by_parent and found.module is not found.attention:
                     raise ValueError(_functional_projection_message(found, reason))
                 self.demoted.setdefault(found.name, reason)
-            if self.unsupported_layers == UnsupportedLayers.RAISE:
+            dense = index in self.dense  # an exact block, not a diagonal one
+            if self.unsupported_layers == UnsupportedLayers.RAISE and not dense:
                 raise ValueError(
                     _unsupported_message(module_name, param_name, module, reason)
                 )
@@ -449,7 +500,10 @@ class ParameterLayout:
             )
             entry.param_names.append(param_name)
             entry.indices.append(index)
-            self.blocks.append(ParameterBlock(module_name, param_name, True))
+            entry.dense.append(dense)
+            self.blocks.append(
+                ParameterBlock(module_name, param_name, not dense, dense)
+            )
             self.owners.append(entry)
         self.layers: list[KroneckerLayer] = list(layers.values())
         self.diagonal_modules: list[DiagonalModule] = list(diagonal.values())
@@ -460,6 +514,7 @@ class ParameterLayout:
         model: nn.Module,
         params: Sequence[Tensor],
         eigenvectors: Sequence[tuple[Tensor, ...]],
+        dense_blocks_up_to: int = 0,
     ) -> ParameterLayout:
         """The layout a fit gave ``params``: diagonal where its basis is ``()``.
 
@@ -467,14 +522,42 @@ class ParameterLayout:
             model: The network.
             params: The posterior's parameters, in vector order.
             eigenvectors: Per block, the fitted eigenbasis (``()``: diagonal).
+            dense_blocks_up_to: The fit's option: which biases have exact blocks
+                (a weight's or a diagonal module's shows in its one basis).
 
         Returns:
-            The layout, with the fit's diagonal blocks.
+            The layout, with the fit's diagonal and exact blocks.
 
         Raises:
             ValueError: See :meth:`following`.
         """
-        return cls(model, params, max_factor_size=_NO_LIMIT).following(eigenvectors)
+        layout = cls(
+            model,
+            params,
+            max_factor_size=_NO_LIMIT,
+            dense_blocks_up_to=dense_blocks_up_to,
+        )
+        return layout.following(eigenvectors)
+
+    @property
+    def has_dense(self) -> bool:
+        """Whether any parameter gets an exact (dense) block."""
+        return bool(self.dense)
+
+    @property
+    def kronecker_layers(self) -> list[KroneckerLayer]:
+        """The layers with a Kronecker block (others have only exact blocks)."""
+        return [layer for layer in self.layers if layer.has_kronecker]
+
+    @property
+    def dense_layers(self) -> list[KroneckerLayer]:
+        """The layers with an exact (dense) block."""
+        return [
+            layer
+            for layer in self.layers
+            if layer.dense_weight_index is not None
+            or layer.dense_bias_index is not None
+        ]
 
     def following(self, eigenvectors: Sequence[tuple[Tensor, ...]]) -> ParameterLayout:
         """This layout with diagonal blocks where a fit's basis is ``()``.
@@ -502,7 +585,25 @@ class ParameterLayout:
                 if isinstance(owner, KroneckerLayer) and not basis
             }
         )
+        dense = {  # one basis for the whole tensor: an exact block
+            index
+            for index, (owner, basis) in enumerate(zip(layout.owners, eigenvectors))
+            if len(basis) == 1
+            and (
+                isinstance(owner, DiagonalModule)
+                or index in (owner.weight_index, owner.dense_weight_index)
+            )
+        }
+        dense |= layout.dense  # the option's (a bias's basis does not tell)
+        if dense != layout.dense:
+            layout = layout.with_dense(dense)
         for block, basis in zip(layout.blocks, eigenvectors):
+            if block.dense and len(basis) != 1:
+                raise ValueError(
+                    f"'{block.module}.{block.name}' has an exact block here "
+                    f"(dense_blocks_up_to), but the fit gave it {len(basis)} bases; "
+                    "use the fit's options."
+                )
             if block.diagonal and basis:
                 raise ValueError(
                     f"The fit gave '{block.module}.{block.name}' a Kronecker block, "
@@ -510,6 +611,24 @@ class ParameterLayout:
                     "the fit: pruning or a parametrisation added?). Fit again."
                 )
         return layout
+
+    def with_dense(self, indices: Collection[int]) -> ParameterLayout:
+        """The same layout with exactly the blocks ``indices`` dense.
+
+        Args:
+            indices: Block indices.
+
+        Returns:
+            A new layout.
+        """
+        return ParameterLayout(
+            self.model,
+            self.params,
+            self.unsupported_layers,
+            diagonal_layers=self.diagonal_layers,
+            max_factor_size=self.max_factor_size,
+            dense_blocks=indices,
+        )
 
     def with_diagonal(self, reasons: Mapping[str, str]) -> ParameterLayout:
         """The same layout with more Kronecker layers on diagonal blocks.
@@ -528,6 +647,7 @@ class ParameterLayout:
             self.unsupported_layers,
             diagonal_layers={**self.diagonal_layers, **reasons},
             max_factor_size=self.max_factor_size,
+            dense_blocks=self.dense,
         )
 
     def __len__(self) -> int:

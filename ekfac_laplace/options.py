@@ -1,11 +1,12 @@
 """The options of an EKFAC fit, validated once and passed whole.
 
-Eight settings decide how the EKFAC curvature is computed: which curvature
+Nine settings decide how the EKFAC curvature is computed: which curvature
 (``fisher_type``), how weight-sharing layers are factorised (``kfac_approx``), the
 Monte-Carlo sampler (``mc_samples``, ``seed``), which engine computes it and how much
 memory it may keep (``engine``, ``cache_budget_bytes``), what happens to parameters
-KFAC cannot factorise (``unsupported_layers``), and how large a Kronecker factor may
-be (``max_factor_size``). :class:`EKFACOptions` holds them as one frozen value:
+KFAC cannot factorise (``unsupported_layers``), how large a Kronecker factor may be
+(``max_factor_size``), and which small tensors keep their exact block
+(``dense_blocks_up_to``). :class:`EKFACOptions` holds them as one frozen value:
 built (and checked) once where a user passes them, handed whole to
 :func:`ekfac_laplace.compute_ekfac` and the engines, and saved whole in a Laplace
 object's ``state_dict``. The string choices are enums, as curvlinops' ``FisherType``
@@ -137,6 +138,9 @@ class EKFACOptions:
         max_factor_size: Layers whose Kronecker factor would have more rows than
             this get their exact diagonal block instead; ``None`` (default):
             a factor over 2 GiB is refused before any work.
+        dense_blocks_up_to: Parameter tensors with at most this many entries get
+            their exact GGN / Fisher block (``n²`` numbers and an ``eigh`` each),
+            from the same passes; ``0`` (default): none.
 
     Raises:
         ValueError: For an unknown choice, a non-integer or out-of-range number, or
@@ -154,6 +158,7 @@ class EKFACOptions:
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     unsupported_layers: UnsupportedLayers = UnsupportedLayers.DIAGONAL
     max_factor_size: int | None = None
+    dense_blocks_up_to: int = 0
 
     def __post_init__(self) -> None:
         parsed = {
@@ -170,6 +175,7 @@ class EKFACOptions:
         }
         if self.max_factor_size is not None:
             _check_int("max_factor_size", self.max_factor_size, 1)
+        _check_int("dense_blocks_up_to", self.dense_blocks_up_to, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if parsed["mc_samples"] != 1 and parsed["fisher_type"] != FisherType.MC:
@@ -231,6 +237,7 @@ class OptionKeywords(TypedDict, total=False):
     cache_budget_bytes: int
     unsupported_layers: UnsupportedLayers | str
     max_factor_size: int | None
+    dense_blocks_up_to: int
 
 
 _CHOICES = ("fisher_type", "kfac_approx", "engine", "unsupported_layers")

@@ -49,6 +49,7 @@ from ekfac_laplace.batches import (
 )
 from ekfac_laplace.capture import CaptureError
 from ekfac_laplace.curvature import compute_ekfac
+from ekfac_laplace.dense import merged
 from ekfac_laplace.distributed import ranks_of, warn_about_an_unshared_shard
 from ekfac_laplace.factors import EKFACFactors
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
@@ -303,7 +304,9 @@ class EKFACPosterior(ParametricLaplace):
         the eigenbasis of the first fit is kept and the new data's corrected
         eigenvalues, computed in that basis, are added: fitting the same data twice
         doubles ``λ`` exactly, and fitting A then B gives
-        ``diag(Qᵀ (GGN_A + GGN_B) Q)`` in A's basis. ``loss`` and ``n_data``
+        ``diag(Qᵀ (GGN_A + GGN_B) Q)`` in A's basis; an exact (dense) block is
+        rebuilt as ``GGN_A + GGN_B`` and decomposed again, so it stays exact.
+        ``loss`` and ``n_data``
         accumulate and the mean moves to the current parameters, as in
         laplace-torch.
 
@@ -376,6 +379,7 @@ class EKFACPosterior(ParametricLaplace):
             to_device(X, model_device(self)),
             joint=joint,
             batch=batch_size(X, self.dict_key_x),
+            dense_blocks_up_to=self.options.dense_blocks_up_to,
         )
 
     def _fit_signature(self, override: bool) -> dict[str, object]:
@@ -425,10 +429,17 @@ class EKFACPosterior(ParametricLaplace):
             self.loss = factors.loss
             self.n_data = num_data
             return
-        self.H = EKFACDecomposed(
-            previous.eigenvectors,
-            [old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)],
-        )
+        eigenvectors = list(previous.eigenvectors)
+        eigenvalues = [
+            old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)
+        ]
+        for index, block in factors.dense.items():  # exact: rebuilt, not rotated
+            (basis,) = previous.eigenvectors[index]
+            values, basis = merged(
+                basis, previous.eigenvalues[index], block, f"exact block {index}"
+            )
+            eigenvectors[index], eigenvalues[index] = (basis,), values
+        self.H = EKFACDecomposed(eigenvectors, eigenvalues)
         self.loss = self.loss + factors.loss
         self.n_data = self.n_data + num_data
 

@@ -48,6 +48,7 @@ def glm_predictive_variance(
     X: Tensor | Mapping[str, Any],
     joint: bool = False,
     batch: int | None = None,
+    dense_blocks_up_to: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
@@ -65,6 +66,7 @@ def glm_predictive_variance(
         batch: The number of inputs (default: ``X.shape[0]`` for a tensor), so that
             a module whose one output row is shared by all inputs gets each input's
             gradient (see :class:`~ekfac_laplace.capture.ForwardCapture`).
+        dense_blocks_up_to: The fit's option (which blocks are exact).
 
     Token-level outputs ``(B, T, C)`` are one example per token: the outputs
     ``(t, c)`` of a sequence take one backward pass each (``T·C``), and each token
@@ -83,7 +85,9 @@ def glm_predictive_variance(
             sees a number of rows that is not a multiple of the inputs; the caller
             can fall back to the dense Jacobian.
     """
-    layout = ParameterLayout.fitted(model, params, precision.eigenvectors)
+    layout = ParameterLayout.fitted(
+        model, params, precision.eigenvectors, dense_blocks_up_to
+    )
     if batch is None and isinstance(X, Tensor):
         batch = X.shape[0]
     capture = ForwardCapture(layout, batch=batch)
@@ -114,21 +118,24 @@ def glm_predictive_variance(
                 ("weight", layer.output_gradients),
                 ("bias", layer.bias_gradients),
             )
-            if (which == "weight" and layer.shares_weight)
-            or (which == "bias" and layer.separate_bias)
+            if (which == "weight" and (layer.shares_weight or layer.dense_needs_rows))
+            or (
+                which == "bias" and (layer.separate_bias or layer.dense_needs_bias_rows)
+            )
         }
         rows.setdefault("bias", rows.get("weight"))
         a = group_rows(layer.inputs(capture.take_input(layer.name)), B, layer.name)
-        variance = variance + _layer_term(layer, precision, rows, a, joint)
+        if layer.has_kronecker:
+            variance = variance + _layer_term(layer, precision, rows, a, joint)
+        variance = variance + _dense_layer_term(layer, precision, rows, a, joint)
     for entry in layout.diagonal_modules:
         passes = capture.take_gradients(entry.name)
         if not passes:
             continue
         call = capture.calls[entry.name]
         for name, index in zip(entry.param_names, entry.indices):
-            inverse = precision.powered_eigenvalues(index, -1)
             variance = variance + _diagonal_term(
-                entry.module, name, call, passes, inverse, B, joint
+                entry.module, name, call, passes, precision, index, B, joint
             )
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
@@ -293,29 +300,84 @@ def _shared_weight_term(
     return torch.einsum(pattern, J, J, inverse)
 
 
+def _dense_layer_term(
+    layer: KroneckerLayer,
+    precision: EKFACDecomposed,
+    rows: dict[str, Tensor | None],
+    a: Tensor,
+    joint: bool,
+) -> Tensor:
+    """The terms of a layer's exact (dense) blocks, from its Jacobian rows.
+
+    A weight's rows are ``vec(Σ_s g_{n,c,s} a_{n,s}ᵀ)`` in the weight's own layout,
+    a bias's ``Σ_s g_{n,c,s}``; each is rotated by the block's ``Q`` and squared
+    against ``S = 1/(hλ+δ)``.
+    """
+    term = 0
+    if layer.dense_weight_index is not None:
+        g = rows["weight"]
+        G = layer.groups
+        per_example = torch.einsum(
+            "bksgo,bsgi->bkgoi",
+            g.reshape(*g.shape[:3], G, -1),
+            a.to(g.dtype).reshape(*a.shape[:2], G, -1),
+        )
+        J = layer.kind.from_groups(per_example, layer.weight.shape).flatten(2)
+        term = term + _dense_term(J, precision, layer.dense_weight_index, joint)
+    if layer.dense_bias_index is not None:
+        J = rows["bias"].sum(2)
+        term = term + _dense_term(J, precision, layer.dense_bias_index, joint)
+    return term
+
+
+def _dense_term(
+    J: Tensor, precision: EKFACDecomposed, index: int, joint: bool
+) -> Tensor:
+    """An exact block: ``Σ_i (J Q)_{n,c,i} (J Q)_{m,c',i} S_i``.
+
+    Args:
+        J: Jacobian rows of the block's parameter, ``(B, K, n)``.
+        precision: The posterior precision.
+        index: The block.
+        joint: Over all pairs of inputs, or per input.
+
+    Returns:
+        ``(B, K, B, K)`` or ``(B, K, K)``.
+    """
+    (q,) = precision.eigenvectors[index]
+    inverse = precision.powered_eigenvalues(index, -1)
+    rotated = J.to(q.dtype) @ q
+    pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)
+    return torch.einsum(pattern, rotated, rotated, inverse)
+
+
 def _diagonal_term(
     module: nn.Module,
     name: str,
     call: ModuleCall,
     passes: list[tuple[Tensor | None, ...]],
-    inverse: Tensor,
+    precision: EKFACDecomposed,
+    index: int,
     batch: int,
     joint: bool,
 ) -> Tensor:
-    """A diagonal block: ``Σ_i J_{n,c,i} J_{m,c',i} S_i`` from per-example gradients.
+    """A diagonal block, ``Σ_i J_{n,c,i} J_{m,c',i} S_i``, or an exact one.
 
     Args:
         module: The owning module.
         name: The parameter's name in it.
         call: The module's forward call.
         passes: Per output ``c`` (``K``), the gradients at its output tensors.
-        inverse: ``S``, shaped like the parameter.
+        precision: The posterior precision.
+        index: The parameter's block (diagonal, or exact: ``(Q,)``).
         batch: The number of inputs ``B`` (rows folded into it are summed).
         joint: Over all pairs of inputs, or per input.
 
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
+    dense = bool(precision.eigenvectors[index])
+    inverse = precision.powered_eigenvalues(index, -1)
     restricted = [
         restricted_gradients(module, [name], call, gradients)[0] for gradients in passes
     ]
@@ -327,7 +389,13 @@ def _diagonal_term(
             for _, grad in restricted
         ],
         dim=1,
-    ).flatten(start_dim=2)
+    )
+    if dense:  # every entry's row (an embedding's unused rows: zero)
+        if rows is not None:
+            shape = module.get_parameter(name).shape
+            J = J.new_zeros(*J.shape[:2], *shape).index_add_(2, rows, J)
+        return _dense_term(J.flatten(start_dim=2), precision, index, joint)
+    J = J.flatten(start_dim=2)
     inverse = (inverse if rows is None else inverse[rows]).flatten()
     J = J.to(inverse.dtype)
     pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)

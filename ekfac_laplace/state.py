@@ -74,8 +74,8 @@ def checked_state(
     Raises:
         ValueError: Naming the first thing that does not fit.
     """
-    curvature = checked_curvature(state["H"], model, params)
     options = EKFACOptions.from_state(state.get("ekfac_options", ()))
+    curvature = checked_curvature(state["H"], model, params, options.dense_blocks_up_to)
     _check_vector("mean", state["mean"], n_params)
     prior_mean = state["prior_mean"]
     if isinstance(prior_mean, Tensor) and prior_mean.numel() > 1:
@@ -103,7 +103,10 @@ def checked_state(
 
 
 def checked_curvature(
-    saved: Any, model: nn.Module, params: Sequence[Tensor]
+    saved: Any,
+    model: nn.Module,
+    params: Sequence[Tensor],
+    dense_blocks_up_to: int = 0,
 ) -> EKFACDecomposed:
     """The saved ``H``, checked block by block against ``params``.
 
@@ -111,6 +114,7 @@ def checked_curvature(
         saved: ``H`` as :meth:`EKFACDecomposed.to_state` wrote it.
         model: The network.
         params: The posterior's parameters, in vector order.
+        dense_blocks_up_to: The fit's option (which blocks are exact).
 
     Returns:
         The matrix, on the parameters' device.
@@ -128,7 +132,9 @@ def checked_curvature(
             f"model's parameter tensors have sizes {sizes}; load it into the model "
             "it was fitted on."
         )
-    layout = ParameterLayout.fitted(model, params, decomposed.eigenvectors)
+    layout = ParameterLayout.fitted(
+        model, params, decomposed.eigenvectors, dense_blocks_up_to
+    )
     device = params[0].device
     eigenvectors, eigenvalues = [], []
     for index, (block, owner, param) in enumerate(
@@ -137,7 +143,11 @@ def checked_curvature(
         where = f"'{block.module}.{block.name}'" if block.module else repr(block.name)
         basis = decomposed.eigenvectors[index]
         values = decomposed.eigenvalues[index]
-        expected = _expected_shapes(owner, index, param)
+        expected = (
+            ((param.numel(),), [(param.numel(), param.numel())])
+            if block.dense
+            else _expected_shapes(owner, index, param)
+        )
         found = (tuple(values.shape), [tuple(q.shape) for q in basis])
         if found != expected:
             raise ValueError(

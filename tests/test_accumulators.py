@@ -15,9 +15,9 @@ from ekfac_laplace.accumulators import (
     PerExampleGradients,
     contraction_order,
     per_example_numbers,
-    robust_eigenvectors,
 )
 from ekfac_laplace.diagonal import ModuleCall
+from ekfac_laplace.eigh import robust_eigenvectors
 from ekfac_laplace.kinds.linear import Linear
 from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, LayerBasis
 from ekfac_laplace.options import EKFACOptions, KFACApprox

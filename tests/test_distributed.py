@@ -96,6 +96,12 @@ CONFIGS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "mlp-regression-all": ("regression", "regression", "all", {"sigma_noise": 0.5}),
     "mlp-classification-ll": ("mlp", "classification", "last_layer", {}),
     "masked-classification-all": ("masked", "classification", "all", {}),
+    "cnn-classification-all-dense": (  # exact blocks of the small tensors
+        "cnn",
+        "classification",
+        "all",
+        {"dense_blocks_up_to": 40},
+    ),
     "convs-classification-all-nocache": (  # expand: reduce's G has a null space
         "convs",
         "classification",

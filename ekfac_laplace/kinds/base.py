@@ -29,6 +29,7 @@ eigenvalues use the exact per-example gradients either way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -239,6 +240,19 @@ class LayerKind:
         if groups == 1:
             return self.as_matrix(weight_like).unsqueeze(0)
         return weight_like.reshape(groups, weight_like.shape[0] // groups, -1)
+
+    def from_groups(self, maps: Tensor, shape: Sequence[int]) -> Tensor:
+        """The inverse of :meth:`as_groups`, over leading dimensions.
+
+        Args:
+            maps: Shape ``(..., G, d_out, d_in)``.
+            shape: The weight's shape.
+
+        Returns:
+            Shape ``(..., *shape)``.
+        """
+        ordered = maps.mT if self.transposed else maps
+        return ordered.reshape(*maps.shape[:-3], *shape)
 
     def bias_features(self, module: nn.Module) -> int:
         """The bias's size (with :attr:`separate_bias`, its own factor's).
