@@ -41,7 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, as a work
 # it is not in the default run: its exact diagonal GGN takes minutes per fit at these
 # sizes and every phase needs a fit.
 STRUCTURES = ("kron", "ekfac")
-ALL_STRUCTURES = (*STRUCTURES, "ekfac_cache", "diag")
+#: EKFAC with other options: a larger cache, exact blocks of the tensors up to 500
+#: entries, of every tensor up to the MLP's output weight (10 × 512).
+VARIANTS = {
+    "ekfac_cache": {"cache_budget_bytes": 2**31},
+    "ekfac_dense500": {"dense_blocks_up_to": 500},
+    "ekfac_dense5120": {"dense_blocks_up_to": 5120},
+}
+ALL_STRUCTURES = (*STRUCTURES, *VARIANTS, "diag")
 FIT_ONLY = {"ekfac_cache"}  # the cache only changes the fit
 PHASES = ("fit_ggn", "fit_mc", "glm32", "sample100", "nn100", "marglik100")
 # laplace-torch's GLM at batch 128 takes half a minute a call on the MLP (dense
@@ -121,12 +128,12 @@ def make_laplace(model: nn.Module, case: str, structure: str, stochastic: bool, 
 
     import ekfac_laplace  # noqa: F401
 
-    options = {"cache_budget_bytes": 2**31} if structure == "ekfac_cache" else {}
+    options = VARIANTS.get(structure, {})
     return Laplace(
         model,
         "classification",
         subset_of_weights=spec["subset"],
-        hessian_structure=structure.removesuffix("_cache"),
+        hessian_structure=structure.split("_")[0],
         backend=CurvlinopsGGN,
         backend_kwargs={"stochastic": stochastic},
         **options,

@@ -30,7 +30,7 @@ from ekfac_laplace.factors import (
     likelihood_loss,
 )
 from ekfac_laplace.layer_check import CHECK_EXAMPLES, checked_layout
-from ekfac_laplace.layout import ParameterLayout
+from ekfac_laplace.layout import REQUESTED_DIAGONAL, ParameterLayout
 from ekfac_laplace.options import EKFACOptions, Engine
 
 
@@ -46,6 +46,7 @@ def compute_ekfac(
     dict_key_x: str = "input_ids",
     progress_bar: bool = False,
     process_group: Any | None = None,
+    diagonal_blocks: bool = False,
 ) -> EKFACFactors:
     """EKFAC of the log-likelihood GGN / Fisher of ``model`` over a whole data set.
 
@@ -67,6 +68,9 @@ def compute_ekfac(
             fit: ``batches`` is this rank's shard, the result is that of the union
             of the shards on every rank (:mod:`ekfac_laplace.distributed`).
             ``num_data`` is then this rank's share (it sizes the cache).
+        diagonal_blocks: Give every tensor its exact diagonal block (the Kronecker
+            layers too), e.g. to compare structures
+            (:mod:`ekfac_laplace.evaluation.structures`).
 
     Returns:
         The eigenbases, the corrected eigenvalues (summed over the data, clamped at
@@ -93,6 +97,10 @@ def compute_ekfac(
         max_factor_size=options.max_factor_size,
         dense_blocks_up_to=options.dense_blocks_up_to,
     )
+    if diagonal_blocks:
+        layout = layout.with_diagonal(
+            {layer.name: REQUESTED_DIAGONAL for layer in layout.layers}
+        )
     if eigenbasis is not None:
         layout = layout.following(eigenbasis)
     ranks = ranks_of(process_group)

@@ -50,6 +50,7 @@ from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import (
     FITTED_DIAGONAL,
+    REQUESTED_DIAGONAL,
     DiagonalModule,
     KroneckerLayer,
     ParameterLayout,
@@ -302,7 +303,8 @@ def _warn_about(demoted: Mapping[str, str], layout: ParameterLayout) -> None:
     shown = {
         name: reason
         for name, reason in demoted.items()
-        if name not in layout.oversized and reason != FITTED_DIAGONAL
+        if name not in layout.oversized
+        and reason not in (FITTED_DIAGONAL, REQUESTED_DIAGONAL)
     }
     if not shown:
         return

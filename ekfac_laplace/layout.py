@@ -446,6 +446,8 @@ class ParameterLayout:
             for index, param in enumerate(self.params)
             if param.numel() <= dense_blocks_up_to
         }
+        for index in self.dense:
+            _check_dense_block_size(index, self.params[index])
         owners = _owners(model)
         resolved = [_owner(owners, param) for param in self.params]
         self._assign(resolved, self.diagonal_layers)
@@ -592,9 +594,21 @@ class ParameterLayout:
             and (
                 isinstance(owner, DiagonalModule)
                 or index in (owner.weight_index, owner.dense_weight_index)
+                or (  # a grouped layer's bias: not one basis per group
+                    owner.groups > 1
+                    and not owner.kind.separate_bias
+                    and basis[0].ndim == 2
+                )
             )
         }
-        dense |= layout.dense  # the option's (a bias's basis does not tell)
+        dense |= layout.dense  # the option's (a bias's basis does not tell) and
+        dense |= {  # a bias beside an exact weight: never smaller, so exact as well
+            owner.bias_index
+            for owner in layout.layers
+            if owner.bias_index is not None
+            and owner.weight_index in dense
+            and len(eigenvectors[owner.bias_index]) == 1
+        }
         if dense != layout.dense:
             layout = layout.with_dense(dense)
         for block, basis in zip(layout.blocks, eigenvectors):
@@ -745,8 +759,27 @@ class ParameterLayout:
         return oversized
 
 
+def _check_dense_block_size(index: int, param: Tensor) -> None:
+    """Refuse an exact block over :data:`FACTOR_LIMIT_BYTES`, before any work."""
+    dtype = param.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # accumulated in float32
+    n = param.numel()
+    nbytes = n * n * torch.empty((), dtype=dtype).itemsize
+    if nbytes > FACTOR_LIMIT_BYTES:
+        raise MemoryError(
+            f"Parameter tensor {index} ({tuple(param.shape)}, {n} entries) would get "
+            f"an exact block of {n} × {n} ({nbytes / 2**30:.1f} GiB in {dtype}, as "
+            "much again for its eigenvectors, and an eigh of that size), over the "
+            f"limit of {FACTOR_LIMIT_BYTES / 2**30:.0f} GiB. Lower "
+            "dense_blocks_up_to below its size."
+        )
+
+
 #: Why a layer has diagonal blocks in :meth:`ParameterLayout.fitted`.
 FITTED_DIAGONAL = "got diagonal blocks in the fit"
+#: Why a layer gets diagonal blocks when every block is asked to be diagonal.
+REQUESTED_DIAGONAL = "was asked for diagonal blocks"
 #: ``max_factor_size`` that never refuses (a fitted layout is checked by its fit).
 _NO_LIMIT = 2**62
 

@@ -20,6 +20,7 @@ which finds the last layer and then calls ours.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
@@ -284,6 +285,14 @@ class EKFACPosterior(ParametricLaplace):
         """The parameters of the posterior, in vector order."""
         return list(self.params)
 
+    @property
+    def posterior_parameters(self) -> list[Tensor]:
+        """The parameters of the posterior, in vector order (the blocks of ``H``).
+
+        The last layer's for a last-layer Laplace.
+        """
+        return self._posterior_params()
+
     def _mean_vector(self) -> Tensor:
         """The current values of those parameters, flattened."""
         return parameters_to_vector(self.params)
@@ -328,6 +337,59 @@ class EKFACPosterior(ParametricLaplace):
             DistributedFitError: On the other ranks when one fails, or when a
                 collective times out.
         """
+        previous = None if override else self.H
+        factors, n_outputs, num_data = self._fit_factors(
+            train_loader, self.options, previous, progress_bar, override=override
+        )
+        self._commit_fit(factors, previous, n_outputs, num_data)
+
+    def curvature(
+        self,
+        train_loader: DataLoader,
+        *,
+        diagonal_blocks: bool = False,
+        progress_bar: bool = False,
+        **options: Any,
+    ) -> EKFACFactors:
+        """The curvature a fit with other options would give; nothing is changed.
+
+        Args:
+            train_loader: The training data, as for :meth:`fit`.
+            diagonal_blocks: Every tensor's exact diagonal block instead (the
+                Kronecker layers' too).
+            progress_bar: Show a progress bar over each pass.
+            **options: Options that differ from this object's
+                (:class:`~ekfac_laplace.EKFACOptions`), e.g.
+                ``dense_blocks_up_to``.
+
+        Returns:
+            The eigenbases and eigenvalues (without the likelihood's scale ``1/σ²``
+            and the prior), as :meth:`fit` would set them as ``H``.
+
+        Raises:
+            ValueError: As :meth:`fit`, and for an unknown option.
+        """
+        known = {field.name for field in dataclasses.fields(EKFACOptions)}
+        if unknown := sorted(set(options) - known):
+            raise ValueError(
+                f"Unknown EKFAC option(s) {unknown}; the options are {sorted(known)}."
+            )
+        chosen = dataclasses.replace(self.options, **options)
+        factors, _, _ = self._fit_factors(
+            train_loader, chosen, None, progress_bar, diagonal_blocks=diagonal_blocks
+        )
+        return factors
+
+    def _fit_factors(
+        self,
+        train_loader: DataLoader,
+        options: EKFACOptions,
+        previous: EKFACDecomposed | None,
+        progress_bar: bool,
+        override: bool = True,
+        diagonal_blocks: bool = False,
+    ) -> tuple[EKFACFactors, int, int]:
+        """The checked curvature of a fit: factors, output size and ``N``."""
         ranks = ranks_of(self.process_group)
         warn_about_an_unshared_shard(train_loader, self.process_group)
         self.model.eval()
@@ -344,7 +406,6 @@ class EKFACPosterior(ParametricLaplace):
             "the checks of the first batch",
         )
         ranks.same(lambda: self._fit_signature(override), "the model, options and fit")
-        previous = None if override else self.H
         model, batches = self._curvature_model(batches)
         factors = compute_ekfac(
             model,
@@ -352,17 +413,18 @@ class EKFACPosterior(ParametricLaplace):
             batches,
             likelihood,
             num_data,
-            self.options,
+            options,
             eigenbasis=None if previous is None else previous.eigenvectors,
             dict_key_x=self.dict_key_x,
             progress_bar=progress_bar and ranks.rank == 0,
             process_group=self.process_group,
+            diagonal_blocks=diagonal_blocks,
         )
         if factors.tokens is not None:  # token-level outputs: each token counts
             num_data = factors.tokens
         else:
             num_data = ranks.total(num_data)
-        self._commit_fit(factors, previous, n_outputs, num_data)
+        return factors, n_outputs, num_data
 
     def _curvature_model(self, batches: LaplaceBatches) -> tuple[nn.Module, Any]:
         """The network whose curvature the fit takes, and its batches."""

@@ -129,3 +129,20 @@ def test_quick_scaling_benchmark_writes_every_axis_phase_and_plot(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "scaling_quick.md").read_text()
     assert all(f"### {name}:" in markdown for name in module.AXES)
+
+
+def test_quick_fidelity_benchmark_writes_every_structure(tmp_path, capsys):
+    """Plumbing only (128 images, one epoch): every structure is scored; the
+    exact blocks come closer to the full Laplace than EKFAC even here."""
+    spec = importlib.util.spec_from_file_location(
+        "fidelity_benchmark", BENCHMARK.parent / "fidelity.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "fidelity.json").read_text())
+    (errors,) = [model["errors"] for model in payload["models"].values()]
+    assert set(errors) == set(module.STRUCTURES)
+    exact = errors["exact blocks (block-diagonal GGN)"][0]
+    assert 0 <= exact < errors["EKFAC"][0]
+    assert "| EKFAC |" in (tmp_path / "fidelity.md").read_text()

@@ -230,3 +230,12 @@ def test_refusals_and_what_dense_blocks_do_not_refuse():
         EKFACLaplace(normed, "classification", unsupported_layers="raise").fit(
             loader(X, y)
         )
+
+
+def test_an_exact_block_too_large_for_memory_is_refused_before_any_work() -> None:
+    model = nn.Sequential(nn.Linear(30_000, 2)).double()
+    X, y = torch.zeros(4, 30_000, dtype=torch.float64), torch.zeros(4).long()
+    la = EKFACLaplace(model, "classification", dense_blocks_up_to=10**6)
+    with pytest.raises(MemoryError, match="exact block of 60000 × 60000"):
+        la.fit(loader(X, y))
+    assert la.H is None

@@ -799,3 +799,25 @@ def test_last_layer_functional_variance_fast_is_the_diagonal_predictive():
     assert_close(f_var.detach(), expected)
     f_mu, f_var = la.functional_variance_fast(X[:4])
     assert_close(f_var.detach(), expected)
+
+
+def test_curvature_with_other_options_changes_nothing() -> None:
+    """``curvature`` gives what a fit with those options would, the object unchanged:
+    every tensor's exact diagonal, or exact blocks, against the dense GGN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    la = EKFACLaplace(model, "classification")
+    la.fit(loader(X, y))
+    before = [v.clone() for v in la.H.eigenvalues]
+    params = la.posterior_parameters
+    ggn = dense_ggn(model, params, X, "classification")
+    diagonal = la.curvature(loader(X, y), diagonal_blocks=True)
+    assert all(not basis for basis in diagonal.eigenvectors)
+    assert_close(torch.cat([v.flatten() for v in diagonal.eigenvalues]), ggn.diagonal())
+    exact = la.curvature(loader(X, y), dense_blocks_up_to=100).to_decomposed()
+    sizes = [p.numel() for p in params]
+    assert_close(exact.to_matrix(), torch.block_diag(*blocks(ggn, sizes)))
+    assert all(torch.equal(a, b) for a, b in zip(before, la.H.eigenvalues))
+    with pytest.raises(ValueError, match="Unknown EKFAC option"):
+        la.curvature(loader(X, y), dense_blocks=3)

@@ -1,7 +1,10 @@
 """Candidates of a comparison: the MAP, or a laplace-torch Laplace approximation.
 
 A candidate is written ``"map"`` or ``"<subset>_<structure>[:<backend>]"``, e.g.
-``"all_ekfac"``, ``"ll_kron:mc"``; :meth:`Candidate.parse` reads it and
+``"all_ekfac"``, ``"ll_kron:mc"``, ``"all_ekfac+exact1000"`` (EKFAC with the exact
+block of every tensor of at most 1,000 entries: in the default MLP, its output
+weight; a ``Linear`` layer's bias block is exact under EKFAC already);
+:meth:`Candidate.parse` reads it and
 :meth:`Candidate.build` creates the (unfitted) Laplace object through
 ``laplace.Laplace``.
 """
@@ -25,7 +28,10 @@ DEFAULT_CANDIDATES = (
     "all_diag",
     "all_kron",
     "all_ekfac",
+    "all_ekfac+exact1000",
 )
+#: The suffix of an EKFAC structure with exact blocks (``dense_blocks_up_to``).
+EXACT_SUFFIX = "+exact"
 SUBSETS = {"ll": "last_layer", "all": "all"}
 STRUCTURES = ("diag", "kron", "ekfac", "full")
 #: Structures laplace-torch names that cannot run here, and why.
@@ -50,19 +56,23 @@ class Candidate:
     layer) or ``all``; ``structure`` one of ``diag``, ``kron``, ``ekfac``, ``full``
     (laplace-torch's ``lowrank`` is not offered: it needs an old asdl from git);
     ``backend`` ``ggn`` (exact GGN, default), ``mc`` (Monte-Carlo Fisher) or ``ef``
-    (empirical Fisher). ``"map"`` is the network without Laplace.
+    (empirical Fisher). ``ekfac+exact<n>`` is EKFAC with the exact block of every
+    tensor of at most ``n`` entries (``dense_blocks_up_to=n``). ``"map"`` is the
+    network without Laplace.
 
     Attributes:
         name: The spec it was parsed from, used as the row's name.
         subset_of_weights: ``"last_layer"`` or ``"all"``; ``None`` for the MAP.
         hessian_structure: laplace-torch Hessian structure; ``None`` for the MAP.
         backend: ``"ggn"``, ``"mc"`` or ``"ef"``; ``None`` for the MAP.
+        dense_blocks_up_to: For ``ekfac+exact<n>``, ``n``; else 0.
     """
 
     name: str
     subset_of_weights: str | None = None
     hessian_structure: str | None = None
     backend: str | None = None
+    dense_blocks_up_to: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> Candidate:
@@ -83,6 +93,13 @@ class Candidate:
         head, colon, backend = spec.partition(":")
         subset, _, structure = head.partition("_")
         backend = backend if colon else "ggn"
+        structure, plus, exact = structure.partition(EXACT_SUFFIX)
+        if plus and (structure != "ekfac" or not exact.isdigit() or int(exact) < 1):
+            raise ValueError(
+                f"Unknown candidate {spec!r}: exact blocks are written "
+                f"'<subset>_ekfac{EXACT_SUFFIX}<n>' with n ≥ 1 entries, e.g. "
+                f"'all_ekfac{EXACT_SUFFIX}500'."
+            )
         if subset in SUBSETS and structure in UNAVAILABLE_STRUCTURES:
             raise ValueError(
                 f"Candidate {spec!r} is not offered: "
@@ -100,7 +117,7 @@ class Candidate:
                 f"{tuple(SUBSETS)}, structure in {STRUCTURES} and backend in "
                 f"{tuple(BACKENDS)}, e.g. 'all_ekfac' or 'll_kron:mc'."
             )
-        return cls(spec, SUBSETS[subset], structure, backend)
+        return cls(spec, SUBSETS[subset], structure, backend, int(exact) if plus else 0)
 
     @property
     def is_map(self) -> bool:
@@ -126,6 +143,7 @@ class Candidate:
         if self.is_map:
             raise ValueError("The MAP candidate has no Laplace approximation.")
         backend, backend_kwargs = BACKENDS[self.backend]
+        options = {"dense_blocks_up_to": self.dense_blocks_up_to}
         return Laplace(
             model,
             likelihood,
@@ -134,4 +152,5 @@ class Candidate:
             backend=backend,
             backend_kwargs=dict(backend_kwargs),
             sigma_noise=sigma_noise,
+            **(options if self.dense_blocks_up_to else {}),
         )

@@ -52,3 +52,15 @@ def test_build_gives_the_laplace_object_with_its_backend():
     )
     assert type(regression).__name__ == "KronLaplace"
     assert float(regression.sigma_noise) == pytest.approx(0.3)
+
+
+def test_ekfac_with_exact_blocks():
+    candidate = Candidate.parse("all_ekfac+exact500:mc")
+    assert (candidate.hessian_structure, candidate.dense_blocks_up_to) == ("ekfac", 500)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    la = candidate.build(model, "classification")
+    assert la.options.dense_blocks_up_to == 500 and la.options.fisher_type == "mc"
+    assert Candidate.parse("ll_ekfac").dense_blocks_up_to == 0
+    for bad in ("all_kron+exact500", "all_ekfac+exact", "all_ekfac+exact0"):
+        with pytest.raises(ValueError, match="ekfac\\+exact<n>"):
+            Candidate.parse(bad)
