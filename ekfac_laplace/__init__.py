@@ -50,6 +50,7 @@ _EVALUATION_EXPORTS = (
     "predict",
     "compare",
     "select",
+    "select_structures",
     "Candidate",
     "Comparison",
     "EvaluationSettings",

@@ -12,6 +12,8 @@ curvature) imports nothing from here. One concern per module:
   (:func:`compare`);
 - :mod:`~ekfac_laplace.evaluation.report`: its rows, tables, files and
   :func:`select`;
+- :mod:`~ekfac_laplace.evaluation.structures`: each tensor's block (diagonal, EKFAC
+  or exact) within a memory budget (:func:`select_structures`);
 - :mod:`~ekfac_laplace.evaluation.memory`: peak-memory measurement;
 - :mod:`~ekfac_laplace.evaluation.sampling`: samples against the analytic posterior;
 - :mod:`~ekfac_laplace.evaluation.data`, :mod:`~ekfac_laplace.evaluation.problems`:
@@ -48,6 +50,7 @@ from ekfac_laplace.evaluation.metrics import (
 )
 from ekfac_laplace.evaluation.predictions import evaluate, predict
 from ekfac_laplace.evaluation.report import Comparison, ComparisonRow, Selection, select
+from ekfac_laplace.evaluation.structures import StructureSelection, select_structures
 
 __all__ = [
     "Candidate",
@@ -58,6 +61,7 @@ __all__ = [
     "EvaluationSettings",
     "RegressionPredictions",
     "Selection",
+    "StructureSelection",
     "classification_metrics",
     "compare",
     "evaluate",
@@ -66,5 +70,6 @@ __all__ = [
     "regression_metrics",
     "residual_noise_scale",
     "select",
+    "select_structures",
     "tune_prior",
 ]
