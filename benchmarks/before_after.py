@@ -14,7 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -25,7 +24,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from timing import interleave, median_of, ratio, run_worker, spread  # noqa: E402
+from timing import (  # noqa: E402
+    interleave,
+    interleaved_parser,
+    median_of,
+    ratio,
+    run_worker,
+    spread,
+    worker_main,
+)
 
 REPO = HERE.parent
 
@@ -50,17 +57,10 @@ def measure(case: str, phase: str, warm: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = interleaved_parser(__doc__.splitlines()[0], ["cnn"], ["fit_ggn", "fit_mc"])
     parser.add_argument("--ref", help="the earlier commit (required)")
-    parser.add_argument("--cases", nargs="*", default=["cnn"])
-    parser.add_argument("--phases", nargs="*", default=["fit_ggn", "fit_mc"])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warm", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(measure(*json.loads(args.worker))))
+    if worker_main(args, measure):
         return 0
     if not args.ref:
         parser.error("--ref is required: the commit to compare with")

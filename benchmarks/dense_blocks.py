@@ -12,7 +12,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from timing import interleave, median_of, ratio, run_worker, spread  # noqa: E402
+from timing import (  # noqa: E402
+    interleave,
+    interleaved_parser,
+    median_of,
+    ratio,
+    run_worker,
+    spread,
+    worker_main,
+)
 
 CONTENDERS = {
     "mlp": ("ekfac", "ekfac_dense500", "ekfac_dense5120"),
@@ -54,16 +61,9 @@ def measure(case: str, structure: str, phase: str, warm: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CONTENDERS))
-    parser.add_argument("--phases", nargs="*", default=list(PHASES))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warm", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = interleaved_parser(__doc__.splitlines()[0], CONTENDERS, PHASES)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(measure(*json.loads(args.worker))))
+    if worker_main(args, measure):
         return 0
     rows = []
     for case in args.cases:

@@ -21,6 +21,7 @@ A worker is ``python <script> --worker '<json>'``; it prints one JSON line last.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -247,3 +248,45 @@ def spread(summary: dict[str, float] | None, digits: int = 2) -> str:
         f"{f.format(summary['median'])} "
         f"({f.format(summary['min'])}–{f.format(summary['max'])})"
     )
+
+
+def interleaved_parser(
+    description: str, cases: Sequence[str], phases: Sequence[str]
+) -> argparse.ArgumentParser:
+    """The options of a script that interleaves contenders in fresh workers.
+
+    ``--cases``, ``--phases``, ``--rounds``, ``--warm``, ``--out`` and the hidden
+    ``--worker`` (the JSON arguments of one measurement, for :func:`worker_main`).
+
+    Args:
+        description: The script's one-line description.
+        cases: The default cases.
+        phases: The default phases.
+
+    Returns:
+        The parser; a script adds its own options.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", nargs="*", default=list(cases))
+    parser.add_argument("--phases", nargs="*", default=list(phases))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warm", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def worker_main(args: argparse.Namespace, measure: Callable[..., Any]) -> bool:
+    """Run one measurement and print it as JSON if this process is a worker.
+
+    Args:
+        args: The parsed options of :func:`interleaved_parser`.
+        measure: The measurement, called with the worker's JSON arguments.
+
+    Returns:
+        Whether this process was a worker (the script then exits).
+    """
+    if not args.worker:
+        return False
+    print(json.dumps(measure(*json.loads(args.worker))))
+    return True
