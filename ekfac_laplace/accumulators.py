@@ -412,7 +412,8 @@ class FactorAccumulator(PassAccumulator):
         ):
             found.append(
                 robust_eigenvectors(
-                    factors[layer.name], f"{what} factor of layer '{layer.name}'"
+                    factors[layer.name],
+                    f"Kronecker {what} factor of layer '{layer.name}'",
                 )
                 if layer.name in factors
                 else None

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ekfac_laplace.diagonal import CHUNK_NUMBERS
-from ekfac_laplace.eigh import robust_eigenvectors
+from ekfac_laplace.eigh import robust_eigh
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import KroneckerLayer, ParameterLayout
 from ekfac_laplace.output_curvature import OutputCurvature
@@ -144,11 +144,9 @@ def decompose(block: Tensor, description: str) -> tuple[Tensor, Tensor]:
         description: What it is, for messages.
 
     Returns:
-        ``(λ, Q)``: ``λ = diag(Qᵀ B Q)`` (the block's eigenvalues) and ``Q``.
+        ``(λ, Q)``: the block's eigenvalues (``diag(Qᵀ B Q)``) and eigenvectors.
     """
-    q = robust_eigenvectors(block, description)
-    values = torch.einsum("ij,ik,kj->j", q, block, q)
-    return values, q
+    return robust_eigh(block, description)
 
 
 def merged(

@@ -292,25 +292,14 @@ class Sweep:
             for layer in hidden:
                 (gradient,) = capture.take_gradients(layer.name)
                 exact = bool(dense) and layer in self.layout.dense_layers
-                g, bias_rows = (
-                    group_rows(positions_of(gradient), f.shape[0], layer.name).to(
-                        positions[layer.name].dtype
-                    )
-                    if wanted
-                    else None
-                    for positions_of, wanted in (
-                        (
-                            layer.output_gradients,
-                            layer.shares_weight or (exact and layer.dense_needs_rows),
-                        ),
-                        (
-                            layer.bias_gradients,
-                            layer.separate_bias
-                            or (exact and layer.dense_needs_bias_rows),
-                        ),
-                    )
-                )
-                a = positions[layer.name]
+                a, batch, name = positions[layer.name], f.shape[0], layer.name
+                g = bias_rows = None
+                if layer.shares_weight or (exact and layer.dense_needs_rows):
+                    g = group_rows(layer.output_gradients(gradient), batch, name)
+                    g = g.to(a.dtype)
+                if layer.separate_bias or (exact and layer.dense_needs_bias_rows):
+                    bias_rows = group_rows(layer.bias_gradients(gradient), batch, name)
+                    bias_rows = bias_rows.to(a.dtype)
                 if layer.has_kronecker:
                     accumulator.gradient(
                         layer,

@@ -27,7 +27,7 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, TypedDict, TypeVar
 
@@ -214,12 +214,33 @@ class EKFACOptions:
             ValueError: For unknown names or invalid values.
         """
         values = dict(state.items() if isinstance(state, Mapping) else state)
-        unknown = set(values) - {field.name for field in fields(cls)}
-        if unknown:
-            raise ValueError(
-                f"The saved EKFAC options have unknown names {sorted(unknown)}."
-            )
+        if unknown := _unknown_names(values):
+            raise ValueError(f"The saved EKFAC options have unknown names {unknown}.")
         return cls(**values)
+
+    def replaced(self, **changes: Any) -> EKFACOptions:
+        """These options with some changed, validated as new ones are.
+
+        Args:
+            **changes: Option names to their new values.
+
+        Returns:
+            New options.
+
+        Raises:
+            ValueError: For an unknown name or an invalid value.
+        """
+        if unknown := _unknown_names(changes):
+            raise ValueError(
+                f"Unknown EKFAC option(s) {unknown}; the options are "
+                f"{[option.name for option in fields(self)]}."
+            )
+        return replace(self, **changes)
+
+
+def _unknown_names(values: Mapping[str, Any]) -> list[str]:
+    """The names in ``values`` that are not options, sorted."""
+    return sorted(set(values) - {option.name for option in fields(EKFACOptions)})
 
 
 class OptionKeywords(TypedDict, total=False):

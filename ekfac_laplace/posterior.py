@@ -20,7 +20,6 @@ which finds the last layer and then calls ours.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
@@ -369,14 +368,12 @@ class EKFACPosterior(ParametricLaplace):
         Raises:
             ValueError: As :meth:`fit`, and for an unknown option.
         """
-        known = {field.name for field in dataclasses.fields(EKFACOptions)}
-        if unknown := sorted(set(options) - known):
-            raise ValueError(
-                f"Unknown EKFAC option(s) {unknown}; the options are {sorted(known)}."
-            )
-        chosen = dataclasses.replace(self.options, **options)
         factors, _, _ = self._fit_factors(
-            train_loader, chosen, None, progress_bar, diagonal_blocks=diagonal_blocks
+            train_loader,
+            self.options.replaced(**options),
+            None,
+            progress_bar,
+            diagonal_blocks=diagonal_blocks,
         )
         return factors
 

@@ -125,3 +125,15 @@ def test_every_option_is_declared_once_and_reaches_every_constructor():
     assert laplace_options(engine="curvlinops", max_factor_size=7) == EKFACOptions(
         engine="curvlinops", max_factor_size=7
     )
+
+
+def test_replaced_validates_names_and_values():
+    options = EKFACOptions(dense_blocks_up_to=3)
+    changed = options.replaced(dense_blocks_up_to=10, kfac_approx="reduce")
+    assert changed.dense_blocks_up_to == 10 and changed.kfac_approx == KFACApprox.REDUCE
+    assert options.dense_blocks_up_to == 3  # frozen: a new value
+    unknown = r"Unknown EKFAC option\(s\) \['dense_blocks'\]"
+    with pytest.raises(ValueError, match=unknown):
+        options.replaced(dense_blocks=3)
+    with pytest.raises(ValueError, match="mc_samples"):
+        options.replaced(mc_samples=0)

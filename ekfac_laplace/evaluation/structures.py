@@ -255,29 +255,29 @@ def select_structures(
         exact_up_to = max(
             (n for n in entries if (n * n + n) * itemsize <= budget_bytes), default=0
         )
-        exact = None
+        fits = {"ekfac": ekfac}
         if exact_up_to:
-            exact = laplace.curvature(
+            fits["exact"] = laplace.curvature(
                 train_loader, dense_blocks_up_to=exact_up_to, progress_bar=progress_bar
             ).to_decomposed()
-        diagonal = laplace.curvature(
+        fits["diagonal"] = laplace.curvature(
             train_loader, diagonal_blocks=True, progress_bar=progress_bar
         ).to_decomposed()
-        items = _items(laplace, ekfac, exact, diagonal, exact_up_to)
-        cheapest = sum(
-            min(item.numbers(i) for i in range(len(item.options))) for item in items
-        )
-        if cheapest * itemsize > budget_bytes:
-            raise ValueError(
-                f"A budget of {budget_bytes} bytes does not hold even the cheapest "
-                f"blocks ({cheapest * itemsize} bytes); raise it, or leave tensors "
-                "out of the posterior (requires_grad_(False), or the last layer)."
-            )
-        score = _scorer(laplace, items, criterion, val_loader)
+        layout = ParameterLayout.fitted(laplace.model, params, ekfac.eigenvectors)
+        options = _block_options(laplace, layout, fits, exact_up_to)
+        items = _items(layout, options)
         sizes = [
             [item.numbers(i) * itemsize for i in range(len(item.options))]
             for item in items
         ]
+        cheapest = sum(min(options) for options in sizes)
+        if cheapest > budget_bytes:
+            raise ValueError(
+                f"A budget of {budget_bytes} bytes does not hold even the cheapest "
+                f"blocks ({cheapest} bytes); raise it, or leave tensors out of the "
+                "posterior (requires_grad_(False), or the last layer)."
+            )
+        score = _scorer(laplace, items, criterion, val_loader)
         if search == "exhaustive":
             choice = _exhaustive(sizes, budget_bytes, score)
         else:
@@ -294,7 +294,7 @@ def select_structures(
             final = float(laplace.log_marginal_likelihood())
         else:
             final = -score(choice)
-    rows = _rows(laplace, items, chosen, itemsize)
+    rows = _rows(laplace, options, chosen, itemsize)
     return StructureSelection(laplace, rows, budget_bytes, criterion, search, final)
 
 
@@ -336,38 +336,53 @@ def _check_arguments(
         )
 
 
-def _items(
+def _block_options(
     laplace: EKFACPosterior,
-    ekfac: EKFACDecomposed,
-    exact: EKFACDecomposed | None,
-    diagonal: EKFACDecomposed,
+    layout: ParameterLayout,
+    fits: dict[str, EKFACDecomposed],
     exact_up_to: int,
-) -> list[Item]:
-    """What each tensor (or weight-and-bias pair) can be, with its log det."""
+) -> list[dict[str, BlockOption]]:
+    """Per tensor, the structures it can have (by name), with their log det.
+
+    A lone bias of a Kronecker layer gets no exact block: read back (state,
+    online fits), its one basis would be taken for an EKFAC one.
+    """
     params = laplace.posterior_parameters
     scale = float(likelihood_scale(laplace))
     priors = laplace.prior_precision.expand(len(params))
     options: list[dict[str, BlockOption]] = []
-    for index, param in enumerate(params):
-        candidates = {"diagonal": ((), diagonal.eigenvalues[index])}
-        if ekfac.eigenvectors[index]:
-            candidates["ekfac"] = (ekfac.eigenvectors[index], ekfac.eigenvalues[index])
-        if exact is not None and param.numel() <= exact_up_to:
-            candidates["exact"] = (exact.eigenvectors[index], exact.eigenvalues[index])
-        delta = float(priors[index])
-        options.append(
-            {
-                structure: BlockOption(
-                    structure,
-                    tuple(vectors),
-                    values,
-                    values.numel() + sum(q.numel() for q in vectors),
-                    float(torch.log(scale * values.double() + delta).sum()),
-                )
-                for structure, (vectors, values) in candidates.items()
-            }
+    for index, (param, owner) in enumerate(zip(params, layout.owners)):
+        lone_bias = (
+            isinstance(owner, KroneckerLayer)
+            and index == owner.bias_index
+            and owner.weight_index is None
         )
-    layout = ParameterLayout.fitted(laplace.model, params, ekfac.eigenvectors)
+        offered = {
+            "diagonal": True,
+            "ekfac": bool(fits["ekfac"].eigenvectors[index]),
+            "exact": param.numel() <= exact_up_to and not lone_bias,
+        }
+        delta = float(priors[index])
+        options.append({})
+        for structure in STRUCTURES:
+            if not offered[structure]:
+                continue
+            vectors = fits[structure].eigenvectors[index]
+            values = fits[structure].eigenvalues[index]
+            options[-1][structure] = BlockOption(
+                structure,
+                tuple(vectors),
+                values,
+                values.numel() + sum(q.numel() for q in vectors),
+                float(torch.log(scale * values.double() + delta).sum()),
+            )
+    return options
+
+
+def _items(
+    layout: ParameterLayout, options: list[dict[str, BlockOption]]
+) -> list[Item]:
+    """What is chosen at once: a layer's weight-and-bias pair, or one tensor."""
     items, paired = [], set()
     for layer in layout.layers:
         weight, bias = layer.weight_index, layer.bias_index
@@ -379,20 +394,11 @@ def _items(
             ]
             items.append(Item((weight, bias), pairs))
             paired |= {weight, bias}
-    for index, owner in enumerate(layout.owners):
-        if index in paired:
-            continue
-        lone_bias = isinstance(owner, KroneckerLayer) and index == owner.bias_index
-        items.append(
-            Item(
-                (index,),
-                [
-                    (option,)
-                    for structure, option in options[index].items()
-                    if not (lone_bias and structure == "exact")  # read back as EKFAC
-                ],
-            )
-        )
+    items += [
+        Item((index,), [(option,) for option in options[index].values()])
+        for index in range(len(options))
+        if index not in paired
+    ]
     return sorted(items, key=lambda item: item.indices)
 
 
@@ -436,8 +442,7 @@ def _validation(
             inputs.append(X)
             outputs.append(laplace.model(X))
             targets.append(y.to(device))
-    f = torch.cat(outputs)
-    return f, torch.cat(targets).reshape(len(f), *targets[0].shape[1:]), inputs
+    return torch.cat(outputs), torch.cat(targets), inputs
 
 
 def _variance_term(
@@ -576,23 +581,18 @@ def _exhaustive(
 
 def _rows(
     laplace: EKFACPosterior,
-    items: list[Item],
+    options: list[dict[str, BlockOption]],
     chosen: list[BlockOption],
     itemsize: int,
 ) -> list[BlockChoice]:
     """The report's rows, in the order of the parameters."""
     names = {id(p): name for name, p in laplace.model.named_parameters()}
-    per_index: dict[int, dict[str, BlockOption]] = {}
-    for item in items:
-        for option in item.options:
-            for index, block in zip(item.indices, option):
-                per_index.setdefault(index, {})[block.structure] = block
     rows = []
     for index, param in enumerate(laplace.posterior_parameters):
-        diagonal = per_index[index]["diagonal"].log_det
+        diagonal = options[index]["diagonal"].log_det
         gains = {
             structure: (block.numbers * itemsize, -0.5 * (block.log_det - diagonal))
-            for structure, block in per_index[index].items()
+            for structure, block in options[index].items()
         }
         block = chosen[index]
         rows.append(
