@@ -635,7 +635,13 @@ class FastEKFAC:
             for index, squares in zip(entry.indices, diagonal.squares[entry.name]):
                 eigenvalues[index] = squares  # an exact block's: set by compute
         tokens = round(float(totals.examples)) if totals.token_level else None
-        return EKFACFactors(eigenvectors, eigenvalues, totals.loss, tokens)
+        return EKFACFactors(
+            eigenvectors,
+            eigenvalues,
+            totals.loss,
+            tokens,
+            batch_dims=self.sweep.batch_dims,
+        )
 
 
 def fast_ekfac(

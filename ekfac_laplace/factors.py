@@ -102,6 +102,9 @@ class EKFACFactors:
         dense: Online fitting only: block index to this data's exact block
             ``(n, n)``, to add to the previous fit's (its entries in
             ``eigenvalues`` are zeros in the previous basis).
+        batch_dims: Module name to the dimension of its tensors that holds the
+            batch, where it is not 0, as the fit found it; ``None`` where the fit
+            did not look (one example per batch, the curvlinops engine).
     """
 
     eigenvectors: list[tuple[Tensor, ...]]
@@ -109,6 +112,7 @@ class EKFACFactors:
     loss: Tensor
     tokens: int | None = None
     dense: dict[int, Tensor] = field(default_factory=dict)
+    batch_dims: dict[str, int] | None = None
 
     def scaled(self, factor: float) -> EKFACFactors:
         """The factors in another scale, eigenvalues clamped at zero.
@@ -126,6 +130,7 @@ class EKFACFactors:
             factor * self.loss,
             self.tokens,
             {index: block * factor for index, block in self.dense.items()},
+            self.batch_dims,
         )
 
     def to_decomposed(self) -> EKFACDecomposed:

@@ -228,6 +228,9 @@ class EKFACPosterior(ParametricLaplace):
     # --------------------------------------------------------- hyperparameters
     def _init_H(self) -> None:
         self.H: EKFACDecomposed | None = None
+        # Where the fit found each module's batch dimension (the predictive then
+        # need not probe for it); None: not known.
+        self._batch_dims: dict[str, int] | None = None
 
     def _check_H_init(self) -> None:
         if getattr(self, "H", None) is None:
@@ -439,6 +442,7 @@ class EKFACPosterior(ParametricLaplace):
             joint=joint,
             batch=batch_size(X, self.dict_key_x),
             dense_blocks_up_to=self.options.dense_blocks_up_to,
+            batch_dims=getattr(self, "_batch_dims", None),
         )
 
     def _fit_signature(self, override: bool) -> dict[str, object]:
@@ -483,6 +487,8 @@ class EKFACPosterior(ParametricLaplace):
         self.mean = mean if self.enable_backprop else mean.detach()
         self.n_outputs = n_outputs
         self.model.output_size = n_outputs
+        if factors.batch_dims is not None or previous is None:
+            self._batch_dims = factors.batch_dims
         if previous is None:
             self.H = factors.to_decomposed()
             self.loss = factors.loss
@@ -888,3 +894,4 @@ class EKFACPosterior(ParametricLaplace):
         """Set a validated state (laplace-torch's load, with our ``H``)."""
         ParametricLaplace.load_state_dict(self, {**state_dict, "H": checked.curvature})
         self.options = checked.options
+        self._batch_dims = None  # not in the state: the predictive probes for it

@@ -24,7 +24,7 @@ per input (``n = m``) or jointly over all inputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ def glm_predictive_variance(
     joint: bool = False,
     batch: int | None = None,
     dense_blocks_up_to: int = 0,
+    batch_dims: Mapping[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
@@ -67,6 +68,11 @@ def glm_predictive_variance(
             a module whose one output row is shared by all inputs gets each input's
             gradient (see :class:`~ekfac_laplace.capture.ForwardCapture`).
         dense_blocks_up_to: The fit's option (which blocks are exact).
+        batch_dims: Module name to the dimension of its tensors that holds the
+            batch where it is not 0, as the fit found it
+            (:attr:`~ekfac_laplace.factors.EKFACFactors.batch_dims`); ``None``:
+            found here, at the cost of two backward passes where a shape is
+            ambiguous (a ``(B, T, d)`` tensor with ``T`` a multiple of ``B``).
 
     Token-level outputs ``(B, T, C)`` are one example per token: the outputs
     ``(t, c)`` of a sequence take one backward pass each (``T·C``), and each token
@@ -90,7 +96,7 @@ def glm_predictive_variance(
     )
     if batch is None and isinstance(X, Tensor):
         batch = X.shape[0]
-    capture = ForwardCapture(layout, batch=batch)
+    capture = ForwardCapture(layout, batch=batch, batch_dims=batch_dims)
     with capture:
         f = model(X)
     tokens = f.shape[1:] if f.ndim == 3 else None
@@ -99,7 +105,8 @@ def glm_predictive_variance(
     f = f.flatten(start_dim=1)
     B, K = f.shape
     targets = layout.backprop_targets()
-    capture.locate_batches(f, targets, check=False)
+    if batch_dims is None:
+        capture.locate_batches(f, targets, check=False)
     for c in range(K):
         torch.autograd.grad(
             f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
@@ -109,21 +116,12 @@ def glm_predictive_variance(
         gradients = capture.take_gradients(layer.name)
         if not gradients:
             continue  # the layer does not influence the outputs
-        rows = {  # (B, K, S, d): g for the weight, the bias's own rows if it has
-            which: torch.stack(
-                [group_rows(positions(grad), B, layer.name) for grad in gradients],
-                dim=1,
-            )
-            for which, positions in (
-                ("weight", layer.output_gradients),
-                ("bias", layer.bias_gradients),
-            )
-            if (which == "weight" and (layer.shares_weight or layer.dense_needs_rows))
-            or (
-                which == "bias" and (layer.separate_bias or layer.dense_needs_bias_rows)
-            )
-        }
-        rows.setdefault("bias", rows.get("weight"))
+        g = bias_rows = None  # (B, K, S, d) each
+        if layer.shares_weight or layer.dense_needs_rows:
+            g = _stacked(gradients, layer.output_gradients, B, layer.name)
+        if layer.separate_bias or layer.dense_needs_bias_rows:
+            bias_rows = _stacked(gradients, layer.bias_gradients, B, layer.name)
+        rows = {"weight": g, "bias": g if bias_rows is None else bias_rows}
         a = group_rows(layer.inputs(capture.take_input(layer.name)), B, layer.name)
         if layer.has_kronecker:
             variance = variance + _layer_term(layer, precision, rows, a, joint)
@@ -147,6 +145,18 @@ def glm_predictive_variance(
     return f.detach(), variance
 
 
+def _stacked(
+    gradients: list[Tensor],
+    rows_of: Callable[[Tensor], Tensor],
+    batch: int,
+    name: str,
+) -> Tensor:
+    """Per output ``c``, a layer's rows ``(B, S, d)`` of its pass: ``(B, K, S, d)``."""
+    return torch.stack(
+        [group_rows(rows_of(gradient), batch, name) for gradient in gradients], dim=1
+    )
+
+
 def _empty(f: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
     """The predictive of no inputs: ``(0, K)`` and ``(0, K, K)`` (joint: ``(0, 0)``)."""
     K = f.shape[-1]
@@ -164,6 +174,10 @@ def _layer_term(
 ) -> Tensor:
     """The covariance terms of one Kronecker layer's weight and bias blocks.
 
+    A grouped layer has each group in its own basis: ``J̃_{n,c,g} = Σ_s
+    (Q_G^gᵀ g_{n,c,s,g}) (Q_A^gᵀ a_{n,s,g})ᵀ``, squared against ``S_g`` and summed
+    over the groups (the bias: ``Σ_s Q_G^gᵀ g_{n,c,s,g}``).
+
     Args:
         layer: The layer.
         precision: The posterior precision.
@@ -176,90 +190,87 @@ def _layer_term(
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
-    if layer.groups > 1:
-        return _grouped_layer_term(layer, precision, rows, a, joint)
-    term = 0
-    if layer.bias_index is not None:
-        (q_b,) = precision.eigenvectors[layer.bias_index]
-        inverse = precision.powered_eigenvalues(layer.bias_index, -1)
-        term = term + _bias_term(rows["bias"].to(q_b.dtype) @ q_b, inverse, joint)
-    if layer.weight_index is not None:
-        g = rows["weight"]
-        q_g, q_a, inverse = layer.factor_block(
-            precision.eigenvectors[layer.weight_index],
-            precision.powered_eigenvalues(layer.weight_index, -1),
-        )
-        g_rot, a_rot = g.to(q_g.dtype) @ q_g, a.to(q_a.dtype) @ q_a
-        if a_rot.shape[1] == 1:
-            term = term + _weight_term(g_rot[:, :, 0], a_rot[:, 0], inverse, joint)
-        else:
-            term = term + _shared_weight_term(g_rot, a_rot, inverse, joint)
-    return term
-
-
-def _grouped_layer_term(
-    layer: KroneckerLayer,
-    precision: EKFACDecomposed,
-    rows: dict[str, Tensor | None],
-    a: Tensor,
-    joint: bool,
-) -> Tensor:
-    """:func:`_layer_term` of a grouped layer: each group in its own basis.
-
-    ``J̃_{n,c,g} = Σ_s (Q_G^gᵀ g_{n,c,s,g}) (Q_A^gᵀ a_{n,s,g})ᵀ``, squared against
-    ``S_g`` and summed over the groups (the bias: ``Σ_s Q_G^gᵀ g_{n,c,s,g}``).
-    """
     G = layer.groups
     term = 0
     if layer.bias_index is not None:
         (q_b,) = precision.eigenvectors[layer.bias_index]
         inverse = precision.powered_eigenvalues(layer.bias_index, -1)
-        bias_rows = rows["bias"].to(q_b.dtype)
+        summed = rows["bias"].sum(2).to(q_b.dtype)  # (B, K, G·out): Σ_s first
         if q_b.ndim == 3:  # per group (a bias that shares G)
-            rotated = torch.einsum("bksgo,gop->bksgp", _grouped4(bias_rows, G), q_b)
-            rotated, inverse = rotated.flatten(-2), inverse.flatten()
+            rotated = torch.einsum(
+                "bkgo,gop->bkgp", summed.reshape(*summed.shape[:2], G, -1), q_b
+            )
+            rotated, inverse = rotated.flatten(2), inverse.flatten()
         else:
-            rotated = bias_rows @ q_b
-        term = term + _bias_term(rotated, inverse, joint)
+            rotated = summed @ q_b
+        term = term + _squared(rotated, inverse, joint)
     if layer.weight_index is not None:
         q_g, q_a, inverse = layer.factor_block(
             precision.eigenvectors[layer.weight_index],
             precision.powered_eigenvalues(layer.weight_index, -1),
         )
-        g = _grouped4(rows["weight"].to(q_g.dtype), G)  # (B, K, S, G, out)
-        g_rot = torch.einsum("bksgo,gop->bksgp", g, q_g)
-        a_rot = torch.einsum(
-            "bsgi,gij->bsgj", a.to(q_a.dtype).reshape(*a.shape[:2], G, -1), q_a
-        )
-        J = torch.einsum("bksgo,bsgi->bkgoi", g_rot, a_rot)
-        pattern = _pair("bkgoi,blgoi,goi->bkl", "bkgoi,clgoi,goi->bkcl", joint)
-        term = term + torch.einsum(pattern, J, J, inverse)
+        g, a = rows["weight"].to(q_g.dtype), a.to(q_a.dtype)
+        if G == 1 and a.shape[1] == 1:  # one position: no (out, in) Jacobian
+            term = term + _weight_term(g[:, :, 0] @ q_g, a[:, 0] @ q_a, inverse, joint)
+        else:
+            if G == 1:
+                q_g, q_a, inverse = q_g[None], q_a[None], inverse[None]
+            J = _rotated_jacobians(
+                g.reshape(*g.shape[:3], G, -1), a.reshape(*a.shape[:2], G, -1), q_g, q_a
+            )
+            term = term + _squared(J.flatten(2), inverse.flatten(), joint)
     return term
 
 
-def _grouped4(x: Tensor, groups: int) -> Tensor:
-    """``(B, K, S, G·d)`` as ``(B, K, S, G, d)``."""
-    return x.reshape(*x.shape[:3], groups, -1)
+def _rotated_jacobians(g: Tensor, a: Tensor, q_g: Tensor, q_a: Tensor) -> Tensor:
+    """``J̃_{n,c,g} = Q_G^gᵀ (Σ_s g_{n,c,s,g} a_{n,s,g}ᵀ) Q_A^g``, in the cheaper order.
 
-
-def _pair(per_input: str, joint: str, use_joint: bool) -> str:
-    return joint if use_joint else per_input
-
-
-def _bias_term(g_rot: Tensor, inverse: Tensor, joint: bool) -> Tensor:
-    """A bias: ``Σ_i (Σ_s g̃_{n,c,s,i}) (Σ_s g̃_{m,c',s,i}) S_i``.
+    Rotating every position first costs ``B·K·S·out² + B·S·in²`` multiply-adds,
+    summing over the positions first ``B·K·(out²·in + out·in²)`` (both plus the
+    ``B·K·S·out·in`` of the sum): a LoRA factor of rank ``r`` (``in = r`` or
+    ``out = r``) over ``S`` tokens is far cheaper summed first, a convolution over
+    few positions rotated first.
 
     Args:
-        g_rot: Rotated output Jacobians, ``(B, K, S, out)``.
-        inverse: ``S = 1/(hλ+δ)``, ``(out,)``.
+        g: Output Jacobians, ``(B, K, S, G, out)``.
+        a: Inputs, ``(B, S, G, in)``.
+        q_g: Per group, ``Q_G``, ``(G, out, out)``.
+        q_a: Per group, ``Q_A``, ``(G, in, in)``.
+
+    Returns:
+        ``(B, K, G, out, in)``.
+    """
+    B, K, S, _, out = g.shape
+    width = a.shape[-1]
+    per_position = B * K * S * out * out + B * S * width * width
+    per_sequence = B * K * (out * out * width + out * width * width)
+    if per_position <= per_sequence:
+        g = torch.einsum("bksgo,gop->bksgp", g, q_g)
+        a = torch.einsum("bsgi,gij->bsgj", a, q_a)
+        return torch.einsum("bksgo,bsgi->bkgoi", g, a)
+    J = torch.einsum("bksgo,bsgi->bkgoi", g, a)
+    J = torch.einsum("gop,bkgoi->bkgpi", q_g, J)  # one product per group, not a
+    return torch.einsum("bkgpi,giq->bkgpq", J, q_a)  # broadcast batch of them
+
+
+def _squared(rotated: Tensor, inverse: Tensor, joint: bool) -> Tensor:
+    """``Σ_i R_{n,c,i} R_{m,c',i} S_i``: rotated Jacobian rows against ``S``.
+
+    Args:
+        rotated: Jacobian rows in the block's eigenbasis, ``(B, K, n)``.
+        inverse: ``S = 1/(hλ+δ)``, ``(n,)``.
         joint: Over all pairs of inputs, or per input.
 
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
-    summed = g_rot.sum(2)
-    pattern = _pair("bki,bli,i->bkl", "bki,cli,i->bkcl", joint)
-    return torch.einsum(pattern, summed, summed, inverse)
+    scaled = rotated * inverse
+    if joint:
+        B, K, n = rotated.shape
+        return (scaled.reshape(B * K, n) @ rotated.reshape(B * K, n).T).reshape(
+            B, K, B, K
+        )
+    return scaled @ rotated.mT
 
 
 def _weight_term(g_rot: Tensor, a_rot: Tensor, inverse: Tensor, joint: bool) -> Tensor:
@@ -279,25 +290,6 @@ def _weight_term(g_rot: Tensor, a_rot: Tensor, inverse: Tensor, joint: bool) -> 
         return torch.einsum("bki,cli,bci->bkcl", g_rot, g_rot, weights)
     weights = a_rot.square() @ inverse.T  # (B, out)
     return torch.einsum("bki,bli,bi->bkl", g_rot, g_rot, weights)
-
-
-def _shared_weight_term(
-    g_rot: Tensor, a_rot: Tensor, inverse: Tensor, joint: bool
-) -> Tensor:
-    """A weight shared over positions: ``J̃ = Σ_s g̃ ãᵀ`` squared against ``S``.
-
-    Args:
-        g_rot: Rotated output Jacobians, ``(B, K, S, out)``.
-        a_rot: Rotated inputs, ``(B, S, in)``.
-        inverse: ``S``, ``(out, in)``.
-        joint: Over all pairs of inputs, or per input.
-
-    Returns:
-        ``(B, K, B, K)`` or ``(B, K, K)``.
-    """
-    J = torch.einsum("bksi,bsj->bkij", g_rot, a_rot)
-    pattern = _pair("bkij,blij,ij->bkl", "bkij,clij,ij->bkcl", joint)
-    return torch.einsum(pattern, J, J, inverse)
 
 
 def _dense_layer_term(
@@ -346,9 +338,7 @@ def _dense_term(
     """
     (q,) = precision.eigenvectors[index]
     inverse = precision.powered_eigenvalues(index, -1)
-    rotated = J.to(q.dtype) @ q
-    pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)
-    return torch.einsum(pattern, rotated, rotated, inverse)
+    return _squared(J.to(q.dtype) @ q, inverse, joint)
 
 
 def _diagonal_term(
@@ -397,6 +387,4 @@ def _diagonal_term(
         return _dense_term(J.flatten(start_dim=2), precision, index, joint)
     J = J.flatten(start_dim=2)
     inverse = (inverse if rows is None else inverse[rows]).flatten()
-    J = J.to(inverse.dtype)
-    pattern = _pair("bkp,blp,p->bkl", "bkp,clp,p->bkcl", joint)
-    return torch.einsum(pattern, J, J, inverse)
+    return _squared(J.to(inverse.dtype), inverse, joint)

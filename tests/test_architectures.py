@@ -378,7 +378,10 @@ def test_glm_predictive_matches_the_dense_jacobians(name: str):
         else:
             assert_close(mean, f)
             assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
-    # Through the Laplace object too (no silent fallback changes the numbers).
+    # Through the Laplace object too (no silent fallback changes the numbers), which
+    # uses where the fit found each module's batch dimension instead of probing.
+    sequence_first_linear = name == "transformer_encoder_seq_first_norm_first"
+    assert sequence_first_linear == (1 in la._batch_dims.values())
     _, variance = la._glm_predictive_distribution(X_test)
     assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
 

@@ -8,7 +8,7 @@ from laplace import Laplace
 from torch import nn
 
 from ekfac_laplace.capture import ReusedModuleError
-from ekfac_laplace.predictive import glm_predictive_variance
+from ekfac_laplace.predictive import _rotated_jacobians, glm_predictive_variance
 from tests.cases import CASE_IDS, CASES, Case, loader
 from tests.utils import assert_close
 
@@ -147,3 +147,29 @@ def test_a_kronecker_layer_that_does_not_run_is_refused_at_fit():
         ValueError, match="'unused_norm' has parameters in the posterior"
     ):
         _fitted(model, "classification", X, y)
+
+
+@pytest.mark.parametrize(
+    ("positions", "out", "width"),
+    [(40, 3, 5), (40, 5, 3), (2, 6, 6)],  # summed first (LoRA-like), rotated first
+    ids=["narrow_in", "narrow_out", "few_positions"],
+)
+def test_rotated_jacobians_equal_the_definition_in_either_order(
+    positions: int, out: int, width: int
+):
+    torch.manual_seed(0)
+    B, K, G = 3, 2, 2
+    g = torch.randn(B, K, positions, G, out, dtype=torch.float64)
+    a = torch.randn(B, positions, G, width, dtype=torch.float64)
+    q_g = torch.linalg.qr(torch.randn(G, out, out, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(G, width, width, dtype=torch.float64))[0]
+    expected = torch.zeros(B, K, G, out, width, dtype=torch.float64)
+    for n in range(B):
+        for c in range(K):
+            for group in range(G):
+                J = sum(
+                    torch.outer(g[n, c, s, group], a[n, s, group])
+                    for s in range(positions)
+                )
+                expected[n, c, group] = q_g[group].T @ J @ q_a[group]
+    assert_close(_rotated_jacobians(g, a, q_g, q_a), expected)
