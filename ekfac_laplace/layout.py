@@ -750,13 +750,32 @@ class ParameterLayout:
                         f"a Kronecker {factor} factor of {size} × {size}{each} "
                         f"({nbytes / 2**30:.1f} GiB in {dtype}, as much again for "
                         "its eigenvectors, and an eigh of that size), over the "
-                        f"limit of {FACTOR_LIMIT_BYTES / 2**30:.0f} GiB. Pass "
-                        "max_factor_size=N to give layers with a factor of more "
-                        "than N rows their exact diagonal block instead, freeze "
-                        "the layer with requires_grad_(False), or use "
-                        "subset_of_weights='last_layer'."
+                        f"limit of {FACTOR_LIMIT_BYTES / 2**30:.0f} GiB. "
+                        + _oversized_advice(factor)
                     )
         return oversized
+
+
+def _oversized_advice(factor: str) -> str:
+    """What to do about a Kronecker factor too large for memory."""
+    diagonal = (
+        "pass max_factor_size=N to give layers with a factor of more than N rows "
+        "their exact diagonal block instead"
+    )
+    if factor == "input":
+        return (
+            f"Narrow the layer's input, {diagonal}, freeze the layer with "
+            "requires_grad_(False), or use subset_of_weights='last_layer'."
+        )
+    return (
+        "A factor over the layer's outputs this large is usually a head over a large "
+        "vocabulary: restrict the model's outputs to the classes that matter (the "
+        "answer tokens' logits at the last position, as Laplace-LoRA does), put the "
+        "posterior over LoRA adapters or other layers and freeze this one with "
+        f"requires_grad_(False), or {diagonal} (with the Monte-Carlo Fisher, "
+        "backend_kwargs={'stochastic': True}: the exact GGN back-propagates once "
+        "per output class)."
+    )
 
 
 def _check_dense_block_size(index: int, param: Tensor) -> None:

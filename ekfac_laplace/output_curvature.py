@@ -28,6 +28,10 @@ from torch.nn import functional as F
 
 from ekfac_laplace.options import EKFACOptions, FisherType
 
+#: The exact GGN's vectors of a batch larger than this (``B·C²`` numbers) are
+#: refused (a vocabulary of 50,257 classes needs 10 GB per example in float32).
+VECTORS_LIMIT_BYTES = 2**31
+
 
 def loss_gradient(f: Tensor, y: Tensor, likelihood: Likelihood | str) -> Tensor:
     """Gradient of the summed torch loss w.r.t. the outputs, per example.
@@ -94,9 +98,28 @@ class OutputCurvature:
         Returns:
             Shape ``(B, K, C)`` (for the exact GGN ``K = C``, and ``K = C − 1``
             for cross-entropy).
+
+        Raises:
+            MemoryError: For the exact GGN of so many classes that its ``B·C²``
+                numbers exceed :data:`VECTORS_LIMIT_BYTES` (a language model's
+                vocabulary), before they are built.
         """
         if self._vectors is None:
-            return _softmax_root(self.probabilities)
+            p = self.probabilities
+            rows, classes = p.shape
+            nbytes = rows * classes * classes * p.element_size()
+            if nbytes > VECTORS_LIMIT_BYTES:
+                raise MemoryError(
+                    f"The exact GGN of {classes} classes needs {classes - 1} "
+                    f"vectors of {classes} entries per example ({nbytes / 2**30:.1f} "
+                    f"GiB for the {rows} examples of this batch) and as many "
+                    "backward passes, over the limit of "
+                    f"{VECTORS_LIMIT_BYTES / 2**30:.0f} GiB. Use the Monte-Carlo "
+                    "Fisher (backend_kwargs={'stochastic': True}: one sampled "
+                    "label and one backward pass per example), or restrict the "
+                    "model's outputs to the classes that matter."
+                )
+            return _softmax_root(p)
         return self._vectors
 
     def gradient_factor(self) -> Tensor:

@@ -146,3 +146,14 @@ def test_a_large_layer_fits_with_its_exact_diagonal_block():
     )
     fitted = torch.cat([values.flatten() for values in la.H.eigenvalues[:2]])
     assert_close(fitted, diagonal)
+
+
+def test_a_vocabulary_sized_head_is_refused_with_what_to_do():
+    # The gradient factor of a GPT-2 head (50,257 outputs): 9.4 GiB.
+    head = nn.Linear(8, 50_257, bias=False)
+    with pytest.raises(MemoryError) as refused:
+        ParameterLayout(head, list(head.parameters()))
+    message = str(refused.value)
+    assert "gradient factor of 50257 × 50257 (9.4 GiB" in message
+    for advice in ("answer tokens", "LoRA", "max_factor_size", "stochastic"):
+        assert advice in message

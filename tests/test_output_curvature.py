@@ -104,3 +104,20 @@ def test_sampled_vectors_are_seeded_and_their_mean_is_the_hessian(likelihood):
     hessian = _loss_hessian(f, likelihood)
     scale = hessian.abs().amax(dim=(1, 2), keepdim=True)
     assert ((estimate - hessian).abs() / scale).max() < 0.1
+
+
+def test_the_exact_ggn_of_a_vocabulary_is_refused_before_its_vectors_are_built(
+    monkeypatch,
+):
+    import ekfac_laplace.output_curvature as module
+
+    monkeypatch.setattr(module, "VECTORS_LIMIT_BYTES", 10_000)  # a small stand-in
+    f, y = torch.randn(4, 60), torch.randint(0, 60, (4,))
+    generator = torch.Generator().manual_seed(0)
+    exact = OutputCurvature(f, y, "classification", EKFACOptions(), generator)
+    with pytest.raises(MemoryError, match=r"exact GGN of 60 classes.*stochastic"):
+        exact.vectors()
+    sampled = OutputCurvature(
+        f, y, "classification", EKFACOptions(fisher_type="mc"), generator
+    )
+    assert sampled.vectors().shape == (4, 1, 60)
