@@ -71,12 +71,16 @@ class Sweep:
     make each token whose label is not ``-100`` an example: its outputs' curvature
     vectors are back-propagated one token position at a time (``T·K`` backward
     passes), so that each pass gives every sequence's gradient for one token, as
-    the per-example squares of the correction need.
+    the per-example squares of the correction need. With ``per_sequence`` (the
+    Monte-Carlo Fisher's sampled labels, zero-mean) the tokens of a sequence share
+    one pass, ``K`` passes in all: the sequence is the example of the correction.
 
     Args:
         model: The network.
         layout: Its parameter layout.
         likelihood: ``"classification"`` or ``"regression"``.
+        per_sequence: Back-propagate a token-level batch's vectors once per
+            sequence (``mc_per_sequence``).
     """
 
     def __init__(
@@ -84,10 +88,12 @@ class Sweep:
         model: nn.Module,
         layout: ParameterLayout,
         likelihood: Likelihood | str = Likelihood.CLASSIFICATION,
+        per_sequence: bool = False,
     ) -> None:
         self.model = model
         self.layout = layout
         self.likelihood = likelihood
+        self.per_sequence = per_sequence
         self.batch_dims: dict[str, int] | None = None  # found on the first batch
 
     def run(
@@ -156,7 +162,11 @@ class Sweep:
                 diagonal is not None and self.layout.has_diagonal
             )
             vectors = curvature.vectors() if backward else None
-            passes = None if vectors is None else _Passes(f, vectors, schedule)
+            passes = None
+            if vectors is not None and self.per_sequence and schedule is not None:
+                passes = _Passes(f_rows, vectors, None)  # all tokens in each pass
+            elif vectors is not None:
+                passes = _Passes(f, vectors, schedule)
             accumulator.plan(
                 positions,
                 hidden,
@@ -321,7 +331,8 @@ class Sweep:
 class _Passes:
     """The backward passes of a batch: ``⟨f, v_k⟩`` for each curvature vector.
 
-    For outputs ``(B, C)`` pass ``k`` back-propagates ``Σ_n ⟨f_n, v_{n,k}⟩``. For
+    For outputs ``(B, C)`` pass ``k`` back-propagates ``Σ_n ⟨f_n, v_{n,k}⟩`` (and
+    so for the counted tokens' rows ``(R, C)`` of a per-sequence fit). For
     token-level outputs ``(B, T, C)`` the counted tokens are the examples: pass
     ``(t, k)`` back-propagates ``Σ_n ⟨f_{n,t}, v_{(n,t),k}⟩`` over the sequences
     whose token ``t`` counts, so that each pass holds one example per sequence.
@@ -462,7 +473,7 @@ class FastEKFAC:
         self.num_data = num_data
         self.progress_bar = progress_bar
         self.ranks = LocalRanks() if ranks is None else ranks
-        self.sweep = Sweep(model, layout, likelihood)
+        self.sweep = Sweep(model, layout, likelihood, options.mc_per_sequence)
         self.loss_function, _ = likelihood_loss(likelihood)
 
     def compute(

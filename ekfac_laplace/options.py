@@ -1,8 +1,9 @@
 """The options of an EKFAC fit, validated once and passed whole.
 
-Nine settings decide how the EKFAC curvature is computed: which curvature
+Ten settings decide how the EKFAC curvature is computed: which curvature
 (``fisher_type``), how weight-sharing layers are factorised (``kfac_approx``), the
-Monte-Carlo sampler (``mc_samples``, ``seed``), which engine computes it and how much
+Monte-Carlo sampler (``mc_samples``, ``seed``, and ``mc_per_sequence`` for
+token-level outputs), which engine computes it and how much
 memory it may keep (``engine``, ``cache_budget_bytes``), what happens to parameters
 KFAC cannot factorise (``unsupported_layers``), how large a Kronecker factor may be
 (``max_factor_size``), and which small tensors keep their exact block
@@ -141,10 +142,19 @@ class EKFACOptions:
         dense_blocks_up_to: Parameter tensors with at most this many entries get
             their exact GGN / Fisher block (``n²`` numbers and an ``eigh`` each),
             from the same passes; ``0`` (default): none.
+        mc_per_sequence: Token-level outputs with the Monte-Carlo Fisher only: one
+            label drawn per token and one backward pass per sequence (per sample),
+            the sequence the example of the eigenvalue correction, instead of one
+            pass per token position (``T`` times fewer passes). Unbiased for the
+            GGN and for its EKFAC eigenvalues in a given basis, as the per-token
+            Monte-Carlo EKFAC is, but not equal to it: each square also holds the
+            zero-mean products of one sequence's tokens, so its variance is larger.
+            No effect on outputs ``(batch, outputs)``.
 
     Raises:
         ValueError: For an unknown choice, a non-integer or out-of-range number, or
-            ``mc_samples != 1`` without ``fisher_type="mc"``.
+            ``mc_samples != 1`` or ``mc_per_sequence`` without
+            ``fisher_type="mc"``.
     """
 
     fisher_type: FisherType = field(
@@ -159,6 +169,7 @@ class EKFACOptions:
     unsupported_layers: UnsupportedLayers = UnsupportedLayers.DIAGONAL
     max_factor_size: int | None = None
     dense_blocks_up_to: int = 0
+    mc_per_sequence: bool = False  # last: positional construction keeps its order
 
     def __post_init__(self) -> None:
         parsed = {
@@ -178,6 +189,17 @@ class EKFACOptions:
         _check_int("dense_blocks_up_to", self.dense_blocks_up_to, 0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if not isinstance(self.mc_per_sequence, bool):
+            raise ValueError(
+                f"mc_per_sequence must be True or False, got {self.mc_per_sequence!r}."
+            )
+        if self.mc_per_sequence and parsed["fisher_type"] != FisherType.MC:
+            raise ValueError(
+                "mc_per_sequence=True only applies to the Monte-Carlo Fisher (with "
+                "laplace-torch's backends backend_kwargs={'stochastic': True}): the "
+                "exact GGN's and the empirical Fisher's vectors are not zero-mean, so "
+                "summing a sequence's tokens in one pass would add their products."
+            )
         if parsed["mc_samples"] != 1 and parsed["fisher_type"] != FisherType.MC:
             raise ValueError(
                 f"mc_samples={self.mc_samples} only applies to fisher_type='mc'; "
@@ -187,7 +209,7 @@ class EKFACOptions:
             object.__setattr__(self, name, value)
 
     def to_state(self) -> tuple[tuple[str, str | int], ...]:
-        """The options as ``(name, value)`` pairs of strings and integers.
+        """The options as ``(name, value)`` pairs of strings, integers and booleans.
 
         Returns:
             A tuple that ``torch.save`` stores without pickling any class.
@@ -259,6 +281,7 @@ class OptionKeywords(TypedDict, total=False):
     unsupported_layers: UnsupportedLayers | str
     max_factor_size: int | None
     dense_blocks_up_to: int
+    mc_per_sequence: bool
 
 
 _CHOICES = ("fisher_type", "kfac_approx", "engine", "unsupported_layers")

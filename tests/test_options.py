@@ -74,11 +74,16 @@ def test_options_are_frozen():
 
 def test_state_round_trip_stores_plain_values():
     options = EKFACOptions(
-        fisher_type="mc", mc_samples=2, seed=5, cache_budget_bytes=0, engine="fast"
+        fisher_type="mc",
+        mc_samples=2,
+        seed=5,
+        cache_budget_bytes=0,
+        engine="fast",
+        mc_per_sequence=True,
     )
     state = options.to_state()
     assert all(
-        isinstance(name, str) and type(value) in (str, int, type(None))
+        isinstance(name, str) and type(value) in (str, int, bool, type(None))
         for name, value in state
     )
     buffer = io.BytesIO()
@@ -137,3 +142,11 @@ def test_replaced_validates_names_and_values():
         options.replaced(dense_blocks=3)
     with pytest.raises(ValueError, match="mc_samples"):
         options.replaced(mc_samples=0)
+
+
+def test_mc_per_sequence_needs_the_monte_carlo_fisher_and_a_bool():
+    assert EKFACOptions(fisher_type="mc", mc_per_sequence=True).mc_per_sequence
+    with pytest.raises(ValueError, match="only applies to the Monte-Carlo Fisher"):
+        EKFACOptions(mc_per_sequence=True)
+    with pytest.raises(ValueError, match="must be True or False, got 1"):
+        EKFACOptions(fisher_type="mc", mc_per_sequence=1)
