@@ -392,10 +392,11 @@ def _padding(X: Any, positions: dict[str, Tensor]) -> dict[str, Tensor]:
     A dict batch's ``attention_mask`` (``1``: token, ``0``: padding), flattened to
     ``(B, T)``, marks the positions of every layer that sees ``T`` positions per
     example (after grouping folded rows). Padding positions are left out of the
-    input factor ``A``, as without the padding. Only the eigenbasis depends on
-    ``A``: the corrected eigenvalues use every position, so they stay exact (in
-    that basis) even for a model that does not mask its padding; one that does
-    gives them zero output gradients, and so they add nothing there either.
+    Kronecker factors ``A`` and ``G``, as without the padding. Only the eigenbasis
+    depends on the factors: the corrected eigenvalues use every position, so they
+    stay exact (in that basis) even for a model that does not mask its padding;
+    one that does gives them zero output gradients, and so they add nothing there
+    either.
 
     Args:
         X: The model input.
