@@ -204,11 +204,14 @@ def _cell(value: float | None, width: int, spec: str) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
-def print_tables(rows: dict[str, dict]) -> None:
-    """The cost of each method, then its metrics on the test and shifted sets."""
+def print_tables(rows: dict[str, dict], memory: str = "fit MiB") -> None:
+    """The cost of each method, then its metrics on the test and shifted sets.
+
+    ``memory`` heads the column of each row's ``fit_mib``.
+    """
     print(
         f"\n{'method':<11}{'params':>7}{'prior':>9}{'fit s':>8}{'tune s':>8}"
-        f"{'predict s':>10}{'fit MiB':>9}"
+        f"{'predict s':>10}{memory:>9}"
     )
     for name, row in rows.items():
         if "error" in row:

@@ -39,6 +39,11 @@ SMALL_ARGUMENTS = {
         *("--n-train", "60", "--n-test", "40", "--n-base", "60", "--hidden", "8"),
         *("--layers", "1", "--rank", "2", "--epochs", "1", "--base-epochs", "1"),
     ],
+    "example_laplace_lora.py": [
+        *("--n-train", "60", "--n-test", "40", "--n-base", "60", "--width", "8"),
+        *("--heads", "2", "--layers", "1", "--rank", "2", "--epochs", "1"),
+        *("--base-epochs", "1"),
+    ],
 }
 
 #: Substrings each script's standard output must contain.
@@ -52,6 +57,11 @@ EXPECTED_OUTPUT = {
     "example_distributed.py": ("1 process: N = 1077", "test set: accuracy"),
     "example_lora_transformer.py": (
         "fitted and tuned: LoRA-KFAC, LoRA-EKFAC, LL-EKFAC",
+        "shifted test set",
+    ),
+    "example_laplace_lora.py": (
+        "4 answer tokens at the last prompt token",
+        "LoRA-EKFAC",
         "shifted test set",
     ),
 }
@@ -71,6 +81,7 @@ EXPECTED_FIGURES = {
     "example_continual.py": ("example-output/continual/continual.png",),
     "example_distributed.py": (),
     "example_lora_transformer.py": ("example-output/lora_transformer/reliability.png",),
+    "example_laplace_lora.py": ("example-output/laplace_lora/reliability.png",),
 }
 
 
