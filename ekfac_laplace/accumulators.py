@@ -199,20 +199,25 @@ def _rotated_squares(
     return per_example.square().flatten(0, -3).sum(0)
 
 
-def _gram(x: Tensor, mask: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def _gram(
+    x: Tensor,
+    mask: Tensor | None = None,
+    out: Tensor | None = None,
+    kept: Tensor | None = None,
+) -> Tensor:
     """``Σ_{n,s} x_{n,s} x_{n,s}ᵀ`` of ``x`` ``(B, S, d)``, over the unmasked rows.
 
     A convolution's patches and output gradients arrive as transposed views of
     ``(B, d, S)`` tensors; flattening them would copy, so their Gram matrices are
-    summed per example instead (2–3× faster at the benchmark's sizes). On the CPU
-    the masked rows (padding) are dropped before the product, which then costs
-    what the tokens do; on a GPU they are zeroed instead (selecting them would
-    wait for the device).
+    summed per example instead (2–3× faster at the benchmark's sizes). Given the
+    indices of the unmasked rows (``kept``), the others are dropped before the
+    product, which then costs what the tokens do; otherwise they are zeroed.
 
     Args:
         x: The rows, ``(B, S, d)``.
         mask: ``(B, S)``: ``1`` for a row that counts, ``0`` for one left out.
         out: A running sum to add the Gram matrix to, in place.
+        kept: The indices of the unmasked rows among the ``B·S``.
 
     Returns:
         ``out`` with the Gram matrix added, or the Gram matrix.
@@ -223,8 +228,8 @@ def _gram(x: Tensor, mask: Tensor | None = None, out: Tensor | None = None) -> T
         term = torch.bmm(x.transpose(1, 2), x).sum(0)
         return term if out is None else out.add_(term)
     flat = x.reshape(-1, x.shape[-1])
-    if mask is not None and x.device.type == "cpu":
-        flat = flat[mask.reshape(-1) != 0]
+    if kept is not None:
+        flat = flat.index_select(0, kept)
     elif mask is not None:
         flat = flat * mask.reshape(-1, 1)
     if out is None:
@@ -242,13 +247,14 @@ def _factor_term(
     groups: int,
     mask: Tensor | None = None,
     out: Tensor | None = None,
+    kept: Tensor | None = None,
 ) -> Tensor:
     """``Σ x xᵀ`` over the unmasked rows of ``x`` ``(B, S, G·d)``, per group (``G``).
 
     Added to ``out`` in place where given (see :func:`_gram`).
     """
     if groups == 1:
-        return _gram(x, mask, out)
+        return _gram(x, mask, out, kept)
     if mask is not None:
         x = x * mask.unsqueeze(-1)
     grouped = _grouped(x, groups)
@@ -297,6 +303,7 @@ class FactorAccumulator(PassAccumulator):
         self.cache: dict[str, list[CacheEntry]] = {layer.name: [] for layer in layers}
         self._pending: dict[str, list[Tensor]] = {}
         self._masks: dict[str, Tensor] = {}
+        self._kept_rows: dict[int, Tensor] = {}  # id(mask) → its unmasked rows
         # Layers cached as per-example gradients (fewer numbers than a and g).
         self._compact: set[str] = set()
         #: The layers whose entries are cached (chosen on the first batch).
@@ -317,6 +324,7 @@ class FactorAccumulator(PassAccumulator):
         the layers to cache (see the class); caching stops if none is.
         """
         self._masks = masks or {}
+        self._kept_rows = {}
         if not self.caching or self.examples_seen or not inputs:
             return
         batch = next(iter(inputs.values())).shape[0]
@@ -377,7 +385,7 @@ class FactorAccumulator(PassAccumulator):
                     rows = rows * mask.unsqueeze(-1)
                 rows, mask = rows.sum(1, keepdim=True), None
             factors[layer.name] = _factor_term(
-                rows, groups, mask, factors.get(layer.name)
+                rows, groups, mask, factors.get(layer.name), self._kept(mask)
             )
         if not self.caching or layer.name not in self.cached:
             return
@@ -474,13 +482,25 @@ class FactorAccumulator(PassAccumulator):
                     sums.append(factors[layer.name])
         return sums
 
+    def _kept(self, mask: Tensor | None) -> Tensor | None:
+        """On the CPU, the indices of a padding mask's tokens, once per batch.
+
+        Selecting them (``nonzero``) reads the mask on the host: free on the CPU,
+        a wait for the device on a GPU, where the rows are zeroed instead.
+        """
+        if mask is None or mask.device.type != "cpu":
+            return None
+        if id(mask) not in self._kept_rows:  # the layers share the batch's mask
+            self._kept_rows[id(mask)] = mask.reshape(-1).nonzero().squeeze(1)
+        return self._kept_rows[id(mask)]
+
     def _add_input_factor(self, layer: KroneckerLayer, a: Tensor) -> None:
         if layer.weight_index is None:
             return
         mask = self._masks.get(layer.name)  # padding positions: left out
         total = self.input_factors.get(layer.name)
         if self.expand:
-            total = _factor_term(a, layer.groups, mask, total)
+            total = _factor_term(a, layer.groups, mask, total, self._kept(mask))
         elif mask is not None:  # the mean over the tokens
             flat = (a * mask.unsqueeze(-1)).sum(1)
             flat = flat / mask.sum(1, keepdim=True).clamp_min(1.0)

@@ -119,3 +119,61 @@ def test_predictive_and_sampling_sync_a_fixed_number_of_times(monkeypatch):
     assert small == large
     few = _syncs(lambda: la.sample(10), monkeypatch)
     assert few == _syncs(lambda: la.sample(100), monkeypatch)
+
+
+class _GPT2Classifier(nn.Module):
+    """A tiny GPT-2 sequence classifier with LoRA adapters: a dict batch in."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        import peft
+        import transformers
+
+        config = transformers.GPT2Config(
+            vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=8,
+            num_labels=classes, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        )  # fmt: skip
+        lora = peft.LoraConfig(
+            r=2, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+        )
+        base = transformers.GPT2ForSequenceClassification(config)
+        self.model = peft.get_peft_model(base, lora)
+
+    def forward(self, batch):
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+
+
+def test_a_gpt2_lora_fit_syncs_a_fixed_number_of_times_per_batch(monkeypatch):
+    """Padding masks (their tokens selected once per batch), LoRA layers, attention:
+    the syncs per batch do not grow with the backward passes (3 or 10 classes)."""
+    per_batch = {}
+    for classes in (3, 10):
+        counts = []
+        for batches in (2, 4):
+            torch.manual_seed(0)
+            model = _GPT2Classifier(classes).eval()
+            lengths = torch.randint(3, 7, (8 * batches, 1))
+            mask = (torch.arange(6) < lengths).long()
+            examples = [
+                {"input_ids": ids, "attention_mask": m, "labels": label}
+                for ids, m, label in zip(
+                    torch.randint(1, 20, (8 * batches, 6)) * mask,
+                    mask,
+                    torch.randint(0, classes, (8 * batches,)),
+                )
+            ]
+            loader = DataLoader(examples, batch_size=8)
+            la = Laplace(
+                model,
+                "classification",
+                subset_of_weights="all",
+                hessian_structure="ekfac",
+                cache_budget_bytes=0,
+            )
+            la.fit(loader)  # the first batch's probes are outside the comparison
+            fit = lambda la=la, loader=loader: la.fit(loader)  # noqa: E731
+            counts.append(_syncs(fit, monkeypatch))
+        per_batch[classes] = (counts[1] - counts[0]) / 2
+    assert per_batch[3] == per_batch[10]
