@@ -28,6 +28,7 @@ Usage::
     python benchmarks/lora_gpt2.py                          # 4 layers, T = 128
     python benchmarks/lora_gpt2.py --cases l4_t512 l12_t128 --rounds 1 --warm 0
     python benchmarks/lora_gpt2.py --quick                  # tiny, one process
+    python benchmarks/lora_gpt2.py --device cuda --name lora_gpt2_cuda
 
 Timings are comparable only within one run: compare the ratios.
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,10 @@ QUICK = {
 }
 SEQUENCES, BATCH, CLASSES, PREDICTED = 32, 4, 4, 8
 CONTENDERS = ("kron", "ekfac", "floor")
+#: EKFAC on the model cast to half precision (on request: ``--contenders``).
+HALF = {"ekfac_bf16": torch.bfloat16, "ekfac_fp16": torch.float16}
+NAMES = {"kron": "Kron", "ekfac": "EKFAC", "floor": "floor"}
+NAMES.update(ekfac_bf16="EKFAC bf16", ekfac_fp16="EKFAC fp16")
 PHASES = ("fit_ggn", "fit_mc", "glm8", "sample100", "marglik100")
 FIT_PHASES = ("fit_ggn", "fit_mc")
 #: Phases the floor has (the work no method skips); the others have none.
@@ -192,7 +198,12 @@ def floor_pass(model: Any, loader: Any, passes_per_batch: int | None) -> None:
 
 
 def measure(
-    case: str, contender: str, phase: str, warm: int, quick: bool = False
+    case: str,
+    contender: str,
+    phase: str,
+    warm: int,
+    quick: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One phase of one contender in this (fresh) process.
 
@@ -201,11 +212,17 @@ def measure(
         number of posterior parameters.
     """
     from timing import pin_threads, time_calls
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, default_collate
 
     pin_threads()
     model, data, X = build(case, quick)
-    loader = DataLoader(data, batch_size=BATCH)
+    model = model.to(device, HALF.get(contender, torch.float32))
+    X = {key: value.to(device) for key, value in X.items()}
+
+    def on_device(examples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {k: v.to(device) for k, v in default_collate(examples).items()}
+
+    loader = DataLoader(data, batch_size=BATCH, collate_fn=on_device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if contender == "floor":
         if phase not in FLOOR_PHASES:
@@ -215,13 +232,16 @@ def measure(
             "fit_mc": lambda: floor_pass(model, loader, 1),
             "glm8": lambda: floor_pass(model, [X], None),
         }
-        return {**time_calls(actions[phase], warm), "n_params": n_params}
+        timing = time_calls(actions[phase], warm, device)
+        return {**timing, "n_params": n_params}
+    structure = "ekfac" if contender in HALF else contender
     if phase in FIT_PHASES:
-        la = make_laplace(model, contender, phase == "fit_mc")
-        return {**time_calls(lambda: la.fit(loader), warm), "n_params": n_params}
-    la = make_laplace(model, contender, True)
+        la = make_laplace(model, structure, phase == "fit_mc")
+        timing = time_calls(lambda: la.fit(loader), warm, device)
+        return {**timing, "n_params": n_params}
+    la = make_laplace(model, structure, True)
     la.fit(loader)  # the phases' cost does not depend on the curvature type
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     actions = {
         "glm8": lambda: la(X, pred_type="glm", link_approx="probit"),
         "sample100": lambda: la.sample(100, generator=generator),
@@ -229,27 +249,40 @@ def measure(
             method="marglik", n_steps=100
         ),
     }
-    return {**time_calls(actions[phase], warm), "n_params": n_params}
+    return {**time_calls(actions[phase], warm, device), "n_params": n_params}
 
 
-def seconds(row: dict[str, Any]) -> float | None:
-    """The warm time where there is one, else the cold."""
-    return row.get("warm") if row.get("warm") is not None else row.get("cold")
+def markdown_table(
+    rows: list[dict[str, Any]], warm: bool, contenders: Sequence[str] = CONTENDERS
+) -> str:
+    """Per case and phase: each contender's seconds and peak memory, and ratios.
 
-
-def markdown_table(rows: list[dict[str, Any]], warm: bool) -> str:
-    """Per case and phase: the seconds, EKFAC's ratios to Kron and the floor."""
+    EKFAC's to Kron and to the floor, and a half-precision EKFAC's to EKFAC.
+    """
     key = "warm" if warm else "cold"
-    lines = [
-        f"| case | phase | Kron s | EKFAC s | floor s | EKFAC/Kron {key} | "
-        "EKFAC/floor | Kron peak GiB | EKFAC peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+    ratios = [
+        (numerator, denominator)
+        for numerator, denominator in (
+            ("ekfac", "kron"),
+            ("ekfac", "floor"),
+            *((half, "ekfac") for half in HALF),
+        )
+        if numerator in contenders and denominator in contenders
     ]
+    peaks = [c for c in contenders if c != "floor"]
+    header = [
+        "case",
+        "phase",
+        *(f"{NAMES[c]} s" for c in contenders),
+        *(f"{NAMES[n]}/{NAMES[d]} {key}" for n, d in ratios),
+        *(f"{NAMES[c]} peak GiB" for c in peaks),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for case in dict.fromkeys(r["case"] for r in rows):
         for phase in dict.fromkeys(r["phase"] for r in rows if r["case"] == case):
             part = [r for r in rows if r["case"] == case and r["phase"] == phase]
             cells = [case, phase]
-            for contender in CONTENDERS:  # an error: in place of the seconds
+            for contender in contenders:  # an error: in place of the seconds
                 errors = [
                     r["error"]
                     for r in part
@@ -259,17 +292,21 @@ def markdown_table(rows: list[dict[str, Any]], warm: bool) -> str:
                 cells.append(
                     f"{value:.2f}" if value == value else (errors[0] if errors else "–")
                 )
-            cells.append(spread(ratio(part, "ekfac", "kron", key)))
-            cells.append(spread(ratio(part, "ekfac", "floor", key)))
-            for contender in ("kron", "ekfac"):
+            cells += [spread(ratio(part, n, d, key)) for n, d in ratios]
+            for contender in peaks:
                 peak = median_of(part, contender, "peak_mib")
                 cells.append(f"{peak / 1024:.1f}" if peak == peak else "–")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, warm: bool) -> None:
-    """Seconds per phase and case, Kron against EKFAC against the floor."""
+def plot(
+    rows: list[dict[str, Any]],
+    path: Path,
+    warm: bool,
+    contenders: Sequence[str] = CONTENDERS,
+) -> None:
+    """Seconds per phase and case, one bar per contender (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +319,8 @@ def plot(rows: list[dict[str, Any]], path: Path, warm: bool) -> None:
         1, len(phases), figsize=(3.2 * len(phases), 3.2), squeeze=False
     )
     for ax, phase in zip(axes[0], phases):
-        for offset, contender in enumerate(CONTENDERS):
+        width = 0.8 / len(contenders)
+        for offset, contender in enumerate(contenders):
             values = [
                 median_of(
                     [r for r in rows if r["case"] == c and r["phase"] == phase],
@@ -292,10 +330,13 @@ def plot(rows: list[dict[str, Any]], path: Path, warm: bool) -> None:
                 for c in cases
             ]
             ax.bar(
-                [i + 0.27 * (offset - 1) for i in range(len(cases))],
+                [
+                    i + width * (offset - (len(contenders) - 1) / 2)
+                    for i in range(len(cases))
+                ],
                 values,
-                width=0.27,
-                label=contender,
+                width=width,
+                label=NAMES[contender],
             )
         ax.set_xticks(range(len(cases)), cases, rotation=30)
         ax.set_yscale("log")
@@ -312,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = interleaved_parser(__doc__.splitlines()[0], ["l4_t128"], PHASES)
     parser.add_argument("--quick", action="store_true", help="tiny, one process")
     parser.add_argument("--plot", type=Path, default=None, help="bar chart to write")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--name", default=None, help="results file name")
+    parser.add_argument(
+        "--contenders",
+        nargs="*",
+        default=list(CONTENDERS),
+        choices=[*CONTENDERS, *HALF],
+        help="ekfac_bf16 / ekfac_fp16: EKFAC on the model in half precision",
+    )
     args = parser.parse_args(argv)
     if worker_main(args, measure):
         return 0
@@ -321,25 +371,25 @@ def main(argv: list[str] | None = None) -> int:
         for phase in args.phases:
 
             def one(contender: str, _round: int, case=case, phase=phase) -> dict:
-                payload = [case, contender, phase, args.warm]
+                payload = [case, contender, phase, args.warm, args.quick, args.device]
                 if args.quick:
-                    return measure(*payload, quick=True)
+                    return measure(*payload)
                 return run_worker(Path(__file__), payload)
 
-            results = interleave(CONTENDERS, args.rounds, one, print)
+            results = interleave(args.contenders, args.rounds, one, print)
             rows += [
                 {"case": case, "phase": phase, **r}
                 for r in results
                 if "skipped" not in r
             ]
-    table = markdown_table(rows, warm=args.warm > 0)
+    table = markdown_table(rows, args.warm > 0, args.contenders)
     print(table)
-    name = "lora_gpt2_quick" if args.quick else "lora_gpt2"
+    name = args.name or ("lora_gpt2_quick" if args.quick else "lora_gpt2")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     (args.out / f"{name}.md").write_text(table + "\n")
     if args.plot is not None:
-        plot(rows, args.plot, warm=args.warm > 0)
+        plot(rows, args.plot, args.warm > 0, args.contenders)
     return 0
 
 

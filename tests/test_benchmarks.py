@@ -146,3 +146,26 @@ def test_quick_fidelity_benchmark_writes_every_structure(tmp_path, capsys):
     exact = errors["exact blocks (block-diagonal GGN)"][0]
     assert 0 <= exact < errors["EKFAC"][0]
     assert "| EKFAC |" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_quick_lora_gpt2_benchmark_measures_every_phase_and_the_floor(tmp_path):
+    """Plumbing only: a one-layer GPT-2 of width 32 with LoRA, in this process."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "lora_gpt2_benchmark", BENCHMARK.parent / "lora_gpt2.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    arguments = ["--quick", "--rounds", "1", "--warm", "0", "--out", str(tmp_path)]
+    assert module.main([*arguments, "--plot", str(tmp_path / "lora.png")]) == 0
+    rows = json.loads((tmp_path / "lora_gpt2_quick.json").read_text())
+    measured = {(row["contender"], row["phase"]) for row in rows}
+    expected = {(c, p) for c in ("kron", "ekfac") for p in module.PHASES}
+    expected |= {("floor", p) for p in module.FLOOR_PHASES}
+    assert measured == expected
+    assert all(row["cold"] > 0 and row["n_params"] == 1024 for row in rows)
+    table = (tmp_path / "lora_gpt2_quick.md").read_text()
+    assert "| quick | glm8 |" in table and "EKFAC/floor" in table
+    assert (tmp_path / "lora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

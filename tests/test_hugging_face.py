@@ -207,3 +207,31 @@ def test_lora_fast_and_curvlinops_engines_agree(name: str):
         la.fit(_loader(X, y))
         precisions.append(la.posterior_precision.to_matrix())
     assert_close(*precisions, _tolerance(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_lora_gpt2_matches_its_float32_fit(dtype):
+    """A GPT-2's LoRA posterior in bf16 / fp16: accumulated in float32 (``H``),
+    returned in the model's dtype, and equal to the float32 fit of the same weights
+    to what half precision allows (the evidence, the GLM predictive's mean and
+    variance, and its probabilities)."""
+    import copy
+
+    model, X, y = _make("gpt2", lora=True, n=12)
+    X_test = token_batch(4, seed=1)
+    results = {}
+    for precision in (torch.float32, dtype):
+        network = copy.deepcopy(model).to(precision)
+        la = EKFACLaplace(network, "classification", prior_precision=1.0)
+        la.fit(_loader(X, y))
+        assert all(values.dtype == torch.float32 for values in la.H.eigenvalues)
+        evidence = la.log_marginal_likelihood()
+        mean, variance = la._glm_predictive_distribution(X_test)
+        probs = la(X_test, link_approx="probit")
+        for value in (evidence, mean, variance, probs):
+            assert value.dtype == precision
+        results[precision] = [v.float() for v in (evidence, mean, variance, probs)]
+    rtol = 2e-2 if dtype == torch.float16 else 6e-2  # 11 and 8 significant bits
+    for full, half in zip(results[torch.float32], results[dtype]):
+        atol = rtol * float(full.abs().max())
+        torch.testing.assert_close(half, full, rtol=rtol, atol=atol)
