@@ -84,6 +84,7 @@ NAMES = {"kron": "Kron", "ekfac": "EKFAC", "floor": "floor"}
 NAMES.update(ekfac_bf16="EKFAC bf16", ekfac_fp16="EKFAC fp16")
 PHASES = ("fit_ggn", "fit_mc", "glm8", "sample100", "marglik100")
 FIT_PHASES = ("fit_ggn", "fit_mc")
+ALL_WEIGHTS = {"subset": "all"}  # the trainable ones: the adapters
 #: Phases the floor has (the work no method skips); the others have none.
 FLOOR_PHASES = ("fit_ggn", "fit_mc", "glm8")
 
@@ -170,20 +171,10 @@ class Sequences:
 
 
 def make_laplace(model: Any, structure: str, stochastic: bool) -> Any:
-    """KronLaplace or EKFAC over the trainable (LoRA) parameters."""
-    from laplace import Laplace
-    from laplace.curvature import CurvlinopsGGN
+    """KronLaplace or EKFAC over the trainable (LoRA) parameters, as the benchmark's."""
+    import benchmark
 
-    import ekfac_laplace  # noqa: F401
-
-    return Laplace(
-        model,
-        "classification",
-        subset_of_weights="all",
-        hessian_structure=structure,
-        backend=CurvlinopsGGN,
-        backend_kwargs={"stochastic": stochastic},
-    )
+    return benchmark.make_laplace(model, "lora", structure, stochastic, ALL_WEIGHTS)
 
 
 def floor_pass(model: Any, loader: Any, passes_per_batch: int | None) -> None:

@@ -55,20 +55,16 @@ from example_lora_transformer import (  # noqa: E402  (the task and the tables)
     VOCABULARY,
     Tokens,
     accuracy,
+    evaluate,
+    fit_and_tune,
     keyword_task,
     print_tables,
+    reliability_figure,
     train,
 )
 from laplace import Laplace  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-
-from ekfac_laplace.evaluation import (  # noqa: E402
-    classification_metrics,
-    plotting,
-    predict,
-)
-from ekfac_laplace.evaluation.memory import PeakMemory  # noqa: E402
 
 warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
@@ -231,49 +227,16 @@ def main(argv: list[str] | None = None) -> None:
             subset_of_weights="all",
             hessian_structure=structure,
         )
-        with PeakMemory() as memory:
-            fit_start = time.perf_counter()
-            la.fit(DataLoader(train_set, batch_size=16))
-            fit_seconds = time.perf_counter() - fit_start
-        tune_start = time.perf_counter()
-        la.optimize_prior_precision(
-            method="marglik", pred_type="glm", link_approx="probit"
-        )
+        rows[name] = fit_and_tune(la, DataLoader(train_set, batch_size=16), "peak")
         predictors[name] = la
-        rows[name] = {
-            "params": int(la.n_params),
-            "prior": la.prior_precision.item(),
-            "fit_s": fit_seconds,
-            "tune_s": time.perf_counter() - tune_start,
-            "fit_mib": memory.peak_mib,
-        }
 
-    test_predictions = {}
-    for name, predictor in predictors.items():
-        options = {"likelihood": "classification"} if name == "MAP" else {}
-        batch_size = JACOBIAN_BATCH if name == "LoRA-KFAC" else 50
-        predict_start = time.perf_counter()
-        for split, data in tests.items():
-            predictions = predict(
-                predictor, DataLoader(data, batch_size=batch_size), **options
-            )
-            rows[name][split] = classification_metrics(predictions)
-            if split == "test":
-                test_predictions[name] = predictions
-        rows[name]["predict_s"] = time.perf_counter() - predict_start
+    test_predictions = evaluate(predictors, tests, rows, JACOBIAN_BATCH)
     print_tables(rows, memory="peak MiB")
-
-    n = len(test_predictions)
-    figure, axes = plotting.new_figure(2 * n, ncols=n, size=(3.4, 3.2))
-    for index, (name, predictions) in enumerate(test_predictions.items()):
-        plotting.reliability_diagram(
-            predictions.probs, predictions.targets, ax=axes[index], title=name
-        )
-        plotting.confidence_histogram(
-            predictions.probs, predictions.targets, ax=axes[n + index], title=name
-        )
-    figure.suptitle("Laplace-LoRA on GPT-2's answer tokens: test set")
-    path = plotting.save_figure(figure, args.out / "reliability.png")
+    path = reliability_figure(
+        test_predictions,
+        "Laplace-LoRA on GPT-2's answer tokens: test set",
+        args.out / "reliability.png",
+    )
     print(f"\nWrote {path} in {time.perf_counter() - start:.1f}s")
 
 

@@ -200,6 +200,71 @@ def train(
     model.eval()
 
 
+def fit_and_tune(la: Laplace, loader: DataLoader, memory: str = "growth") -> dict:
+    """Fit, then tune the prior by marginal likelihood; the costs as a table row.
+
+    ``fit_mib`` is the growth of the resident memory during the fit, or with
+    ``memory="peak"`` its peak.
+    """
+    with PeakMemory() as usage:
+        fit_start = time.perf_counter()
+        la.fit(loader)
+        fit_seconds = time.perf_counter() - fit_start
+    tune_start = time.perf_counter()
+    la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+    return {
+        "params": int(la.n_params),
+        "prior": la.prior_precision.item(),
+        "fit_s": fit_seconds,
+        "tune_s": time.perf_counter() - tune_start,
+        "fit_mib": usage.peak_mib if memory == "peak" else usage.growth_mib,
+    }
+
+
+def evaluate(
+    predictors: dict[str, object],
+    tests: dict[str, Dataset],
+    rows: dict[str, dict],
+    jacobian_batch: int,
+) -> dict[str, object]:
+    """Each predictor's metrics on each test set and its prediction time, in ``rows``.
+
+    LoRA-KFAC predicts in batches of ``jacobian_batch`` (laplace-torch's dense
+    Jacobians), the others in batches of 50; the MAP is the network itself.
+
+    Returns:
+        Each predictor's predictions on the ``"test"`` set.
+    """
+    test_predictions = {}
+    for name, predictor in predictors.items():
+        options = {"likelihood": "classification"} if name == "MAP" else {}
+        batch_size = jacobian_batch if name == "LoRA-KFAC" else 50
+        predict_start = time.perf_counter()
+        for split, data in tests.items():
+            loader = DataLoader(data, batch_size=batch_size)
+            predictions = predict(predictor, loader, **options)
+            rows[name][split] = classification_metrics(predictions)
+            if split == "test":
+                test_predictions[name] = predictions
+        rows[name]["predict_s"] = time.perf_counter() - predict_start
+    return test_predictions
+
+
+def reliability_figure(test_predictions: dict, title: str, path: Path) -> Path:
+    """Reliability diagrams over confidence histograms, one column per method."""
+    n = len(test_predictions)
+    figure, axes = plotting.new_figure(2 * n, ncols=n, size=(3.4, 3.2))
+    for index, (name, predictions) in enumerate(test_predictions.items()):
+        plotting.reliability_diagram(
+            predictions.probs, predictions.targets, ax=axes[index], title=name
+        )
+        plotting.confidence_histogram(
+            predictions.probs, predictions.targets, ax=axes[n + index], title=name
+        )
+    figure.suptitle(title)
+    return plotting.save_figure(figure, path)
+
+
 def _cell(value: float | None, width: int, spec: str) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
@@ -352,53 +417,20 @@ def main(argv: list[str] | None = None) -> None:
                 hessian_structure=structure,
                 **options,
             )
-            with PeakMemory() as memory:
-                fit_start = time.perf_counter()
-                la.fit(fit_loader)
-                fit_seconds = time.perf_counter() - fit_start
-            tune_start = time.perf_counter()
-            la.optimize_prior_precision(
-                method="marglik", pred_type="glm", link_approx="probit"
-            )
+            rows[name] = fit_and_tune(la, fit_loader)
         except (RuntimeError, ValueError, NotImplementedError) as error:
             rows[name] = {"error": f"{type(error).__name__}: {error}"}
             continue
         predictors[name] = la
-        rows[name] = {
-            "params": int(la.n_params),
-            "prior": la.prior_precision.item(),
-            "fit_s": fit_seconds,
-            "tune_s": time.perf_counter() - tune_start,
-            "fit_mib": memory.growth_mib,
-        }
 
     print("\nfitted and tuned: " + ", ".join(list(predictors)[1:]))
-    test_predictions = {}
-    for name, predictor in predictors.items():
-        options = {"likelihood": "classification"} if name == "MAP" else {}
-        batch_size = JACOBIAN_BATCH if name == "LoRA-KFAC" else 50
-        predict_start = time.perf_counter()
-        for split, data in tests.items():
-            loader = DataLoader(data, batch_size=batch_size)
-            predictions = predict(predictor, loader, **options)
-            rows[name][split] = classification_metrics(predictions)
-            if split == "test":
-                test_predictions[name] = predictions
-        rows[name]["predict_s"] = time.perf_counter() - predict_start
-
+    test_predictions = evaluate(predictors, tests, rows, JACOBIAN_BATCH)
     print_tables(rows)
-
-    n = len(test_predictions)
-    figure, axes = plotting.new_figure(2 * n, ncols=n, size=(3.4, 3.2))
-    for index, (name, predictions) in enumerate(test_predictions.items()):
-        plotting.reliability_diagram(
-            predictions.probs, predictions.targets, ax=axes[index], title=name
-        )
-        plotting.confidence_histogram(
-            predictions.probs, predictions.targets, ax=axes[n + index], title=name
-        )
-    figure.suptitle("LoRA fine-tuned LLaMA classifier: target-task test set")
-    path = plotting.save_figure(figure, args.out / "reliability.png")
+    path = reliability_figure(
+        test_predictions,
+        "LoRA fine-tuned LLaMA classifier: target-task test set",
+        args.out / "reliability.png",
+    )
     print(f"\nWrote {path} in {time.perf_counter() - start:.1f}s")
 
 
