@@ -104,6 +104,7 @@ from timing import THREADS, pin_threads, run_worker, time_calls  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("fit", "glm", "sample", "marglik")
 FLOOR = "floor"
+PRODUCTS = "products"  # the tokens axis only (see token_products)
 GLM_BATCH = 32
 SAMPLES = 100
 MARGLIK_STEPS = 100
@@ -123,6 +124,8 @@ class Problem:
         inputs: The fixed predictive batch, ``X[:32]``.
         classes: The number of outputs ``K`` (backward passes per batch).
         subset: ``"all"`` or ``"last_layer"``.
+        products: Where given, the bare matrix products of an exact EKFAC fit
+            (:func:`token_products`), timed as a phase of its own.
     """
 
     model: nn.Module
@@ -130,6 +133,7 @@ class Problem:
     inputs: Tensor
     classes: int
     subset: str = "all"
+    products: Callable[[], None] | None = None
 
     def floor_modules(self) -> list[nn.Module]:
         """The layers whose outputs a type-2 KFAC back-propagates to."""
@@ -281,7 +285,63 @@ def build_tokens(tokens: int, quick: bool) -> Problem:
     model = nn.Sequential(
         nn.Linear(width, width), nn.ReLU(), TokenMean(), nn.Linear(width, 10)
     )
-    return classification(model, torch.randn(n_data, tokens, width), 10, batch)
+    problem = classification(model, torch.randn(n_data, tokens, width), 10, batch)
+    problem.products = token_products(batch, tokens, width, 10 - 1, n_data // batch)
+    return problem
+
+
+def token_products(
+    batch: int, tokens: int, width: int, passes: int, batches: int
+) -> Callable[[], None]:
+    """The bare matrix products of an exact EKFAC fit of a token-level layer.
+
+    Per batch of ``B`` sequences of ``T`` tokens, for ``Linear(d, d)`` and ``K``
+    backward passes (``C − 1`` for the exact GGN of ``C`` classes), plain torch
+    calls on tensors made beforehand: the Gram matrices ``A`` (``B T d²``
+    multiply-adds) and ``G`` (``K B T d²``), the rotation of the inputs
+    (``B T d²``) and, per pass, the rotated per-example gradients
+    ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` (the cheaper order: the gradients rotated first
+    for ``T < d``, ``K · 2 B T d²``; the product rotated after otherwise) squared
+    and summed; then the two ``d × d`` eigendecompositions. This is the arithmetic
+    any exact implementation does beyond the forward and backward passes (about
+    ``3K + 2`` times the forward pass's), so ``fit − floor − products`` is what
+    the engine adds around it.
+
+    Args:
+        batch: ``B``.
+        tokens: ``T``.
+        width: ``d``.
+        passes: ``K``.
+        batches: Batches in the data set.
+
+    Returns:
+        A call that runs them once over the data set.
+    """
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(batch, tokens, width, generator=generator)
+    gradients = torch.randn(passes, batch, tokens, width, generator=generator)
+    basis = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+
+    def run() -> None:
+        factors = [inputs.new_zeros(width, width) for _ in range(2)]
+        squares = inputs.new_zeros(width, width)
+        for _ in range(batches):
+            flat = inputs.reshape(-1, width)
+            factors[0].addmm_(flat.T, flat)
+            for g in gradients:
+                flat = g.reshape(-1, width)
+                factors[1].addmm_(flat.T, flat)
+            rotated = inputs @ basis
+            for g in gradients:
+                if tokens < width:
+                    product = torch.bmm((g @ basis).transpose(1, 2), rotated)
+                else:
+                    product = basis.T @ torch.bmm(g.transpose(1, 2), rotated)
+                squares += product.square_().sum(0)
+        for factor in factors:
+            torch.linalg.eigh(factor)
+
+    return run
 
 
 AXES: dict[str, Axis] = {
@@ -447,12 +507,14 @@ def measure_point(axis: Axis, x: int, quick: bool) -> dict[str, Any]:
         ),
         FLOOR: lambda: floor_pass(problem),
     }
+    if problem.products is not None:
+        actions[PRODUCTS] = problem.products
     point: dict[str, Any] = {"x": x}
-    for phase in (*PHASES, FLOOR):
+    for phase in actions:
         limit = None if quick else axis.skip.get(phase)
         if limit is not None and x > limit[0]:
             point[phase] = {"skipped": limit[1]}
-        elif phase != FLOOR and phase != "fit" and "error" in point["fit"]:
+        elif phase in PHASES and phase != "fit" and "error" in point["fit"]:
             point[phase] = {"skipped": "the fit failed"}
         else:
             try:
@@ -534,7 +596,9 @@ def run_axis(name: str, quick: bool) -> dict[str, Any]:
         "setting": axis.setting + (" (--quick: tiny sizes)" if quick else ""),
         "points": points,
         "exponents": {
-            phase: exponent(*series(points, phase)) for phase in (*PHASES, FLOOR)
+            phase: exponent(*series(points, phase))
+            for phase in (*PHASES, FLOOR, PRODUCTS)
+            if any(phase in point for point in points)
         },
     }
 
@@ -562,6 +626,14 @@ def _cell(entry: dict[str, Any]) -> str:
     return "error"
 
 
+def _ratio(entry: dict[str, Any], parts: list[dict[str, Any]]) -> str:
+    """``entry``'s seconds over the sum of ``parts``' seconds, or ``–``."""
+    if "seconds" not in entry or any("seconds" not in part for part in parts):
+        return "–"
+    total = sum(part["seconds"] for part in parts)
+    return f"{entry['seconds'] / total:.2f}" if total > 0 else "–"
+
+
 def _exponent_cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -587,26 +659,31 @@ def markdown(results: dict[str, dict[str, Any]], threads: int) -> str:
         if "error" in result:
             lines.append(f"failed: {result['error']}")
             continue
-        header = ["x", "params", "fit s", "floor s", "fit / floor", "glm s"]
-        header += ["sample s", "marglik s"]
+        products = any(PRODUCTS in point for point in result["points"])
+        header = ["x", "params", "fit s", "floor s", "fit / floor"]
+        if products:
+            header += ["products s", "fit / (floor + products)"]
+        header += ["glm s", "sample s", "marglik s"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for point in result["points"]:
             fit, floor = point["fit"], point[FLOOR]
-            ratio = (
-                f"{fit['seconds'] / floor['seconds']:.2f}"
-                if "seconds" in fit and "seconds" in floor and floor["seconds"] > 0
-                else "–"
-            )
             params = f"{point['n_params']:,}" if point["n_params"] else "–"
-            cells = [str(point["x"]), params, _cell(fit), _cell(floor), ratio]
+            cells = [str(point["x"]), params, _cell(fit), _cell(floor)]
+            cells.append(_ratio(fit, [floor]))
+            if products:
+                bare = point.get(PRODUCTS, {})
+                cells += [_cell(bare) if bare else "–", _ratio(fit, [floor, bare])]
             cells += [_cell(point[phase]) for phase in ("glm", "sample", "marglik")]
             lines.append("| " + " | ".join(cells) + " |")
-            for phase in (*PHASES, FLOOR):
-                reason = point[phase].get("skipped") or point[phase].get("error")
+            for phase in (*PHASES, FLOOR, PRODUCTS):
+                entry = point.get(phase, {})
+                reason = entry.get("skipped") or entry.get("error")
                 if reason and reason != "the fit failed":
                     notes.append(f"{name} = {point['x']}, {phase}: {reason}")
         p = result["exponents"]
         cells = ["**p**", "", *(_exponent_cell(p[k]) for k in ("fit", FLOOR)), "–"]
+        if products:
+            cells += [_exponent_cell(p.get(PRODUCTS)), "–"]
         cells += [_exponent_cell(p[k]) for k in ("glm", "sample", "marglik")]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
@@ -635,13 +712,14 @@ def plot_axis(result: dict[str, Any], path: Path) -> None:
         "glm": ("C1", "-", "s"),
         "sample": ("C2", "-", "^"),
         "marglik": ("C3", "-", "d"),
+        PRODUCTS: ("C0", ":", "+"),
     }
-    names = {FLOOR: "fit floor (fwd + K bwd)"}
+    names = {FLOOR: "fit floor (fwd + K bwd)", PRODUCTS: "bare products of the fit"}
     for phase, (colour, line, marker) in styles.items():
         xs, seconds = series(result["points"], phase)
         if not xs:
             continue
-        p = result["exponents"][phase]
+        p = result["exponents"].get(phase)
         label = f"{names.get(phase, phase)}  p = {_exponent_cell(p)}"
         ax.plot(xs, seconds, line, color=colour, marker=marker, label=label)
     ax.set_xscale("log")
@@ -690,7 +768,7 @@ def write_results(
     payload = {
         "machine": machine(args.threads),
         "quick": args.quick,
-        "phases": [*PHASES, FLOOR],
+        "phases": [*PHASES, FLOOR, PRODUCTS],
         "axes": results,
     }
     (args.out / f"scaling{suffix}.json").write_text(json.dumps(payload, indent=2))
@@ -730,9 +808,9 @@ def sweep(args: argparse.Namespace) -> int:
     failed = any(
         "error" in result
         or any(
-            "error" in point[phase]
+            "error" in point.get(phase, {})
             for point in result["points"]
-            for phase in (*PHASES, FLOOR)
+            for phase in (*PHASES, FLOOR, PRODUCTS)
         )
         for result in results.values()
     )

@@ -186,17 +186,24 @@ def _add(total: Tensor | None, term: Tensor) -> Tensor:
 
 
 def _rotated_squares(
-    per_example: Tensor, q_g: Tensor | None, q_a: Tensor | None
+    per_example: Tensor, q_g: Tensor | None, q_a: Tensor | None, fresh: bool = False
 ) -> Tensor:
     """``Σ (Q_Gᵀ M Q_A)²`` over the leading dimensions of ``M`` ``(..., d_out, d_in)``.
 
     A rotation given as ``None`` has been applied already (or is the identity).
+    The rotated products, new tensors, are squared in place, and so is a ``fresh``
+    ``M`` (the caller's own product) left unrotated: squaring where they lie spares
+    an allocation as large (fits of token-level layers ``1.4×`` faster on the CPU,
+    where a new tensor's pages are touched for the first time).
     """
+    rotated = per_example
     if q_g is not None:
-        per_example = q_g.T @ per_example
+        rotated = q_g.T @ rotated
     if q_a is not None:
-        per_example = per_example @ q_a
-    return per_example.square().flatten(0, -3).sum(0)
+        rotated = rotated @ q_a
+    in_place = fresh or rotated is not per_example
+    squared = rotated.square_() if in_place else rotated.square()
+    return squared.flatten(0, -3).sum(0)
 
 
 def _gram(
@@ -233,8 +240,43 @@ def _gram(
     elif mask is not None:
         flat = flat * mask.reshape(-1, 1)
     if out is None:
-        return flat.T @ flat
-    return out.addmm_(flat.T, flat)
+        out = flat.new_zeros(flat.shape[1], flat.shape[1])
+    _add_upper_gram(out, flat)
+    return out
+
+
+#: Columns up to which a Gram matrix is one matrix product (see _add_upper_gram).
+GRAM_LEAF_COLUMNS = 128
+
+
+def _add_upper_gram(out: Tensor, x: Tensor) -> None:
+    """Add ``xᵀ x`` to ``out`` ``(d, d)`` on and above the diagonal: the rest is stale.
+
+    A Gram matrix is symmetric, so only its upper triangle needs computing: the
+    columns are halved recursively, each diagonal block recursing and the block
+    right of it one product, down to :data:`GRAM_LEAF_COLUMNS`. That is about ``½``
+    the multiply-adds of one ``xᵀ x``; measured on two CPU threads, ``0.9×`` the
+    time at ``d = 256``, ``0.7×`` at 768 and ``0.62×`` at 3072. The blocks below the
+    diagonal are never written; :func:`_mirror_upper` restores them.
+
+    Args:
+        out: The running sum, ``(d, d)``; updated in place.
+        x: The rows, ``(n, d)``.
+    """
+    d = x.shape[1]
+    if d <= GRAM_LEAF_COLUMNS:
+        out.addmm_(x.T, x)
+        return
+    half = d // 2
+    left, right = x[:, :half], x[:, half:]
+    _add_upper_gram(out[:half, :half], left)
+    out[:half, half:].addmm_(left.T, right)
+    _add_upper_gram(out[half:, half:], right)
+
+
+def _mirror_upper(matrix: Tensor) -> Tensor:
+    """Copy the upper triangle of ``matrix`` ``(..., d, d)`` below it, in place."""
+    return matrix.copy_(matrix.triu() + matrix.triu(1).transpose(-1, -2))
 
 
 def _grouped(x: Tensor, groups: int) -> Tensor:
@@ -297,9 +339,10 @@ class FactorAccumulator(PassAccumulator):
         self.caching = cache_budget_bytes > 0
         self.cache_bytes = 0
         self.examples_seen = 0
-        self.input_factors: dict[str, Tensor] = {}
-        self.gradient_factors: dict[str, Tensor] = {}
-        self.bias_factors: dict[str, Tensor] = {}  # biases with a factor of their own
+        # The running sums: exact on and above the diagonal (see _add_upper_gram).
+        self._input: dict[str, Tensor] = {}
+        self._gradient: dict[str, Tensor] = {}
+        self._bias: dict[str, Tensor] = {}  # biases with a factor of their own
         self.cache: dict[str, list[CacheEntry]] = {layer.name: [] for layer in layers}
         self._pending: dict[str, list[Tensor]] = {}
         self._masks: dict[str, Tensor] = {}
@@ -308,6 +351,28 @@ class FactorAccumulator(PassAccumulator):
         self._compact: set[str] = set()
         #: The layers whose entries are cached (chosen on the first batch).
         self.cached: set[str] = set()
+
+    @property
+    def input_factors(self) -> dict[str, Tensor]:
+        """Layer name to its input factor ``A`` (with the weight in the posterior)."""
+        return self._mirrored(self._input)
+
+    @property
+    def gradient_factors(self) -> dict[str, Tensor]:
+        """Layer name to its gradient factor ``G``."""
+        return self._mirrored(self._gradient)
+
+    @property
+    def bias_factors(self) -> dict[str, Tensor]:
+        """Layer name to the factor of a bias with a factor of its own."""
+        return self._mirrored(self._bias)
+
+    @staticmethod
+    def _mirrored(factors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The running sums made whole (symmetric) in place: the same dict."""
+        for factor in factors.values():
+            _mirror_upper(factor)
+        return factors
 
     def plan(
         self,
@@ -370,13 +435,10 @@ class FactorAccumulator(PassAccumulator):
         bias_rows: Tensor | None = None,
     ) -> None:
         """Add the pass's ``g gᵀ`` to ``G`` (and a separate bias's to its factor)."""
-        for factors, rows in (
-            (self.gradient_factors, g),
-            (self.bias_factors, bias_rows),
-        ):
+        for factors, rows in ((self._gradient, g), (self._bias, bias_rows)):
             if rows is None:
                 continue
-            groups = layer.groups if factors is self.gradient_factors else 1
+            groups = layer.groups if factors is self._gradient else 1
             mask = self._masks.get(layer.name)
             if mask is not None and mask.shape != rows.shape[:2]:
                 mask = None  # rows that are not the layer's positions
@@ -421,8 +483,8 @@ class FactorAccumulator(PassAccumulator):
     ) -> None:
         """Add the closed-form ``G`` of the output layer; cache its curvature."""
         self._add_input_factor(layer, a)
-        self.gradient_factors[layer.name] = _add(
-            self.gradient_factors.get(layer.name), curvature.gradient_factor()
+        self._gradient[layer.name] = _add(
+            self._gradient.get(layer.name), curvature.gradient_factor()
         )
         nbytes = a.numel() * a.element_size() + curvature.nbytes()
         self._remember(layer, nbytes, (a, curvature))
@@ -451,13 +513,13 @@ class FactorAccumulator(PassAccumulator):
         """
         found = []
         for factors, what in (
-            (self.gradient_factors, "gradient"),
-            (self.input_factors, "input"),
-            (self.bias_factors, "bias"),
+            (self._gradient, "gradient"),
+            (self._input, "input"),
+            (self._bias, "bias"),
         ):
             found.append(
                 robust_eigenvectors(
-                    factors[layer.name],
+                    _mirror_upper(factors[layer.name]),
                     f"Kronecker {what} factor of layer '{layer.name}'",
                 )
                 if layer.name in factors
@@ -473,13 +535,9 @@ class FactorAccumulator(PassAccumulator):
         """
         sums = []
         for layer in self.layers:
-            for factors in (
-                self.input_factors,
-                self.gradient_factors,
-                self.bias_factors,
-            ):
+            for factors in (self._input, self._gradient, self._bias):
                 if layer.name in factors:
-                    sums.append(factors[layer.name])
+                    sums.append(_mirror_upper(factors[layer.name]))
         return sums
 
     def _kept(self, mask: Tensor | None) -> Tensor | None:
@@ -498,7 +556,7 @@ class FactorAccumulator(PassAccumulator):
         if layer.weight_index is None:
             return
         mask = self._masks.get(layer.name)  # padding positions: left out
-        total = self.input_factors.get(layer.name)
+        total = self._input.get(layer.name)
         if self.expand:
             total = _factor_term(a, layer.groups, mask, total, self._kept(mask))
         elif mask is not None:  # the mean over the tokens
@@ -507,7 +565,7 @@ class FactorAccumulator(PassAccumulator):
             total = _factor_term(flat.unsqueeze(1), layer.groups, out=total)
         else:
             total = _factor_term(a.mean(1, keepdim=True), layer.groups, out=total)
-        self.input_factors[layer.name] = total
+        self._input[layer.name] = total
 
     def replay(self, correction: CorrectionAccumulator) -> list[KroneckerLayer]:
         """Feed the cached layers' entries to ``correction``, emptying the cache.
@@ -615,7 +673,7 @@ class CorrectionAccumulator(PassAccumulator):
             self._grouped_gradient(layer, g, q_g)
             return
         if a.shape[1] == 1:
-            self._squares[layer.name] += (g[:, 0] @ q_g).square()
+            self._squares[layer.name] += (g[:, 0] @ q_g).square_()
             return
         if layer.weight_index is not None:
             a_used, q_a, rotate_g = self._inputs[layer.name]
@@ -630,7 +688,9 @@ class CorrectionAccumulator(PassAccumulator):
                     g_used[start : start + chunk].transpose(1, 2),
                     a_used[start : start + chunk],
                 )
-                squares += _rotated_squares(per_example, None if rotate_g else q_g, q_a)
+                squares += _rotated_squares(
+                    per_example, None if rotate_g else q_g, q_a, fresh=True
+                )
             self._add_weight(layer, squares)
         if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, (g.sum(1) @ q_g).square().sum(0))
@@ -649,7 +709,7 @@ class CorrectionAccumulator(PassAccumulator):
                     g_rot[start : start + chunk],
                     a_rot[start : start + chunk],
                 )
-                squares += rotated.square().sum(0)
+                squares += rotated.square_().sum(0)
             self._add_weight(layer, squares)
         if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, g_rot.sum(1).square().sum(0))
@@ -728,7 +788,7 @@ class CorrectionAccumulator(PassAccumulator):
         """No weight sharing: ``λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ``."""
         if layer.weight_index is not None:
             q_a = self.bases[layer.name].input
-            self._add_weight(layer, squares.T @ (a[:, 0] @ q_a).square())
+            self._add_weight(layer, squares.T @ (a[:, 0] @ q_a).square_())
         if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, squares.sum(0))
 

@@ -86,6 +86,44 @@ def test_factor_accumulator_sums_the_kronecker_factors(kfac_approx):
     assert factors.eigenbases()["layer"].input is None
 
 
+@pytest.mark.parametrize("columns", [1, 5, 128, 129, 300])
+def test_upper_gram_and_its_mirror_equal_the_gram_matrix(columns):
+    """The recursive halving computes the upper triangle; the mirror the rest."""
+    x = torch.randn(37, columns, dtype=F64, generator=torch.Generator().manual_seed(3))
+    start = torch.randn(columns, columns, dtype=F64)
+    start = start + start.T
+    out = start.clone()
+    accumulators._add_upper_gram(out, x)
+    expected = start + x.T @ x
+    assert_close(out.triu(), expected.triu())
+    mirrored = accumulators._mirror_upper(out)
+    assert mirrored is out and torch.equal(out, out.T)
+    assert_close(out, expected)
+
+
+def test_factors_summed_by_halving_are_whole_wherever_they_are_read(monkeypatch):
+    """Every reader (the factors, the eigenbases, the sums over ranks) sees G, A."""
+    monkeypatch.setattr(accumulators, "GRAM_LEAF_COLUMNS", 1)  # halve down to 1
+    a, g = _data()
+    layer = _layer()
+    expected = {
+        "input": torch.einsum("bsi,bsj->ij", a, a),
+        "gradient": torch.einsum("kbsi,kbsj->ij", g, g),
+    }
+    factors = FactorAccumulator([layer], KFACApprox.EXPAND, 0, num_data=B)
+    for _ in range(2):  # a running sum over two batches
+        _feed(factors, layer, a, g)
+    A, G = factors.partial_sums()
+    assert_close(A, 2 * expected["input"])
+    assert_close(G, 2 * expected["gradient"])
+    assert_close(factors.input_factors["layer"], 2 * expected["input"])
+    assert_close(factors.gradient_factors["layer"], 2 * expected["gradient"])
+    q_g, q_a, _ = factors.eigenbases()["layer"]
+    for q, M in ((q_g, G), (q_a, A)):
+        rotated = q.T @ M @ q
+        assert_close(rotated - torch.diag(torch.diagonal(rotated)), torch.zeros_like(M))
+
+
 def test_factors_of_transposed_views_equal_those_of_contiguous_tensors():
     """A convolution's patches and gradients arrive as views of (B, d, S) tensors."""
     a, g = _data(positions=7)

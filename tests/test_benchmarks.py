@@ -120,15 +120,19 @@ def test_quick_scaling_benchmark_writes_every_axis_phase_and_plot(tmp_path):
     assert set(payload["axes"]) == set(module.AXES)
     for name, result in payload["axes"].items():
         assert len(result["points"]) >= 2
+        # The tokens axis also times the bare products of its exact fit.
+        phases = {*module.PHASES, module.FLOOR}
+        phases |= {module.PRODUCTS} if name == "tokens" else set()
         for point in result["points"]:
-            for phase in (*module.PHASES, module.FLOOR):
+            for phase in phases:
                 assert point[phase]["seconds"] > 0, (name, point["x"], phase)
-        assert set(result["exponents"]) == {*module.PHASES, module.FLOOR}
+        assert set(result["exponents"]) == phases
         assert all(p is not None for p in result["exponents"].values())
         png = tmp_path / "plots" / f"scaling_quick_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "scaling_quick.md").read_text()
     assert all(f"### {name}:" in markdown for name in module.AXES)
+    assert markdown.count("fit / (floor + products)") == 1
 
 
 def test_quick_fidelity_benchmark_writes_every_structure(tmp_path, capsys):
