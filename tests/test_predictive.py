@@ -8,7 +8,7 @@ from laplace import Laplace
 from torch import nn
 
 from ekfac_laplace.capture import ReusedModuleError
-from ekfac_laplace.predictive import _rotated_jacobians, glm_predictive_variance
+from ekfac_laplace.predictive import _rotated_jacobian, glm_predictive_variance
 from tests.cases import CASE_IDS, CASES, Case, loader
 from tests.utils import assert_close
 
@@ -172,4 +172,9 @@ def test_rotated_jacobians_equal_the_definition_in_either_order(
                     for s in range(positions)
                 )
                 expected[n, c, group] = q_g[group].T @ J @ q_a[group]
-    assert_close(_rotated_jacobians(g, a, q_g, q_a), expected)
+    rotated_a = torch.einsum("bsgi,gij->bsgj", a, q_a)
+    for c in range(K):  # one backward pass at a time, in either order
+        assert_close(
+            _rotated_jacobian(g[:, c], rotated_a, q_g, q_a, True), expected[:, c]
+        )
+        assert_close(_rotated_jacobian(g[:, c], a, q_g, q_a, False), expected[:, c])
