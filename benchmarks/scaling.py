@@ -29,7 +29,7 @@ backward calls; our engine needs no backward pass there at all. On the
 ``tokens`` axis, ``products`` times the bare matrix products of an exact EKFAC fit
 of the token layer (:func:`token_products`: the Gram matrices, the rotations and
 the rotated per-example gradients, squared and summed, and the two
-eigendecompositions, as plain torch calls): ``fit / (floor + products)`` is what
+eigendecompositions, as bare torch calls): ``fit / (floor + products)`` is what
 the engine costs beyond the arithmetic it cannot skip.
 
 **Timing.** Each phase is called once (``cold``) with
@@ -101,6 +101,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
+from ekfac_laplace.accumulators import add_upper_gram
 from ekfac_laplace.evaluation.memory import PeakMemory  # noqa: F401  (before gc.freeze)
 
 if str(Path(__file__).resolve().parent) not in sys.path:
@@ -304,8 +305,9 @@ def token_products(
     Per batch of ``B`` sequences of ``T`` tokens, for ``Linear(d, d)`` and ``K``
     backward passes (``C − 1`` for the exact GGN of ``C`` classes), plain torch
     calls on tensors made beforehand: the Gram matrices ``A`` (``B T d²``
-    multiply-adds) and ``G`` (``K B T d²``), the rotation of the inputs
-    (``B T d²``) and, per pass, the rotated per-example gradients
+    multiply-adds) and ``G`` (``K B T d²``), their upper triangles as the engine
+    sums them (:func:`~ekfac_laplace.accumulators.add_upper_gram`), the rotation
+    of the inputs (``B T d²``) and, per pass, the rotated per-example gradients
     ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` (the cheaper order: the gradients rotated first
     for ``T < d``, ``K · 2 B T d²``; the product rotated after otherwise) squared
     and summed; then the two ``d × d`` eigendecompositions. This is the arithmetic
@@ -332,11 +334,9 @@ def token_products(
         factors = [inputs.new_zeros(width, width) for _ in range(2)]
         squares = inputs.new_zeros(width, width)
         for _ in range(batches):
-            flat = inputs.reshape(-1, width)
-            factors[0].addmm_(flat.T, flat)
+            add_upper_gram(factors[0], inputs.reshape(-1, width))
             for g in gradients:
-                flat = g.reshape(-1, width)
-                factors[1].addmm_(flat.T, flat)
+                add_upper_gram(factors[1], g.reshape(-1, width))
             rotated = inputs @ basis
             for g in gradients:
                 if tokens < width:

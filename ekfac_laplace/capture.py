@@ -346,6 +346,8 @@ class ForwardCapture:
         if name in self._gradients:
             (gradient,) = self._gradients.pop(name)
             return gradient
+        if name not in self.calls:  # a layer that no gradient reached
+            return None
         per_leaf = self._leaf_gradients.pop(name, {})
         first = next(
             (i for i, shape in enumerate(self.calls[name].output_shapes) if shape),
@@ -393,12 +395,18 @@ class ForwardCapture:
         if output.requires_grad:
             output.register_hook(_weak_hook(self, "_store_gradient", name))
 
-    def _store_gradient(self, name: str, gradient: Tensor) -> None:
-        self._gradients.setdefault(name, []).append(gradient.detach())
+    # A tensor hook is called with None where autograd has no gradient for the
+    # tensor (a custom Function's backward may return None): the pass did not reach
+    # the module, as if the hook had not fired.
 
-    def _store_leaf(self, name: str, leaf: int, gradient: Tensor) -> None:
-        per_leaf = self._leaf_gradients.setdefault(name, {})
-        per_leaf.setdefault(leaf, []).append(gradient.detach())
+    def _store_gradient(self, name: str, gradient: Tensor | None) -> None:
+        if gradient is not None:
+            self._gradients.setdefault(name, []).append(gradient.detach())
+
+    def _store_leaf(self, name: str, leaf: int, gradient: Tensor | None) -> None:
+        if gradient is not None:
+            per_leaf = self._leaf_gradients.setdefault(name, {})
+            per_leaf.setdefault(leaf, []).append(gradient.detach())
 
     def _layer_hook(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
@@ -536,10 +544,11 @@ class ForwardCapture:
         self.outputs[layer.name] = (output, tensor_version(output))
         if output.requires_grad:
 
-            def store(gradient: Tensor) -> None:
-                projection.gradients[index].append(
-                    _batch_first(gradient.detach(), length, batch)
-                )
+            def store(gradient: Tensor | None) -> None:
+                if gradient is not None:  # None: the pass did not reach it
+                    projection.gradients[index].append(
+                        _batch_first(gradient.detach(), length, batch)
+                    )
 
             output.register_hook(store)
 

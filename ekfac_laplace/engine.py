@@ -288,10 +288,16 @@ class Sweep:
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None,
     ) -> None:
-        """Back-propagate each ``v_k`` and hand the gradients on, one at a time."""
+        """Back-propagate each ``v_k`` and hand the gradients on, one at a time.
+
+        A pass that does not reach a layer at all (autograd gives it no gradient,
+        e.g. a regression output of another head) adds nothing to its sums, as a
+        zero gradient would. A layer that no pass of a batch reaches is refused.
+        """
         diagonal_modules = self.layout.diagonal_modules if diagonal else []
         dense = None if diagonal is None else diagonal.dense
         targets = self._targets(hidden, diagonal is not None, capture)
+        reached: set[str] = set()
         for k in range(len(passes)):
             torch.autograd.grad(
                 passes.output(k),
@@ -300,7 +306,11 @@ class Sweep:
                 allow_unused=True,
             )
             for layer in hidden:
-                (gradient,) = capture.take_gradients(layer.name)
+                gradients = capture.take_gradients(layer.name)
+                if not gradients:
+                    continue  # this pass does not reach the layer: it adds zero
+                (gradient,) = gradients
+                reached.add(layer.name)
                 exact = bool(dense) and layer in self.layout.dense_layers
                 a, batch, name = positions[layer.name], f.shape[0], layer.name
                 g = bias_rows = None
@@ -323,6 +333,15 @@ class Sweep:
                 call = capture.calls.get(entry.name)
                 for gradients in capture.take_gradients(entry.name):  # unused: none
                     diagonal.add(entry, call, gradients, f.shape[0])
+        unreached = [layer.name for layer in hidden if layer.name not in reached]
+        if unreached:
+            raise ValueError(
+                f"No backward pass of this batch reaches layer(s) {unreached}: the "
+                "model's outputs do not depend on them, so their curvature is zero "
+                "and EKFAC has no gradient factor for them. Leave their parameters "
+                "out of the posterior (requires_grad=False, or a subset of the "
+                "weights)."
+            )
         for layer in hidden:
             if layer.has_kronecker:
                 accumulator.end(layer, positions[layer.name])

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.capture import ForwardCapture
+from ekfac_laplace.capture import CaptureError, ForwardCapture
 from ekfac_laplace.diagonal import ModuleCall, restricted_gradients
 from ekfac_laplace.layout import (
     KroneckerLayer,
@@ -109,7 +109,10 @@ def glm_predictive_variance(
     targets = layout.backprop_targets()
     if batch_dims is None:
         capture.locate_batches(f, targets, check=False)
+    # Each pass is taken at once, by its index: a module that a pass does not reach
+    # (no gradient at all) has a zero Jacobian row there, not a shifted one.
     terms: dict[str, _LayerTerms] = {}
+    diagonal_passes: dict[str, dict[int, Any]] = {}
     for c in range(K):
         torch.autograd.grad(
             f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
@@ -117,25 +120,33 @@ def glm_predictive_variance(
         for layer in layout.layers:  # each pass reduced at once (see _LayerTerms)
             gradients = capture.take_gradients(layer.name)
             if not gradients:
-                continue  # the layer does not influence the outputs
+                continue  # the pass does not reach the layer
+            if len(gradients) > 1:
+                raise CaptureError(
+                    f"Layer '{layer.name}' received {len(gradients)} gradients in "
+                    "one backward pass; the Jacobian-free GLM predictive needs each "
+                    "layer of the posterior to run once per forward pass."
+                )
             if layer.name not in terms:
                 a = layer.inputs(capture.take_input(layer.name))
                 terms[layer.name] = _LayerTerms(
                     layer, precision, group_rows(a, B, layer.name), K
                 )
-            (gradient,) = gradients  # one call per forward pass: one gradient
-            terms[layer.name].add(gradient)
+            terms[layer.name].add(gradients[0], c)
+        for entry in layout.diagonal_modules:
+            for gradients in capture.take_gradients(entry.name):  # at most one
+                diagonal_passes.setdefault(entry.name, {})[c] = gradients
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
     for layer_terms in terms.values():
         variance = variance + layer_terms.variance(joint)
     for entry in layout.diagonal_modules:
-        passes = capture.take_gradients(entry.name)
+        passes = diagonal_passes.get(entry.name)
         if not passes:
-            continue
+            continue  # the module does not influence the outputs
         call = capture.calls[entry.name]
         for name, index in zip(entry.param_names, entry.indices):
             variance = variance + _diagonal_term(
-                entry.module, name, call, passes, precision, index, B, joint
+                entry.module, name, call, passes, K, precision, index, B, joint
             )
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
@@ -187,8 +198,8 @@ class _LayerTerms:
         a: Tensor,
         passes: int,
     ) -> None:
-        self.layer, self.precision, self.a = layer, precision, a
-        self.pieces: dict[str, list[Tensor]] = {}
+        self.layer, self.precision, self.a, self.passes = layer, precision, a, passes
+        self.pieces: dict[str, dict[int, Tensor]] = {}  # per kind, per pass
         self._weight = None  # (q_g, q_a, inverse) per group, and the rotated inputs
         if layer.weight_index is not None:
             q_g, q_a, inverse = layer.factor_block(
@@ -208,11 +219,12 @@ class _LayerTerms:
                     a = torch.einsum("bsgi,gij->bsgj", a, q_a)
                 self._weight = (q_g, q_a, inverse, a, per_position)
 
-    def add(self, gradient: Tensor) -> None:
+    def add(self, gradient: Tensor, c: int) -> None:
         """Reduce one backward pass's gradient at the layer's output.
 
         Args:
             gradient: The gradient captured at the layer's output tensor.
+            c: The pass (the output it back-propagates).
         """
         layer, B = self.layer, self.a.shape[0]
         g = bias_rows = None  # (B, S, d) each
@@ -230,16 +242,16 @@ class _LayerTerms:
                 rotated = torch.einsum("bgo,gop->bgp", grouped, q_b).flatten(1)
             else:
                 rotated = summed @ q_b
-            self._keep("bias", rotated)
+            self._keep("bias", c, rotated)
         if self._weight is not None:
             q_g, q_a, _, a, per_position = self._weight
             g_w = g.to(q_g.dtype)
             if q_a is None:  # one position: the rotated output Jacobian
-                self._keep("weight", g_w[:, 0] @ q_g)
+                self._keep("weight", c, g_w[:, 0] @ q_g)
             else:
                 g_w = g_w.reshape(*g_w.shape[:2], G, -1)  # (B, S, G, out)
                 J = _rotated_jacobian(g_w, a, q_g, q_a, per_position)
-                self._keep("weight", J.flatten(1))
+                self._keep("weight", c, J.flatten(1))
         if layer.dense_weight_index is not None:
             per_example = torch.einsum(
                 "bsgo,bsgi->bgoi",
@@ -247,9 +259,9 @@ class _LayerTerms:
                 self.a.to(g.dtype).reshape(*self.a.shape[:2], G, -1),
             )
             J = layer.kind.from_groups(per_example, layer.weight.shape).flatten(1)
-            self._keep("dense_weight", J)
+            self._keep("dense_weight", c, J)
         if layer.dense_bias_index is not None:
-            self._keep("dense_bias", bias_rows.sum(1))
+            self._keep("dense_bias", c, bias_rows.sum(1))
 
     def variance(self, joint: bool) -> Tensor:
         """The layer's covariance terms over all passes.
@@ -261,7 +273,7 @@ class _LayerTerms:
             ``(B, K, B, K)`` or ``(B, K, K)``.
         """
         layer, precision = self.layer, self.precision
-        pieces = {key: torch.stack(kept, dim=1) for key, kept in self.pieces.items()}
+        pieces = {key: _by_pass(kept, self.passes) for key, kept in self.pieces.items()}
         term = 0
         if "bias" in pieces:
             inverse = precision.powered_eigenvalues(layer.bias_index, -1).flatten()
@@ -280,8 +292,14 @@ class _LayerTerms:
                 term = term + _dense_term(pieces[key], precision, index, joint)
         return term
 
-    def _keep(self, key: str, piece: Tensor) -> None:
-        self.pieces.setdefault(key, []).append(piece)
+    def _keep(self, key: str, c: int, piece: Tensor) -> None:
+        self.pieces.setdefault(key, {})[c] = piece
+
+
+def _by_pass(pieces: Mapping[int, Tensor], passes: int) -> Tensor:
+    """Per-pass rows ``(B, ...)`` stacked as ``(B, K, ...)``; zero where none came."""
+    zero = torch.zeros_like(next(iter(pieces.values())))
+    return torch.stack([pieces.get(c, zero) for c in range(passes)], dim=1)
 
 
 def _rotate_positions(
@@ -398,7 +416,8 @@ def _diagonal_term(
     module: nn.Module,
     name: str,
     call: ModuleCall,
-    passes: list[tuple[Tensor | None, ...]],
+    passes: Mapping[int, tuple[Tensor | None, ...]],
+    count: int,
     precision: EKFACDecomposed,
     index: int,
     batch: int,
@@ -410,7 +429,9 @@ def _diagonal_term(
         module: The owning module.
         name: The parameter's name in it.
         call: The module's forward call.
-        passes: Per output ``c`` (``K``), the gradients at its output tensors.
+        passes: Per output ``c`` that reached the module, the gradients at its
+            output tensors.
+        count: The number ``K`` of outputs (passes).
         precision: The posterior precision.
         index: The parameter's block (diagonal, or exact: ``(Q,)``).
         batch: The number of inputs ``B`` (rows folded into it are summed).
@@ -421,17 +442,18 @@ def _diagonal_term(
     """
     dense = bool(precision.eigenvectors[index])
     inverse = precision.powered_eigenvalues(index, -1)
-    restricted = [
-        restricted_gradients(module, [name], call, gradients)[0] for gradients in passes
-    ]
-    rows = restricted[0][0]
+    restricted = {
+        c: restricted_gradients(module, [name], call, gradients)[0]
+        for c, gradients in passes.items()
+    }
+    rows = next(iter(restricted.values()))[0]
     # Per-example Jacobian rows: (B, K, numel), or (B, K, R·D) on the used rows.
-    J = torch.stack(
-        [
-            group_rows(grad.unsqueeze(1), batch, call.name).sum(1)
-            for _, grad in restricted
-        ],
-        dim=1,
+    J = _by_pass(
+        {
+            c: group_rows(grad.unsqueeze(1), batch, call.name).sum(1)
+            for c, (_, grad) in restricted.items()
+        },
+        count,
     )
     if dense:  # every entry's row (an embedding's unused rows: zero)
         if rows is not None:

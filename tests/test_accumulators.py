@@ -93,10 +93,10 @@ def test_upper_gram_and_its_mirror_equal_the_gram_matrix(columns):
     start = torch.randn(columns, columns, dtype=F64)
     start = start + start.T
     out = start.clone()
-    accumulators._add_upper_gram(out, x)
+    accumulators.add_upper_gram(out, x)
     expected = start + x.T @ x
     assert_close(out.triu(), expected.triu())
-    mirrored = accumulators._mirror_upper(out)
+    mirrored = accumulators.mirror_upper(out)
     assert mirrored is out and torch.equal(out, out.T)
     assert_close(out, expected)
 

@@ -270,3 +270,99 @@ def test_half_precision_models_accumulate_in_float32(dtype):
         probs.double(), reference(X[:4].double()), rtol=2e-2, atol=2e-3
     )
     assert torch.isfinite(half.log_marginal_likelihood())
+
+
+class _Route(torch.autograd.Function):
+    """``cat([u, v], 1)`` whose backward gives no gradient (``None``) to an input
+    whose share of the output gradient is all zero, as some autograd functions do."""
+
+    @staticmethod
+    def forward(ctx, u, v):
+        ctx.split = u.shape[1]
+        return torch.cat([u, v], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad[:, : ctx.split], grad[:, ctx.split :]
+        return tuple(part if bool(part.any()) else None for part in parts)
+
+
+class _Heads(nn.Module):
+    """A body and two regression heads, one behind a diagonal-block LayerNorm."""
+
+    def __init__(self, route: bool) -> None:
+        super().__init__()
+        self.route = route
+        self.body = nn.Linear(4, 5)
+        self.first = nn.Linear(5, 2)
+        self.norm = nn.LayerNorm(5)
+        self.second = nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        u, v = self.first(h), self.second(self.norm(h))
+        return _Route.apply(u, v) if self.route else torch.cat([u, v], dim=1)
+
+
+def test_a_pass_that_does_not_reach_a_layer_adds_zero_to_fit_and_predictive():
+    """Regression's backward passes are one-hot: pass k reaches only head k's layers.
+
+    Where autograd hands those layers no gradient at all (``_Route``), the fit and
+    the GLM predictive equal those of the same model handing them zeros
+    (``torch.cat``), and the predictive equals the dense-Jacobian one.
+    """
+    from laplace import Laplace
+
+    torch.manual_seed(0)
+    X = torch.randn(12, 4, dtype=torch.float64)
+    y = torch.randn(12, 3, dtype=torch.float64)
+    routed = _Heads(route=True).double()
+    plain = _Heads(route=False).double()
+    plain.load_state_dict(routed.state_dict())
+    results = []
+    for model in (routed, plain):
+        la = Laplace(model, "regression", "all", hessian_structure="ekfac")
+        la.fit(loader(X, y, 4))
+        results.append((la, la._glm_predictive_distribution(X[:5], joint=True)))
+    (la, (mean, cov)), (plain_la, (plain_mean, plain_cov)) = results
+    assert_close(
+        la.posterior_precision.to_matrix(), plain_la.posterior_precision.to_matrix()
+    )
+    assert_close(mean, plain_mean)
+    assert_close(cov, plain_cov)
+    # The dense reference: J P⁻¹ Jᵀ from every output's gradient (None: zero).
+    params = list(routed.parameters())
+    f = routed(X[:5])
+    rows = []
+    for output in f.flatten():
+        grads = torch.autograd.grad(
+            output, params, retain_graph=True, allow_unused=True
+        )
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for p, g in zip(params, grads)
+                ]
+            )
+        )
+    J = torch.stack(rows)
+    precision = la.posterior_precision.to_matrix()
+    assert_close(cov, J @ torch.linalg.solve(precision, J.T))
+
+
+def test_a_layer_that_no_backward_pass_reaches_is_refused():
+    class _Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.unused(x)  # runs, but the outputs do not depend on it
+            return self.used(torch.tanh(x))
+
+    model = _Unused()
+    X, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    with pytest.raises(ValueError, match=r"reaches layer\(s\) \['unused'\]"):
+        fit_factors(model, list(model.parameters()), X, y, "classification")
