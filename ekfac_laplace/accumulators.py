@@ -227,7 +227,9 @@ def _gram(
         kept: The indices of the unmasked rows among the ``B·S``.
 
     Returns:
-        ``out`` with the Gram matrix added, or the Gram matrix.
+        ``out`` with the Gram matrix added, or a new sum: exact on and above the
+        diagonal (rows in memory order are summed by :func:`add_upper_gram`), to be
+        read through :func:`mirror_upper`.
     """
     if x.shape[1] > 1 and x.stride(-1) != 1:
         if mask is not None:
@@ -254,10 +256,11 @@ def add_upper_gram(out: Tensor, x: Tensor) -> None:
 
     A Gram matrix is symmetric, so only its upper triangle needs computing: the
     columns are halved recursively, each diagonal block recursing and the block
-    right of it one product, down to :data:`GRAM_LEAF_COLUMNS`. That is about ``½``
-    the multiply-adds of one ``xᵀ x``; measured on two CPU threads, ``0.9×`` the
-    time at ``d = 256``, ``0.7×`` at 768 and ``0.62×`` at 3072. The blocks below the
-    diagonal are never written; :func:`mirror_upper` restores them.
+    right of it one product, down to :data:`GRAM_LEAF_COLUMNS`: ``¾`` of the
+    multiply-adds of one ``xᵀ x`` at ``d = 256``, towards ``½`` for wider ones.
+    Measured on two CPU threads: ``0.9×`` the time at ``d = 256``, ``0.7×`` at 768
+    and ``0.62×`` at 3072. The blocks below the diagonal are never written;
+    :func:`mirror_upper` restores them.
 
     Args:
         out: The running sum, ``(d, d)``; updated in place.

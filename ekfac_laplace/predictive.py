@@ -188,7 +188,7 @@ class _LayerTerms:
         precision: The posterior precision.
         a: Its inputs, ``(B, S, in)``.
         passes: The number ``K`` of backward passes (it decides the order of the
-            weight's rotations, see :func:`_rotated_jacobian`).
+            weight's rotations, see :func:`_rotate_positions`).
     """
 
     def __init__(
@@ -200,7 +200,9 @@ class _LayerTerms:
     ) -> None:
         self.layer, self.precision, self.a, self.passes = layer, precision, a, passes
         self.pieces: dict[str, dict[int, Tensor]] = {}  # per kind, per pass
-        self._weight = None  # (q_g, q_a, inverse) per group, and the rotated inputs
+        # The weight's Q_G, Q_A (None at one position), S, the inputs as the
+        # rotation needs them (rotated where already due) and the order.
+        self._weight: tuple[Tensor, Tensor | None, Tensor, Tensor, bool] | None = None
         if layer.weight_index is not None:
             q_g, q_a, inverse = layer.factor_block(
                 precision.eigenvectors[layer.weight_index],
