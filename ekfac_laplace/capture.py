@@ -99,7 +99,7 @@ class ForwardCapture:
 
     * for each Kronecker layer, its input (detached) in :attr:`inputs` and its output
       with the output's version counter in :attr:`outputs` (an in-place change after
-      the layer bumps the version);
+      the layer bumps the version; the output ``None`` without ``keep_outputs``);
     * for each diagonal module (``diagonal=True``), its call in :attr:`calls`;
 
     and it registers a hook on each output that keeps the gradient arriving there in
@@ -120,6 +120,11 @@ class ForwardCapture:
             expanded to ``batch`` rows, so that each example's output gradient is
             captured.
         batch_dims: Module name to its batch dimension, where known and not 0.
+        keep_outputs: Hold each layer's output tensor after the forward pass (the
+            fit back-propagates to it). With ``False`` only its version is kept,
+            and the tensor is left to autograd, which frees an output no backward
+            function needs (a LoRA adapter's ``(B, T, out)`` product): the GLM
+            predictive, which back-propagates to parameters, keeps none.
 
     Raises:
         ReusedModuleError: (during the forward pass) if a module runs twice.
@@ -133,13 +138,15 @@ class ForwardCapture:
         diagonal: bool = True,
         batch: int | None = None,
         batch_dims: dict[str, int] | None = None,
+        keep_outputs: bool = True,
     ) -> None:
         self.layout = layout
+        self.keep_outputs = keep_outputs
         self.diagonal = diagonal
         self.batch = batch
         self.batch_dims: dict[str, int] = dict(batch_dims or {})
         self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, tuple[Tensor, int]] = {}
+        self.outputs: dict[str, tuple[Tensor | None, int]] = {}
         self.calls: dict[str, ModuleCall] = {}
         self._gradients: dict[str, list[Tensor]] = {}
         self._leaf_gradients: dict[str, dict[int, list[Tensor]]] = {}
@@ -425,6 +432,8 @@ class ForwardCapture:
         self.changed_by_hooks[name] = (
             output is not raw or tensor_version(raw) != version
         )
+        if not self.keep_outputs:
+            self.outputs[name] = (None, version)
 
     def _diagonal_starts(
         self,
@@ -541,7 +550,8 @@ class ForwardCapture:
         projection.inputs.append(_batch_first(input, length, batch).detach())
         projection.rows.append(rows)
         projection.gradients.append([])
-        self.outputs[layer.name] = (output, tensor_version(output))
+        kept = output if self.keep_outputs else None
+        self.outputs[layer.name] = (kept, tensor_version(output))
         if output.requires_grad:
 
             def store(gradient: Tensor | None) -> None:

@@ -98,7 +98,12 @@ def glm_predictive_variance(
     )
     if batch is None and isinstance(X, Tensor):
         batch = X.shape[0]
-    capture = ForwardCapture(layout, batch=batch, batch_dims=batch_dims)
+    # Back-propagating to parameters, the predictive needs no output tensor: left to
+    # autograd, the outputs no backward function saves are freed after the forward
+    # pass (a 12-layer GPT-2's LoRA products, (B, T, out) each).
+    capture = ForwardCapture(
+        layout, batch=batch, batch_dims=batch_dims, keep_outputs=False
+    )
     with capture:
         f = model(X)
     tokens = f.shape[1:] if f.ndim == 3 else None

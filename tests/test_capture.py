@@ -86,6 +86,27 @@ def test_outputs_without_grad_get_no_gradient_hook():
     assert not out.requires_grad and capture.take_gradients("") == []
 
 
+def test_a_capture_without_outputs_leaves_them_to_autograd():
+    """``keep_outputs=False`` (the GLM predictive) holds no output tensor: one that
+    no backward function saves (here scaled by a constant) is freed after the
+    forward pass, and its gradient still arrives."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    layout = ParameterLayout(model, list(model[2].parameters()))
+    outputs = []
+    model[2].register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
+    for keep in (True, False):
+        outputs.clear()
+        with ForwardCapture(layout, keep_outputs=keep) as capture:
+            f = 2.0 * model(torch.randn(5, 3))
+        assert (outputs[0]() is not None) is keep
+        assert (capture.outputs["2"][0] is not None) is keep
+        torch.autograd.grad(f.sum(), [model[2].weight])
+        (gradient,) = capture.take_gradients("2")
+        torch.testing.assert_close(gradient, torch.full((5, 2), 2.0))
+
+
 def test_a_capture_does_not_outlive_its_forward_pass():
     """The hooks on the outputs live in autograd's graph: they must not keep the
     capture (and through it the batch's graph) alive once the caller drops it."""
