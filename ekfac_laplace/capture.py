@@ -159,6 +159,12 @@ class ForwardCapture:
         #: Kronecker layer name to whether a forward hook of the user's replaced
         #: (or changed in place) the output its ``forward`` returned.
         self.changed_by_hooks: dict[str, bool] = {}
+        #: Where set, called with ``(name, gradient)`` (batch first) for a Kronecker
+        #: layer's output gradient as autograd computes it, instead of keeping it
+        #: for :meth:`take_gradients`: the caller reduces it during the backward pass
+        #: and autograd frees it. Not for attention projections (their calls are
+        #: assembled after the pass).
+        self.receiver: Callable[[str, Tensor], None] | None = None
 
     def __enter__(self) -> ForwardCapture:
         attentions: dict[int, nn.MultiheadAttention] = {}
@@ -407,7 +413,12 @@ class ForwardCapture:
     # the module, as if the hook had not fired.
 
     def _store_gradient(self, name: str, gradient: Tensor | None) -> None:
-        if gradient is not None:
+        if gradient is None:
+            return
+        if self.receiver is not None:
+            dim = self.batch_dims.get(name, 0)
+            self.receiver(name, gradient.detach().movedim(dim, 0))
+        else:
             self._gradients.setdefault(name, []).append(gradient.detach())
 
     def _store_leaf(self, name: str, leaf: int, gradient: Tensor | None) -> None:

@@ -107,6 +107,25 @@ def test_a_capture_without_outputs_leaves_them_to_autograd():
         torch.testing.assert_close(gradient, torch.full((5, 2), 2.0))
 
 
+def test_a_receiver_gets_each_gradient_batch_first_and_the_capture_keeps_none():
+    """With :attr:`ForwardCapture.receiver` set, a layer's output gradient goes to
+    it as autograd computes it, batch first, and nothing is kept to take later."""
+    model = nn.Linear(3, 2)
+    layout = ParameterLayout(model, list(model.parameters()))
+    X = torch.randn(4, 5, 3)  # sequence first: (T, B, d), batch in dimension 1
+    with ForwardCapture(layout, batch_dims={"": 1}) as capture:
+        f = model(X)
+    received = []
+    capture.receiver = lambda name, gradient: received.append((name, gradient))
+    torch.autograd.grad((f * torch.arange(5.0)[:, None]).sum(), [model.weight])
+    ((name, gradient),) = received
+    assert name == ""
+    torch.testing.assert_close(
+        gradient, torch.arange(5.0)[:, None, None].expand(5, 4, 2)
+    )
+    assert capture.take_gradients("") == []
+
+
 def test_a_capture_does_not_outlive_its_forward_pass():
     """The hooks on the outputs live in autograd's graph: they must not keep the
     capture (and through it the batch's graph) alive once the caller drops it."""

@@ -149,6 +149,27 @@ def test_a_kronecker_layer_that_does_not_run_is_refused_at_fit():
         _fitted(model, "classification", X, y)
 
 
+def test_a_layer_with_two_gradients_in_one_pass_is_refused(monkeypatch):
+    """Each layer runs once per forward pass (a second call is refused there), so
+    its output gradient arrives once per backward pass. Should a second arrive (two
+    hooks on one output, simulated here), the predictive refuses it by name."""
+    from ekfac_laplace.capture import ForwardCapture
+    from ekfac_laplace.diagonal import CaptureError
+
+    case = CASES[0]
+    model, X, y = case.make()
+    la = _fitted(model, case.likelihood, X, y)
+    watch = ForwardCapture._watch
+
+    def twice(self, name, output):
+        watch(self, name, output)
+        watch(self, name, output)
+
+    monkeypatch.setattr(ForwardCapture, "_watch", twice)
+    with pytest.raises(CaptureError, match="received 2 gradients in one backward"):
+        glm_predictive_variance(model, la.params, la.posterior_precision, X[:3])
+
+
 @pytest.mark.parametrize(
     ("positions", "out", "width"),
     [(40, 3, 5), (40, 5, 3), (2, 6, 6)],  # summed first (LoRA-like), rotated first
