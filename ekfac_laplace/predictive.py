@@ -135,27 +135,30 @@ def glm_predictive_variance(
             )
         terms[name].add(gradient, current["pass"])
 
-    capture.receiver = reduce
     diagonal_passes: dict[str, dict[int, Any]] = {}
-    for c in range(K):
-        arrived.clear()
-        current["pass"] = c
-        torch.autograd.grad(
-            f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
-        )
-        for layer in layout.layers:  # the attention projections, assembled now
-            for gradient in capture.take_gradients(layer.name):
-                reduce(layer.name, gradient)
-        for name, count in arrived.items():
-            if count > 1:
-                raise CaptureError(
-                    f"Layer '{name}' received {count} gradients in one backward "
-                    "pass; the Jacobian-free GLM predictive needs each layer of the "
-                    "posterior to run once per forward pass."
-                )
-        for entry in layout.diagonal_modules:
-            for gradients in capture.take_gradients(entry.name):  # at most one
-                diagonal_passes.setdefault(entry.name, {})[c] = gradients
+    capture.receiver = reduce
+    try:
+        for c in range(K):
+            arrived.clear()
+            current["pass"] = c
+            torch.autograd.grad(
+                f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
+            )
+            for layer in layout.layers:  # the attention projections, assembled now
+                for gradient in capture.take_gradients(layer.name):
+                    reduce(layer.name, gradient)
+            for name, count in arrived.items():
+                if count > 1:
+                    raise CaptureError(
+                        f"Layer '{name}' received {count} gradients in one "
+                        "backward pass; the Jacobian-free GLM predictive needs each "
+                        "layer of the posterior to run once per forward pass."
+                    )
+            for entry in layout.diagonal_modules:
+                for gradients in capture.take_gradients(entry.name):  # at most one
+                    diagonal_passes.setdefault(entry.name, {})[c] = gradients
+    finally:  # the receiver holds the capture: leave no cycle for the collector
+        capture.receiver = None
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
     for layer_terms in terms.values():
         variance = variance + layer_terms.variance(joint)
@@ -189,10 +192,11 @@ def _empty(f: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
 class _LayerTerms:
     """One layer's share of the covariance, one backward pass (output ``c``) at a time.
 
-    Each pass's output Jacobians are reduced at once to what the covariance needs,
-    and released: no more than one pass's raw gradients of a layer are held (a
-    12-layer GPT-2's LoRA layers at 512 tokens held every pass's, 14.8 GiB for 8
-    sequences). Per pass ``c`` it keeps
+    Each pass's output Jacobian is reduced as autograd computes it to what the
+    covariance needs, and released: no raw gradient outlives its layer's step of the
+    backward pass (a 12-layer GPT-2's LoRA layers at 512 tokens held every pass's,
+    14.8 GiB for 8 sequences; then one pass's, 10.6 GiB; now 8.9). Per pass ``c``
+    it keeps
 
     * the rotated per-example Jacobian of the weight, ``J̃_{n,c} = Q_Gᵀ (Σ_s g_{n,c,s}
       a_{n,s}ᵀ) Q_A`` (per group for a grouped layer; at one position only

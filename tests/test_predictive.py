@@ -149,6 +149,34 @@ def test_a_kronecker_layer_that_does_not_run_is_refused_at_fit():
         _fitted(model, "classification", X, y)
 
 
+def test_the_predictive_leaves_nothing_for_the_garbage_collector(monkeypatch):
+    """The capture's receiver (a closure that holds the capture) is cleared when
+    the passes end, so that a call's capture, inputs and terms are freed by
+    reference counting when it returns, not at the collector's next run."""
+    import gc
+    import weakref
+
+    from ekfac_laplace.capture import ForwardCapture
+
+    case = CASES[0]
+    model, X, y = case.make()
+    la = _fitted(model, case.likelihood, X, y)
+    captures = []
+    enter = ForwardCapture.__enter__
+
+    def recorded(self):
+        captures.append(weakref.ref(self))
+        return enter(self)
+
+    monkeypatch.setattr(ForwardCapture, "__enter__", recorded)
+    gc.disable()
+    try:
+        glm_predictive_variance(model, la.params, la.posterior_precision, X[:3])
+        assert len(captures) == 1 and captures[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_a_layer_with_two_gradients_in_one_pass_is_refused(monkeypatch):
     """Each layer runs once per forward pass (a second call is refused there), so
     its output gradient arrives once per backward pass. Should a second arrive (two
