@@ -135,6 +135,32 @@ def test_quick_scaling_benchmark_writes_every_axis_phase_and_plot(tmp_path):
     assert markdown.count("fit / (floor + products)") == 1
 
 
+def test_quick_token_rates_count_the_products_flops(tmp_path):
+    """Plumbing and the flop counts (``B T d²`` products over the data set)."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARK.parent))
+    spec = importlib.util.spec_from_file_location(
+        "token_rates", BENCHMARK.parent / "token_rates.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    arguments = ["--quick", "--tokens", "4", "8", "--threads", "1"]
+    assert module.main([*arguments, "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "token_rates_quick.json").read_text())
+    assert payload["peak_gflops"] > 0
+    for row in payload["rows"]:
+        unit = 2 * 2 * 8 * row["tokens"] * 8**2  # 2 batches of 8, d = 8
+        assert row["grams"]["flops"] == 10 * unit  # one leaf: the whole Gram
+        assert row["rotations"]["flops"] == 10 * unit
+        assert row["per_example"]["flops"] == 9 * unit
+        assert row["floor_s"] > 0
+    assert (
+        "bound: (floor + products at peak) / floor"
+        in (tmp_path / "token_rates_quick.md").read_text()
+    )
+
+
 def test_quick_fidelity_benchmark_writes_every_structure(tmp_path, capsys):
     """Plumbing only (128 images, one epoch): every structure is scored; the
     exact blocks come closer to the full Laplace than EKFAC even here."""
