@@ -177,6 +177,29 @@ def test_the_predictive_leaves_nothing_for_the_garbage_collector(monkeypatch):
         gc.enable()
 
 
+def test_a_refusal_inside_the_backward_pass_reaches_the_fallback(monkeypatch):
+    """Each layer's gradient is reduced inside autograd's backward pass: a
+    CaptureError raised there reaches the caller as itself, and laplace-torch's
+    dense path answers instead."""
+    import ekfac_laplace.predictive as predictive
+    from ekfac_laplace.diagonal import CaptureError
+
+    case = CASES[0]
+    model, X, y = case.make()
+    la = _fitted(model, case.likelihood, X, y)
+    dense_mu, dense_var = la._dense_glm_predictive_distribution(X[:3], False, False)
+
+    def refuse(self, gradient, c):
+        raise CaptureError("refused while reducing")
+
+    monkeypatch.setattr(predictive._LayerTerms, "add", refuse)
+    with pytest.raises(CaptureError, match="refused while reducing"):
+        glm_predictive_variance(model, la.params, la.posterior_precision, X[:3])
+    mu, var = la._glm_predictive_distribution(X[:3])
+    assert_close(mu, dense_mu)
+    assert_close(var, dense_var)
+
+
 def test_a_layer_with_two_gradients_in_one_pass_is_refused(monkeypatch):
     """Each layer runs once per forward pass (a second call is refused there), so
     its output gradient arrives once per backward pass. Should a second arrive (two
