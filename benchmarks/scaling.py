@@ -101,7 +101,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ekfac_laplace  # noqa: F401  (registers hessian_structure="ekfac")
-from ekfac_laplace.accumulators import add_upper_gram
+from ekfac_laplace.accumulators import GRAM_LEAF_COLUMNS, add_upper_gram
 from ekfac_laplace.evaluation.memory import PeakMemory  # noqa: F401  (before gc.freeze)
 
 if str(Path(__file__).resolve().parent) not in sys.path:
@@ -302,18 +302,10 @@ def token_products(
 ) -> Callable[[], None]:
     """The bare matrix products of an exact EKFAC fit of a token-level layer.
 
-    Per batch of ``B`` sequences of ``T`` tokens, for ``Linear(d, d)`` and ``K``
-    backward passes (``C − 1`` for the exact GGN of ``C`` classes), plain torch
-    calls on tensors made beforehand: the Gram matrices ``A`` (``B T d²``
-    multiply-adds) and ``G`` (``K B T d²``), their upper triangles as the engine
-    sums them (:func:`~ekfac_laplace.accumulators.add_upper_gram`), the rotation
-    of the inputs (``B T d²``) and, per pass, the rotated per-example gradients
-    ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` (the cheaper order: the gradients rotated first
-    for ``T < d``, ``K · 2 B T d²``; the product rotated after otherwise) squared
-    and summed; then the two ``d × d`` eigendecompositions. This is the arithmetic
-    any exact implementation does beyond the forward and backward passes (about
-    ``3K + 2`` times the forward pass's), so ``fit − floor − products`` is what
-    the engine adds around it.
+    The three groups of :func:`token_product_groups`, then the two ``d × d``
+    eigendecompositions. This is the arithmetic any exact implementation does
+    beyond the forward and backward passes (about ``3K + 2`` times the forward
+    pass's), so ``fit − floor − products`` is what the engine adds around it.
 
     Args:
         batch: ``B``.
@@ -325,29 +317,91 @@ def token_products(
     Returns:
         A call that runs them once over the data set.
     """
+    groups = token_product_groups(batch, tokens, width, passes, batches)
+    rows = torch.randn(
+        batch * tokens, width, generator=torch.Generator().manual_seed(1)
+    )
+    factor = rows.T @ rows  # whole, as the engine mirrors its sums before eigh
+
+    def run() -> None:
+        for action, _ in groups.values():
+            action()
+        for _ in range(2):
+            torch.linalg.eigh(factor)
+
+    return run
+
+
+def token_product_groups(
+    batch: int, tokens: int, width: int, passes: int, batches: int
+) -> dict[str, tuple[Callable[[], None], float]]:
+    """The products of :func:`token_products` in three groups, with their flops.
+
+    Per batch of ``B`` sequences of ``T`` tokens, for ``Linear(d, d)`` and ``K``
+    backward passes (``C − 1`` for the exact GGN of ``C`` classes), plain torch
+    calls on tensors made beforehand:
+
+    * ``grams``: the Gram matrices ``A`` (``B T d²`` multiply-adds) and ``G``
+      (``K B T d²``), their upper triangles as the engine sums them
+      (:func:`~ekfac_laplace.accumulators.add_upper_gram`: ``¾`` of that at
+      ``d = 256``);
+    * ``rotations``: the inputs into the eigenbasis (``B T d²``) and, for
+      ``T < d``, the ``K`` gradients too (``K B T d²``);
+    * ``per_example``: per pass, the rotated per-example gradients
+      ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A`` squared and summed, in the cheaper order: from
+      the rotated gradients for ``T < d`` (``K B T d²``), else the product
+      rotated after (``K B (T d² + d³)``).
+
+    Args:
+        batch: ``B``.
+        tokens: ``T``.
+        width: ``d``.
+        passes: ``K``.
+        batches: Batches in the data set.
+
+    Returns:
+        Group name to a call that runs it once over the data set, and its flops.
+    """
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(batch, tokens, width, generator=generator)
     gradients = torch.randn(passes, batch, tokens, width, generator=generator)
     basis = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+    rotate_first = tokens < width
+    rotated_inputs = inputs @ basis
+    ready = [g @ basis for g in gradients] if rotate_first else list(gradients)
 
-    def run() -> None:
+    def grams() -> None:
         factors = [inputs.new_zeros(width, width) for _ in range(2)]
-        squares = inputs.new_zeros(width, width)
         for _ in range(batches):
             add_upper_gram(factors[0], inputs.reshape(-1, width))
             for g in gradients:
                 add_upper_gram(factors[1], g.reshape(-1, width))
-            rotated = inputs @ basis
-            for g in gradients:
-                if tokens < width:
-                    product = torch.bmm((g @ basis).transpose(1, 2), rotated)
-                else:
-                    product = basis.T @ torch.bmm(g.transpose(1, 2), rotated)
-                squares += product.square_().sum(0)
-        for factor in factors:
-            torch.linalg.eigh(factor)
 
-    return run
+    def rotations() -> None:
+        for _ in range(batches):
+            inputs @ basis
+            if rotate_first:
+                for g in gradients:
+                    g @ basis
+
+    def per_example() -> None:
+        squares = inputs.new_zeros(width, width)
+        for _ in range(batches):
+            for g in ready:
+                product = torch.bmm(g.transpose(1, 2), rotated_inputs)
+                if not rotate_first:
+                    product = basis.T @ product
+                squares += product.square_().sum(0)
+
+    unit = 2 * batches * batch * tokens * width**2  # flops of one B T d² product
+    leaves = max(1, -(-width // GRAM_LEAF_COLUMNS))  # halved down to the leaves
+    upper = (leaves + 1) / (2 * leaves)
+    after = 0 if rotate_first else 2 * batches * batch * width**3
+    return {
+        "grams": (grams, upper * (1 + passes) * unit),
+        "rotations": (rotations, (1 + (passes if rotate_first else 0)) * unit),
+        "per_example": (per_example, passes * (unit + after)),
+    }
 
 
 AXES: dict[str, Axis] = {

@@ -3,18 +3,10 @@
 The scaling benchmark's ``tokens`` axis times the bare products of an exact EKFAC
 fit of ``Linear(d, d)`` on every token (:func:`scaling.token_products`) beside the
 fit's floor (one forward pass and ``K`` backward passes per batch to the layer's
-output). This script splits those products into their three groups, each timed bare
-on tensors made beforehand, per batch of ``B`` sequences of ``T`` tokens over the
-data set:
-
-* ``grams``: the upper triangles of ``A`` and of ``G`` over the ``K = C − 1``
-  vectors of the exact GGN (:func:`~ekfac_laplace.accumulators.add_upper_gram`),
-  ``¾ · 2 (1 + K) B T d²`` flops at ``d = 256``;
-* ``rotations``: the inputs and the ``K`` gradients into the eigenbasis,
-  ``2 (1 + K) B T d²``;
-* ``per-example``: the ``K`` rotated per-example gradients ``Σ_t g̃_t ãₜᵀ``,
-  squared and summed, ``2 K B T d²``;
-
+output). This script times those products in their three groups
+(:func:`scaling.token_product_groups`: the Gram matrices' upper triangles, the
+rotations into the eigenbasis, the rotated per-example gradients squared and
+summed), each bare on tensors made beforehand, with their flops over the data set,
 and reports each group's rate in GFLOP/s against the rate of one ``2048 × 2048``
 matrix product (``peak``), and the *bound*: the floor plus every product at that
 peak, as a multiple of the floor. No exact EKFAC fit of the exact GGN can take less
@@ -38,16 +30,13 @@ from typing import Any
 
 import torch
 
-from ekfac_laplace.accumulators import add_upper_gram
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scaling import build_tokens, floor_pass  # noqa: E402
+from scaling import build_tokens, floor_pass, token_product_groups  # noqa: E402
 from timing import THREADS, pin_threads  # noqa: E402
 
 TOKENS = (16, 64, 128, 512)
-CLASSES = 10  # the scaling axis's head: K = C − 1 vectors of the exact GGN
 
 
 def median_seconds(action: Callable[[], Any], repeats: int) -> float:
@@ -81,45 +70,13 @@ def point(tokens: int, quick: bool, repeats: int) -> dict[str, Any]:
     """
     problem = build_tokens(tokens, quick)
     floor = median_seconds(lambda: floor_pass(problem), repeats)
-    width = problem.model[0].in_features
-    batch = problem.loader.batch_size
-    batches = len(problem.loader)
-    passes = CLASSES - 1
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(batch, tokens, width, generator=generator)
-    gradients = torch.randn(passes, batch, tokens, width, generator=generator)
-    basis = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
-    factor = torch.zeros(width, width)
-    rotated_inputs = inputs @ basis
-    rotated = [g @ basis for g in gradients]
-
-    def grams() -> None:
-        for _ in range(batches):
-            add_upper_gram(factor, inputs.reshape(-1, width))
-            for g in gradients:
-                add_upper_gram(factor, g.reshape(-1, width))
-
-    def rotations() -> None:
-        for _ in range(batches):
-            inputs @ basis
-            for g in gradients:
-                g @ basis
-
-    def per_example() -> None:
-        squares = torch.zeros(width, width)
-        for _ in range(batches):
-            for g in rotated:
-                squares += torch.bmm(g.transpose(1, 2), rotated_inputs).square_().sum(0)
-
-    unit = 2 * batches * batch * tokens * width**2  # flops of one B T d² product
-    # The upper triangle by halving down to 128 columns: (1 + 2 + … ) blocks.
-    leaves = max(1, -(-width // 128))
-    upper = (leaves + 1) / (2 * leaves)
-    groups = {
-        "grams": (grams, upper * (1 + passes) * unit),
-        "rotations": (rotations, (1 + passes) * unit),
-        "per_example": (per_example, passes * unit),
-    }
+    groups = token_product_groups(
+        problem.loader.batch_size,
+        tokens,
+        problem.model[0].in_features,
+        problem.classes - 1,  # the K = C − 1 vectors of the exact GGN
+        len(problem.loader),
+    )
     row: dict[str, Any] = {"tokens": tokens, "floor_s": floor}
     for name, (action, flops) in groups.items():
         row[name] = {"seconds": median_seconds(action, repeats), "flops": flops}

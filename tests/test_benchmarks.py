@@ -152,8 +152,12 @@ def test_quick_token_rates_count_the_products_flops(tmp_path):
     for row in payload["rows"]:
         unit = 2 * 2 * 8 * row["tokens"] * 8**2  # 2 batches of 8, d = 8
         assert row["grams"]["flops"] == 10 * unit  # one leaf: the whole Gram
-        assert row["rotations"]["flops"] == 10 * unit
-        assert row["per_example"]["flops"] == 9 * unit
+        if row["tokens"] < 8:  # the gradients rotated first
+            assert row["rotations"]["flops"] == 10 * unit
+            assert row["per_example"]["flops"] == 9 * unit
+        else:  # the per-example product rotated after: + 2 B d³ per pass, batch
+            assert row["rotations"]["flops"] == unit
+            assert row["per_example"]["flops"] == 9 * (unit + 2 * 2 * 8 * 8**3)
         assert row["floor_s"] > 0
     assert (
         "bound: (floor + products at peak) / floor"
