@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ekfac_laplace._compat import (
@@ -479,8 +479,18 @@ class ForwardCapture:
         self.calls[name] = ModuleCall.of(
             name, module, args, kwargs, output, self.batch, dim, pre_hooked
         )
-        for leaf_index, leaf in enumerate(tree_flatten(output)[0]):
-            if isinstance(leaf, Tensor) and leaf.requires_grad:
+        leaves, spec = tree_flatten(output)
+        if sum(_differentiable(leaf) for leaf in leaves) > 1:
+            # An output the module also computes another output from (a router's
+            # logits beside the softmax of them): the gradient arriving at that
+            # tensor would include the module's own use of it. An alias per output
+            # receives only what the caller's uses send back.
+            leaves = [
+                leaf.view_as(leaf) if _differentiable(leaf) else leaf for leaf in leaves
+            ]
+            replaced = tree_unflatten(leaves, spec)
+        for leaf_index, leaf in enumerate(leaves):
+            if _differentiable(leaf):
                 leaf.register_hook(_weak_hook(self, "_store_leaf", name, leaf_index))
         return replaced
 
@@ -589,6 +599,10 @@ def _weak_hook(capture: ForwardCapture, method: str, *args: Any) -> Any:
             getattr(alive, method)(*args, gradient)
 
     return hook
+
+
+def _differentiable(leaf: Any) -> bool:
+    return isinstance(leaf, Tensor) and leaf.requires_grad
 
 
 def _only_row(gradient: Tensor, dim: int, batch: int, example: int) -> bool:

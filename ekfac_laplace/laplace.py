@@ -17,7 +17,7 @@ from laplace.curvature import CurvatureInterface
 from laplace.lllaplace import LLLaplace
 from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import vector_to_parameters
 from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ from ekfac_laplace.posterior import (
     check_positive_scalar,
     check_prior_precision,
     parameters_kept,
+    parameters_vector,
 )
 from ekfac_laplace.predictive import glm_predictive_variance
 from ekfac_laplace.state import checked_state, restored_on_failure
@@ -431,7 +432,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
         return [p for p in self._last_layer().parameters() if p.requires_grad]
 
     def _mean_vector(self) -> Tensor:
-        return parameters_to_vector(self._last_layer().parameters())
+        return parameters_vector(self._last_layer().parameters())
 
     def _last_layer(self) -> nn.Module:
         """The last layer; before a fit without ``last_layer_name`` it is unknown."""

@@ -30,7 +30,7 @@ import torch
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from laplace.utils.enums import Likelihood, PriorStructure
 from torch import Tensor, nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import vector_to_parameters
 from torch.utils.data import DataLoader
 
 from ekfac_laplace._compat import (
@@ -79,6 +79,22 @@ def parameters_kept(params: Iterable[Tensor]) -> Iterator[None]:
     finally:
         for param, original in zip(params, originals):
             param.data = original
+
+
+def parameters_vector(params: Iterable[Tensor]) -> Tensor:
+    """The parameters flattened in row-major order and concatenated.
+
+    ``torch.nn.utils.parameters_to_vector`` takes a ``view`` of each parameter,
+    which fails for a parameter that is not contiguous (a ``channels_last``
+    convolution's weight); a reshape gives the same order for any strides.
+
+    Args:
+        params: The parameters.
+
+    Returns:
+        Shape ``(P,)``.
+    """
+    return torch.cat([param.reshape(-1) for param in params])
 
 
 def tensor_digest(tensor: Tensor) -> str:
@@ -297,7 +313,7 @@ class EKFACPosterior(ParametricLaplace):
 
     def _mean_vector(self) -> Tensor:
         """The current values of those parameters, flattened."""
-        return parameters_to_vector(self.params)
+        return parameters_vector(self.params)
 
     def _block_sizes(self) -> list[int]:
         return [p.numel() for p in self._posterior_params()]

@@ -17,7 +17,6 @@ from ekfac_laplace.accumulators import (
     per_example_numbers,
 )
 from ekfac_laplace.diagonal import ModuleCall
-from ekfac_laplace.eigh import robust_eigenvectors, robust_eigh
 from ekfac_laplace.kinds.linear import Linear
 from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, LayerBasis
 from ekfac_laplace.options import EKFACOptions, KFACApprox
@@ -280,35 +279,3 @@ def test_diagonal_squares_sum_per_example_gradient_squares():
     per_example = vmap(grad(inner), in_dims=(None, 0, 0))(params, x, g)
     for name, total in zip(entry.param_names, squares.squares["norm"]):
         assert_close(total, per_example[name].square().sum(0))
-
-
-def test_robust_eigenvectors_refuses_non_finite_factors():
-    with pytest.raises(ValueError, match="input factor of layer 'x' is not finite"):
-        robust_eigenvectors(
-            torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "input factor of layer 'x'"
-        )
-
-
-def test_robust_eigh_takes_its_shift_off_the_eigenvalues(monkeypatch):
-    """On the fallback path (float64, then shifted) the eigenvalues are the
-    matrix's own, to float32 precision; the stack keeps one shift per matrix."""
-    torch.manual_seed(0)
-    X = torch.randn(3, 5, 4)
-    matrices = X @ X.mT  # rank 4 of 5: one zero eigenvalue each
-    expected = torch.linalg.eigvalsh(matrices.double())
-    real_eigh = torch.linalg.eigh
-    calls = []
-
-    def flaky(matrix):  # fails but for a shifted float64 matrix
-        calls.append(matrix.dtype)
-        if len(calls) < 3:
-            raise torch.linalg.LinAlgError("simulated")
-        return real_eigh(matrix)
-
-    monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    values, vectors = robust_eigh(matrices, "stack")
-    assert calls == [torch.float32, torch.float64, torch.float64]
-    assert values.dtype == vectors.dtype == torch.float32
-    torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
-    rebuilt = (vectors * values.unsqueeze(-2)) @ vectors.mT
-    torch.testing.assert_close(rebuilt, matrices, rtol=1e-4, atol=1e-4)
