@@ -69,13 +69,14 @@ LeafGradients = tuple[Tensor | None, ...]
 
 
 class ReusedModuleError(CaptureError):
-    """A module of the layout ran more than once in one forward pass."""
+    """Several calls of a module of the layout reach the outputs of one pass."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, calls: int = 2) -> None:
         super().__init__(
-            f"Module '{name}' runs more than once per forward pass (a reused or tied "
-            "layer); EKFAC cannot factorise its curvature, which would mix the uses. "
-            "Use a separate module per use, or freeze it with requires_grad_(False)."
+            f"Module '{name}' runs {calls} times per forward pass and each of "
+            "these calls reaches the outputs (a reused or tied layer): its gradient "
+            "mixes the uses, and EKFAC cannot factorise its curvature. Use a "
+            "separate module per use, or freeze it with requires_grad_(False)."
         )
 
 
@@ -156,6 +157,10 @@ class ForwardCapture:
         self._restore_linear: Callable[[], None] | None = None
         # Per diagonal module: its arguments as passed, before its pre-hooks.
         self._raw_calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        # Per module, the autograd nodes of its latest call's outputs; per module
+        # that ran more than once, every call (until settle_calls).
+        self._nodes: dict[str, list[Any]] = {}
+        self._repeated: dict[str, list[_Call]] = {}
         #: Kronecker layer name to whether a forward hook of the user's replaced
         #: (or changed in place) the output its ``forward`` returned.
         self.changed_by_hooks: dict[str, bool] = {}
@@ -400,9 +405,64 @@ class ForwardCapture:
             gradients.clear()
         return assembled
 
-    def _first_call(self, name: str) -> None:
-        if name in self.inputs or name in self.calls:
-            raise ReusedModuleError(name)
+    def _another_call(self, name: str) -> None:
+        """Before a module's call is recorded: keep the earlier one if it ran."""
+        if name in self._repeated or not (name in self.inputs or name in self.calls):
+            return
+        self._repeated[name] = [self._current_call(name)]
+
+    def _current_call(self, name: str) -> _Call:
+        """What is recorded now for ``name`` (its latest call)."""
+        return _Call(
+            self.inputs.get(name),
+            self.outputs.get(name),
+            self.calls.get(name),
+            self.changed_by_hooks.get(name, False),
+            self._nodes.get(name, []),
+        )
+
+    @property
+    def repeated_modules(self) -> list[str]:
+        """The modules of the layout that ran more than once so far.
+
+        Empty again after :meth:`settle_calls`.
+        """
+        return list(self._repeated)
+
+    def settle_calls(self, f: Tensor) -> None:
+        """Keep, for a module that ran several times, the one call that counts.
+
+        A module may run more than once in a forward pass while only one call
+        reaches the outputs: peft's DoRA applies ``lora_A`` and ``lora_B`` to an
+        identity matrix for the weight norm, which it detaches. The call whose
+        outputs are in ``f``'s autograd graph is kept (inputs, outputs, call); the
+        others add nothing to any gradient.
+
+        Args:
+            f: The outputs of the captured forward pass.
+
+        Raises:
+            ReusedModuleError: If several calls of one module reach ``f``.
+        """
+        if not self._repeated:
+            return
+        reached = _graph_nodes(f)
+        for name, calls in self._repeated.items():
+            counted = [
+                call for call in calls if any(node in reached for node in call.nodes)
+            ]
+            if len(counted) > 1:
+                raise ReusedModuleError(name, len(counted))
+            kept = counted[0] if counted else calls[-1]
+            for store, value in (
+                (self.inputs, kept.input),
+                (self.outputs, kept.outputs),
+                (self.calls, kept.call),
+            ):
+                if value is not None:
+                    store[name] = value
+            self.changed_by_hooks[name] = kept.changed
+        self._repeated.clear()
 
     def _watch(self, name: str, output: Tensor) -> None:
         if output.requires_grad:
@@ -430,10 +490,13 @@ class ForwardCapture:
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor
     ) -> None:
         """First of the forward hooks: the input and output of ``forward``."""
-        self._first_call(name)
+        self._another_call(name)
         self.inputs[name] = args[0].detach()
         self.outputs[name] = (output, tensor_version(output))
         self._watch(name, output)
+        self._nodes[name] = _nodes([output])
+        if name in self._repeated:
+            self._repeated[name].append(self._current_call(name))
 
     def _layer_output_seen(
         self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
@@ -445,6 +508,9 @@ class ForwardCapture:
         )
         if not self.keep_outputs:
             self.outputs[name] = (None, version)
+        if name in self._repeated:
+            self._repeated[name][-1].outputs = self.outputs[name]
+            self._repeated[name][-1].changed = self.changed_by_hooks[name]
 
     def _diagonal_starts(
         self,
@@ -466,7 +532,7 @@ class ForwardCapture:
         output: Any,
     ) -> Tensor | None:
         """First of the forward hooks: the call, with the raw arguments."""
-        self._first_call(name)
+        self._another_call(name)
         args, kwargs = self._raw_calls.pop(name, (args, kwargs))
         replaced = None
         if isinstance(output, Tensor) and self._shared(output):
@@ -492,6 +558,9 @@ class ForwardCapture:
         for leaf_index, leaf in enumerate(leaves):
             if _differentiable(leaf):
                 leaf.register_hook(_weak_hook(self, "_store_leaf", name, leaf_index))
+        self._nodes[name] = _nodes(leaves)
+        if name in self._repeated:
+            self._repeated[name].append(self._current_call(name))
         return replaced
 
     def _shared(self, output: Tensor) -> bool:
@@ -599,6 +668,39 @@ def _weak_hook(capture: ForwardCapture, method: str, *args: Any) -> Any:
             getattr(alive, method)(*args, gradient)
 
     return hook
+
+
+@dataclass
+class _Call:
+    """One call of a module that ran several times in a forward pass."""
+
+    input: Tensor | None
+    outputs: tuple[Tensor | None, int] | None
+    call: ModuleCall | None
+    changed: bool
+    nodes: list[Any]  # the autograd nodes of its outputs
+
+
+def _nodes(outputs: list[Any]) -> list[Any]:
+    """The autograd nodes that produced the differentiable ``outputs``."""
+    return [
+        leaf.grad_fn
+        for leaf in outputs
+        if _differentiable(leaf) and leaf.grad_fn is not None
+    ]
+
+
+def _graph_nodes(f: Tensor) -> set[Any]:
+    """Every autograd node that ``f`` depends on (its graph, walked once)."""
+    seen: set[Any] = set()
+    stack = [f.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return seen
 
 
 def _differentiable(leaf: Any) -> bool:

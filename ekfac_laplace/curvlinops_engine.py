@@ -83,8 +83,8 @@ def check_first_batch(
         batches: The training batches.
 
     Raises:
-        ReusedModuleError: If a module of the layout runs twice.
-        ValueError: If a layer sees more rows than the batch has examples:
+        ValueError: If a module of the layout runs twice, or a layer sees more
+            rows than the batch has examples:
             curvlinops would take every row for an example.
     """
     X, _ = batches.first()
@@ -96,6 +96,14 @@ def check_first_batch(
             f"engine='curvlinops' needs outputs of shape (batch, outputs), got "
             f"{tuple(f.shape)}; use engine='fast' (the default), which takes "
             "token-level outputs."
+        )
+    for name in capture.repeated_modules:
+        raise ValueError(
+            f"Module '{name}' runs more than once per forward pass; curvlinops "
+            "adds every call to its Kronecker factors. Use engine='fast' (the "
+            "default), which keeps the one call that reaches the outputs (peft's "
+            "DoRA calls its adapters on an identity matrix too) and refuses a "
+            "module whose calls all do."
         )
     for name, changed in capture.changed_by_hooks.items():
         if changed:

@@ -194,6 +194,7 @@ class Sweep:
         """The forward pass with the layout's modules captured."""
         with capture:
             f = self.model(X)
+        capture.settle_calls(f)
         if f.ndim not in (2, 3):
             raise ValueError(
                 f"EKFAC needs model outputs of shape (batch, outputs) or (batch, "

@@ -387,6 +387,7 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             params,
             sum(p.numel() for p in layer.parameters()),
             n_layers,
+            mean_params=list(layer.parameters()),
         )
         with restored_on_failure(self, self.model):
             if self.model.last_layer is None:

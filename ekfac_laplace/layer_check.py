@@ -36,7 +36,7 @@ the capture sees what ``forward`` receives.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -65,6 +65,30 @@ TOLERANCES = {
     torch.float32: 1e-3,
     torch.float16: 3e-2,
     torch.bfloat16: 6e-2,
+}
+#: Smallest relative difference of the weighted sums that counts as examples
+#: influencing each other: a float64 model computing parts in float32 (LLaMA's
+#: RMSNorm) rounds the two backward passes differently by about 1e-7.
+COUPLING_TOLERANCE = 1e-4
+#: Where the terms of a rebuilt gradient cancel, its difference from autograd's is
+#: measured against this fraction of ``Σ ‖term‖`` at least: rounding in the dtype
+#: the model computes in stays below the tolerance there, and a layer that does not
+#: compute what it should still differs by far more.
+ROUNDING_FLOORS = {
+    torch.float64: 1e-5,
+    torch.float32: 0.1,
+    torch.float16: 0.5,
+    torch.bfloat16: 0.5,
+}
+#: A parameter whose gradient is below this fraction of the norm of all the
+#: posterior's gradients, by the dtype the model computes in, is zero up to
+#: rounding (a top-1 router's, whose normalised weight is always 1): its rebuilt
+#: gradient is compared against that scale, not its own.
+GLOBAL_FLOORS = {
+    torch.float64: 1e-13,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-3,
 }
 #: Seed of the random output direction ``v`` (the global generator is untouched).
 DIRECTION_SEED = 0
@@ -138,6 +162,16 @@ def checked_layout(
 def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[str, str]:
     """Check every block of ``layout`` on one batch.
 
+    Two backward passes of one forward pass: ``⟨v, f⟩`` for a random direction
+    ``v`` checks what each block rebuilds the gradient from (the layer's inputs
+    and output gradients, or the module's per-example gradients); ``Σ_n w_n ⟨v_n,
+    f_n⟩`` with random example weights ``w_n`` checks that the rows the first pass
+    gave example ``n`` come from example ``n``'s outputs alone: where examples
+    influence each other (anywhere in the batch), the same weighting of the
+    rebuilt per-example gradients differs from autograd's, with probability one.
+    A second forward pass without gradients checks that the outputs are a
+    function of the inputs.
+
     Args:
         model: The network.
         layout: Its parameter layout.
@@ -147,28 +181,49 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
         Kronecker layer name to why it fails (empty if all pass).
 
     Raises:
-        LayerCheckError: If a parameter with a diagonal block fails.
+        LayerCheckError: If a parameter with a diagonal block fails, the forward
+            pass is random, or examples influence each other.
         ValueError: If the model does not return one tensor.
     """
-    capture = ForwardCapture(layout, diagonal=True, batch=_examples(X))
+    batch = _examples(X)
+    capture = ForwardCapture(layout, diagonal=True, batch=batch)
     with torch.enable_grad():
         with capture:
             f = check_outputs(model(X))
         if not f.requires_grad:
             return {}  # no parameter of the posterior reaches the outputs
+        capture.settle_calls(f)
+        tolerance = TOLERANCES.get(f.dtype, 1e-3)
+        _check_deterministic(model, X, f, tolerance)
         capture.locate_batches(f, layout.backprop_targets(), check=False)
         generator = torch.Generator(device=f.device).manual_seed(DIRECTION_SEED)
         direction = torch.randn(
             f.shape, generator=generator, dtype=f.dtype, device=f.device
         )
+        weights = None  # per example, where examples can be told apart
+        if batch is not None and batch > 1 and f.shape[0] == batch:
+            weights = 0.5 + torch.rand(
+                batch, generator=generator, dtype=f.dtype, device=f.device
+            )
         gradients = torch.autograd.grad(
-            (f * direction).sum(), layout.params, allow_unused=True
+            (f * direction).sum(),
+            layout.params,
+            allow_unused=True,
+            retain_graph=weights is not None,
         )
-    tolerance = TOLERANCES.get(f.dtype, 1e-3)
+        weighted = None
+        if weights is not None:
+            per_example = weights.reshape(-1, *[1] * (f.ndim - 1))
+            weighted = torch.autograd.grad(
+                (f * direction * per_example).sum(), layout.params, allow_unused=True
+            )
+    floors = _global_floors(f.dtype, gradients, weighted)
     failing = {}
     for layer in layout.layers:
         capture.check_ran(layer)
-        error = _layer_error(layer, capture, gradients)
+        error, coupled = _layer_errors(
+            layer, capture, gradients, weights, weighted, floors
+        )
         if error > tolerance:
             failing[layer.name] = (
                 "does not compute y = W x + b with its parameters: its gradient on "
@@ -176,8 +231,11 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
                 f"{error:.1%} from the one rebuilt from its inputs and output "
                 f"gradients ({_suspected_causes(layer)})"
             )
+        elif coupled > max(tolerance, COUPLING_TOLERANCE):
+            raise LayerCheckError(_coupling_message(layer.name, coupled))
     for entry in layout.diagonal_modules:
-        for name, error in _diagonal_errors(entry, capture, gradients).items():
+        errors = _diagonal_errors(entry, capture, gradients, weights, weighted, floors)
+        for name, (error, coupled) in errors.items():
             if error > tolerance:
                 raise LayerCheckError(
                     f"The gradient of '{_qualified(entry.name, name)}' on the first "
@@ -190,7 +248,61 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
                     "module is exact. Use it only inside its module, or freeze it "
                     "with requires_grad_(False)."
                 )
+            if coupled > max(tolerance, COUPLING_TOLERANCE):
+                raise LayerCheckError(
+                    _coupling_message(_qualified(entry.name, name), coupled)
+                )
     return failing
+
+
+def _check_deterministic(model: nn.Module, X: Any, f: Tensor, tolerance: float) -> None:
+    """Refuse a model whose outputs on the same inputs differ between passes."""
+    if not bool(torch.isfinite(f).all()):
+        return  # NaN / Inf outputs are refused later, naming the first layer
+    with torch.no_grad():
+        again = check_outputs(model(X))
+    if again.shape == f.shape and _relative_error(again, f) <= tolerance:
+        return
+    error = _relative_error(again, f) if again.shape == f.shape else 1.0
+    raise LayerCheckError(
+        "The model's outputs on the same inputs differ between two forward passes "
+        f"(by {error:.1%} on the first batch): its forward pass is random "
+        "(dropout that ignores eval mode, such as F.dropout(x, training=True) or "
+        "Monte-Carlo dropout left on; noise or sampling in forward). A Laplace "
+        "approximation needs the network as a deterministic function of its "
+        "parameters: switch the randomness off for the fit and the predictive "
+        "(la.fit() calls model.eval(), which stops nn.Dropout)."
+    )
+
+
+def _global_floors(
+    dtype: torch.dtype, gradients: tuple[Any, ...], weighted: tuple[Any, ...] | None
+) -> tuple[float, float]:
+    """The scale of rounding in every gradient of the plain and weighted pass."""
+
+    def norm(found: tuple[Any, ...] | None) -> float:
+        present = [g.detach().double().norm() for g in found or () if g is not None]
+        return float(torch.stack(present).norm()) if present else 0.0
+
+    fraction = GLOBAL_FLOORS.get(dtype, 1e-6)
+    return fraction * norm(gradients), fraction * norm(weighted)
+
+
+def _coupling_message(name: str, error: float) -> str:
+    return (
+        f"The examples of a batch influence each other's outputs: the gradient of "
+        f"'{name}' for a loss weighted per example differs by {error:.2%} from the "
+        "same weighting of its per-example gradients (a statistic over the batch "
+        "in the forward pass, such as a batch mean or a batch norm in training "
+        "mode; attention or other mixing across the batch dimension; rows of one "
+        "example written into another's, or extra dimensions folded into the "
+        "batch so that each example's rows are not consecutive). The per-example "
+        "curvature that a Laplace approximation sums is then undefined. Make the "
+        "forward pass treat each example on its own (model.eval() for batch "
+        "norms; the batch dimension first and never mixed; fold extra dimensions "
+        "with x.reshape(batch * m, ...), which keeps each example's rows "
+        "together)."
+    )
 
 
 def _examples(X: Any) -> int | None:
@@ -203,16 +315,99 @@ def _examples(X: Any) -> int | None:
     return None
 
 
-def _layer_error(
-    layer: KroneckerLayer, capture: ForwardCapture, gradients: tuple[Any, ...]
-) -> float:
-    """The largest relative difference of the layer's rebuilt gradients."""
+def _example_weights(weights: Tensor | None, rows: int) -> Tensor | None:
+    """Per row, its example's weight (rows of one example are consecutive)."""
+    if weights is None or rows % weights.shape[0]:
+        return None
+    return weights.repeat_interleave(rows // weights.shape[0])
+
+
+#: A rebuilt gradient for row weights (``None``: all one): the tensor, and a bound
+#: on the norm of the sum it is (``Σ_rows ‖term‖``), the scale of its rounding.
+Rebuild = Callable[[Tensor | None], tuple[Tensor, float]]
+
+
+class _Errors:
+    """The largest plain and weighted differences of one module's rebuilt sums."""
+
+    def __init__(
+        self,
+        gradients: tuple[Any, ...],
+        weights: Tensor | None,
+        weighted: tuple[Any, ...] | None,
+        dtype: torch.dtype,
+        floors: tuple[float, float],
+    ) -> None:
+        self.gradients = gradients
+        self.weights = weights
+        self.weighted = weighted
+        self.floor = ROUNDING_FLOORS.get(dtype, 0.1)
+        self.floors = floors
+        self.plain: list[float] = []
+        self.coupled: list[float] = []
+
+    def compare(
+        self,
+        rebuild: Rebuild,
+        index: int,
+        rows: int,
+        layout: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Add the differences of ``rebuild`` from autograd's gradient ``index``.
+
+        Args:
+            rebuild: The rebuilt gradient for row weights.
+            index: The parameter's block index.
+            rows: The rows (examples, or ``B·m`` folded rows) it sums.
+            layout: How autograd's gradient is laid out like the rebuilt one.
+        """
+
+        def actual(found: tuple[Any, ...]) -> Tensor | None:
+            value = found[index]
+            return value if value is None or layout is None else layout(value)
+
+        rebuilt, bound = rebuild(None)
+        rounding = max(self.floor * bound, self.floors[0])
+        self.plain.append(_relative_error(rebuilt, actual(self.gradients), rounding))
+        row_weights = _example_weights(self.weights, rows)
+        if row_weights is not None and self.weighted is not None:
+            rebuilt, bound = rebuild(row_weights.to(rebuilt.dtype))
+            rounding = max(self.floor * bound, self.floors[1])
+            self.coupled.append(
+                _relative_error(rebuilt, actual(self.weighted), rounding)
+            )
+
+    def largest(self) -> tuple[float, float]:
+        """``(error, coupling)``: the largest plain and weighted differences."""
+        return max(self.plain, default=0.0), max(self.coupled, default=0.0)
+
+
+def _weighted_rows(rows: Tensor, row_weights: Tensor | None) -> Tensor:
+    if row_weights is None:
+        return rows
+    return rows * row_weights.reshape(-1, *[1] * (rows.ndim - 1))
+
+
+def _layer_errors(
+    layer: KroneckerLayer,
+    capture: ForwardCapture,
+    gradients: tuple[Any, ...],
+    weights: Tensor | None,
+    weighted: tuple[Any, ...] | None,
+    floors: tuple[float, float],
+) -> tuple[float, float]:
+    """The largest relative differences of the layer's rebuilt gradients.
+
+    Returns:
+        ``(error, coupling)``: of the plain gradients, and of the weighted ones
+        (``0`` without weights).
+    """
     passes = capture.take_gradients(layer.name)
     a = layer.inputs(capture.take_input(layer.name))
+    errors = _Errors(gradients, weights, weighted, a.dtype, floors)
     dtype = accumulation_dtype(a.dtype)
     a = a.to(dtype)
     output_gradient = passes[0] if passes else None  # None: it does not reach f
-    errors = []
     weight_index = next(
         (i for i in (layer.weight_index, layer.dense_weight_index) if i is not None),
         None,
@@ -222,56 +417,96 @@ def _layer_error(
     )
     if weight_index is not None:
         G = layer.groups  # each group's rows rebuild its own map
-        rebuilt = a.new_zeros(G, layer.out_features, layer.in_features)
+        g = None
         if output_gradient is not None:
             g = layer.output_gradients(output_gradient).to(dtype)
+
+        def weight_gradient(row_weights: Tensor | None) -> tuple[Tensor, float]:
+            if g is None:
+                return a.new_zeros(G, layer.out_features, layer.in_features), 0.0
+            rows = _weighted_rows(g, row_weights)
             rebuilt = torch.einsum(
                 "nsgi,nsgj->gij",
-                g.reshape(*g.shape[:2], G, -1),
-                a.reshape(*a.shape[:2], G, -1),
+                rows.reshape(*rows.shape[:2], G, layer.out_features),
+                a.reshape(*a.shape[:2], G, layer.in_features),
             )
-        actual = gradients[weight_index]
-        actual = None if actual is None else layer.as_groups(actual)
-        errors.append(_relative_error(rebuilt, actual))
+            return rebuilt, float(rows.norm()) * float(a.norm())
+
+        errors.compare(weight_gradient, weight_index, a.shape[0], layer.as_groups)
     if bias_index is not None:
-        rebuilt = a.new_zeros(layer.module.get_parameter(layer.bias_name).numel())
+        bias = layer.module.get_parameter(layer.bias_name)
+        b = None
         if output_gradient is not None:
-            rebuilt = layer.bias_gradients(output_gradient).to(dtype).sum((0, 1))
-        errors.append(_relative_error(rebuilt, gradients[bias_index]))
-    return max(errors)
+            b = layer.bias_gradients(output_gradient).to(dtype)
+
+        def bias_gradient(row_weights: Tensor | None) -> tuple[Tensor, float]:
+            if b is None:
+                return a.new_zeros(bias.numel()), 0.0
+            rows = _weighted_rows(b, row_weights)
+            return rows.sum((0, 1)), float(rows.norm(dim=-1).sum())
+
+        errors.compare(bias_gradient, bias_index, a.shape[0])
+    return errors.largest()
 
 
 def _diagonal_errors(
-    entry: DiagonalModule, capture: ForwardCapture, gradients: tuple[Any, ...]
-) -> dict[str, float]:
-    """Per parameter of a diagonal module, the relative difference of its sums."""
+    entry: DiagonalModule,
+    capture: ForwardCapture,
+    gradients: tuple[Any, ...],
+    weights: Tensor | None,
+    weighted: tuple[Any, ...] | None,
+    floors: tuple[float, float],
+) -> dict[str, tuple[float, float]]:
+    """Per parameter of a diagonal module, the relative differences of its sums.
+
+    Returns:
+        Parameter name to ``(error, coupling)``, as :func:`_layer_errors`.
+    """
     passes = capture.take_gradients(entry.name)
     if passes:
-        (leaf_gradients,) = passes
         per_example = restricted_gradients(
-            entry.module, entry.param_names, capture.calls[entry.name], leaf_gradients
+            entry.module, entry.param_names, capture.calls[entry.name], passes[0]
         )
-    errors = {}
+    found = {}
     for i, (name, index) in enumerate(zip(entry.param_names, entry.indices)):
         param = entry.module.get_parameter(name)
+        errors = _Errors(gradients, weights, weighted, param.dtype, floors)
         dtype = accumulation_dtype(param.dtype)
-        rebuilt = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        if passes:
-            rows, grads = per_example[i]
-            summed = grads.to(dtype).sum(0)
+        rows, grads = per_example[i] if passes else (None, param.new_zeros(0))
+        grads = grads.detach().to(dtype)
+
+        def summed(
+            row_weights: Tensor | None,
+            param: Tensor = param,
+            rows: Tensor | None = rows,
+            grads: Tensor = grads,
+        ) -> tuple[Tensor, float]:
+            rebuilt = torch.zeros(param.shape, dtype=grads.dtype, device=param.device)
+            if not grads.numel():
+                return rebuilt, 0.0
+            grads = _weighted_rows(grads, row_weights)
+            total = grads.sum(0)
+            bound = float(grads.flatten(1).norm(dim=1).sum())
             if rows is None:
-                rebuilt = summed.reshape(param.shape)
-            else:
-                rebuilt.index_add_(0, rows, summed)
-        errors[name] = _relative_error(rebuilt, gradients[index])
-    return errors
+                return total.reshape(param.shape), bound
+            return rebuilt.index_add_(0, rows, total), bound
+
+        errors.compare(summed, index, grads.shape[0])
+        found[name] = errors.largest()
+    return found
 
 
-def _relative_error(rebuilt: Tensor, actual: Tensor | None) -> float:
-    """``‖rebuilt − actual‖ / max(‖rebuilt‖, ‖actual‖)``; ``0`` for two zeros."""
+def _relative_error(
+    rebuilt: Tensor, actual: Tensor | None, rounding: float = 0.0
+) -> float:
+    """``‖rebuilt − actual‖ / max(‖rebuilt‖, ‖actual‖, rounding)``; ``0`` for zeros.
+
+    ``rounding`` keeps a sum whose terms cancel (a key projection's bias, whose
+    gradient is zero up to rounding) from comparing two roundings.
+    """
     rebuilt = rebuilt.detach().double()
     actual = torch.zeros_like(rebuilt) if actual is None else actual.detach().double()
-    scale = max(float(rebuilt.norm()), float(actual.norm()))
+    scale = max(float(rebuilt.norm()), float(actual.norm()), rounding)
     if scale == 0.0:
         return 0.0
     return float((rebuilt - actual.reshape(rebuilt.shape)).norm()) / scale

@@ -49,10 +49,15 @@ class RowGroupingError(CaptureError):
 
     def __init__(self, name: str, rows: int, batch: int) -> None:
         super().__init__(
-            f"Module '{name}' sees {rows} rows for a batch of {batch} examples; "
-            "EKFAC needs the rows of each example to be consecutive, as "
-            "x.reshape(batch * m, ...) lays them out, so that its per-example "
-            "gradients are defined. Keep the batch dimension first in the model."
+            f"Module '{name}' sees {rows} rows for a batch of {batch} examples, not "
+            "a multiple: EKFAC needs the same number of rows from every example, "
+            "consecutive as x.reshape(batch * m, ...) lays them out, so that its "
+            "per-example gradients are defined. A module called on some of the "
+            "examples' rows only (a mixture-of-experts expert called on the tokens "
+            "routed to it, x[rows]) is not supported: write the experts as one "
+            "module called on every row (as Hugging Face's MixtralExperts, which "
+            "gets exact diagonal blocks), or freeze them with "
+            "requires_grad_(False). Otherwise keep the batch dimension first."
         )
 
 
@@ -80,6 +85,8 @@ def group_rows(tensor: Tensor, batch: int, name: str) -> Tensor:
     rows = tensor.shape[0]
     if rows == batch:
         return tensor
+    if rows == 0:  # called on no row (an expert no example was routed to)
+        return tensor.new_zeros(batch, 0, *tensor.shape[2:])
     if rows % batch:
         raise RowGroupingError(name, rows, batch)
     return tensor.reshape(batch, -1, *tensor.shape[2:])

@@ -106,6 +106,7 @@ def glm_predictive_variance(
     )
     with capture:
         f = model(X)
+    capture.settle_calls(f)
     tokens = f.shape[1:] if f.ndim == 3 else None
     if f.shape[0] == 0:  # no inputs: empty results of the right shapes
         return _empty(f.detach(), joint)

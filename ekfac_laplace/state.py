@@ -58,6 +58,7 @@ def checked_state(
     params: Sequence[Tensor],
     n_params: int,
     n_layers: int,
+    mean_params: Sequence[Tensor] | None = None,
 ) -> CheckedState:
     """Validate a state against the model it is loaded into; change nothing.
 
@@ -67,16 +68,22 @@ def checked_state(
         params: The posterior's parameters, in vector order.
         n_params: The length of the mean vector.
         n_layers: The number of parameter tensors a per-layer prior has.
+        mean_params: The parameters the mean vector holds (``params`` if
+            ``None``; a last layer's mean holds its frozen ones too).
 
     Returns:
         The curvature and the options.
 
     Raises:
-        ValueError: Naming the first thing that does not fit.
+        ValueError: Naming the first thing that does not fit, also a mean that is
+            not the model's current parameters (a state fitted at other weights).
     """
     options = EKFACOptions.from_state(state.get("ekfac_options", ()))
     curvature = checked_curvature(state["H"], model, params, options.dense_blocks_up_to)
     _check_vector("mean", state["mean"], n_params)
+    _check_mean_is_the_model(
+        state["mean"], params if mean_params is None else mean_params
+    )
     prior_mean = state["prior_mean"]
     if isinstance(prior_mean, Tensor) and prior_mean.numel() > 1:
         _check_vector("prior_mean", prior_mean, n_params)
@@ -232,6 +239,32 @@ def _check_vector(name: str, value: Any, length: int) -> None:
         raise ValueError(
             f"The state's {name} is not finite (NaN or Inf); the state is corrupt."
         )
+
+
+#: Largest difference ``max |mean − θ| / (1 + max |θ|)`` between a state's mean
+#: and the model's parameters that is rounding (a state saved in float32 and
+#: loaded into a float64 model, or the reverse): a model with other weights
+#: differs by far more.
+MEAN_TOLERANCE = 1e-6
+
+
+def _check_mean_is_the_model(mean: Tensor, params: Sequence[Tensor]) -> None:
+    """Refuse a state fitted at other weights than the model holds now."""
+    current = torch.cat([p.detach().reshape(-1) for p in params]).to(
+        device=mean.device, dtype=torch.float64
+    )
+    difference = (mean.detach().double() - current).abs()
+    largest = float(difference.max())
+    if largest <= MEAN_TOLERANCE * (1.0 + float(current.abs().max())):
+        return
+    entry = int(difference.argmax())
+    raise ValueError(
+        "The state's mean differs from the model's parameters (largest difference "
+        f"{largest:.3g}, at entry {entry} of the parameter vector): the posterior "
+        "was fitted at other weights than the model holds now, and its predictive "
+        "would mix the two. Load the weights it was fitted at into the model first "
+        "(model.load_state_dict(...)), then the Laplace state; or fit again."
+    )
 
 
 def _check_finite_number(name: str, value: Any) -> None:

@@ -59,11 +59,47 @@ class _Pair(nn.Module):
 
 def test_capture_refuses_reuse_and_still_removes_its_hooks():
     model = _Reused()
-    with pytest.raises(ReusedModuleError, match="'inner' runs more than once"):
-        with ForwardCapture(ParameterLayout(model, list(model.parameters()))):
-            model(torch.randn(2, 3))
+    capture = ForwardCapture(ParameterLayout(model, list(model.parameters())))
+    with capture:
+        f = model(torch.randn(2, 3))
     assert not has_module_hooks(model.inner)
+    assert capture.repeated_modules == ["inner"]
+    with pytest.raises(
+        ReusedModuleError,
+        match="'inner' runs 2 times per forward pass and each of these calls "
+        "reaches the outputs",
+    ):
+        capture.settle_calls(f)
     assert issubclass(ReusedModuleError, ValueError)
+
+
+class _WeightNormed(nn.Module):
+    """Calls ``inner`` on an identity matrix for a norm it detaches (as peft's DoRA
+    does), then on the data: only the second call reaches the outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.norm = nn.Linear(3, 2)
+
+    def forward(self, x):
+        scale = self.inner(torch.eye(3)).norm().detach()
+        return self.norm(torch.tanh(self.inner(x)) / scale)
+
+
+def test_the_one_call_that_reaches_the_outputs_is_kept():
+    model = _WeightNormed()
+    layout = ParameterLayout(model, list(model.parameters()))
+    capture = ForwardCapture(layout)
+    x = torch.randn(5, 3)
+    with capture:
+        f = model(x)
+    assert capture.repeated_modules == ["inner"]
+    capture.settle_calls(f)
+    assert capture.repeated_modules == []
+    torch.testing.assert_close(capture.take_input("inner"), x)
+    output, _ = capture.outputs["inner"]
+    torch.testing.assert_close(output, model.inner(x))
 
 
 def test_tuple_outputs_get_a_gradient_per_tensor():

@@ -370,7 +370,11 @@ class WithBatchSum(nn.Module):
     ("build", "inputs", "match"),
     [
         (Tied, _tokens, r"shared by several modules .*weight tying"),
-        (ReusedNorm, lambda n: torch.randn(n, 4), "'norm' runs more than once"),
+        (
+            ReusedNorm,
+            lambda n: torch.randn(n, 4),
+            "'norm' runs 2 times per forward pass and each of these calls reaches",
+        ),
         (
             WithBatchSum,
             lambda n: torch.randn(n, 4),

@@ -393,3 +393,134 @@ def test_the_check_passes_plain_models_and_sees_each_kind():
     finally:
         handle.remove()
     assert list(failing) == ["2"] and "differs by" in failing["2"]
+
+
+class _LastRowMixed(nn.Module):
+    """Row 0's hidden state added into the last row: examples 0 and 1 look fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x)).clone()
+        h[-1] = h[-1] + h[0]
+        return self.out(h)
+
+
+class _LateBatchMean(nn.Module):
+    """A batch-mean context that rows 0 and 1 do not get."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.hidden(x))
+        context = h[2:].mean(0, keepdim=True)
+        return self.out(torch.cat([h[:2], h[2:] + context]))
+
+
+class _MeanNorm(nn.Module):
+    """A diagonal module whose parameter sees a batch statistic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * (x - x[3:].mean(0))
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [(_LastRowMixed, "'hidden'"), (_LateBatchMean, "'hidden'")],
+    ids=["last_row_mixed", "late_batch_mean"],
+)
+def test_examples_influencing_each_other_anywhere_in_the_batch_are_refused(build, name):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    la = EKFACLaplace(model, "classification")
+    with pytest.raises(
+        LayerCheckError,
+        match=rf"The examples of a batch influence each other's outputs: the "
+        rf"gradient of {name} for a loss weighted per example differs by",
+    ):
+        la.fit(loader(X, y, batch_size=8))
+    assert la.H is None
+
+
+def test_a_diagonal_module_coupling_examples_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _MeanNorm(), nn.Tanh(), nn.Linear(4, 3))
+    model = model.double().eval()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(LayerCheckError, match=r"gradient of '(0|1\.scale)' for a"):
+        EKFACLaplace(model, "classification").fit(
+            loader(X, torch.randint(0, 3, (8,)), batch_size=8)
+        )
+
+
+class _MonteCarloDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.dropout(torch.tanh(self.hidden(x)), 0.5, training=True))
+
+
+def test_a_random_forward_pass_is_refused():
+    torch.manual_seed(0)
+    model = _MonteCarloDropout().double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    la = EKFACLaplace(model, "classification")
+    with pytest.raises(
+        LayerCheckError,
+        match=r"The model's outputs on the same inputs differ between two forward "
+        r"passes \(by .*% on the first batch\): its forward pass is random",
+    ):
+        la.fit(loader(X, torch.randint(0, 3, (8,))))
+    assert la.H is None
+
+
+class _Router(nn.Module):
+    """Returns its logits beside the softmax of them (as Mixtral's router does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = x @ self.weight.T
+        return logits, torch.softmax(logits, -1)
+
+
+class _Routed(nn.Module):
+    def __init__(self, use_logits: bool) -> None:
+        super().__init__()
+        self.router, self.out = _Router(), nn.Linear(4, 3)
+        self.use_logits = use_logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits, probabilities = self.router(x)
+        mixed = probabilities * x + (logits if self.use_logits else 0)
+        return self.out(mixed)
+
+
+@pytest.mark.parametrize("use_logits", [False, True])
+def test_an_output_a_module_uses_itself_is_not_blamed(use_logits: bool):
+    """The gradient arriving at the logits is the caller's alone (zero when only
+    the probabilities are used), not the module's own use of them."""
+    torch.manual_seed(0)
+    model = _Routed(use_logits).double().eval()
+    X = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    la = EKFACLaplace(model, "classification")
+    la.fit(loader(X, y))
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    exact = blocks(dense_ggn(model, params, X, "classification"), sizes)
+    assert_close(la.H.eigenvalues[0].flatten(), torch.diagonal(exact[0]))

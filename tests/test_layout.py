@@ -100,60 +100,52 @@ def test_group_rows_gathers_each_examples_consecutive_rows():
     assert grouped.shape == (3, 2, 2)
     assert torch.equal(grouped[1], rows[2:4, 0])
     assert group_rows(rows, 6, "layer") is rows
-    with pytest.raises(RowGroupingError, match="'layer' sees 6 rows for a batch of 4"):
-        group_rows(rows, 4, "layer")
-
-
-def test_a_kronecker_factor_too_large_for_memory_is_refused_before_any_work():
-    model = nn.Sequential(nn.Linear(40_000, 2))  # A: 40,000² floats, 6 GiB
     with pytest.raises(
-        MemoryError,
-        match=r"Layer '0' \(Linear\) needs a Kronecker "
-        r"input factor of 40000 × 40000 \(6\.0 GiB.*max_factor_size",
+        RowGroupingError,
+        match=r"'layer' sees 6 rows for a batch of 4 examples, not a multiple.*"
+        "a mixture-of-experts expert called on the tokens routed to it",
     ):
-        ParameterLayout(model, list(model.parameters()))
-    layout = ParameterLayout(model, list(model.parameters()), max_factor_size=1_000)
-    assert layout.layers == [] and [b.diagonal for b in layout.blocks] == [True, True]
-    assert "more than max_factor_size=1000" in layout.oversized["0"]
-    # Only the weight needs A: the bias alone has a 2 × 2 gradient factor.
-    bias_only = ParameterLayout(model, [model[0].bias])
-    assert [layer.factor_sizes() for layer in bias_only.layers] == [{"gradient": 2}]
-    with pytest.raises(ValueError, match="cannot get Kronecker blocks|max_factor"):
-        ParameterLayout(
-            model,
-            list(model.parameters()),
-            unsupported_layers="raise",
-            max_factor_size=1_000,
-        )
+        group_rows(rows, 4, "layer")
+    # No row at all (an expert that no example was routed to): no position.
+    assert group_rows(rows[:0], 4, "layer").shape == (4, 0, 2)
 
 
-def test_a_large_layer_fits_with_its_exact_diagonal_block():
+class _TopOneExperts(nn.Module):
+    """Each expert an ``nn.Linear`` called on the examples routed to it (or none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 3)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.gate(x).argmax(-1)
+        hidden = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = (choice == index).nonzero().squeeze(-1)
+            hidden = hidden.index_add(0, rows, expert(x[rows]))
+        return self.out(torch.tanh(hidden))
+
+
+def test_an_expert_called_on_no_row_adds_nothing():
+    """With one example per batch every expert sees all rows or none: exact."""
     from ekfac_laplace import EKFACLaplace
     from tests.cases import loader
-    from tests.utils import assert_close, jacobians, output_hessians
+    from tests.utils import assert_close, blocks, corrected_eigenvalues, loop_ggn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3_000, 2), nn.Tanh(), nn.Linear(2, 2)).double()
-    X = torch.randn(6, 3_000, dtype=torch.float64)
-    y = torch.randint(0, 2, (6,))
-    la = EKFACLaplace(model, "classification", max_factor_size=100)
-    la.fit(loader(X, y))  # no warning: the user asked for it
-    assert [len(b) for b in la.H.eigenvectors] == [0, 0, 2, 1]
-    params = list(model.parameters())[:2]
-    J, f = jacobians(model, params, X)
-    diagonal = torch.einsum(
-        "nci,ncd,ndi->i", J, output_hessians(f, "classification"), J
+    model = _TopOneExperts().double().eval()
+    for param in model.gate.parameters():
+        param.requires_grad_(False)  # argmax: no gradient reaches the gate
+    X = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    assert len(set(model.gate(X).argmax(-1).tolist())) > 1  # experts idle in turn
+    la = EKFACLaplace(model, "classification")
+    la.fit(loader(X, y, batch_size=1))
+    params = la._posterior_params()
+    exact = blocks(
+        loop_ggn(model, params, X, "classification"), [p.numel() for p in params]
     )
-    fitted = torch.cat([values.flatten() for values in la.H.eigenvalues[:2]])
-    assert_close(fitted, diagonal)
-
-
-def test_a_vocabulary_sized_head_is_refused_with_what_to_do():
-    # The gradient factor of a GPT-2 head (50,257 outputs): 9.4 GiB.
-    head = nn.Linear(8, 50_257, bias=False)
-    with pytest.raises(MemoryError) as refused:
-        ParameterLayout(head, list(head.parameters()))
-    message = str(refused.value)
-    assert "gradient factor of 50257 × 50257 (9.4 GiB" in message
-    for advice in ("answer tokens", "LoRA", "max_factor_size", "stochastic"):
-        assert advice in message
+    for block, basis, values in zip(exact, la.H.eigenvectors, la.H.eigenvalues):
+        assert_close(values.flatten(), corrected_eigenvalues(block, basis))

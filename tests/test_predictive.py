@@ -84,14 +84,17 @@ def test_a_layer_used_twice_is_refused_by_fit_and_falls_back_in_prediction():
     model = _Reused().double()
     X = torch.randn(8, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (8,))
-    with pytest.raises(ValueError, match="Module 'inner' runs more than once"):
+    with pytest.raises(
+        ValueError,
+        match="Module 'inner' runs 2 times per forward pass and each of these",
+    ):
         _fitted(model, "classification", X, y)
     # A posterior with the same block layout, fitted on a model that uses it once.
     once = _UsedOnce().double()
     once.load_state_dict(model.state_dict())
     la = _fitted(once, "classification", X, y)
     la.model, la.params = model, list(model.parameters())
-    with pytest.raises(ReusedModuleError, match="runs more than once"):
+    with pytest.raises(ReusedModuleError, match="runs 2 times per forward pass"):
         glm_predictive_variance(
             model, list(model.parameters()), la.posterior_precision, X
         )

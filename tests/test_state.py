@@ -111,15 +111,42 @@ BROKEN = [
 def test_a_broken_state_is_refused_and_leaves_the_object_as_it_was(edit, match, subset):
     la, X = _fitted(_mlp(), subset)
     state = la.state_dict()
-    other, _ = _fitted(_mlp(), subset)  # a second fit to load into
+    other, _ = _fitted(_same_weights(la.model), subset)  # a second fit to load into
     before = _snapshot(other, X)
     with pytest.raises(ValueError, match=match):
         other.load_state_dict(_broken(state, edit))
     _unchanged(other, X, before)
-    fresh = Laplace(_mlp(), "classification", subset, "ekfac")
+    fresh = Laplace(_same_weights(la.model), "classification", subset, "ekfac")
     with pytest.raises(ValueError, match=match):
         fresh.load_state_dict(_broken(state, edit))
     assert fresh.H is None
+
+
+def _same_weights(model: nn.Module) -> nn.Module:
+    copy = _mlp()
+    copy.load_state_dict(getattr(model, "model", model).state_dict())
+    return copy
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_a_state_fitted_at_other_weights_is_refused(subset):
+    """The mean would hold the old weights and the model the new ones."""
+    la, X = _fitted(_mlp(), subset)
+    state = la.state_dict()
+    torch.manual_seed(1)
+    other, _ = _fitted(_mlp(), subset)
+    before = _snapshot(other, X)
+    with pytest.raises(
+        ValueError,
+        match=r"The state's mean differs from the model's parameters \(largest "
+        r"difference .*, at entry \d+ of the parameter vector\): the posterior "
+        "was fitted at other weights than the model holds now",
+    ):
+        other.load_state_dict(state)
+    _unchanged(other, X, before)
+    same = Laplace(_same_weights(la.model), "classification", subset, "ekfac")
+    same.load_state_dict(state)
+    torch.testing.assert_close(same(X[:3]), la(X[:3]))
 
 
 def test_a_mirrored_architecture_with_the_same_block_sizes_is_refused():

@@ -29,6 +29,8 @@ eigenvalues use the exact per-example gradients either way.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -174,7 +176,7 @@ class LayerKind:
         Returns:
             One row per example and position.
         """
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        return as_rows(x)
 
     def output_gradients(self, module: nn.Module, gradient: Tensor) -> Tensor:
         """The gradient at the layer's output as ``g``, shape ``(B, S, d_out)``.
@@ -186,7 +188,7 @@ class LayerKind:
         Returns:
             One row per example and position, matching :meth:`inputs`.
         """
-        return gradient.reshape(gradient.shape[0], -1, gradient.shape[-1])
+        return as_rows(gradient)
 
     def bias_gradients(self, module: nn.Module, gradient: Tensor) -> Tensor:
         """The rows whose sum over positions is an example's bias gradient.
@@ -314,3 +316,19 @@ def unsupported_reason(module: nn.Module) -> str | None:
             if reason is not None:
                 return reason
     return None
+
+
+def as_rows(tensor: Tensor) -> Tensor:
+    """``(B, ..., d)`` as ``(B, S, d)``, the middle dimensions as positions.
+
+    Also for ``B = 0`` (an expert that no example was routed to), where
+    ``reshape(0, -1, d)`` cannot tell ``S``.
+
+    Args:
+        tensor: At least 2-D, the batch first.
+
+    Returns:
+        A view where possible.
+    """
+    positions = math.prod(tensor.shape[1:-1])
+    return tensor.reshape(tensor.shape[0], positions, tensor.shape[-1])

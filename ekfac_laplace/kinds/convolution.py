@@ -99,7 +99,8 @@ def unfold_patches(
             x = x.narrow(2 + i, 0, windows[i])
     B, C = x.shape[:2]
     order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
-    return x.permute(order).reshape(B, -1, C * _product(kernel))
+    positions = _product(x.shape[2 : 2 + dims])
+    return x.permute(order).reshape(B, positions, C * _product(kernel))
 
 
 def _product(values: Sequence[int]) -> int:
