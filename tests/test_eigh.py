@@ -109,3 +109,44 @@ def test_robust_eigh_takes_its_shift_off_the_eigenvalues(monkeypatch):
     torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
     rebuilt = (vectors * values.unsqueeze(-2)) @ vectors.mT
     torch.testing.assert_close(rebuilt, matrices, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_large_matrix_of_low_rank_takes_the_low_rank_path(dtype, monkeypatch):
+    """No full eigh: an orthonormal basis whose first columns span the null space
+    and whose eigenvalues rebuild the matrix to the dtype's precision."""
+    torch.manual_seed(0)
+    rows = torch.randn(5, 1500, dtype=torch.float64)
+    matrix = (rows.T @ rows).to(dtype)
+    sizes = []
+    real_eigh = torch.linalg.eigh
+
+    def recorded(m):
+        sizes.append(m.shape[-1])
+        return real_eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", recorded)
+    values, vectors = robust_eigh(matrix, "factor")
+    assert sizes == [64]  # the projected matrix only
+    assert values.dtype == vectors.dtype == dtype
+    assert bool((values[1:] >= values[:-1]).all())
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    scale = float(matrix.double().norm())
+    q, v = vectors.double(), values.double()
+    torch.testing.assert_close(
+        (q * v) @ q.T, matrix.double(), rtol=0, atol=tolerance * scale
+    )
+    identity = torch.eye(1500, dtype=torch.float64)
+    torch.testing.assert_close(q.T @ q, identity, rtol=0, atol=tolerance * 10)
+    reference = torch.linalg.eigvalsh(matrix.double())
+    torch.testing.assert_close(v, reference, rtol=0, atol=tolerance * scale)
+
+
+def test_a_large_matrix_of_full_rank_takes_eigh():
+    torch.manual_seed(0)
+    rows = torch.randn(1100, 1024, dtype=torch.float64)
+    matrix = rows.T @ rows
+    values, vectors = robust_eigh(matrix, "factor")
+    expected_values, expected_vectors = torch.linalg.eigh(matrix)
+    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close(vectors.abs(), expected_vectors.abs())

@@ -30,7 +30,6 @@ eigenvalues use the exact per-example gradients either way.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from typing import ClassVar
 
