@@ -31,7 +31,7 @@ closed-form (see :class:`~ekfac_laplace.output_curvature.OutputCurvature`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -851,36 +851,64 @@ class DiagonalSquares:
     The parameters of these modules with exact blocks get their per-example
     gradients' outer products instead, in ``dense``.
 
+    A tied parameter (``tied``: applied by several modules) has one tensor of
+    squares, shared by its modules' entries: per backward pass its per-example
+    gradients are summed over the uses first (:meth:`add` keeps them), then
+    squared (:meth:`end_pass`).
+
     Args:
         modules: The modules with diagonal (or exact) blocks.
         dense: Where the exact blocks are summed.
+        tied: The block indices of tied parameters.
 
     Attributes:
         squares: Module name to one tensor per parameter, shaped like it.
     """
 
     def __init__(
-        self, modules: list[DiagonalModule], dense: DenseBlocks | None = None
+        self,
+        modules: list[DiagonalModule],
+        dense: DenseBlocks | None = None,
+        tied: Collection[int] = (),
     ) -> None:
         self.dense = dense
+        self.tied = set(tied)
+        shared: dict[int, Tensor] = {}
+
+        def zeros(entry: DiagonalModule, name: str, index: int) -> Tensor:
+            parameter = entry.module.get_parameter(name).detach()
+            tensor = torch.zeros_like(
+                parameter, dtype=accumulation_dtype(parameter.dtype)
+            )
+            return shared.setdefault(index, tensor) if index in self.tied else tensor
+
         self.squares: dict[str, list[Tensor]] = {
             entry.name: [
-                torch.zeros_like(
-                    parameter := entry.module.get_parameter(name).detach(),
-                    dtype=accumulation_dtype(parameter.dtype),
-                )
-                for name in entry.param_names
+                zeros(entry, name, index)
+                for name, index in zip(entry.param_names, entry.indices)
             ]
             for entry in modules
         }
+        self._tied_squares = shared  # per tied block index, its one tensor
+        self._pending: dict[int, Tensor] = {}  # a tied parameter's pass so far
 
     def partial_sums(self) -> list[Tensor]:
         """The squares in the layout's order, for summing over the ranks.
 
         Returns:
-            The tensors themselves (summed in place).
+            The tensors themselves (summed in place), a tied one once.
         """
-        return [tensor for squares in self.squares.values() for tensor in squares]
+        tensors: dict[int, Tensor] = {}
+        for squares in self.squares.values():
+            for tensor in squares:
+                tensors.setdefault(id(tensor), tensor)
+        return list(tensors.values())
+
+    def end_pass(self) -> None:
+        """Square the tied parameters' per-example gradients of a backward pass."""
+        for index, grad in self._pending.items():
+            self._tied_squares[index] += grad.square().sum(0)
+        self._pending.clear()
 
     def add(
         self,
@@ -907,6 +935,15 @@ class DiagonalSquares:
         ):
             grad = group_rows(grad.unsqueeze(1), batch, entry.name).sum(1)
             grad = grad.to(squares.dtype)
+            if index in self.tied:  # summed over the uses, squared at the end
+                if rows is not None:
+                    grad = squares.new_zeros(len(grad), *squares.shape).index_add_(
+                        1, rows, grad
+                    )
+                grad = grad.reshape(len(grad), *squares.shape)
+                pending = self._pending.get(index)
+                self._pending[index] = grad if pending is None else pending + grad
+                continue
             if dense:  # the whole per-example gradient, for the exact block
                 if rows is not None:  # an embedding's rows of the batch
                     grad = squares.new_zeros(len(grad), *squares.shape).index_add_(

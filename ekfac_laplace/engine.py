@@ -334,6 +334,8 @@ class Sweep:
                 call = capture.calls.get(entry.name)
                 for gradients in capture.take_gradients(entry.name):  # unused: none
                     diagonal.add(entry, call, gradients, f.shape[0])
+            if diagonal is not None:
+                diagonal.end_pass()
         unreached = [layer.name for layer in hidden if layer.name not in reached]
         if unreached:
             raise ValueError(
@@ -518,7 +520,9 @@ class FastEKFAC:
         ranks = self.ranks
         layers = self.layout.kronecker_layers
         dense = DenseBlocks(self.layout)
-        diagonal = DiagonalSquares(self.layout.diagonal_modules, dense)
+        diagonal = DiagonalSquares(
+            self.layout.diagonal_modules, dense, self.layout.tied
+        )
         if eigenbasis is None:
             factors = FactorAccumulator(
                 layers,

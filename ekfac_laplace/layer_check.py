@@ -54,6 +54,7 @@ from ekfac_laplace.layout import (
     DiagonalModule,
     KroneckerLayer,
     ParameterLayout,
+    group_rows,
 )
 from ekfac_laplace.options import UnsupportedLayers
 
@@ -233,25 +234,23 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
             )
         elif coupled > max(tolerance, COUPLING_TOLERANCE):
             raise LayerCheckError(_coupling_message(layer.name, coupled))
-    for entry in layout.diagonal_modules:
-        errors = _diagonal_errors(entry, capture, gradients, weights, weighted, floors)
-        for name, (error, coupled) in errors.items():
-            if error > tolerance:
-                raise LayerCheckError(
-                    f"The gradient of '{_qualified(entry.name, name)}' on the first "
-                    f"batch differs by {error:.1%} from the sum of the per-example "
-                    f"gradients of its module '{entry.name}' "
-                    f"({type(entry.module).__name__}): the parameter reaches the "
-                    "outputs outside that module's call (used functionally, e.g. "
-                    "F.linear(h, module.weight), or the module's forward depends "
-                    "on more than its inputs), so no block computed from the "
-                    "module is exact. Use it only inside its module, or freeze it "
-                    "with requires_grad_(False)."
-                )
-            if coupled > max(tolerance, COUPLING_TOLERANCE):
-                raise LayerCheckError(
-                    _coupling_message(_qualified(entry.name, name), coupled)
-                )
+    errors = _diagonal_errors(
+        layout, capture, gradients, weights, weighted, floors, f.shape[0]
+    )
+    for name, (entry, error, coupled) in errors.items():
+        if error > tolerance:
+            raise LayerCheckError(
+                f"The gradient of '{name}' on the first batch differs by "
+                f"{error:.1%} from the sum of the per-example gradients of its "
+                f"module '{entry.name}' ({type(entry.module).__name__}): the "
+                "parameter reaches the outputs outside that module's call (used "
+                "functionally, e.g. F.linear(h, module.weight), or the module's "
+                "forward depends on more than its inputs), so no block computed "
+                "from the module is exact. Use it only inside its module, or "
+                "freeze it with requires_grad_(False)."
+            )
+        if coupled > max(tolerance, COUPLING_TOLERANCE):
+            raise LayerCheckError(_coupling_message(name, coupled))
     return failing
 
 
@@ -450,30 +449,55 @@ def _layer_errors(
 
 
 def _diagonal_errors(
-    entry: DiagonalModule,
+    layout: ParameterLayout,
     capture: ForwardCapture,
     gradients: tuple[Any, ...],
     weights: Tensor | None,
     weighted: tuple[Any, ...] | None,
     floors: tuple[float, float],
-) -> dict[str, tuple[float, float]]:
-    """Per parameter of a diagonal module, the relative differences of its sums.
+    batch: int,
+) -> dict[str, tuple[DiagonalModule, float, float]]:
+    """Per parameter with a diagonal block, the relative differences of its sums.
+
+    A tied parameter's per-example gradients are the sums over its modules'.
 
     Returns:
-        Parameter name to ``(error, coupling)``, as :func:`_layer_errors`.
+        Parameter name to its module and ``(error, coupling)``, as
+        :func:`_layer_errors`.
     """
-    passes = capture.take_gradients(entry.name)
-    if passes:
-        per_example = restricted_gradients(
-            entry.module, entry.param_names, capture.calls[entry.name], passes[0]
-        )
-    found = {}
-    for i, (name, index) in enumerate(zip(entry.param_names, entry.indices)):
-        param = entry.module.get_parameter(name)
-        errors = _Errors(gradients, weights, weighted, param.dtype, floors)
-        dtype = accumulation_dtype(param.dtype)
-        rows, grads = per_example[i] if passes else (None, param.new_zeros(0))
-        grads = grads.detach().to(dtype)
+    per_example: dict[int, tuple[str, DiagonalModule, Tensor | None, Tensor]] = {}
+    for entry in layout.diagonal_modules:
+        passes = capture.take_gradients(entry.name)
+        found = []
+        if passes:
+            found = restricted_gradients(
+                entry.module, entry.param_names, capture.calls[entry.name], passes[0]
+            )
+        for i, (name, index) in enumerate(zip(entry.param_names, entry.indices)):
+            param = entry.module.get_parameter(name)
+            dtype = accumulation_dtype(param.dtype)
+            rows, grads = (
+                found[i] if found else (None, param.new_zeros(0, *param.shape))
+            )
+            grads = grads.detach().to(dtype)
+            qualified = _qualified(entry.name, name)
+            if index not in layout.tied:
+                per_example[index] = (qualified, entry, rows, grads)
+                continue
+            if rows is not None:  # an embedding's rows: every row of the table
+                grads = grads.new_zeros(len(grads), *param.shape).index_add_(
+                    1, rows, grads
+                )
+            grads = group_rows(grads.unsqueeze(1), batch, entry.name).sum(1)
+            owner = entry
+            if index in per_example:
+                qualified, owner, _, earlier = per_example[index]
+                grads = earlier + grads
+            per_example[index] = (qualified, owner, None, grads)
+    errors = {}
+    for index, (qualified, owner, rows, grads) in per_example.items():
+        param = layout.params[index]
+        check = _Errors(gradients, weights, weighted, param.dtype, floors)
 
         def summed(
             row_weights: Tensor | None,
@@ -491,9 +515,9 @@ def _diagonal_errors(
                 return total.reshape(param.shape), bound
             return rebuilt.index_add_(0, rows, total), bound
 
-        errors.compare(summed, index, grads.shape[0])
-        found[name] = errors.largest()
-    return found
+        check.compare(summed, index, grads.shape[0])
+        errors[qualified] = (owner, *check.largest())
+    return errors
 
 
 def _relative_error(
@@ -534,7 +558,23 @@ def _qualified(module: str, name: str) -> str:
 
 
 def _warn_about(demoted: Mapping[str, str], layout: ParameterLayout) -> None:
-    """One warning for the Kronecker layers that get diagonal blocks."""
+    """One warning for the Kronecker layers that get diagonal blocks.
+
+    And one for the tied parameters.
+    """
+    if layout.tied:
+        tied = "; ".join(
+            f"{[_qualified(module, name) for module, name, _ in uses]}"
+            for uses in layout.tied.values()
+        )
+        warnings.warn(
+            f"{len(layout.tied)} parameter(s) applied by several modules (weight "
+            f"tying) get their exact diagonal block, each example's gradient "
+            f"summed over the uses: {tied}. Pass unsupported_layers='raise' to "
+            "refuse them instead.",
+            UserWarning,
+            stacklevel=5,
+        )
     shown = {
         name: reason
         for name, reason in demoted.items()

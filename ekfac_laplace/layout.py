@@ -456,12 +456,41 @@ class ParameterLayout:
         for index in self.dense:
             _check_dense_block_size(index, self.params[index])
         owners = _owners(model)
-        resolved = [_owner(owners, param) for param in self.params]
+        uses = [_uses(owners, param) for param in self.params]
+        #: Block index of a tied parameter (applied by several modules) to every
+        #: ``(module name, parameter name, module)`` applying it: a diagonal block
+        #: whose per-example gradients are the sums over its uses.
+        self.tied: dict[int, list[tuple[str, str, nn.Module]]] = {
+            index: found for index, found in enumerate(uses) if len(found) > 1
+        }
+        if self.tied:
+            self._check_tied()
+        resolved = [found[0] for found in uses]
         self._assign(resolved, self.diagonal_layers)
         #: Layer name to why ``max_factor_size`` gave it diagonal blocks.
         self.oversized = self._oversized_layers()
         if self.oversized:
             self._assign(resolved, {**self.diagonal_layers, **self.oversized})
+
+    def _check_tied(self) -> None:
+        """Refuse tied parameters under ``"raise"``; no exact block for them."""
+        index, found = next(iter(self.tied.items()))
+        names = [_qualified_name(name, param) for name, param, _ in found]
+        if self.unsupported_layers == UnsupportedLayers.RAISE:
+            raise ValueError(
+                f"The parameter {names[0]} is shared by several modules ({names}: "
+                "weight tying), so KFAC cannot factorise its curvature. Use "
+                "unsupported_layers='diagonal' (the default) for its exact "
+                "diagonal block (per example, the sum of the uses' gradients), "
+                "untie the weights, or freeze it with requires_grad_(False)."
+            )
+        self.dense -= set(self.tied)
+        for found in self.tied.values():
+            for module_name, _, _ in found:  # the whole module on diagonal blocks
+                self.diagonal_layers.setdefault(
+                    module_name,
+                    f"shares a parameter with {names} (weight tying)",
+                )
 
     def _assign(
         self,
@@ -514,6 +543,15 @@ class ParameterLayout:
                 ParameterBlock(module_name, param_name, not dense, dense)
             )
             self.owners.append(entry)
+        for index, found in self.tied.items():  # the other uses of tied parameters
+            for module_name, param_name, module in found[1:]:
+                check_diagonal_module(module_name, module)
+                entry = diagonal.setdefault(
+                    module_name, DiagonalModule(module_name, module)
+                )
+                entry.param_names.append(param_name)
+                entry.indices.append(index)
+                entry.dense.append(False)
         self.layers: list[KroneckerLayer] = list(layers.values())
         self.diagonal_modules: list[DiagonalModule] = list(diagonal.values())
 
@@ -880,24 +918,20 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
     return owners
 
 
-def _owner(
+def _uses(
     owners: dict[int, list[tuple[str, str, nn.Module]]], param: Tensor
-) -> tuple[str, str, nn.Module]:
-    """The single owner of ``param``, refusing foreign and tied parameters."""
+) -> list[tuple[str, str, nn.Module]]:
+    """Every module applying ``param`` (several for a tied one); refuse strangers."""
     if id(param) not in owners:
         raise ValueError(
             f"A parameter of shape {tuple(param.shape)} is not a parameter of the "
             "model; pass the model's own parameters."
         )
-    entries = owners[id(param)]
-    if len(entries) > 1:
-        names = [f"{name}.{param_name}" for name, param_name, _ in entries]
-        raise ValueError(
-            f"The parameter {names[0]} is shared by several modules ({names}: "
-            "weight tying), so its curvature mixes their factors. Untie the "
-            "weights, or freeze the shared parameter with requires_grad_(False)."
-        )
-    return entries[0]
+    return owners[id(param)]
+
+
+def _qualified_name(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
 
 
 def _unsupported_message(

@@ -163,15 +163,25 @@ def glm_predictive_variance(
     variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
     for layer_terms in terms.values():
         variance = variance + layer_terms.variance(joint)
+    tied: dict[int, Tensor] = {}  # a tied parameter's rows, summed over its uses
     for entry in layout.diagonal_modules:
         passes = diagonal_passes.get(entry.name)
         if not passes:
             continue  # the module does not influence the outputs
         call = capture.calls[entry.name]
         for name, index in zip(entry.param_names, entry.indices):
+            if index in layout.tied:
+                rows = _diagonal_rows(entry.module, name, call, passes, K, B)
+                tied[index] = rows if index not in tied else tied[index] + rows
+                continue
             variance = variance + _diagonal_term(
                 entry.module, name, call, passes, K, precision, index, B, joint
             )
+    for index, J in tied.items():
+        inverse = precision.powered_eigenvalues(index, -1).flatten()
+        variance = variance + _squared(
+            J.flatten(start_dim=2).to(inverse.dtype), inverse, joint
+        )
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
     if tokens is not None:  # each token's (C, C) block, one row per token
@@ -437,6 +447,30 @@ def _dense_term(
     (q,) = precision.eigenvectors[index]
     inverse = precision.powered_eigenvalues(index, -1)
     return _squared(J.to(q.dtype) @ q, inverse, joint)
+
+
+def _diagonal_rows(
+    module: nn.Module,
+    name: str,
+    call: ModuleCall,
+    passes: Mapping[int, tuple[Tensor | None, ...]],
+    count: int,
+    batch: int,
+) -> Tensor:
+    """A parameter's per-example Jacobian rows through one module, every entry.
+
+    Returns:
+        ``(B, K, *parameter.shape)`` (an embedding's unused rows: zero).
+    """
+    shape = module.get_parameter(name).shape
+    rows_of = {}
+    for c, gradients in passes.items():
+        rows, grad = restricted_gradients(module, [name], call, gradients)[0]
+        grad = group_rows(grad.unsqueeze(1), batch, call.name).sum(1)
+        if rows is not None:
+            grad = grad.new_zeros(len(grad), *shape).index_add_(1, rows, grad)
+        rows_of[c] = grad.reshape(len(grad), *shape)
+    return _by_pass(rows_of, count)
 
 
 def _diagonal_term(

@@ -33,6 +33,8 @@ from tests.utils import (
     dense_empirical_fisher,
     dense_ggn,
     kfac_factors,
+    loop_ggn,
+    loop_jacobians,
     supported_modules,
 )
 
@@ -369,7 +371,6 @@ class WithBatchSum(nn.Module):
 @pytest.mark.parametrize(
     ("build", "inputs", "match"),
     [
-        (Tied, _tokens, r"shared by several modules .*weight tying"),
         (
             ReusedNorm,
             lambda n: torch.randn(n, 4),
@@ -394,6 +395,33 @@ def test_tied_reused_and_batch_coupling_modules_are_refused(build, inputs, match
         la.fit(loader(X, y))
     assert la.H is None
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_tied_parameter_gets_its_exact_diagonal_block():
+    """An embedding tied to the output layer: per example, the gradient is the sum
+    of both uses' (squared after the sum), the GLM predictive likewise."""
+    torch.manual_seed(0)
+    model = Tied().double()
+    X, y = _tokens(6), torch.randint(0, 12, (6,))
+    params = list(model.parameters())
+    assert len(params) == 1
+    la = EKFACLaplace(model, "classification", prior_precision=0.7)
+    with pytest.warns(UserWarning, match=r"\['embedding.weight', 'out.weight'\]"):
+        la.fit(loader(X, y))
+    exact = loop_ggn(model, params, X, "classification")
+    assert_close(la.H.eigenvalues[0].flatten(), torch.diagonal(exact))
+    X_test = _tokens(3)
+    J, _ = loop_jacobians(model, params, X_test)
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    _, variance = la._glm_predictive_distribution(X_test)
+    assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
+    loaded = EKFACLaplace(model, "classification")
+    loaded.load_state_dict(la.state_dict())
+    assert_close(loaded._glm_predictive_distribution(X_test)[1], variance)
+    with pytest.raises(ValueError, match=r"shared by several modules .*weight tying"):
+        EKFACLaplace(model, "classification", unsupported_layers="raise").fit(
+            loader(X, y)
+        )
 
 
 def test_float32_diagonal_blocks_agree_with_float64():

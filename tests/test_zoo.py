@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ekfac_laplace import EKFACLaplace
 from tests.test_architectures import CLASSES, VOCABULARY, _loader, token_batch
@@ -96,24 +96,48 @@ def _dora() -> nn.Module:
     return model
 
 
+class LastToken(Classifier):
+    """A language model's next-token logits at the last position."""
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return super().forward(batch)[:, -1, :]
+
+
+def _gpt2_lm() -> nn.Module:
+    config = transformers.GPT2Config(
+        vocab_size=VOCABULARY, n_embd=8, n_layer=1, n_head=2, n_positions=16
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    return model
+
+
 LANGUAGE = {
-    "mistral": lambda: _llama_like("Mistral"),
-    "llama_dora": _dora,
+    "mistral": lambda: Classifier(_llama_like("Mistral")),
+    "llama_dora": lambda: Classifier(_dora()),
+    "gpt2_lm_tied": lambda: LastToken(_gpt2_lm()),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LANGUAGE))
 def test_hugging_face_models_match_the_dense_ggn(name: str):
     """DoRA calls its adapters on an identity matrix too, for the weight norm it
-    detaches: only the call on the data counts, and gets Kronecker blocks."""
+    detaches: only the call on the data counts, and gets Kronecker blocks. GPT-2's
+    language-model head is tied to its token embedding: one exact diagonal block,
+    with a warning saying so."""
     torch.manual_seed(0)
-    model = Classifier(LANGUAGE[name]()).double().eval()
+    model = LANGUAGE[name]().double().eval()
     X = token_batch(6)
-    y = torch.randint(0, CLASSES, (6,))
+    y = torch.randint(0, model(X).shape[-1], (6,))
     la = EKFACLaplace(model, "classification", prior_precision=1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         la.fit(_loader(X, y))
+    expected = ["weight tying"] if name == "gpt2_lm_tied" else []
+    assert [m for m in expected if any(m in str(w.message) for w in caught)] == (
+        expected
+    )
+    assert len(caught) == len(expected), [str(w.message) for w in caught]
     _check_blocks(model, la, X)
 
 
