@@ -472,8 +472,8 @@ class FactorAccumulator(PassAccumulator):
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Cache the batch's entry while within budget."""
         gradients = self._pending.pop(layer.name)
-        if not self.caching or layer.name not in self.cached:
-            return
+        if not self.caching or layer.name not in self.cached or not gradients:
+            return  # (no gradient: an expert called on no row adds nothing)
         if layer.name in self._compact:
             weights, biases = zip(*gradients)
             entry = PerExampleGradients(
@@ -518,6 +518,7 @@ class FactorAccumulator(PassAccumulator):
             ``Q_G`` (where ``G`` is kept), ``Q_A`` (with the weight in the
             posterior) and a separate bias factor's eigenvectors.
         """
+        self._complete(layer)
         found = []
         for factors, what in (
             (self._gradient, "gradient"),
@@ -542,10 +543,31 @@ class FactorAccumulator(PassAccumulator):
         """
         sums = []
         for layer in self.layers:
+            self._complete(layer)
             for factors in (self._input, self._gradient, self._bias):
                 if layer.name in factors:
                     sums.append(mirror_upper(factors[layer.name]))
         return sums
+
+    def _complete(self, layer: KroneckerLayer) -> None:
+        """Zero factors for a layer that no batch reached (an idle expert).
+
+        Its eigenbases are then the identity and its corrected eigenvalues zero,
+        and every rank of a distributed fit holds the same factors.
+        """
+        dtype = accumulation_dtype(layer.weight.dtype)
+        for factors, what in (
+            (self._gradient, "gradient"),
+            (self._input, "input"),
+            (self._bias, "bias"),
+        ):
+            size = layer.factor_sizes().get(what)
+            if size is None or layer.name in factors:
+                continue
+            groups = () if what == "bias" or layer.groups == 1 else (layer.groups,)
+            factors[layer.name] = layer.weight.new_zeros(
+                *groups, size, size, dtype=dtype
+            )
 
     def _kept(self, mask: Tensor | None) -> Tensor | None:
         """On the CPU, the indices of a padding mask's tokens, once per batch.
@@ -745,6 +767,7 @@ class CorrectionAccumulator(PassAccumulator):
         """
         sums = []
         for layer in layers:
+            self._complete(layer)
             if layer.weight_index is not None:
                 sums.append(self.weight_corrections[layer.name])
             if layer.bias_index is not None:
@@ -798,6 +821,21 @@ class CorrectionAccumulator(PassAccumulator):
             self._add_weight(layer, squares.T @ (a[:, 0] @ q_a).square_())
         if layer.bias_index is not None and not layer.separate_bias:
             self._add_bias(layer, squares.sum(0))
+
+    def _complete(self, layer: KroneckerLayer) -> None:
+        """Zero corrections for a layer that no batch reached (an idle expert)."""
+        dtype = accumulation_dtype(layer.weight.dtype)
+        if layer.weight_index is not None and layer.name not in self.weight_corrections:
+            shape = layer.as_groups(layer.weight).shape
+            shape = shape[1:] if shape[0] == 1 else shape
+            self.weight_corrections[layer.name] = layer.weight.new_zeros(
+                shape, dtype=dtype
+            )
+        if layer.bias_index is not None and layer.name not in self.bias_corrections:
+            bias = layer.module.get_parameter(layer.bias_name)
+            self.bias_corrections[layer.name] = bias.new_zeros(
+                bias.numel(), dtype=dtype
+            )
 
     def _add_weight(self, layer: KroneckerLayer, term: Tensor) -> None:
         self.weight_corrections[layer.name] = _add(

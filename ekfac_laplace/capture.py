@@ -161,6 +161,10 @@ class ForwardCapture:
         # that ran more than once, every call (until settle_calls).
         self._nodes: dict[str, list[Any]] = {}
         self._repeated: dict[str, list[_Call]] = {}
+        #: Layer name to where each of its rows goes in its per-example layout
+        #: (rows ``n·m … n·m + m − 1`` for example ``n``) and its length ``B·m``:
+        #: the layers called on some of the examples' rows (:meth:`route_rows`).
+        self.routes: dict[str, tuple[Tensor, int]] = {}
         #: Kronecker layer name to whether a forward hook of the user's replaced
         #: (or changed in place) the output its ``forward`` returned.
         self.changed_by_hooks: dict[str, bool] = {}
@@ -262,6 +266,80 @@ class ForwardCapture:
             The detached input.
         """
         return self.inputs.pop(name).movedim(self.batch_dims.get(name, 0), 0)
+
+    def route_rows(
+        self, f: Tensor, targets: list[Tensor], always: bool = False
+    ) -> bool:
+        """Lay out per example the rows of layers called on some examples' rows.
+
+        A mixture of experts calls each expert on the rows routed to it
+        (``expert(x[rows])``), or on none, or not at all. For a layer of a
+        routable kind whose input is ``(R, d_in)`` with ``R`` not the batch size
+        ``B`` (or that did not run), the model routes rows, and for every layer of
+        such a kind with a 2-D input, two backward passes find each row's example
+        (an expert may get ``B`` rows by chance): ``Σ_n ⟨v_n, f_n⟩`` and
+        ``Σ_n (n + 1) ⟨v_n, f_n⟩`` give row ``r`` of example ``n`` gradients in the
+        ratio ``n + 1`` (rows without gradient add nothing to any per-example
+        gradient, wherever they go). The inputs (now) and every output gradient
+        (as it arrives) are then laid out as ``B·m`` rows, example by example,
+        zero-padded to ``m`` rows each, as :func:`~ekfac_laplace.layout.group_rows`
+        expects. A layer that did not run gets ``0`` rows. Runs before
+        :meth:`locate_batches`.
+
+        Args:
+            f: The outputs ``(B, …)`` of the captured forward pass.
+            targets: Parameters to back-propagate to (one per module).
+            always: Route the rows even if this pass shows no routing (an earlier
+                batch of the same fit did).
+
+        Returns:
+            Whether the rows were routed (the model routes rows).
+
+        Raises:
+            CaptureError: If a row carries gradient from several examples.
+        """
+        batch = f.shape[0]
+        routed, seen = [], always
+        for layer in self.layout.layers:
+            if not layer.kind.routable or layer.attention is not None:
+                continue
+            if layer.name not in self.inputs:  # not called: no row at all
+                self.inputs[layer.name] = layer.weight.new_zeros(
+                    0, layer.as_matrix(layer.weight).shape[1]
+                ).detach()
+                self.outputs[layer.name] = (None, 0)
+                seen = True
+            elif self.inputs[layer.name].ndim == 2:
+                routed.append(layer.name)
+                seen = seen or self.inputs[layer.name].shape[0] != batch
+        if not seen or batch < 2 or not f.requires_grad:
+            return seen
+        routed = [name for name in routed if self.inputs[name].shape[0]]
+        generator = torch.Generator(device=f.device).manual_seed(0)
+        direction = torch.randn(
+            f.shape, generator=generator, dtype=f.dtype, device=f.device
+        )
+        scale = torch.arange(1, batch + 1, dtype=f.dtype, device=f.device)
+        probes = []
+        with torch.enable_grad():
+            for weights in (None, scale.reshape(-1, *[1] * (f.ndim - 1))):
+                weighted = direction if weights is None else direction * weights
+                torch.autograd.grad(
+                    (f * weighted).sum(),
+                    targets,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                probes.append({name: self._raw_gradient(name) for name in routed})
+                self._forget_gradients()
+        for name in routed:
+            rows = self.inputs[name].shape[0]
+            examples = _row_examples(
+                name, probes[0][name], probes[1][name], rows, batch
+            )
+            self.routes[name] = _destinations(examples, batch)
+            self.inputs[name] = _laid_out(self.inputs[name], *self.routes[name])
+        return True
 
     @torch.no_grad()
     def locate_batches(self, f: Tensor, targets: list[Tensor], check: bool) -> None:
@@ -475,6 +553,8 @@ class ForwardCapture:
     def _store_gradient(self, name: str, gradient: Tensor | None) -> None:
         if gradient is None:
             return
+        if name in self.routes:
+            gradient = _laid_out(gradient, *self.routes[name])
         if self.receiver is not None:
             dim = self.batch_dims.get(name, 0)
             self.receiver(name, gradient.detach().movedim(dim, 0))
@@ -701,6 +781,51 @@ def _graph_nodes(f: Tensor) -> set[Any]:
         seen.add(node)
         stack.extend(child for child, _ in node.next_functions)
     return seen
+
+
+def _row_examples(
+    name: str, first: Tensor | None, second: Tensor | None, rows: int, batch: int
+) -> Tensor:
+    """Each row's example, from its gradients under weights ``1`` and ``n + 1``."""
+    if first is None or second is None:  # no gradient reaches it: any example
+        return torch.arange(rows) * batch // max(rows, 1)  # (moved where used)
+    first = first.detach().reshape(rows, -1).double()
+    second = second.detach().reshape(rows, -1).double()
+    norms = first.square().sum(1)
+    reached = norms > 0
+    ratio = (first * second).sum(1) / norms.where(reached, torch.ones_like(norms))
+    examples = (ratio.round() - 1).clamp(0, batch - 1).where(reached, 0).long()
+    expected = first * (examples + 1).unsqueeze(1).to(first.dtype)
+    residual = (second - expected).norm(dim=1)
+    tolerance = 1e-3 * second.norm(dim=1) + 1e-12 * float(second.norm())
+    if bool((reached & (residual > tolerance)).any()):
+        raise CaptureError(
+            f"Module '{name}' is called on {rows} rows for a batch of {batch} "
+            "examples, and some of its rows carry gradient from several examples: "
+            "its per-example gradients are not defined. Keep each row of an "
+            "example's own (an expert called on x[rows] is fine; a batch mean is "
+            "not)."
+        )
+    return examples
+
+
+def _destinations(examples: Tensor, batch: int) -> tuple[Tensor, int]:
+    """Where each row goes when each example's rows are laid out together."""
+    counts = torch.bincount(examples, minlength=batch)
+    width = int(counts.max()) if len(examples) else 0
+    order = torch.argsort(examples, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.empty_like(examples)
+    rows = torch.arange(len(examples), device=examples.device)
+    slots[order] = rows - starts[examples[order]]
+    return examples * width + slots, batch * width
+
+
+def _laid_out(tensor: Tensor, destinations: Tensor, length: int) -> Tensor:
+    """Rows of ``tensor`` moved to ``destinations`` of ``length`` zero rows."""
+    out = tensor.new_zeros(length, *tensor.shape[1:])
+    out[destinations.to(tensor.device)] = tensor
+    return out
 
 
 def _differentiable(leaf: Any) -> bool:

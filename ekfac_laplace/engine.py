@@ -95,6 +95,9 @@ class Sweep:
         self.likelihood = likelihood
         self.per_sequence = per_sequence
         self.batch_dims: dict[str, int] | None = None  # found on the first batch
+        #: Whether a batch showed rows routed to some layers (a mixture of
+        #: experts): every later batch then finds each row's example too.
+        self.routing = False
 
     def run(
         self,
@@ -171,7 +174,10 @@ class Sweep:
                 positions,
                 hidden,
                 len(passes or ()),
-                _padding(X, positions),
+                _padding(
+                    X,
+                    {n: a for n, a in positions.items() if n not in capture.routes},
+                ),
                 curvature=curvature,
             )
             for layer in layers:
@@ -195,6 +201,9 @@ class Sweep:
         with capture:
             f = self.model(X)
         capture.settle_calls(f)
+        self.routing = capture.route_rows(
+            f, self.layout.backprop_targets(), always=self.routing
+        )
         if f.ndim not in (2, 3):
             raise ValueError(
                 f"EKFAC needs model outputs of shape (batch, outputs) or (batch, "
@@ -336,7 +345,11 @@ class Sweep:
                     diagonal.add(entry, call, gradients, f.shape[0])
             if diagonal is not None:
                 diagonal.end_pass()
-        unreached = [layer.name for layer in hidden if layer.name not in reached]
+        unreached = [  # (a layer called on no row has nothing to reach)
+            layer.name
+            for layer in hidden
+            if layer.name not in reached and positions[layer.name].shape[1]
+        ]
         if unreached:
             raise ValueError(
                 f"No backward pass of this batch reaches layer(s) {unreached}: the "

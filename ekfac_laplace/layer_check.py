@@ -194,6 +194,7 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
         if not f.requires_grad:
             return {}  # no parameter of the posterior reaches the outputs
         capture.settle_calls(f)
+        capture.route_rows(f, layout.backprop_targets())
         tolerance = TOLERANCES.get(f.dtype, 1e-3)
         _check_deterministic(model, X, f, tolerance)
         capture.locate_batches(f, layout.backprop_targets(), check=False)

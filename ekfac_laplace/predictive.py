@@ -113,6 +113,7 @@ def glm_predictive_variance(
     f = f.flatten(start_dim=1)
     B, K = f.shape
     targets = layout.backprop_targets()
+    capture.route_rows(f, targets)
     if batch_dims is None:
         capture.locate_batches(f, targets, check=False)
     # Each pass is taken at once, by its index: a module that a pass does not reach

@@ -177,3 +177,92 @@ def test_a_capture_does_not_outlive_its_forward_pass():
     gc.collect()
     assert reference() is None
     f.sum().backward()  # the graph still works; the hooks do nothing
+
+
+class _Experts(nn.Module):
+    """A mixture of experts as people write one: each expert an ``nn.Linear``
+    called on the rows routed to it (top-1), or not at all (``skip``)."""
+
+    def __init__(self, skip: bool, tokens: bool, mix: bool = False) -> None:
+        super().__init__()
+        self.skip, self.tokens, self.mix = skip, tokens, mix
+        self.gate = nn.Linear(4, 3)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.out = nn.Linear(4, 3)
+        for param in self.gate.parameters():
+            param.requires_grad_(False)  # argmax: no gradient reaches the gate
+
+    def forward(self, x):
+        shape = x.shape
+        rows_of_x = x.reshape(-1, 4)
+        choice = self.gate(rows_of_x).argmax(-1)
+        hidden = torch.zeros_like(rows_of_x)
+        for index, expert in enumerate(self.experts):
+            rows = (choice == index).nonzero().squeeze(-1)
+            if self.skip and not len(rows):
+                continue
+            out = expert(rows_of_x[rows])
+            hidden = hidden.index_add(0, rows, out)
+            if self.mix:  # every row of the expert reaches every example
+                hidden = hidden + out.mean(0)
+        hidden = torch.tanh(hidden).reshape(shape)
+        return self.out(hidden.mean(1) if self.tokens else hidden)
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["examples", "tokens"])
+@pytest.mark.parametrize("skip", [False, True], ids=["empty_calls", "skipped"])
+def test_experts_called_on_routed_rows_are_exact(skip: bool, tokens: bool):
+    """Each row's example is found per batch (an expert may get B rows by chance),
+    an expert called on no row or not at all adds nothing, and one that never runs
+    keeps its prior: every block and the GLM predictive equal the dense GGN's."""
+    from ekfac_laplace import EKFACLaplace
+    from ekfac_laplace.predictive import glm_predictive_variance
+    from tests.cases import loader
+    from tests.utils import (
+        assert_close,
+        blocks,
+        corrected_eigenvalues,
+        loop_ggn,
+        loop_jacobians,
+    )
+
+    torch.manual_seed(0)
+    model = _Experts(skip, tokens).double()
+    X = torch.randn(10, 5, 4) if tokens else torch.randn(10, 4)
+    X = X.double()
+    if skip:  # expert 0 where x_0 > 0, else 2; 1 never; 2 not on the first batch
+        with torch.no_grad():
+            model.gate.weight.zero_()
+            model.gate.weight[0, 0], model.gate.weight[2, 0] = 1.0, -1.0
+            model.gate.bias.copy_(torch.tensor([0.0, -100.0, 0.0]))
+        X[:5, ..., 0] = X[:5, ..., 0].abs()
+        assert 2 not in model.gate(X[:5].reshape(-1, 4)).argmax(-1).tolist()
+        assert 2 in model.gate(X[5:].reshape(-1, 4)).argmax(-1).tolist()
+    y = torch.randint(0, 3, (10,))
+    la = EKFACLaplace(model, "classification")
+    la.fit(loader(X, y, batch_size=5))
+    params = la._posterior_params()
+    exact = blocks(
+        loop_ggn(model, params, X, "classification"), [p.numel() for p in params]
+    )
+    for block, basis, values in zip(exact, la.H.eigenvectors, la.H.eigenvalues):
+        assert_close(values.flatten(), corrected_eigenvalues(block, basis))
+    J, _ = loop_jacobians(model, params, X[:4])
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    _, variance = glm_predictive_variance(model, params, la.posterior_precision, X[:4])
+    assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
+
+
+def test_rows_carrying_several_examples_are_refused():
+    from ekfac_laplace import EKFACLaplace
+    from tests.cases import loader
+
+    torch.manual_seed(0)
+    model = _Experts(True, False, mix=True).double()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.raises(
+        ValueError,
+        match=r"Module 'experts\.\d' is called on \d+ rows for a batch of \d+ "
+        "examples, and some of its rows carry gradient from several examples",
+    ):
+        EKFACLaplace(model, "classification").fit(loader(X, y, batch_size=5))

@@ -70,6 +70,10 @@ class LayerKind:
         other_parameters_diagonal: Whether the module may hold parameters the
             kind does not apply, which get diagonal blocks (an attention's
             ``bias_k``); otherwise such a module gets diagonal blocks throughout.
+        routable: Whether the module may be called on some of the examples' rows
+            only, as ``(rows, d_in)`` (a mixture-of-experts expert): the capture
+            then finds each row's example (or a call on none) and lays the rows
+            out per example.
     """
 
     name: ClassVar[str] = ""
@@ -83,6 +87,7 @@ class LayerKind:
     batch_first: ClassVar[bool] = True
     base_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     other_parameters_diagonal: ClassVar[bool] = False
+    routable: ClassVar[bool] = False
 
     _registry: ClassVar[list[LayerKind]] = []
 

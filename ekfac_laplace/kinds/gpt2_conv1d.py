@@ -43,6 +43,7 @@ class GPT2Conv1D(LayerKind):
     description = "a GPT-2 Conv1D"
     transposed = True
     batch_first = False
+    routable = True
 
     def claims(
         self, model: nn.Module, module_name: str, module: nn.Module, param_name: str

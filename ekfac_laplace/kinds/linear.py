@@ -20,6 +20,7 @@ class Linear(LayerKind):
     name = "linear"
     description = "an nn.Linear"
     batch_first = False
+    routable = True
     base_classes = (nn.Linear,)
 
     def claims(
