@@ -54,10 +54,12 @@ class RowGroupingError(CaptureError):
             "consecutive as x.reshape(batch * m, ...) lays them out, so that its "
             "per-example gradients are defined. A module called on some of the "
             "examples' rows only (a mixture-of-experts expert called on the tokens "
-            "routed to it, x[rows]) is not supported: write the experts as one "
-            "module called on every row (as Hugging Face's MixtralExperts, which "
-            "gets exact diagonal blocks), or freeze them with "
-            "requires_grad_(False). Otherwise keep the batch dimension first."
+            "routed to it, x[rows]) is supported as an nn.Linear or GPT-2 Conv1D "
+            "called on 2-D (rows, features) inputs: flatten the rows before the "
+            "expert, write the experts as one module called on every row (as "
+            "Hugging Face's MixtralExperts, which gets exact diagonal blocks), or "
+            "freeze them with requires_grad_(False). Otherwise keep the batch "
+            "dimension first."
         )
 
 

@@ -72,7 +72,13 @@ def test_layout_of_a_subset_and_its_refusals():
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="weight tying"):
-        ParameterLayout(tied, list(tied.parameters()))
+        ParameterLayout(tied, list(tied.parameters()), "raise")
+    shared = ParameterLayout(tied, list(tied.parameters()))  # a diagonal block
+    assert [(name, param) for name, param, _ in shared.tied[0]] == [
+        ("0", "weight"),
+        ("1", "weight"),
+    ]
+    assert shared.blocks[0].diagonal and not shared.layers[0].weight_index
     norm = nn.BatchNorm1d(3).train()
     with pytest.raises(ValueError, match="training mode"):
         ParameterLayout(norm, list(norm.parameters()))
@@ -103,7 +109,8 @@ def test_group_rows_gathers_each_examples_consecutive_rows():
     with pytest.raises(
         RowGroupingError,
         match=r"'layer' sees 6 rows for a batch of 4 examples, not a multiple.*"
-        "a mixture-of-experts expert called on the tokens routed to it",
+        "a mixture-of-experts expert called on the tokens routed to it, x\\[rows\\]"
+        r"\) is supported as an nn.Linear or GPT-2 Conv1D called on 2-D",
     ):
         group_rows(rows, 4, "layer")
     # No row at all (an expert that no example was routed to): no position.
