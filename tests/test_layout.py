@@ -78,7 +78,7 @@ def test_layout_of_a_subset_and_its_refusals():
         ("0", "weight"),
         ("1", "weight"),
     ]
-    assert shared.blocks[0].diagonal and not shared.layers[0].weight_index
+    assert shared.blocks[0].diagonal and not shared.layers  # both on diagonal blocks
     norm = nn.BatchNorm1d(3).train()
     with pytest.raises(ValueError, match="training mode"):
         ParameterLayout(norm, list(norm.parameters()))
