@@ -145,6 +145,14 @@ def test_examples_and_the_cli_stay_under_2_gb_at_their_defaults(tmp_path):
     }
     commands["ekfac-laplace compare"] = [sys.executable, "-c", cli, "compare"]
     commands["ekfac-laplace sample"] = [sys.executable, "-c", cli, "sample"]
+    # Longest first (measured: 45, 41 and 34 s; the others 8-15 s), so that the two
+    # workers finish together: 103 s instead of 113 s.
+    longest = ("example_lora_transformer.py", "example_laplace_lora.py")
+    commands = {
+        name: commands[name]
+        for name in (*longest, "ekfac-laplace compare", *commands)
+        if name in commands
+    }
     folders = {}
     for index, name in enumerate(commands):
         folders[name] = tmp_path / str(index)

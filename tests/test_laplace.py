@@ -825,3 +825,38 @@ def test_curvature_with_other_options_changes_nothing() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, la.H.eigenvalues))
     with pytest.raises(ValueError, match="Unknown EKFAC option"):
         la.curvature(loader(X, y), dense_blocks=3)
+
+
+def test_a_channels_last_network_fits_predicts_samples_and_keeps_its_format():
+    """Non-contiguous parameters: the same posterior as the contiguous network,
+    every predictive, and the weights still ``channels_last`` afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    ).double()
+    X = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    plain = EKFACLaplace(copy.deepcopy(model), "classification")
+    plain.fit(loader(X, y))
+    last = model.to(memory_format=torch.channels_last)
+    assert not last[0].weight.is_contiguous()
+    for subset in ("all", "last_layer"):
+        la = Laplace(last, "classification", subset, "ekfac")
+        la.fit(loader(X, y))
+        if subset == "all":
+            assert_close(la.mean, plain.mean)
+            assert_close(
+                la.posterior_precision.to_matrix(),
+                plain.posterior_precision.to_matrix(),
+            )
+        assert la(X[:2], pred_type="glm").shape == (2, 3)
+        nn_probs = la(X[:2], pred_type="nn", link_approx="mc", n_samples=3)
+        assert nn_probs.shape == (2, 3)
+        assert la.sample(3).shape == (3, la.n_params)
+        la.optimize_prior_precision(method="marglik", n_steps=2)
+        la.load_state_dict(la.state_dict())
+    assert last[0].weight.is_contiguous(memory_format=torch.channels_last)
