@@ -534,12 +534,7 @@ class ParameterLayout:
                 raise ValueError(
                     _unsupported_message(module_name, param_name, module, reason)
                 )
-            check_diagonal_module(module_name, module)
-            entry = diagonal.setdefault(
-                module_name, DiagonalModule(module_name, module)
-            )
-            entry.param_names.append(param_name)
-            entry.indices.append(index)
+            entry = _diagonal_entry(diagonal, module_name, module, param_name, index)
             entry.dense.append(dense)
             self.blocks.append(
                 ParameterBlock(module_name, param_name, not dense, dense)
@@ -547,12 +542,9 @@ class ParameterLayout:
             self.owners.append(entry)
         for index, found in self.tied.items():  # the other uses of tied parameters
             for module_name, param_name, module in found[1:]:
-                check_diagonal_module(module_name, module)
-                entry = diagonal.setdefault(
-                    module_name, DiagonalModule(module_name, module)
+                entry = _diagonal_entry(
+                    diagonal, module_name, module, param_name, index
                 )
-                entry.param_names.append(param_name)
-                entry.indices.append(index)
                 entry.dense.append(False)
         self.layers: list[KroneckerLayer] = list(layers.values())
         self.diagonal_modules: list[DiagonalModule] = list(diagonal.values())
@@ -918,6 +910,21 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
             if all(entry[2] is not owner[2] for entry in entries):
                 entries.append(owner)
     return owners
+
+
+def _diagonal_entry(
+    diagonal: dict[str, DiagonalModule],
+    module_name: str,
+    module: nn.Module,
+    param_name: str,
+    index: int,
+) -> DiagonalModule:
+    """Add a parameter to its module's diagonal entry (made if new), checked."""
+    check_diagonal_module(module_name, module)
+    entry = diagonal.setdefault(module_name, DiagonalModule(module_name, module))
+    entry.param_names.append(param_name)
+    entry.indices.append(index)
+    return entry
 
 
 def _uses(

@@ -41,8 +41,9 @@ class Classifier(nn.Module):
         ).logits
 
 
-def llama() -> nn.Module:
-    config = transformers.LlamaConfig(
+def llama_like(family: str = "Llama", **extra) -> nn.Module:
+    """A one-layer LLaMA-family classifier (``Llama``, ``Mistral``, ``Mixtral``)."""
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCABULARY,
         hidden_size=8,
         intermediate_size=16,
@@ -52,8 +53,13 @@ def llama() -> nn.Module:
         max_position_embeddings=16,
         num_labels=CLASSES,
         pad_token_id=0,
+        **extra,
     )
-    return transformers.LlamaForSequenceClassification(config)
+    return getattr(transformers, f"{family}ForSequenceClassification")(config)
+
+
+def llama() -> nn.Module:
+    return llama_like("Llama")
 
 
 def gpt2() -> nn.Module:

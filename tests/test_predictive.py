@@ -126,25 +126,15 @@ class _WithUnused(nn.Module):
         return self.net(x)
 
 
-def test_a_module_that_does_not_run_adds_nothing_to_the_variance():
+@pytest.mark.parametrize("kronecker", [False, True], ids=["diagonal", "kronecker"])
+def test_a_module_that_does_not_run_keeps_its_prior(kronecker: bool):
+    """Its curvature is zero, the posterior there the prior, and it adds nothing to
+    the variance; a Kronecker layer like an expert that no example is routed to
+    (zero factors)."""
     torch.manual_seed(0)
     model = _WithUnused().double()
-    X = torch.randn(10, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (10,))
-    la = _fitted(model, "classification", X, y)
-    # Its curvature is zero: the posterior there is the prior.
-    assert all(v.abs().max() == 0 for v in la.H.eigenvalues[-2:])
-    fast_mu, fast_var = la._glm_predictive_distribution(X[:4])
-    dense_mu, dense_var = la._dense_glm_predictive_distribution(X[:4], False, False)
-    assert_close(fast_mu, dense_mu)
-    assert_close(fast_var, dense_var)
-
-
-def test_a_kronecker_layer_that_does_not_run_keeps_its_prior():
-    """Like an expert that no example is routed to: zero factors and curvature."""
-    torch.manual_seed(0)
-    model = _WithUnused().double()
-    model.unused_norm = nn.Linear(5, 5).double()
+    if kronecker:
+        model.unused_norm = nn.Linear(5, 5).double()
     X = torch.randn(10, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (10,))
     la = _fitted(model, "classification", X, y)

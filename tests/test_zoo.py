@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ekfac_laplace import EKFACLaplace
 from tests.test_architectures import CLASSES, VOCABULARY, _loader, token_batch
-from tests.test_hugging_face import Classifier, _check_blocks
+from tests.test_hugging_face import Classifier, _check_blocks, llama_like
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
@@ -65,29 +65,9 @@ def test_torchvision_models_fit_predict_and_sample(name: str):
     assert la.sample(2).shape == (2, la.n_params)
 
 
-def _llama_like(family: str, **extra) -> nn.Module:
-    config_class = getattr(transformers, f"{family}Config")
-    model_class = getattr(transformers, f"{family}ForSequenceClassification")
-    config = config_class(
-        vocab_size=VOCABULARY,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=16,
-        num_labels=CLASSES,
-        pad_token_id=0,
-        **extra,
-    )
-    return model_class(config)
-
-
 def _dora() -> nn.Module:
-    from tests.test_hugging_face import llama
-
     model = peft.get_peft_model(
-        llama(),
+        llama_like(),
         peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True),
     )
     for name, param in model.named_parameters():
@@ -113,7 +93,7 @@ def _gpt2_lm() -> nn.Module:
 
 
 LANGUAGE = {
-    "mistral": lambda: Classifier(_llama_like("Mistral")),
+    "mistral": lambda: Classifier(llama_like("Mistral")),
     "llama_dora": lambda: Classifier(_dora()),
     "gpt2_lm_tied": lambda: LastToken(_gpt2_lm()),
 }
@@ -148,7 +128,7 @@ def test_mixtral_matches_the_dense_ggn(top_k: int):
     data-dependent routing (exact diagonal blocks). Transformers' grouped expert
     product has no float64 kernel: float32, at float32's tolerance."""
     torch.manual_seed(0)
-    model = _llama_like("Mixtral", num_local_experts=3, num_experts_per_tok=top_k)
+    model = llama_like("Mixtral", num_local_experts=3, num_experts_per_tok=top_k)
     model = Classifier(model).eval()
     X = token_batch(6)
     y = torch.randint(0, CLASSES, (6,))
