@@ -229,11 +229,11 @@ def _as_linear(conv: Conv1D) -> nn.Linear:
     return linear
 
 
-def vit() -> nn.Module:
+def vit(image_size: int = 8, patch_size: int = 4) -> nn.Module:
     """torchvision's ViT: patch embedding, class token, positions, one encoder block."""
     return VisionTransformer(
-        image_size=8,
-        patch_size=4,
+        image_size=image_size,
+        patch_size=patch_size,
         num_layers=1,
         num_heads=2,
         hidden_dim=WIDTH,

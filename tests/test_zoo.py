@@ -16,26 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace import EKFACLaplace
-from tests.test_architectures import CLASSES, VOCABULARY, _loader, token_batch
+from tests.test_architectures import CLASSES, VOCABULARY, _loader, token_batch, vit
 from tests.test_hugging_face import Classifier, _check_blocks, llama_like
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-def _vit() -> nn.Module:
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(
-        image_size=32,
-        patch_size=16,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        mlp_dim=32,
-        num_classes=CLASSES,
-    )
 
 
 VISION = {
@@ -44,7 +30,7 @@ VISION = {
         num_classes=CLASSES
     ),
     "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=CLASSES),
-    "vit": _vit,
+    "vit": lambda: vit(image_size=32, patch_size=16),
 }
 
 
