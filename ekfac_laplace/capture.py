@@ -273,11 +273,13 @@ class ForwardCapture:
         """Lay out per example the rows of layers called on some examples' rows.
 
         A mixture of experts calls each expert on the rows routed to it
-        (``expert(x[rows])``), or on none, or not at all. For a layer of a
-        routable kind whose input is ``(R, d_in)`` with ``R`` not the batch size
-        ``B`` (or that did not run), the model routes rows, and for every layer of
-        such a kind with a 2-D input, two backward passes find each row's example
-        (an expert may get ``B`` rows by chance): ``Σ_n ⟨v_n, f_n⟩`` and
+        (``expert(x[rows])``), or on none, or not at all. Where a layer of a
+        routable kind gets an input ``(R, d_in)`` with ``R`` not a multiple of the
+        batch size ``B``, or did not run, the model routes rows (a fold of ``m``
+        rows per example, ``R = m·B``, as a reward model's pairs, is taken to be
+        consecutive and costs nothing), and for every layer of such a kind with a
+        2-D input, two backward passes find each row's example (an expert may get
+        a multiple of ``B`` rows by chance): ``Σ_n ⟨v_n, f_n⟩`` and
         ``Σ_n (n + 1) ⟨v_n, f_n⟩`` give row ``r`` of example ``n`` gradients in the
         ratio ``n + 1`` (rows without gradient add nothing to any per-example
         gradient, wherever they go). The inputs (now) and every output gradient
@@ -311,7 +313,7 @@ class ForwardCapture:
                 seen = True
             elif self.inputs[layer.name].ndim == 2:
                 routed.append(layer.name)
-                seen = seen or self.inputs[layer.name].shape[0] != batch
+                seen = seen or self.inputs[layer.name].shape[0] % batch != 0
         if not seen or batch < 2 or not f.requires_grad:
             return seen
         routed = [name for name in routed if self.inputs[name].shape[0]]
