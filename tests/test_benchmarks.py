@@ -203,3 +203,16 @@ def test_quick_lora_gpt2_benchmark_measures_every_phase_and_the_floor(tmp_path):
     table = (tmp_path / "lora_gpt2_quick.md").read_text()
     assert "| quick | glm8 |" in table and "EKFAC/floor" in table
     assert (tmp_path / "lora.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_check_cost_times_the_check_and_the_fit(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "layer_check_cost", BENCHMARK.parent / "layer_check_cost.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    arguments = ["--quick", "--cases", "mlp", "--checks", "1", "--fits", "1"]
+    assert module.main([*arguments, "--out", str(tmp_path)]) == 0
+    assert "| mlp |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "layer_check_cost_quick.json").read_text())
+    assert 0 < rows["mlp"]["check_s"] and 0 < rows["mlp"]["share"] < 1
