@@ -37,7 +37,12 @@ import torch
 from torch import Tensor
 
 from ekfac_laplace.dense import DenseBlocks
-from ekfac_laplace.diagonal import CHUNK_NUMBERS, ModuleCall, restricted_gradients
+from ekfac_laplace.diagonal import (
+    CHUNK_NUMBERS,
+    ModuleCall,
+    on_every_row,
+    restricted_gradients,
+)
 from ekfac_laplace.eigh import robust_eigenvectors
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import (
@@ -974,20 +979,11 @@ class DiagonalSquares:
             grad = group_rows(grad.unsqueeze(1), batch, entry.name).sum(1)
             grad = grad.to(squares.dtype)
             if index in self.tied:  # summed over the uses, squared at the end
-                if rows is not None:
-                    grad = squares.new_zeros(len(grad), *squares.shape).index_add_(
-                        1, rows, grad
-                    )
-                grad = grad.reshape(len(grad), *squares.shape)
+                grad = on_every_row(rows, grad, squares.shape)
                 pending = self._pending.get(index)
                 self._pending[index] = grad if pending is None else pending + grad
-                continue
-            if dense:  # the whole per-example gradient, for the exact block
-                if rows is not None:  # an embedding's rows of the batch
-                    grad = squares.new_zeros(len(grad), *squares.shape).index_add_(
-                        1, rows, grad
-                    )
-                self.dense.add(index, grad)
+            elif dense:  # the whole per-example gradient, for the exact block
+                self.dense.add(index, on_every_row(rows, grad, squares.shape))
             elif rows is None:
                 squares += grad.square().sum(0)
             else:

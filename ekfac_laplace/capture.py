@@ -790,7 +790,7 @@ def _row_examples(
 ) -> Tensor:
     """Each row's example, from its gradients under weights ``1`` and ``n + 1``."""
     if first is None or second is None:  # no gradient reaches it: any example
-        return torch.arange(rows) * batch // max(rows, 1)  # (moved where used)
+        return torch.arange(rows) * batch // max(rows, 1)  # (_laid_out moves them)
     first = first.detach().reshape(rows, -1).double()
     second = second.detach().reshape(rows, -1).double()
     norms = first.square().sum(1)

@@ -472,6 +472,22 @@ def restricted_gradients(
     return [(None, grad) for grad in grads]
 
 
+def on_every_row(rows: Tensor | None, grads: Tensor, shape: Sequence[int]) -> Tensor:
+    """Per-example gradients of :func:`restricted_gradients` on the whole parameter.
+
+    Args:
+        rows: The rows they are restricted to (an embedding's), or ``None``.
+        grads: Shape ``(B, R, D)`` on ``rows``, else ``(B, *shape)``.
+        shape: The parameter's shape.
+
+    Returns:
+        Shape ``(B, *shape)``, zero on the rows the batch does not use.
+    """
+    if rows is not None:
+        grads = grads.new_zeros(len(grads), *shape).index_add_(1, rows, grads)
+    return grads.reshape(len(grads), *shape)
+
+
 def _plain_call(names: Sequence[str], call: ModuleCall) -> bool:
     """Whether the closed forms apply: plain parameters, no pre-hooks."""
     return not call.pre_hooked and set(names) <= {"weight", "bias"}

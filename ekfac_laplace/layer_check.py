@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ekfac_laplace._compat import has_pre_hooks
 from ekfac_laplace.batches import check_outputs, to_device
 from ekfac_laplace.capture import ForwardCapture
-from ekfac_laplace.diagonal import restricted_gradients
+from ekfac_laplace.diagonal import on_every_row, restricted_gradients
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import (
@@ -261,9 +261,9 @@ def _check_deterministic(model: nn.Module, X: Any, f: Tensor, tolerance: float) 
         return  # NaN / Inf outputs are refused later, naming the first layer
     with torch.no_grad():
         again = check_outputs(model(X))
-    if again.shape == f.shape and _relative_error(again, f) <= tolerance:
-        return
     error = _relative_error(again, f) if again.shape == f.shape else 1.0
+    if error <= tolerance:
+        return
     raise LayerCheckError(
         "The model's outputs on the same inputs differ between two forward passes "
         f"(by {error:.1%} on the first batch): its forward pass is random "
@@ -485,10 +485,7 @@ def _diagonal_errors(
             if index not in layout.tied:
                 per_example[index] = (qualified, entry, rows, grads)
                 continue
-            if rows is not None:  # an embedding's rows: every row of the table
-                grads = grads.new_zeros(len(grads), *param.shape).index_add_(
-                    1, rows, grads
-                )
+            grads = on_every_row(rows, grads, param.shape)
             grads = group_rows(grads.unsqueeze(1), batch, entry.name).sum(1)
             owner = entry
             if index in per_example:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ekfac_laplace.capture import CaptureError, ForwardCapture
-from ekfac_laplace.diagonal import ModuleCall, restricted_gradients
+from ekfac_laplace.diagonal import ModuleCall, on_every_row, restricted_gradients
 from ekfac_laplace.layout import (
     KroneckerLayer,
     ParameterLayout,
@@ -468,9 +468,7 @@ def _diagonal_rows(
     for c, gradients in passes.items():
         rows, grad = restricted_gradients(module, [name], call, gradients)[0]
         grad = group_rows(grad.unsqueeze(1), batch, call.name).sum(1)
-        if rows is not None:
-            grad = grad.new_zeros(len(grad), *shape).index_add_(1, rows, grad)
-        rows_of[c] = grad.reshape(len(grad), *shape)
+        rows_of[c] = on_every_row(rows, grad, shape)
     return _by_pass(rows_of, count)
 
 
