@@ -46,7 +46,9 @@ from ekfac_laplace._compat import (
     tensor_version,
     watching_functional_linear,
 )
-from ekfac_laplace.diagonal import CaptureError, ModuleCall, UnsplittableCallError
+from ekfac_laplace.diagonal import ModuleCall
+from ekfac_laplace.driver import backward
+from ekfac_laplace.errors import CaptureError, UnsplittableCallError
 from ekfac_laplace.layout import (
     KroneckerLayer,
     ParameterLayout,
@@ -326,12 +328,7 @@ class ForwardCapture:
         with torch.enable_grad():
             for weights in (None, scale.reshape(-1, *[1] * (f.ndim - 1))):
                 weighted = direction if weights is None else direction * weights
-                torch.autograd.grad(
-                    (f * weighted).sum(),
-                    targets,
-                    retain_graph=True,
-                    allow_unused=True,
-                )
+                backward((f * weighted).sum(), targets, retain_graph=True)
                 probes.append({name: self._raw_gradient(name) for name in routed})
                 self._forget_gradients()
         for name in routed:
@@ -375,9 +372,7 @@ class ForwardCapture:
         probes = []
         with torch.enable_grad():
             for example in (0, 1):
-                torch.autograd.grad(
-                    f[example].sum(), targets, retain_graph=True, allow_unused=True
-                )
+                backward(f[example].sum(), targets, retain_graph=True)
                 probes.append({name: self._raw_gradient(name) for name in candidates})
                 self._forget_gradients()
         for name, dims in candidates.items():

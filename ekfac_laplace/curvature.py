@@ -29,6 +29,7 @@ from ekfac_laplace.factors import (
     curvature_likelihood,
     likelihood_loss,
 )
+from ekfac_laplace.fitted import FittedLayout
 from ekfac_laplace.layer_check import CHECK_EXAMPLES, checked_layout
 from ekfac_laplace.layout import REQUESTED_DIAGONAL, ParameterLayout
 from ekfac_laplace.options import EKFACOptions, Engine
@@ -43,6 +44,7 @@ def compute_ekfac(
     options: EKFACOptions | None = None,
     *,
     eigenbasis: list[tuple[Tensor, ...]] | None = None,
+    fitted: FittedLayout | None = None,
     dict_key_x: str = "input_ids",
     progress_bar: bool = False,
     process_group: Any | None = None,
@@ -61,7 +63,9 @@ def compute_ekfac(
         options: How to compute it (:class:`~ekfac_laplace.EKFACOptions`); the
             defaults (exact GGN, our fast engine) if ``None``.
         eigenbasis: If given, skip the Kronecker-factor pass and compute the corrected
-            eigenvalues in this basis (online fitting).
+            eigenvalues in this basis (online fitting), with ``fitted``.
+        fitted: With ``eigenbasis``: the layout of the fit it is from
+            (:attr:`EKFACFactors.layout`); every block keeps its structure.
         dict_key_x: Key of the inputs in dict-like batches (curvlinops engine).
         progress_bar: Show a progress bar over every pass.
         process_group: A ``torch.distributed`` process group for a data-parallel
@@ -74,7 +78,7 @@ def compute_ekfac(
 
     Returns:
         The eigenbases, the corrected eigenvalues (summed over the data, clamped at
-        zero) and the data term, in laplace-torch's scale.
+        zero), the data term, in laplace-torch's scale, and the fitted layout.
 
     Before any pass, every block is checked on the first batch
     (:mod:`ekfac_laplace.layer_check`): a layer that does not compute
@@ -90,51 +94,68 @@ def compute_ekfac(
     options = EKFACOptions() if options is None else options
     likelihood = curvature_likelihood(likelihood)
     _, factor = likelihood_loss(likelihood)
-    layout = ParameterLayout(
-        model,
-        params,
-        options.unsupported_layers,
-        max_factor_size=options.max_factor_size,
-        dense_blocks_up_to=options.dense_blocks_up_to,
-    )
-    if diagonal_blocks:
-        layout = layout.with_diagonal(
-            {layer.name: REQUESTED_DIAGONAL for layer in layout.layers}
-        )
-    if eigenbasis is not None:
-        layout = layout.following(eigenbasis)
+    layout = _layout(model, params, options, eigenbasis, fitted, diagonal_blocks)
     ranks = ranks_of(process_group)
     X = first_examples(batches, CHECK_EXAMPLES)
     layout = checked_layout(model, layout, X, ranks, keep=eigenbasis is not None)
     if options.engine == Engine.FAST:
-        raw = fast_ekfac(
-            model,
-            layout,
-            batches,
-            likelihood,
-            num_data,
-            options,
-            eigenbasis=eigenbasis,
-            progress_bar=progress_bar,
-            ranks=ranks,
-        )
+        engine = fast_ekfac
+        keywords = {"ranks": ranks}
     elif ranks.size > 1:
         raise ValueError(
             "A data-parallel fit (process_group) needs engine='fast'; the curvlinops "
             "engine runs in one process."
         )
     else:
-        raw = curvlinops_ekfac(
-            model,
-            layout,
-            batches,
-            likelihood,
-            num_data,
-            options,
-            dict_key_x=dict_key_x,
-            eigenbasis=eigenbasis,
-            progress_bar=progress_bar,
+        engine = curvlinops_ekfac
+        keywords = {"dict_key_x": dict_key_x}
+    raw = engine(
+        model,
+        layout,
+        batches,
+        likelihood,
+        num_data,
+        options,
+        eigenbasis=eigenbasis,
+        progress_bar=progress_bar,
+        **keywords,
+    )
+    _check_finite(raw, layout)
+    raw.layout = layout.fitted_layout(raw.eigenvectors, raw.eigenvalues, raw.batch_dims)
+    return raw.scaled(factor)
+
+
+def _layout(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    options: EKFACOptions,
+    eigenbasis: list[tuple[Tensor, ...]] | None,
+    fitted: FittedLayout | None,
+    diagonal_blocks: bool,
+) -> ParameterLayout:
+    """The layout of a fit: the options', or an online fit's previous one."""
+    if eigenbasis is None:
+        layout = ParameterLayout(model, params, options)
+        if diagonal_blocks:
+            layout = layout.with_diagonal(
+                {layer.name: REQUESTED_DIAGONAL for layer in layout.layers}
+            )
+        return layout
+    if len(eigenbasis) != len(params):
+        raise ValueError(
+            f"The eigenbasis has {len(eigenbasis)} blocks but there are "
+            f"{len(params)} parameter tensors."
         )
+    if fitted is None:
+        raise ValueError(
+            "An online fit in a given eigenbasis needs the layout of the fit it is "
+            "from: pass fitted=factors.layout with eigenbasis=factors.eigenvectors."
+        )
+    return ParameterLayout.from_fitted(model, params, fitted, options)
+
+
+def _check_finite(raw: EKFACFactors, layout: ParameterLayout) -> None:
+    """Refuse a non-finite loss or curvature, naming the block."""
     if not bool(torch.isfinite(raw.loss)):
         raise ValueError(
             "The summed loss over the training data is not finite (NaN or Inf); "
@@ -146,4 +167,3 @@ def compute_ekfac(
                 f"The curvature of '{block.module}.{block.name}' is not finite (NaN "
                 "or Inf); check the model's outputs and the data for NaN/Inf."
             )
-    return raw.scaled(factor)

@@ -1,4 +1,4 @@
-r"""Exact (dense) curvature blocks of small parameter tensors.
+r"""The sums of per-example structures in the engine's passes: exact blocks first.
 
 EKFAC approximates each parameter tensor's block of the GGN / Fisher within a
 Kronecker eigenbasis; most of what separates it from the exact block lies there.
@@ -28,30 +28,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ekfac_laplace.diagonal import CHUNK_NUMBERS
-from ekfac_laplace.eigh import robust_eigh
+from ekfac_laplace.blocks import BlockStructure, structure_named
 from ekfac_laplace.factors import accumulation_dtype
-from ekfac_laplace.layout import KroneckerLayer, ParameterLayout
+from ekfac_laplace.layout import EXACT, KroneckerLayer, ParameterLayout
 from ekfac_laplace.output_curvature import OutputCurvature
 
 
 class DenseBlocks:
-    """Sums ``Σ j jᵀ`` for every parameter tensor with an exact block.
+    """The sums of every tensor with a per-example structure (exact: ``Σ j jᵀ``).
+
+    Each block's structure (:mod:`ekfac_laplace.blocks`) says what it sums of the
+    per-example gradient rows handed here, and how it is decomposed.
 
     Args:
-        layout: The parameter layout (its ``dense`` blocks).
+        layout: The parameter layout (its per-example blocks).
 
     Attributes:
-        blocks: Block index to its accumulated ``(n, n)`` matrix.
+        blocks: Block index to what its structure accumulated (exact: ``(n, n)``).
+        structures: Block index to its structure.
     """
 
     def __init__(self, layout: ParameterLayout) -> None:
         self.blocks: dict[int, Tensor] = {}
-        for index in sorted(layout.dense):
+        self.structures: dict[int, BlockStructure] = {}
+        self.params = layout.params
+        for index, name in sorted(layout.row_structures.items()):
             param = layout.params[index]
-            dtype = accumulation_dtype(param.dtype)
-            n = param.numel()
-            self.blocks[index] = torch.zeros(n, n, dtype=dtype, device=param.device)
+            structure = structure_named(name)
+            self.structures[index] = structure
+            self.blocks[index] = structure.start(param, accumulation_dtype(param.dtype))
+
+    def decompose(
+        self, index: int, description: str
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Block ``index``'s eigenbasis and eigenvalues, by its structure.
+
+        Args:
+            index: The block.
+            description: What it is, for messages.
+
+        Returns:
+            ``(Q_b, λ_b)``.
+        """
+        return self.structures[index].decompose(
+            self.blocks[index], self.params[index], description
+        )
 
     def __bool__(self) -> bool:
         return bool(self.blocks)
@@ -74,10 +95,7 @@ class DenseBlocks:
         """
         block = self.blocks[index]
         rows = gradients.reshape(gradients.shape[0], -1).to(block.dtype)
-        chunk = max(1, CHUNK_NUMBERS // max(rows.shape[1], 1))
-        for start in range(0, rows.shape[0], chunk):
-            part = rows[start : start + chunk]
-            block.addmm_(part.T, part)
+        self.structures[index].accumulate(block, rows)
 
     def gradient(
         self,
@@ -120,9 +138,15 @@ class DenseBlocks:
         vectors = curvature.vectors().to(a.dtype)  # (B, K, C)
         if layer.dense_bias_index is not None:
             self.add(layer.dense_bias_index, vectors.flatten(0, 1))
-        if layer.dense_weight_index is None:
+        index = layer.dense_weight_index
+        if index is None:
             return
         inputs = a[:, 0]
+        if self.structures[index].name != EXACT:  # rows v_{n,k} ⊗ a_n, in its layout
+            rows = torch.einsum("bkc,bd->bkcd", vectors, inputs).flatten(0, 1)
+            weight = layer.kind.from_groups(rows.unsqueeze(1), layer.weight.shape)
+            self.add(index, weight)
+            return
         block = self.blocks[layer.dense_weight_index]
         C, d_in = vectors.shape[2], inputs.shape[1]
         # C(C+1)/2 products of (d_in × B)(B × d_in), not K C² d_in² per example.
@@ -134,37 +158,3 @@ class DenseBlocks:
                 view[c, :, e, :] += part
                 if e != c:
                     view[e, :, c, :] += part.T
-
-
-def decompose(block: Tensor, description: str) -> tuple[Tensor, Tensor]:
-    """Eigenvalues and eigenvectors of an exact block (robust to ``eigh``).
-
-    Args:
-        block: The symmetric positive semi-definite block.
-        description: What it is, for messages.
-
-    Returns:
-        ``(λ, Q)``: the block's eigenvalues (``diag(Qᵀ B Q)``) and eigenvectors.
-    """
-    return robust_eigh(block, description)
-
-
-def merged(
-    basis: Tensor, eigenvalues: Tensor, new: Tensor, description: str
-) -> tuple[Tensor, Tensor]:
-    """An exact block plus more data's: ``Q diag(λ) Qᵀ + B``, decomposed again.
-
-    Online fitting keeps EKFAC's Kronecker bases; an exact block needs no basis of
-    its own to be exact, so it is rebuilt and decomposed again.
-
-    Args:
-        basis: The previous ``Q``.
-        eigenvalues: The previous ``λ``.
-        new: The new data's block ``B``.
-        description: What it is, for messages.
-
-    Returns:
-        ``(λ, Q)`` of the sum.
-    """
-    total = (basis * eigenvalues) @ basis.T + new.to(basis.dtype)
-    return decompose(total, description)

@@ -37,11 +37,12 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ekfac_laplace._compat import forward_hooks_suspended
+from ekfac_laplace.errors import UnsplittableCallError
+from ekfac_laplace.module_kinds import module_kind
 
 # Per-example gradients are computed in chunks of examples holding at most this many
 # numbers (chunk × parameters of the module), e.g. 64 MiB in float32.
 CHUNK_NUMBERS = 2**24
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class ModuleCall:
             single=isinstance(output, Tensor),
             pre_hooked=pre_hooked,
         )
-        convention = _convention(name, module, args, kwargs, leaves)
+        convention = module_kind(module).convention(name, module, args, kwargs, leaves)
         if convention is None:
             return call.located(batch_dim, batch)
         call.arg_dims, call.kwarg_dims, call.output_dims = convention
@@ -217,90 +218,6 @@ class ModuleCall:
         return rows
 
 
-class CaptureError(ValueError):
-    """A module of the layout cannot be captured (see the subclasses)."""
-
-
-class UnsplittableCallError(CaptureError):
-    """A module with a diagonal block whose examples cannot be told apart."""
-
-    def __init__(self, name: str, module: nn.Module, reason: str) -> None:
-        super().__init__(
-            f"Module '{name}' ({type(module).__name__}) {reason}, so its per-example "
-            "gradients are not defined; diagonal blocks need the batch in a known "
-            "dimension of its inputs and outputs. Freeze its parameters with "
-            "requires_grad_(False), or call it on batched tensors with the batch "
-            "in dimension 0."
-        )
-
-
-def _tensors_at(dim: int) -> Any:
-    return lambda value: dim if isinstance(value, Tensor) else None
-
-
-def _convention(
-    name: str,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    leaves: list[Any],
-) -> tuple[Any, Any, tuple[int | None, ...]] | None:
-    """Batch dimensions of recurrent layers and attention, or ``None`` (default)."""
-    if isinstance(module, nn.RNNBase):
-        if not isinstance(args[0], Tensor):
-            raise UnsplittableCallError(
-                name, module, "takes a PackedSequence, which mixes the examples"
-            )
-        if args[0].ndim != 3:
-            raise UnsplittableCallError(name, module, "takes an unbatched sequence")
-        batch = 0 if module.batch_first else 1
-        arg_dims = (batch, *tree_map(_tensors_at(1), args[1:]))  # hx: dimension 1
-        kwarg_dims = tree_map(_tensors_at(1), kwargs)
-        output_dims = tuple(  # (output, h) or (output, (h, c))
-            (batch if i == 0 else 1) if isinstance(leaf, Tensor) else None
-            for i, leaf in enumerate(leaves)
-        )
-        return arg_dims, kwarg_dims, output_dims
-    if isinstance(module, nn.MultiheadAttention):
-        batch = 0 if module.batch_first else 1
-        named = dict(zip(_ATTENTION_ARGS, args)) | kwargs
-        if named["query"].ndim != 3:
-            raise UnsplittableCallError(name, module, "takes an unbatched sequence")
-        mask = named.get("attn_mask")
-        if isinstance(mask, Tensor) and mask.ndim == 3:
-            raise UnsplittableCallError(
-                name, module, "takes a 3-D attn_mask, with examples and heads mixed"
-            )
-
-        def dim(key: str, value: Any) -> int | None:
-            if not isinstance(value, Tensor):
-                return None
-            if key in ("query", "key", "value"):
-                return batch
-            return 0 if key == "key_padding_mask" else None
-
-        arg_dims = tuple(dim(key, value) for key, value in zip(_ATTENTION_ARGS, args))
-        kwarg_dims = {key: dim(key, value) for key, value in kwargs.items()}
-        output_dims = tuple(  # (output, weights): the weights are batch-first
-            (batch if i == 0 else 0) if isinstance(leaf, Tensor) else None
-            for i, leaf in enumerate(leaves)
-        )
-        return arg_dims, kwarg_dims, output_dims
-    return None
-
-
-_ATTENTION_ARGS = (
-    "query",
-    "key",
-    "value",
-    "key_padding_mask",
-    "need_weights",
-    "attn_mask",
-    "average_attn_weights",
-    "is_causal",
-)
-
-
 def per_example_gradients(
     module: nn.Module,
     names: Sequence[str],
@@ -368,7 +285,7 @@ def _replayed(
     rows: int,
 ) -> list[Tensor]:
     """``one_example`` over the rows: ``vmap``, or a loop for recurrent layers."""
-    if isinstance(module, nn.RNNBase):  # no batching rule for the fused kernels
+    if not module_kind(module).vmappable:  # e.g. no batching rule (recurrent)
         per_row = [
             one_example(
                 _selected(call.args, call.arg_dims, n),
@@ -455,19 +372,11 @@ def restricted_gradients(
     """
     if call.single and call.batch_first and _plain_call(names, call):
         (grad_output,) = grad_outputs
-        args, kwargs = call.args, call.kwargs
-        if _simple_embedding(module, names, args, kwargs):
-            indices = _rows_of(args[0], grad_output)
-            if "embedding_rows" not in call.memo:
-                tokens = indices.reshape(indices.shape[0], -1)
-                call.memo["embedding_rows"] = torch.unique(tokens, return_inverse=True)
-            rows, position = call.memo["embedding_rows"]
-            return [_embedding_rows(module, indices, grad_output, rows, position)]
-        normalised = _normalised_input(module, args, kwargs)
-        if normalised is not None:
-            normalised = _rows_of(normalised, grad_output)
-            grads = _affine_gradients(module, names, normalised, grad_output)
-            return [(None, grad) for grad in grads]
+        closed = module_kind(module).closed_form(
+            module, names, call.args, call.kwargs, grad_output, call.memo
+        )
+        if closed is not None:
+            return closed
     grads = per_example_gradients(module, names, call, grad_outputs)
     return [(None, grad) for grad in grads]
 
@@ -493,93 +402,6 @@ def _plain_call(names: Sequence[str], call: ModuleCall) -> bool:
     return not call.pre_hooked and set(names) <= {"weight", "bias"}
 
 
-def _rows_of(tensor: Tensor, grad_output: Tensor) -> Tensor:
-    """A one-row input shared by the batch, expanded to the gradient's rows."""
-    if tensor.shape[0] == 1 and grad_output.shape[0] > 1:
-        return tensor.expand(grad_output.shape[0], *tensor.shape[1:])
-    return tensor
-
-
-def _normalised_input(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Tensor | None:
-    """``x̂`` of a batch norm (running statistics) or layer norm, else ``None``.
-
-    Both are ``y = γ ⊙ x̂ + β`` with ``x̂`` independent of ``γ`` and ``β``, so the
-    per-example gradients are ``Σ g ⊙ x̂`` and ``Σ g`` over the positions.
-    """
-    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
-        return None
-    x = args[0]
-    if type(module) in BATCH_NORMS[:3] and module.running_mean is not None:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean = module.running_mean.reshape(shape)
-        var = module.running_var.reshape(shape)
-        return (x - mean) / torch.sqrt(var + module.eps)
-    if type(module) is nn.LayerNorm:
-        dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-        return (x - mean) / torch.sqrt(var + module.eps)
-    return None
-
-
-def _affine_gradients(
-    module: nn.Module, names: Sequence[str], normalised: Tensor, grad_output: Tensor
-) -> list[Tensor]:
-    """Per-example ``∂/∂γ = Σ g ⊙ x̂`` and ``∂/∂β = Σ g`` of a normalisation layer."""
-    batch = grad_output.shape[0]
-    if isinstance(module, nn.LayerNorm):
-        shape = tuple(module.normalized_shape)
-        flat = (batch, -1, *shape)  # (B, positions, *normalized_shape)
-        g, x = grad_output.reshape(flat), normalised.reshape(flat)
-    else:  # batch norm: channels in dimension 1
-        channels = grad_output.shape[1]
-        g = grad_output.reshape(batch, channels, -1).transpose(1, 2)
-        x = normalised.reshape(batch, channels, -1).transpose(1, 2)
-    per_name = {"weight": lambda: (g * x).sum(1), "bias": lambda: g.sum(1)}
-    return [per_name[name]() for name in names]
-
-
-def _simple_embedding(
-    module: nn.Module, names: Sequence[str], args: tuple[Any, ...], kwargs: dict
-) -> bool:
-    """Whether ``module`` is an embedding lookup with index inputs.
-
-    ``scale_grad_by_freq`` rescales autograd's gradient, not the Jacobian, so the
-    closed form holds for it too; ``max_norm`` is refused earlier.
-    """
-    return (
-        type(module) is nn.Embedding
-        and list(names) == ["weight"]
-        and len(args) == 1
-        and not kwargs
-        and isinstance(args[0], Tensor)
-        and not args[0].is_floating_point()
-    )
-
-
-def _embedding_rows(
-    module: nn.Embedding,
-    indices: Tensor,
-    grad_output: Tensor,
-    rows: Tensor,
-    position: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Per-example gradients of an embedding table on the rows the batch uses.
-
-    ``rows, position = torch.unique(tokens, return_inverse=True)`` of the call.
-    """
-    batch = indices.shape[0]
-    tokens = indices.reshape(batch, -1)
-    grads = grad_output.reshape(batch, tokens.shape[1], -1)
-    if module.padding_idx is not None:  # the padding row receives no gradient
-        grads = grads * (tokens != module.padding_idx).unsqueeze(-1)
-    summed = grads.new_zeros(batch, len(rows), grads.shape[-1])
-    summed.scatter_add_(1, position.unsqueeze(-1).expand_as(grads), grads)
-    return rows, summed
-
-
 def detach_inputs(value: Any) -> Any:
     """Detach every tensor in (nested tuples / dicts of) forward inputs.
 
@@ -599,34 +421,16 @@ def detach_inputs(value: Any) -> Any:
 
 
 def check_diagonal_module(name: str, module: nn.Module) -> None:
-    """Refuse modules whose examples are coupled in the forward pass.
+    """Refuse a module whose per-example curvature is undefined (its kind says).
 
     Args:
         name: The module's name in the model, for the message.
         module: The module.
 
     Raises:
-        ValueError: For a batch-norm layer in training mode (its output depends on
-            the whole batch, so per-example gradients are not defined) and an
-            embedding with ``max_norm`` (it changes its weights in the forward pass).
+        ValueError: For example for a batch-norm layer in training mode (its output
+            depends on the whole batch) or an embedding with ``max_norm`` (it
+            changes its weights in the forward pass); see
+            :mod:`ekfac_laplace.module_kinds`.
     """
-    if isinstance(module, nn.Embedding) and module.max_norm is not None:
-        raise ValueError(
-            f"Embedding '{name}' has max_norm={module.max_norm}: it renormalises its "
-            "weights in place during every forward pass, so there is no fixed MAP "
-            "to linearise around. Use max_norm=None, or freeze it with "
-            "requires_grad_(False)."
-        )
-    if isinstance(module, BATCH_NORMS) and module.training:
-        raise ValueError(
-            f"{type(module).__name__} '{name}' is in training mode, where its output "
-            "depends on the whole batch; call model.eval() before fitting "
-            "(laplace-torch's fit does)."
-        )
-    if isinstance(module, BATCH_NORMS) and module.running_mean is None:
-        raise ValueError(
-            f"{type(module).__name__} '{name}' has track_running_stats=False, so "
-            "even in eval mode its output depends on the whole batch; per-example "
-            "curvature is not defined. Track running statistics, or freeze it with "
-            "requires_grad_(False)."
-        )
+    module_kind(module).check(name, module)

@@ -54,10 +54,16 @@ from ekfac_laplace.accumulators import (
 )
 from ekfac_laplace.batches import check_targets, to_device, token_rows
 from ekfac_laplace.capture import ForwardCapture, group_rows
-from ekfac_laplace.dense import DenseBlocks, decompose
+from ekfac_laplace.dense import DenseBlocks
 from ekfac_laplace.distributed import LocalRanks
+from ekfac_laplace.driver import BackwardPasses
 from ekfac_laplace.factors import EKFACFactors, accumulation_dtype, likelihood_loss
-from ekfac_laplace.layout import KroneckerLayer, LayerBasis, ParameterLayout
+from ekfac_laplace.layout import (
+    DiagonalModule,
+    KroneckerLayer,
+    LayerBasis,
+    ParameterLayout,
+)
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
 
@@ -298,57 +304,26 @@ class Sweep:
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None,
     ) -> None:
-        """Back-propagate each ``v_k`` and hand the gradients on, one at a time.
+        """Back-propagate each ``v_k``, the gradients to the accumulators.
 
-        A pass that does not reach a layer at all (autograd gives it no gradient,
-        e.g. a regression output of another head) adds nothing to its sums, as a
-        zero gradient would. A layer that no pass of a batch reaches is refused.
+        Through :class:`~ekfac_laplace.driver.BackwardPasses`: each layer's output
+        gradient reaches the accumulators as autograd computes it. A pass that
+        does not reach a layer at all (autograd gives it no gradient, e.g. a
+        regression output of another head) adds nothing to its sums, as a zero
+        gradient would. A layer that no pass of a batch reaches is refused.
         """
-        diagonal_modules = self.layout.diagonal_modules if diagonal else []
-        dense = None if diagonal is None else diagonal.dense
+        modules = self.layout.diagonal_modules if diagonal else []
         targets = self._targets(hidden, diagonal is not None, capture)
-        reached: set[str] = set()
-        for k in range(len(passes)):
-            torch.autograd.grad(
-                passes.output(k),
-                targets,
-                retain_graph=k < len(passes) - 1,
-                allow_unused=True,
-            )
-            for layer in hidden:
-                gradients = capture.take_gradients(layer.name)
-                if not gradients:
-                    continue  # this pass does not reach the layer: it adds zero
-                (gradient,) = gradients
-                reached.add(layer.name)
-                exact = bool(dense) and layer in self.layout.dense_layers
-                a, batch, name = positions[layer.name], f.shape[0], layer.name
-                g = bias_rows = None
-                if layer.shares_weight or (exact and layer.dense_needs_rows):
-                    g = group_rows(layer.output_gradients(gradient), batch, name)
-                    g = g.to(a.dtype)
-                if layer.separate_bias or (exact and layer.dense_needs_bias_rows):
-                    bias_rows = group_rows(layer.bias_gradients(gradient), batch, name)
-                    bias_rows = bias_rows.to(a.dtype)
-                if layer.has_kronecker:
-                    accumulator.gradient(
-                        layer,
-                        a,
-                        g if layer.shares_weight else None,
-                        bias_rows if layer.separate_bias else None,
-                    )
-                if exact:
-                    dense.gradient(layer, a, g, bias_rows)
-            for entry in diagonal_modules:
-                call = capture.calls.get(entry.name)
-                for gradients in capture.take_gradients(entry.name):  # unused: none
-                    diagonal.add(entry, call, gradients, f.shape[0])
-            if diagonal is not None:
-                diagonal.end_pass()
+        receiver = _SweepReceiver(
+            self.layout, positions, f.shape[0], accumulator, diagonal, capture
+        )
+        report = BackwardPasses(capture, hidden, modules, targets).run(
+            len(passes), passes.output, receiver
+        )
         unreached = [  # (a layer called on no row has nothing to reach)
             layer.name
             for layer in hidden
-            if layer.name not in reached and positions[layer.name].shape[1]
+            if layer.name not in report.reached and positions[layer.name].shape[1]
         ]
         if unreached:
             raise ValueError(
@@ -361,6 +336,62 @@ class Sweep:
         for layer in hidden:
             if layer.has_kronecker:
                 accumulator.end(layer, positions[layer.name])
+
+
+class _SweepReceiver:
+    """The fit's :class:`~ekfac_laplace.driver.PassReceiver`: gradients to sums.
+
+    A layer's output gradient goes to the pass's accumulator (factors or
+    corrections) and, for a layer with an exact block, to the exact blocks; a
+    diagonal module's to the diagonal squares (and its exact blocks).
+    """
+
+    def __init__(
+        self,
+        layout: ParameterLayout,
+        positions: dict[str, Tensor],
+        batch: int,
+        accumulator: PassAccumulator,
+        diagonal: DiagonalSquares | None,
+        capture: ForwardCapture,
+    ) -> None:
+        self.positions, self.batch = positions, batch
+        self.accumulator, self.diagonal, self.capture = accumulator, diagonal, capture
+        self.dense = None if diagonal is None else diagonal.dense
+        self.exact = (
+            {layer.name for layer in layout.dense_layers} if self.dense else set()
+        )
+
+    def layer_gradient(self, layer: KroneckerLayer, gradient: Tensor, k: int) -> None:
+        """Rows of the gradient to the accumulator and the exact blocks."""
+        exact = layer.name in self.exact
+        a, name = self.positions[layer.name], layer.name
+        g = bias_rows = None
+        if layer.shares_weight or (exact and layer.dense_needs_rows):
+            g = group_rows(layer.output_gradients(gradient), self.batch, name)
+            g = g.to(a.dtype)
+        if layer.separate_bias or (exact and layer.dense_needs_bias_rows):
+            bias_rows = group_rows(layer.bias_gradients(gradient), self.batch, name)
+            bias_rows = bias_rows.to(a.dtype)
+        if layer.has_kronecker:
+            self.accumulator.gradient(
+                layer,
+                a,
+                g if layer.shares_weight else None,
+                bias_rows if layer.separate_bias else None,
+            )
+        if exact:
+            self.dense.gradient(layer, a, g, bias_rows)
+
+    def module_gradients(self, entry: DiagonalModule, gradients: Any, k: int) -> None:
+        """A diagonal module's gradients to the diagonal squares."""
+        call = self.capture.calls.get(entry.name)
+        self.diagonal.add(entry, call, gradients, self.batch)
+
+    def end_pass(self, k: int) -> None:
+        """A tied parameter's uses are summed per pass: square them now."""
+        if self.diagonal is not None:
+            self.diagonal.end_pass()
 
 
 class _Passes:
@@ -591,29 +622,35 @@ class FastEKFAC:
             exact = {}  # the new data's exact blocks, merged by the caller
         ranks.sum_(correction.partial_sums(layers))
         factors = self._assemble(bases, correction, diagonal, totals)
-        for index, (values, basis) in exact.items():
-            factors.eigenvectors[index] = (basis,)
+        for index, (values, *basis) in exact.items():
+            factors.eigenvectors[index] = tuple(basis)
             factors.eigenvalues[index] = values
-        if eigenbasis is not None:
+        if eigenbasis is not None:  # zeros in the old basis; the caller merges
             for index, block in dense.blocks.items():
+                param = self.layout.params[index]
+                shape = dense.structures[index].shapes(param)[0]
                 factors.eigenvectors[index] = eigenbasis[index]
-                factors.eigenvalues[index] = block.new_zeros(block.shape[0])
+                factors.eigenvalues[index] = block.new_zeros(shape)
             factors.dense = dict(dense.blocks)
         return factors
 
     def _eigenbasis(
         self, factors: FactorAccumulator, dense: DenseBlocks, item: int
     ) -> list[Tensor]:
-        """Eigendecomposition ``item``: the layers' factors, then the exact blocks."""
+        """Eigendecomposition ``item``: the layers' factors, then the other blocks.
+
+        The per-example structures' blocks (exact, or another), by their structure.
+        """
         layers = factors.layers
         if item < len(layers):
             return factors.eigenbasis(layers[item]).tensors()
         index = list(dense.blocks)[item - len(layers)]
         block = self.layout.blocks[index]
-        values, basis = decompose(
-            dense.blocks[index], f"exact block of '{block.module}.{block.name}'"
+        basis, values = dense.decompose(
+            index,
+            f"{self.layout.structure(index)} block of '{block.module}.{block.name}'",
         )
-        return [values, basis]
+        return [values, *basis]
 
     def _pass(
         self,

@@ -25,6 +25,7 @@ import torch
 from laplace.utils.enums import Likelihood
 from torch import Tensor, nn
 
+from ekfac_laplace.fitted import FittedLayout
 from ekfac_laplace.matrix import EKFACDecomposed
 
 #: The likelihoods whose curvature EKFAC computes (laplace-torch's enum; reward
@@ -105,6 +106,9 @@ class EKFACFactors:
         batch_dims: Module name to the dimension of its tensors that holds the
             batch, where it is not 0, as the fit found it; ``None`` where the fit
             did not look (one example per batch, the curvlinops engine).
+        layout: The fitted layout, every block's structure, kind and shapes
+            (set by :func:`~ekfac_laplace.compute_ekfac`; ``None`` from an engine
+            alone).
     """
 
     eigenvectors: list[tuple[Tensor, ...]]
@@ -113,6 +117,7 @@ class EKFACFactors:
     tokens: int | None = None
     dense: dict[int, Tensor] = field(default_factory=dict)
     batch_dims: dict[str, int] | None = None
+    layout: FittedLayout | None = None
 
     def scaled(self, factor: float) -> EKFACFactors:
         """The factors in another scale, eigenvalues clamped at zero.
@@ -131,6 +136,7 @@ class EKFACFactors:
             self.tokens,
             {index: block * factor for index, block in self.dense.items()},
             self.batch_dims,
+            self.layout,
         )
 
     def to_decomposed(self) -> EKFACDecomposed:

@@ -477,8 +477,8 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
             self._posterior_params(),
             self.posterior_precision,
             features.reshape(len(f), -1),
+            self.fitted_layout,
             joint=joint,
-            dense_blocks_up_to=self.options.dense_blocks_up_to,
         )
         return (f.flatten() if joint else f), f_var
 

@@ -47,6 +47,7 @@ from ekfac_laplace.batches import check_outputs, to_device
 from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.diagonal import on_every_row, restricted_gradients
 from ekfac_laplace.distributed import LocalRanks
+from ekfac_laplace.driver import backward
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layout import (
     FITTED_DIAGONAL,
@@ -207,18 +208,13 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
             weights = 0.5 + torch.rand(
                 batch, generator=generator, dtype=f.dtype, device=f.device
             )
-        gradients = torch.autograd.grad(
-            (f * direction).sum(),
-            layout.params,
-            allow_unused=True,
-            retain_graph=weights is not None,
+        gradients = backward(
+            (f * direction).sum(), layout.params, retain_graph=weights is not None
         )
         weighted = None
         if weights is not None:
             per_example = weights.reshape(-1, *[1] * (f.ndim - 1))
-            weighted = torch.autograd.grad(
-                (f * direction * per_example).sum(), layout.params, allow_unused=True
-            )
+            weighted = backward((f * direction * per_example).sum(), layout.params)
     floors = _global_floors(f.dtype, gradients, weighted)
     failing = {}
     for layer in layout.layers:

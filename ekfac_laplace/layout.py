@@ -25,7 +25,7 @@ What these modules see in a forward pass is recorded by
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -33,9 +33,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ekfac_laplace.diagonal import CaptureError, check_diagonal_module
+from ekfac_laplace.blocks import claiming_structure, structure_named
+from ekfac_laplace.diagonal import check_diagonal_module
+from ekfac_laplace.errors import CaptureError
+from ekfac_laplace.fitted import FittedBlock, FittedLayout
 from ekfac_laplace.kinds import LayerKind, kind_of, unsupported_reason
-from ekfac_laplace.options import UnsupportedLayers
+from ekfac_laplace.module_kinds import module_kind
+from ekfac_laplace.options import EKFACOptions, UnsupportedLayers
 
 #: Without ``max_factor_size``, a Kronecker factor larger than this (in the
 #: accumulation dtype) is refused before any work: it, its eigenvectors and
@@ -302,6 +306,29 @@ class KroneckerLayer:
             sizes["bias"] = self.bias_features
         return sizes
 
+    def block_shapes(self, index: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+        """The eigenvalue shape and eigenvector shapes of its Kronecker block.
+
+        Args:
+            index: Its weight's or its bias's block index.
+
+        Returns:
+            The shapes.
+        """
+        groups = () if self.groups == 1 else (self.groups,)
+        if index == self.bias_index:
+            d_b = self.bias_features
+            if self.separate_bias:
+                return (d_b,), [(d_b, d_b)]
+            return (*groups, d_b), [(*groups, d_b, d_b)]
+        d_out, d_in = self.out_features, self.in_features
+        (first, second), values = self.weight_block(
+            torch.empty(*groups, d_out, d_out, device="meta"),
+            torch.empty(*groups, d_in, d_in, device="meta"),
+            torch.empty(*groups, d_out, d_in, device="meta"),
+        )
+        return tuple(values.shape), [tuple(first.shape), tuple(second.shape)]
+
     @property
     def target(self) -> Tensor:
         """A parameter to back-propagate to so that the output gradient flows.
@@ -393,21 +420,26 @@ class ParameterLayout:
     Args:
         model: The network.
         params: The posterior's parameters, in vector order.
-        unsupported_layers: ``"diagonal"``: parameters of modules KFAC cannot
-            factorise get diagonal blocks; ``"raise"``: refuse them.
+        options: The fit's options: ``unsupported_layers`` (``"diagonal"``:
+            parameters of modules KFAC cannot factorise get diagonal blocks;
+            ``"raise"``: refuse them), ``max_factor_size`` (layers whose Kronecker
+            factor would have more rows get diagonal blocks; ``None``: a factor
+            larger than :data:`FACTOR_LIMIT_BYTES` is refused) and
+            ``dense_blocks_up_to`` (tensors with at most this many entries get
+            their exact block).
         diagonal_layers: Kronecker layers that get diagonal blocks instead, each
             with the reason (they failed :mod:`~ekfac_laplace.layer_check`, or a
             fit gave them diagonal blocks).
-        max_factor_size: Layers whose Kronecker factor would have more rows than
-            this get diagonal blocks; ``None``: a factor larger than
-            :data:`FACTOR_LIMIT_BYTES` is refused.
-        dense_blocks_up_to: Parameter tensors with at most this many entries get
-            their exact (dense) block instead of a Kronecker or diagonal one.
-        dense_blocks: Block indices that get exact blocks whatever their size (a
-            fit's, see :meth:`fitted`).
+        dense_blocks: Exactly the blocks with a per-example structure (exact, or
+            another registered one), by index (a fit's, see :meth:`from_fitted`),
+            instead of those the registered structures claim.
+        guard_sizes: Refuse (or, with ``max_factor_size``, move to diagonal
+            blocks) factors and exact blocks too large for memory; off for a
+            fitted layout, whose fit did so.
 
     Attributes:
         params: The parameters, in vector order.
+        options: The options it was laid out with.
         blocks: One :class:`ParameterBlock` per parameter tensor, in order.
         layers: The Kronecker-factored layers, in order of first appearance.
         diagonal_modules: The modules with diagonal blocks, in that order.
@@ -418,7 +450,8 @@ class ParameterLayout:
 
     Raises:
         ValueError: For a tensor that is not a parameter of ``model``, a parameter
-            shared by several modules (weight tying), an unsupported module with
+            shared by several modules (weight tying) with
+            ``unsupported_layers="raise"``, an unsupported module with
             ``unsupported_layers="raise"``, a module whose per-example curvature
             is undefined (batch norm in training mode, ``Embedding(max_norm=...)``),
             or an attention's out-projection that cannot have Kronecker blocks.
@@ -430,11 +463,11 @@ class ParameterLayout:
         self,
         model: nn.Module,
         params: Sequence[Tensor],
-        unsupported_layers: UnsupportedLayers | str = UnsupportedLayers.DIAGONAL,
+        options: EKFACOptions | None = None,
+        *,
         diagonal_layers: Mapping[str, str] | None = None,
-        max_factor_size: int | None = None,
-        dense_blocks_up_to: int = 0,
-        dense_blocks: Collection[int] = (),
+        dense_blocks: Mapping[int, str] | None = None,
+        guard_sizes: bool = True,
     ) -> None:
         if not params:
             raise ValueError(
@@ -443,20 +476,25 @@ class ParameterLayout:
             )
         self.model = model
         self.params: list[Tensor] = list(params)
-        self.unsupported_layers = UnsupportedLayers.parse(
-            unsupported_layers, "unsupported_layers"
-        )
-        self.max_factor_size = max_factor_size
+        self.options = EKFACOptions() if options is None else options
+        self.unsupported_layers = self.options.unsupported_layers
+        self.guard_sizes = guard_sizes
         self.diagonal_layers: dict[str, str] = dict(diagonal_layers or {})
-        self.dense_blocks_up_to = dense_blocks_up_to
-        #: The block indices with exact (dense) blocks.
-        self.dense: set[int] = set(dense_blocks) | {
-            index
-            for index, param in enumerate(self.params)
-            if param.numel() <= dense_blocks_up_to
-        }
-        for index in self.dense:
-            _check_dense_block_size(index, self.params[index])
+        #: Block index to its per-example structure (:mod:`ekfac_laplace.blocks`:
+        #: exact, or another registered one that claims the tensor).
+        self.row_structures: dict[int, str] = (
+            {
+                index: structure.name
+                for index, param in enumerate(self.params)
+                if (structure := claiming_structure(param, self.options)) is not None
+            }
+            if dense_blocks is None
+            else dict(dense_blocks)
+        )
+        if guard_sizes:
+            for index, name in self.row_structures.items():
+                if name == EXACT:
+                    _check_dense_block_size(index, self.params[index])
         owners = _owners(model)
         uses = [_uses(owners, param) for param in self.params]
         #: Block index of a tied parameter (applied by several modules) to every
@@ -470,7 +508,7 @@ class ParameterLayout:
         resolved = [found[0] for found in uses]
         self._assign(resolved, self.diagonal_layers)
         #: Layer name to why ``max_factor_size`` gave it diagonal blocks.
-        self.oversized = self._oversized_layers()
+        self.oversized = self._oversized_layers() if guard_sizes else {}
         if self.oversized:
             self._assign(resolved, {**self.diagonal_layers, **self.oversized})
 
@@ -486,7 +524,8 @@ class ParameterLayout:
                 "diagonal block (per example, the sum of the uses' gradients), "
                 "untie the weights, or freeze it with requires_grad_(False)."
             )
-        self.dense -= set(self.tied)
+        for index in self.tied:
+            self.row_structures.pop(index, None)
         for found in self.tied.values():
             for module_name, _, _ in found:  # the whole module on diagonal blocks
                 self.diagonal_layers.setdefault(
@@ -550,35 +589,121 @@ class ParameterLayout:
         self.diagonal_modules: list[DiagonalModule] = list(diagonal.values())
 
     @classmethod
-    def fitted(
+    def from_fitted(
         cls,
         model: nn.Module,
         params: Sequence[Tensor],
-        eigenvectors: Sequence[tuple[Tensor, ...]],
-        dense_blocks_up_to: int = 0,
+        fitted: FittedLayout,
+        options: EKFACOptions | None = None,
     ) -> ParameterLayout:
-        """The layout a fit gave ``params``: diagonal where its basis is ``()``.
+        """The layout a fit gave ``params``, rebuilt from its fitted layout.
 
         Args:
             model: The network.
             params: The posterior's parameters, in vector order.
-            eigenvectors: Per block, the fitted eigenbasis (``()``: diagonal).
-            dense_blocks_up_to: The fit's option: which biases have exact blocks
-                (a weight's or a diagonal module's shows in its one basis).
+            fitted: The fit's layout (:attr:`EKFACFactors.layout`).
+            options: The fit's options.
 
         Returns:
-            The layout, with the fit's diagonal and exact blocks.
+            The layout, with the fit's structure for every block.
 
         Raises:
-            ValueError: See :meth:`following`.
+            ValueError: If the fit has another number of blocks, or a block whose
+                structure or kind this model cannot give it (the model changed
+                since the fit).
         """
+        if len(fitted) != len(params):
+            raise ValueError(
+                f"The fit has {len(fitted)} blocks but there are {len(params)} "
+                "parameter tensors; use the model it was fitted on."
+            )
+        per_example = {
+            index: block.structure
+            for index, block in enumerate(fitted.blocks)
+            if block.structure not in (KRONECKER, DIAGONAL)
+        }
+        for name in set(per_example.values()):
+            structure_named(name)  # a structure this installation has
         layout = cls(
-            model,
-            params,
-            max_factor_size=_NO_LIMIT,
-            dense_blocks_up_to=dense_blocks_up_to,
+            model, params, options, dense_blocks=per_example, guard_sizes=False
         )
-        return layout.following(eigenvectors)
+        layout = layout.with_diagonal(
+            {
+                owner.name: FITTED_DIAGONAL
+                for owner, block in zip(layout.owners, fitted.blocks)
+                if isinstance(owner, KroneckerLayer) and block.structure == DIAGONAL
+            }
+        )
+        for index, block in enumerate(fitted.blocks):
+            structure, kind = layout.structure(index), layout.kind_name(index)
+            # A Kronecker block's kind lays out its basis; an exact or diagonal
+            # block's is the same whichever module computes its gradients.
+            if block.structure != structure or (
+                structure == KRONECKER and block.kind != kind
+            ):
+                raise ValueError(
+                    f"The fit gave '{block.qualified_name}' a {block.structure} "
+                    f"block (kind {block.kind!r}), but its module cannot have one "
+                    f"now: this model gives it a {structure} block (kind {kind!r}). "
+                    "The model changed since the fit (pruning, a parametrisation, "
+                    "another architecture?): fit again, or load the state into the "
+                    "model it was fitted on."
+                )
+        return layout
+
+    def structure(self, index: int) -> str:
+        """The block structure of block ``index``: Kronecker, exact or diagonal."""
+        owner = self.owners[index]
+        if index in self.row_structures:
+            return self.row_structures[index]
+        if isinstance(owner, KroneckerLayer):
+            return KRONECKER
+        return DIAGONAL
+
+    def kind_name(self, index: int) -> str:
+        """The kind of block ``index``'s owner: a layer kind or a module kind."""
+        owner = self.owners[index]
+        if isinstance(owner, KroneckerLayer):
+            return owner.kind.name
+        return module_kind(owner.module).name
+
+    def fitted_layout(
+        self,
+        eigenvectors: Sequence[tuple[Tensor, ...]],
+        eigenvalues: Sequence[Tensor],
+        batch_dims: Mapping[str, int] | None = None,
+    ) -> FittedLayout:
+        """This layout as a fit's value, with the shapes the fit gave each block.
+
+        Args:
+            eigenvectors: Per block, its eigenbasis.
+            eigenvalues: Per block, its eigenvalues.
+            batch_dims: Where the fit found each module's batch dimension.
+
+        Returns:
+            The fitted layout.
+        """
+        return FittedLayout(
+            tuple(
+                FittedBlock(
+                    block.module,
+                    block.name,
+                    self.kind_name(index),
+                    self.structure(index),
+                    tuple(values.shape),
+                    tuple(tuple(q.shape) for q in basis),
+                )
+                for index, (block, basis, values) in enumerate(
+                    zip(self.blocks, eigenvectors, eigenvalues)
+                )
+            ),
+            None if batch_dims is None else dict(batch_dims),
+        )
+
+    @property
+    def dense(self) -> set[int]:
+        """The blocks with a per-example structure (exact, or another)."""
+        return set(self.row_structures)
 
     @property
     def has_dense(self) -> bool:
@@ -600,76 +725,11 @@ class ParameterLayout:
             or layer.dense_bias_index is not None
         ]
 
-    def following(self, eigenvectors: Sequence[tuple[Tensor, ...]]) -> ParameterLayout:
-        """This layout with diagonal blocks where a fit's basis is ``()``.
+    def with_dense(self, indices: Mapping[int, str]) -> ParameterLayout:
+        """The same layout with exactly these per-example blocks.
 
         Args:
-            eigenvectors: Per block, the fitted eigenbasis (``()``: diagonal).
-
-        Returns:
-            The layout of the fit (``self`` if it is this one).
-
-        Raises:
-            ValueError: If the fit has a different number of blocks, or a
-                Kronecker block where this model's module cannot have one (the
-                model changed since the fit).
-        """
-        if len(eigenvectors) != len(self):
-            raise ValueError(
-                f"The eigenbasis has {len(eigenvectors)} blocks but there are "
-                f"{len(self)} parameter tensors."
-            )
-        layout = self.with_diagonal(
-            {
-                owner.name: FITTED_DIAGONAL
-                for owner, basis in zip(self.owners, eigenvectors)
-                if isinstance(owner, KroneckerLayer) and not basis
-            }
-        )
-        dense = {  # one basis for the whole tensor: an exact block
-            index
-            for index, (owner, basis) in enumerate(zip(layout.owners, eigenvectors))
-            if len(basis) == 1
-            and (
-                isinstance(owner, DiagonalModule)
-                or index in (owner.weight_index, owner.dense_weight_index)
-                or (  # a grouped layer's bias: not one basis per group
-                    owner.groups > 1
-                    and not owner.kind.separate_bias
-                    and basis[0].ndim == 2
-                )
-            )
-        }
-        dense |= layout.dense  # the option's (a bias's basis does not tell) and
-        dense |= {  # a bias beside an exact weight: never smaller, so exact as well
-            owner.bias_index
-            for owner in layout.layers
-            if owner.bias_index is not None
-            and owner.weight_index in dense
-            and len(eigenvectors[owner.bias_index]) == 1
-        }
-        if dense != layout.dense:
-            layout = layout.with_dense(dense)
-        for block, basis in zip(layout.blocks, eigenvectors):
-            if block.dense and len(basis) != 1:
-                raise ValueError(
-                    f"'{block.module}.{block.name}' has an exact block here "
-                    f"(dense_blocks_up_to), but the fit gave it {len(basis)} bases; "
-                    "use the fit's options."
-                )
-            if block.diagonal and basis:
-                raise ValueError(
-                    f"The fit gave '{block.module}.{block.name}' a Kronecker block, "
-                    "but its module cannot have one now (the model changed since "
-                    "the fit: pruning or a parametrisation added?). Fit again."
-                )
-        return layout
-
-    def with_dense(self, indices: Collection[int]) -> ParameterLayout:
-        """The same layout with exactly the blocks ``indices`` dense.
-
-        Args:
-            indices: Block indices.
+            indices: Block index to its structure's name.
 
         Returns:
             A new layout.
@@ -677,10 +737,10 @@ class ParameterLayout:
         return ParameterLayout(
             self.model,
             self.params,
-            self.unsupported_layers,
+            self.options,
             diagonal_layers=self.diagonal_layers,
-            max_factor_size=self.max_factor_size,
             dense_blocks=indices,
+            guard_sizes=self.guard_sizes,
         )
 
     def with_diagonal(self, reasons: Mapping[str, str]) -> ParameterLayout:
@@ -697,10 +757,10 @@ class ParameterLayout:
         return ParameterLayout(
             self.model,
             self.params,
-            self.unsupported_layers,
+            self.options,
             diagonal_layers={**self.diagonal_layers, **reasons},
-            max_factor_size=self.max_factor_size,
-            dense_blocks=self.dense,
+            dense_blocks=self.row_structures,
+            guard_sizes=self.guard_sizes,
         )
 
     def __len__(self) -> int:
@@ -770,11 +830,12 @@ class ParameterLayout:
         oversized = {}
         for layer in self.layers:
             for factor, size in layer.factor_sizes().items():
-                if self.max_factor_size is not None:
-                    if size > self.max_factor_size:
+                limit = self.options.max_factor_size
+                if limit is not None:
+                    if size > limit:
                         oversized[layer.name] = (
                             f"has a Kronecker {factor} factor of {size} rows, more "
-                            f"than max_factor_size={self.max_factor_size}"
+                            f"than max_factor_size={limit}"
                         )
                     continue
                 dtype = layer.weight.dtype
@@ -834,12 +895,12 @@ def _check_dense_block_size(index: int, param: Tensor) -> None:
         )
 
 
-#: Why a layer has diagonal blocks in :meth:`ParameterLayout.fitted`.
+#: Why a layer has diagonal blocks in :meth:`ParameterLayout.from_fitted`.
 FITTED_DIAGONAL = "got diagonal blocks in the fit"
 #: Why a layer gets diagonal blocks when every block is asked to be diagonal.
 REQUESTED_DIAGONAL = "was asked for diagonal blocks"
-#: ``max_factor_size`` that never refuses (a fitted layout is checked by its fit).
-_NO_LIMIT = 2**62
+#: The block structures' names (:mod:`ekfac_laplace.structures` registers them).
+KRONECKER, EXACT, DIAGONAL = "kronecker", "exact", "diagonal"
 
 
 def _functional_projection_message(layer: KroneckerLayer, reason: str) -> str:

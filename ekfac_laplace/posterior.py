@@ -24,6 +24,7 @@ import hashlib
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,11 +48,12 @@ from ekfac_laplace.batches import (
     output_size,
     to_device,
 )
-from ekfac_laplace.capture import CaptureError
+from ekfac_laplace.blocks import structure_named
 from ekfac_laplace.curvature import compute_ekfac
-from ekfac_laplace.dense import merged
 from ekfac_laplace.distributed import ranks_of, warn_about_an_unshared_shard
+from ekfac_laplace.errors import CaptureError
 from ekfac_laplace.factors import EKFACFactors
+from ekfac_laplace.fitted import FittedLayout
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.predictive import glm_predictive_variance
@@ -244,9 +246,22 @@ class EKFACPosterior(ParametricLaplace):
     # --------------------------------------------------------- hyperparameters
     def _init_H(self) -> None:
         self.H: EKFACDecomposed | None = None
-        # Where the fit found each module's batch dimension (the predictive then
-        # need not probe for it); None: not known.
-        self._batch_dims: dict[str, int] | None = None
+        self._fitted: FittedLayout | None = None
+
+    @property
+    def fitted_layout(self) -> FittedLayout:
+        """The fit's layout: every block's structure, kind and shapes.
+
+        Raises:
+            AttributeError: If the object is not fitted.
+        """
+        self._check_H_init()
+        return self._fitted
+
+    @fitted_layout.setter
+    def fitted_layout(self, layout: FittedLayout) -> None:
+        """Set another layout for ``H`` (a structure selection sets both)."""
+        self._fitted = layout
 
     def _check_H_init(self) -> None:
         if getattr(self, "H", None) is None:
@@ -431,6 +446,7 @@ class EKFACPosterior(ParametricLaplace):
             num_data,
             options,
             eigenbasis=None if previous is None else previous.eigenvectors,
+            fitted=None if previous is None else self._fitted,
             dict_key_x=self.dict_key_x,
             progress_bar=progress_bar and ranks.rank == 0,
             process_group=self.process_group,
@@ -455,10 +471,9 @@ class EKFACPosterior(ParametricLaplace):
             self._posterior_params(),
             self.posterior_precision,
             to_device(X, model_device(self)),
+            self.fitted_layout,
             joint=joint,
             batch=batch_size(X, self.dict_key_x),
-            dense_blocks_up_to=self.options.dense_blocks_up_to,
-            batch_dims=getattr(self, "_batch_dims", None),
         )
 
     def _fit_signature(self, override: bool) -> dict[str, object]:
@@ -503,8 +518,10 @@ class EKFACPosterior(ParametricLaplace):
         self.mean = mean if self.enable_backprop else mean.detach()
         self.n_outputs = n_outputs
         self.model.output_size = n_outputs
-        if factors.batch_dims is not None or previous is None:
-            self._batch_dims = factors.batch_dims
+        layout = factors.layout
+        if previous is not None and layout.batch_dims is None:
+            layout = replace(layout, batch_dims=self._fitted.batch_dims)
+        self._fitted = layout
         if previous is None:
             self.H = factors.to_decomposed()
             self.loss = factors.loss
@@ -514,12 +531,16 @@ class EKFACPosterior(ParametricLaplace):
         eigenvalues = [
             old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)
         ]
+        params = self._posterior_params()
         for index, block in factors.dense.items():  # exact: rebuilt, not rotated
-            (basis,) = previous.eigenvectors[index]
-            values, basis = merged(
-                basis, previous.eigenvalues[index], block, f"exact block {index}"
+            structure = structure_named(self._fitted.blocks[index].structure)
+            eigenvectors[index], eigenvalues[index] = structure.merged(
+                previous.eigenvectors[index],
+                previous.eigenvalues[index],
+                block,
+                params[index],
+                f"{structure.name} block {index}",
             )
-            eigenvectors[index], eigenvalues[index] = (basis,), values
         self.H = EKFACDecomposed(eigenvectors, eigenvalues)
         self.loss = self.loss + factors.loss
         self.n_data = self.n_data + num_data
@@ -847,11 +868,14 @@ class EKFACPosterior(ParametricLaplace):
 
         Returns:
             laplace-torch's state with ``H`` as one ``(λ, *eigenvectors)`` tuple per
-            block and the EKFAC options under ``"ekfac_options"``.
+            block, the EKFAC options under ``"ekfac_options"`` and the fitted
+            layout (:class:`~ekfac_laplace.fitted.FittedLayout`, plain) under
+            ``"ekfac_layout"``.
         """
         state = super().state_dict()
         state["H"] = self.H.to_state()
         state["ekfac_options"] = self.options.to_state()
+        state["ekfac_layout"] = self.fitted_layout.plain()
         return state
 
     def _check_state(
@@ -910,4 +934,4 @@ class EKFACPosterior(ParametricLaplace):
         """Set a validated state (laplace-torch's load, with our ``H``)."""
         ParametricLaplace.load_state_dict(self, {**state_dict, "H": checked.curvature})
         self.options = checked.options
-        self._batch_dims = None  # not in the state: the predictive probes for it
+        self._fitted = checked.layout

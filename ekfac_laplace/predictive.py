@@ -32,9 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.capture import CaptureError, ForwardCapture
+from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.diagonal import ModuleCall, on_every_row, restricted_gradients
+from ekfac_laplace.driver import BackwardPasses
+from ekfac_laplace.fitted import FittedLayout
 from ekfac_laplace.layout import (
+    DiagonalModule,
     KroneckerLayer,
     ParameterLayout,
     group_rows,
@@ -48,10 +51,9 @@ def glm_predictive_variance(
     params: Sequence[Tensor],
     precision: EKFACDecomposed,
     X: Tensor | Mapping[str, Any],
+    fitted: FittedLayout,
     joint: bool = False,
     batch: int | None = None,
-    dense_blocks_up_to: int = 0,
-    batch_dims: Mapping[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GLM predictive mean and covariance ``J P⁻¹ Jᵀ``, without Jacobians.
 
@@ -65,16 +67,13 @@ def glm_predictive_variance(
         params: The parameters of the posterior, in vector order.
         precision: The posterior precision over ``params``.
         X: A batch of inputs.
+        fitted: The fit's layout (every block's structure; where it found each
+            module's batch dimension: where it did not, found here, at the cost of
+            two backward passes where a shape is ambiguous).
         joint: Return the joint covariance over all inputs and outputs.
         batch: The number of inputs (default: ``X.shape[0]`` for a tensor), so that
             a module whose one output row is shared by all inputs gets each input's
             gradient (see :class:`~ekfac_laplace.capture.ForwardCapture`).
-        dense_blocks_up_to: The fit's option (which blocks are exact).
-        batch_dims: Module name to the dimension of its tensors that holds the
-            batch where it is not 0, as the fit found it
-            (:attr:`~ekfac_laplace.factors.EKFACFactors.batch_dims`); ``None``:
-            found here, at the cost of two backward passes where a shape is
-            ambiguous (a ``(B, T, d)`` tensor with ``T`` a multiple of ``B``).
 
     Token-level outputs ``(B, T, C)`` are one example per token: the outputs
     ``(t, c)`` of a sequence take one backward pass each (``T·C``), and each token
@@ -93,16 +92,14 @@ def glm_predictive_variance(
             sees a number of rows that is not a multiple of the inputs; the caller
             can fall back to the dense Jacobian.
     """
-    layout = ParameterLayout.fitted(
-        model, params, precision.eigenvectors, dense_blocks_up_to
-    )
+    layout = ParameterLayout.from_fitted(model, params, fitted)
     if batch is None and isinstance(X, Tensor):
         batch = X.shape[0]
     # Back-propagating to parameters, the predictive needs no output tensor: left to
     # autograd, the outputs no backward function saves are freed after the forward
     # pass (a 12-layer GPT-2's LoRA products, (B, T, out) each).
     capture = ForwardCapture(
-        layout, batch=batch, batch_dims=batch_dims, keep_outputs=False
+        layout, batch=batch, batch_dims=fitted.batch_dims, keep_outputs=False
     )
     with capture:
         f = model(X)
@@ -114,75 +111,18 @@ def glm_predictive_variance(
     B, K = f.shape
     targets = layout.backprop_targets()
     capture.route_rows(f, targets)
-    if batch_dims is None:
+    if fitted.batch_dims is None:
         capture.locate_batches(f, targets, check=False)
-    # Each pass is taken at once, by its index: a module that a pass does not reach
-    # (no gradient at all) has a zero Jacobian row there, not a shifted one. A
-    # layer's output gradient is reduced as autograd computes it (see _LayerTerms),
-    # so that autograd frees it during the pass: no pass holds all layers' (a
-    # 12-layer GPT-2's LoRA layers at 512 tokens, 1.3 GiB for 8 sequences).
-    layers = {layer.name: layer for layer in layout.layers}
-    terms: dict[str, _LayerTerms] = {}
-    arrived: dict[str, int] = {}  # per layer, the gradients of the current pass
-    current = {"pass": 0}
-
-    def reduce(name: str, gradient: Tensor) -> None:
-        arrived[name] = arrived.get(name, 0) + 1
-        if arrived[name] > 1:
-            return  # refused after the pass
-        if name not in terms:
-            a = layers[name].inputs(capture.take_input(name))
-            terms[name] = _LayerTerms(
-                layers[name], precision, group_rows(a, B, name), K
-            )
-        terms[name].add(gradient, current["pass"])
-
-    diagonal_passes: dict[str, dict[int, Any]] = {}
-    capture.receiver = reduce
-    try:
-        for c in range(K):
-            arrived.clear()
-            current["pass"] = c
-            torch.autograd.grad(
-                f[:, c].sum(), targets, retain_graph=c < K - 1, allow_unused=True
-            )
-            for layer in layout.layers:  # the attention projections, assembled now
-                for gradient in capture.take_gradients(layer.name):
-                    reduce(layer.name, gradient)
-            for name, count in arrived.items():
-                if count > 1:
-                    raise CaptureError(
-                        f"Layer '{name}' received {count} gradients in one "
-                        "backward pass; the Jacobian-free GLM predictive needs each "
-                        "layer of the posterior to run once per forward pass."
-                    )
-            for entry in layout.diagonal_modules:
-                for gradients in capture.take_gradients(entry.name):  # at most one
-                    diagonal_passes.setdefault(entry.name, {})[c] = gradients
-    finally:  # the receiver holds the capture: leave no cycle for the collector
-        capture.receiver = None
-    variance = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
-    for layer_terms in terms.values():
-        variance = variance + layer_terms.variance(joint)
-    tied: dict[int, Tensor] = {}  # a tied parameter's rows, summed over its uses
-    for entry in layout.diagonal_modules:
-        passes = diagonal_passes.get(entry.name)
-        if not passes:
-            continue  # the module does not influence the outputs
-        call = capture.calls[entry.name]
-        for name, index in zip(entry.param_names, entry.indices):
-            if index in layout.tied:
-                rows = _diagonal_rows(entry.module, name, call, passes, K, B)
-                tied[index] = rows if index not in tied else tied[index] + rows
-                continue
-            variance = variance + _diagonal_term(
-                entry.module, name, call, passes, K, precision, index, B, joint
-            )
-    for index, J in tied.items():
-        inverse = precision.powered_eigenvalues(index, -1).flatten()
-        variance = variance + _squared(
-            J.flatten(start_dim=2).to(inverse.dtype), inverse, joint
-        )
+    # One pass per output; each layer's output gradient is reduced as autograd
+    # computes it (see _LayerTerms), so that autograd frees it during the pass: no
+    # pass holds all layers' (a 12-layer GPT-2's LoRA layers at 512 tokens, 1.3 GiB
+    # for 8 sequences). A module a pass does not reach has a zero row there.
+    receiver = _PredictiveTerms(precision, capture, B, K)
+    BackwardPasses(capture, layout.layers, layout.diagonal_modules, targets).run(
+        K, lambda c: f[:, c].sum(), receiver
+    )
+    zero = f.new_zeros(B, K, B, K) if joint else f.new_zeros(B, K, K)
+    variance = receiver.variance(layout, zero, joint)
     if joint:
         return f.detach().flatten(), variance.reshape(B * K, B * K)
     if tokens is not None:  # each token's (C, C) block, one row per token
@@ -191,6 +131,84 @@ def glm_predictive_variance(
         variance = blocks.permute(0, 3, 1, 2).reshape(B * T, C, C)
         return f.detach().reshape(B * T, C), variance
     return f.detach(), variance
+
+
+class _PredictiveTerms:
+    """The predictive's :class:`~ekfac_laplace.driver.PassReceiver`: its terms.
+
+    A Kronecker or exact block of a layer is reduced per pass by its
+    :class:`_LayerTerms`; a diagonal module's gradients are kept per pass and
+    turned into Jacobian rows at the end (a tied parameter's summed over its uses).
+
+    Args:
+        precision: The posterior precision.
+        capture: The forward pass's capture (the layers' inputs, the calls).
+        batch: The number of inputs ``B``.
+        passes: The number of passes ``K`` (outputs).
+    """
+
+    def __init__(
+        self,
+        precision: EKFACDecomposed,
+        capture: ForwardCapture,
+        batch: int,
+        passes: int,
+    ) -> None:
+        self.precision, self.capture = precision, capture
+        self.batch, self.passes = batch, passes
+        self.terms: dict[str, _LayerTerms] = {}
+        self.modules: dict[str, dict[int, Any]] = {}
+
+    def layer_gradient(self, layer: KroneckerLayer, gradient: Tensor, k: int) -> None:
+        """Reduce a layer's output gradient to its rotated Jacobian rows."""
+        if layer.name not in self.terms:
+            a = layer.inputs(self.capture.take_input(layer.name))
+            a = group_rows(a, self.batch, layer.name)
+            self.terms[layer.name] = _LayerTerms(layer, self.precision, a, self.passes)
+        self.terms[layer.name].add(gradient, k)
+
+    def module_gradients(self, entry: DiagonalModule, gradients: Any, k: int) -> None:
+        """Keep a diagonal module's output gradients of pass ``k``."""
+        self.modules.setdefault(entry.name, {})[k] = gradients
+
+    def end_pass(self, k: int) -> None:
+        """Nothing waits for the end of a pass."""
+
+    def variance(self, layout: ParameterLayout, zero: Tensor, joint: bool) -> Tensor:
+        """The covariance ``J P⁻¹ Jᵀ``, summed over every block.
+
+        Args:
+            layout: The layout (its diagonal modules, its tied parameters).
+            zero: Zeros of the result's shape, dtype and device.
+            joint: Over all pairs of inputs, or per input.
+
+        Returns:
+            ``(B, K, B, K)`` or ``(B, K, K)``.
+        """
+        B, K, precision = self.batch, self.passes, self.precision
+        variance = zero
+        for layer_terms in self.terms.values():
+            variance = variance + layer_terms.variance(joint)
+        tied: dict[int, Tensor] = {}  # a tied parameter's rows, summed over its uses
+        for entry in layout.diagonal_modules:
+            passes = self.modules.get(entry.name)
+            if not passes:
+                continue  # the module does not influence the outputs
+            call = self.capture.calls[entry.name]
+            for name, index in zip(entry.param_names, entry.indices):
+                if index in layout.tied:
+                    rows = _diagonal_rows(entry.module, name, call, passes, K, B)
+                    tied[index] = rows if index not in tied else tied[index] + rows
+                    continue
+                variance = variance + _diagonal_term(
+                    entry.module, name, call, passes, K, precision, index, B, joint
+                )
+        for index, J in tied.items():
+            inverse = precision.powered_eigenvalues(index, -1).flatten()
+            variance = variance + _squared(
+                J.flatten(start_dim=2).to(inverse.dtype), inverse, joint
+            )
+        return variance
 
 
 def _empty(f: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
@@ -445,9 +463,10 @@ def _dense_term(
     Returns:
         ``(B, K, B, K)`` or ``(B, K, K)``.
     """
-    (q,) = precision.eigenvectors[index]
-    inverse = precision.powered_eigenvalues(index, -1)
-    return _squared(J.to(q.dtype) @ q, inverse, joint)
+    basis = precision.eigenvectors[index]
+    inverse = precision.powered_eigenvalues(index, -1).flatten()
+    J = J.to(inverse.dtype)
+    return _squared(J @ basis[0] if basis else J, inverse, joint)
 
 
 def _diagonal_rows(

@@ -27,8 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ekfac_laplace.blocks import structure_named
 from ekfac_laplace.factors import accumulation_dtype
-from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, ParameterLayout
+from ekfac_laplace.fitted import FittedLayout
+from ekfac_laplace.layout import (
+    EXACT,
+    FITTED_DIAGONAL,
+    KRONECKER,
+    DiagonalModule,
+    KroneckerLayer,
+    ParameterLayout,
+)
 from ekfac_laplace.matrix import EKFACDecomposed
 from ekfac_laplace.options import EKFACOptions
 
@@ -46,10 +55,12 @@ class CheckedState:
     Attributes:
         curvature: ``H`` on the model's device.
         options: The EKFAC options it was fitted with.
+        layout: The fitted layout.
     """
 
     curvature: EKFACDecomposed
     options: EKFACOptions
+    layout: FittedLayout
 
 
 def checked_state(
@@ -79,7 +90,9 @@ def checked_state(
             not the model's current parameters (a state fitted at other weights).
     """
     options = EKFACOptions.from_state(state.get("ekfac_options", ()))
-    curvature = checked_curvature(state["H"], model, params, options.dense_blocks_up_to)
+    saved = state.get("ekfac_layout")
+    fitted = None if saved is None else FittedLayout.from_plain(saved)
+    curvature, layout = checked_curvature(state["H"], model, params, fitted, options)
     _check_vector("mean", state["mean"], n_params)
     _check_mean_is_the_model(
         state["mean"], params if mean_params is None else mean_params
@@ -106,25 +119,28 @@ def checked_state(
             f"The state's enable_backprop must be True or False, got "
             f"{state['enable_backprop']!r}."
         )
-    return CheckedState(curvature, options)
+    return CheckedState(curvature, options, layout)
 
 
 def checked_curvature(
     saved: Any,
     model: nn.Module,
     params: Sequence[Tensor],
-    dense_blocks_up_to: int = 0,
-) -> EKFACDecomposed:
+    fitted: FittedLayout | None = None,
+    options: EKFACOptions | None = None,
+) -> tuple[EKFACDecomposed, FittedLayout]:
     """The saved ``H``, checked block by block against ``params``.
 
     Args:
         saved: ``H`` as :meth:`EKFACDecomposed.to_state` wrote it.
         model: The network.
         params: The posterior's parameters, in vector order.
-        dense_blocks_up_to: The fit's option (which blocks are exact).
+        fitted: The state's fitted layout; ``None`` for a state saved before the
+            layout was (it is then migrated once from the shapes of its bases).
+        options: The fit's options.
 
     Returns:
-        The matrix, on the parameters' device.
+        The matrix, on the parameters' device, and its fitted layout.
 
     Raises:
         ValueError: For another structure, number of blocks, kind of block or
@@ -139,58 +155,107 @@ def checked_curvature(
             f"model's parameter tensors have sizes {sizes}; load it into the model "
             "it was fitted on."
         )
-    layout = ParameterLayout.fitted(
-        model, params, decomposed.eigenvectors, dense_blocks_up_to
-    )
+    if fitted is None:
+        fitted = migrated_layout(model, params, decomposed, options)
+    layout = ParameterLayout.from_fitted(model, params, fitted, options)
     device = params[0].device
     eigenvectors, eigenvalues = [], []
-    for index, (block, owner, param) in enumerate(
-        zip(layout.blocks, layout.owners, params)
-    ):
-        where = f"'{block.module}.{block.name}'" if block.module else repr(block.name)
+    for index, (block, param) in enumerate(zip(fitted.blocks, params)):
+        where = repr(block.qualified_name)
         basis = decomposed.eigenvectors[index]
         values = decomposed.eigenvalues[index]
-        expected = (
-            ((param.numel(),), [(param.numel(), param.numel())])
-            if block.dense
-            else _expected_shapes(owner, index, param)
-        )
-        found = (tuple(values.shape), [tuple(q.shape) for q in basis])
-        if found != expected:
+        expected = (tuple(values.shape), [tuple(q.shape) for q in basis])
+        if expected != (block.values, [tuple(shape) for shape in block.bases]):
             raise ValueError(
-                f"The state's block of {where} has eigenvalues of shape {found[0]} "
-                f"and eigenvectors of shapes {found[1]}, but this model's parameter "
-                f"of shape {tuple(param.shape)} needs {expected[0]} and "
-                f"{expected[1]}: the state is from another architecture. Load it "
-                "into the model it was fitted on."
+                f"The state's block of {where} has eigenvalues of shape "
+                f"{expected[0]} and eigenvectors of shapes {expected[1]}, but its "
+                f"fitted layout says {block.values} and {list(block.bases)}: the "
+                "state is corrupt. Fit again."
             )
+        _check_block_shapes(layout, index, param, where, expected)
         _check_eigenvalues(where, values)
         for q in basis:
             _check_orthonormal(where, q)
         eigenvectors.append(tuple(q.to(device) for q in basis))
         eigenvalues.append(values.to(device))
-    return EKFACDecomposed(eigenvectors, eigenvalues)
+    return EKFACDecomposed(eigenvectors, eigenvalues), fitted
 
 
-def _expected_shapes(
-    owner: KroneckerLayer | DiagonalModule, index: int, param: Tensor
-) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """The eigenvalue shape and eigenvector shapes block ``index`` must have."""
-    if isinstance(owner, DiagonalModule):
-        return tuple(param.shape), []
-    groups = () if owner.groups == 1 else (owner.groups,)
-    if index == owner.bias_index:
-        d_b = owner.bias_features
-        if owner.separate_bias:
-            return (d_b,), [(d_b, d_b)]
-        return (*groups, d_b), [(*groups, d_b, d_b)]
-    d_out, d_in = owner.out_features, owner.in_features
-    (first, second), values = owner.weight_block(
-        torch.empty(*groups, d_out, d_out, device="meta"),
-        torch.empty(*groups, d_in, d_in, device="meta"),
-        torch.empty(*groups, d_out, d_in, device="meta"),
+def _check_block_shapes(
+    layout: ParameterLayout,
+    index: int,
+    param: Tensor,
+    where: str,
+    found: tuple[tuple[int, ...], list[tuple[int, ...]]],
+) -> None:
+    """Refuse a block whose shapes are not those its structure needs here."""
+    owner, structure = layout.owners[index], layout.structure(index)
+    if structure == KRONECKER:
+        expected = owner.block_shapes(index)
+    else:
+        expected = structure_named(structure).shapes(param)
+    if found != expected:
+        raise ValueError(
+            f"The state's block of {where} has eigenvalues of shape {found[0]} "
+            f"and eigenvectors of shapes {found[1]}, but this model's parameter "
+            f"of shape {tuple(param.shape)} needs {expected[0]} and "
+            f"{expected[1]}: the state is from another architecture. Load it "
+            "into the model it was fitted on."
+        )
+
+
+def migrated_layout(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    decomposed: EKFACDecomposed,
+    options: EKFACOptions | None = None,
+) -> FittedLayout:
+    """The fitted layout of a state saved before states held it (round three).
+
+    Read once, on loading such a state, from the shapes of its bases: ``()`` is a
+    diagonal block, one basis over a whole weight (or a grouped layer's whole
+    bias) an exact block, as is a bias with one basis beside an exact weight.
+
+    Args:
+        model: The network.
+        params: The posterior's parameters, in vector order.
+        decomposed: The state's ``H``.
+        options: The fit's options.
+
+    Returns:
+        The layout, checked afterwards like a saved one.
+    """
+    bases = decomposed.eigenvectors
+    layout = ParameterLayout(model, params, options, guard_sizes=False)
+    layout = layout.with_diagonal(
+        {
+            owner.name: FITTED_DIAGONAL
+            for owner, basis in zip(layout.owners, bases)
+            if isinstance(owner, KroneckerLayer) and not basis
+        }
     )
-    return tuple(values.shape), [tuple(first.shape), tuple(second.shape)]
+    dense = set(layout.dense) | {
+        index
+        for index, (owner, basis) in enumerate(zip(layout.owners, bases))
+        if len(basis) == 1
+        and (
+            isinstance(owner, DiagonalModule)
+            or index in (owner.weight_index, owner.dense_weight_index)
+            or (
+                owner.groups > 1 and not owner.kind.separate_bias and basis[0].ndim == 2
+            )
+        )
+    }
+    dense |= {  # a bias beside an exact weight: never smaller, so exact as well
+        owner.bias_index
+        for owner in layout.layers
+        if owner.bias_index is not None
+        and owner.weight_index in dense
+        and len(bases[owner.bias_index]) == 1
+    }
+    if dense != layout.dense:
+        layout = layout.with_dense({index: EXACT for index in dense})
+    return layout.fitted_layout(bases, decomposed.eigenvalues)
 
 
 def _check_eigenvalues(where: str, values: Tensor) -> None:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ekfac_laplace import EKFACFactors, EKFACOptions, compute_ekfac
 from ekfac_laplace.batches import LaplaceBatches
+from ekfac_laplace.fitted import FittedLayout
 
 
 @dataclass
@@ -46,6 +47,7 @@ def fit_factors(
     likelihood: str,
     batch_size: int = 5,
     eigenbasis: list[tuple[Tensor, ...]] | None = None,
+    fitted: FittedLayout | None = None,
     **options: object,
 ) -> EKFACFactors:
     """compute_ekfac over ``(X, y)`` with the options as keywords."""
@@ -57,6 +59,7 @@ def fit_factors(
         len(X),
         EKFACOptions(**options),
         eigenbasis=eigenbasis,
+        fitted=fitted,
     )
 
 

@@ -12,6 +12,7 @@ dense KFAC factors: equal posterior precisions mean equal factors and correction
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -369,7 +370,13 @@ def test_glm_predictive_matches_the_dense_jacobians(name: str):
     covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
     for joint in (False, True):
         mean, variance = glm_predictive_variance(
-            model, la.params, la.posterior_precision, X_test, joint=joint, batch=4
+            model,
+            la.params,
+            la.posterior_precision,
+            X_test,
+            replace(la.fitted_layout, batch_dims=None),  # probed here
+            joint=joint,
+            batch=4,
         )
         if joint:
             flat = J.reshape(-1, J.shape[-1])
@@ -381,7 +388,7 @@ def test_glm_predictive_matches_the_dense_jacobians(name: str):
     # Through the Laplace object too (no silent fallback changes the numbers), which
     # uses where the fit found each module's batch dimension instead of probing.
     sequence_first_linear = name == "transformer_encoder_seq_first_norm_first"
-    assert sequence_first_linear == (1 in la._batch_dims.values())
+    assert sequence_first_linear == (1 in la.fitted_layout.batch_dims.values())
     _, variance = la._glm_predictive_distribution(X_test)
     assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
 
@@ -872,7 +879,8 @@ def test_per_sequence_monte_carlo_fisher_is_unbiased_for_the_corrected_eigenvalu
     params = list(model.parameters())
     batches = LaplaceBatches(_loader(X, labels, batch_size=3), "labels", "input_ids")
     N = int((labels != -100).sum())
-    basis = compute_ekfac(model, params, batches, "classification", N).eigenvectors
+    first = compute_ekfac(model, params, batches, "classification", N)
+    basis = first.eigenvectors
     exact = blocks(
         _token_curvature(model, params, X, labels, "type2"),
         [p.numel() for p in params],
@@ -892,7 +900,14 @@ def test_per_sequence_monte_carlo_fisher_is_unbiased_for_the_corrected_eigenvalu
             fisher_type="mc", mc_per_sequence=per_sequence, seed=seed
         )
         factors = compute_ekfac(
-            model, params, batches, "classification", N, options, eigenbasis=basis
+            model,
+            params,
+            batches,
+            "classification",
+            N,
+            options,
+            eigenbasis=basis,
+            fitted=first.layout,
         )
         return torch.cat([values.flatten() for values in factors.eigenvalues])
 

@@ -249,7 +249,9 @@ def test_experts_called_on_routed_rows_are_exact(skip: bool, tokens: bool):
         assert_close(values.flatten(), corrected_eigenvalues(block, basis))
     J, _ = loop_jacobians(model, params, X[:4])
     covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
-    _, variance = glm_predictive_variance(model, params, la.posterior_precision, X[:4])
+    _, variance = glm_predictive_variance(
+        model, params, la.posterior_precision, X[:4], la.fitted_layout
+    )
     assert_close(variance, J @ covariance @ J.transpose(1, 2), "float64_loose")
 
 

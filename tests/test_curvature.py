@@ -189,6 +189,7 @@ def test_online_eigenbasis_gives_eigenvalues_in_that_basis(engine: str):
         y[6:],
         case.likelihood,
         eigenbasis=first.eigenvectors,
+        fitted=first.layout,
         engine=engine,
     )
     ref = reference_ekfac(model, params, X[6:], y[6:], case.likelihood)

@@ -284,7 +284,12 @@ def test_glm_predictive_matches_the_dense_jacobian_path(name: str):
     for joint in (False, True):
         # The Jacobian-free path itself (no silent fallback to the dense one).
         fast = glm_predictive_variance(
-            model, la.params, la.posterior_precision, X_test, joint=joint
+            model,
+            la.params,
+            la.posterior_precision,
+            X_test,
+            la.fitted_layout,
+            joint=joint,
         )
         dense = la._dense_glm_predictive_distribution(
             X_test, joint=joint, diagonal_output=False

@@ -145,7 +145,13 @@ def _check_predictive(model: nn.Module, la, seed: int = 1) -> None:
     kind = "float32_internals" if _tolerance(model) != "float64" else "float64_loose"
     for joint in (False, True):
         mean, variance = glm_predictive_variance(
-            model, params, la.posterior_precision, X_test, joint=joint, batch=4
+            model,
+            params,
+            la.posterior_precision,
+            X_test,
+            la.fitted_layout,
+            joint=joint,
+            batch=4,
         )
         if joint:
             flat = J.reshape(-1, J.shape[-1])

@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from ekfac_laplace import EKFACOptions
 from ekfac_laplace.layout import (
     ParameterBlock,
     ParameterLayout,
     RowGroupingError,
     group_rows,
 )
+
+RAISE = EKFACOptions(unsupported_layers="raise")
 
 
 def _mixed() -> nn.Module:
@@ -68,11 +71,11 @@ def test_layout_of_a_subset_and_its_refusals():
     with pytest.raises(ValueError, match="no parameters"):
         ParameterLayout(model, [])
     with pytest.raises(ValueError, match=r"'3.weight' belongs to a LayerNorm"):
-        ParameterLayout(model, list(model.parameters()), "raise")
+        ParameterLayout(model, list(model.parameters()), RAISE)
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="weight tying"):
-        ParameterLayout(tied, list(tied.parameters()), "raise")
+        ParameterLayout(tied, list(tied.parameters()), RAISE)
     shared = ParameterLayout(tied, list(tied.parameters()))  # a diagonal block
     assert [(name, param) for name, param, _ in shared.tied[0]] == [
         ("0", "weight"),

@@ -96,7 +96,7 @@ def test_a_layer_used_twice_is_refused_by_fit_and_falls_back_in_prediction():
     la.model, la.params = model, list(model.parameters())
     with pytest.raises(ReusedModuleError, match="runs 2 times per forward pass"):
         glm_predictive_variance(
-            model, list(model.parameters()), la.posterior_precision, X
+            model, list(model.parameters()), la.posterior_precision, X, la.fitted_layout
         )
     _, var = la._glm_predictive_distribution(X)
     _, dense = la._dense_glm_predictive_distribution(X, False, False)
@@ -167,7 +167,9 @@ def test_the_predictive_leaves_nothing_for_the_garbage_collector(monkeypatch):
     monkeypatch.setattr(ForwardCapture, "__enter__", recorded)
     gc.disable()
     try:
-        glm_predictive_variance(model, la.params, la.posterior_precision, X[:3])
+        glm_predictive_variance(
+            model, la.params, la.posterior_precision, X[:3], la.fitted_layout
+        )
         assert len(captures) == 1 and captures[0]() is None
     finally:
         gc.enable()
@@ -178,7 +180,7 @@ def test_a_refusal_inside_the_backward_pass_reaches_the_fallback(monkeypatch):
     CaptureError raised there reaches the caller as itself, and laplace-torch's
     dense path answers instead."""
     import ekfac_laplace.predictive as predictive
-    from ekfac_laplace.diagonal import CaptureError
+    from ekfac_laplace.errors import CaptureError
 
     case = CASES[0]
     model, X, y = case.make()
@@ -190,7 +192,9 @@ def test_a_refusal_inside_the_backward_pass_reaches_the_fallback(monkeypatch):
 
     monkeypatch.setattr(predictive._LayerTerms, "add", refuse)
     with pytest.raises(CaptureError, match="refused while reducing"):
-        glm_predictive_variance(model, la.params, la.posterior_precision, X[:3])
+        glm_predictive_variance(
+            model, la.params, la.posterior_precision, X[:3], la.fitted_layout
+        )
     mu, var = la._glm_predictive_distribution(X[:3])
     assert_close(mu, dense_mu)
     assert_close(var, dense_var)
@@ -201,7 +205,7 @@ def test_a_layer_with_two_gradients_in_one_pass_is_refused(monkeypatch):
     its output gradient arrives once per backward pass. Should a second arrive (two
     hooks on one output, simulated here), the predictive refuses it by name."""
     from ekfac_laplace.capture import ForwardCapture
-    from ekfac_laplace.diagonal import CaptureError
+    from ekfac_laplace.errors import CaptureError
 
     case = CASES[0]
     model, X, y = case.make()
@@ -214,7 +218,9 @@ def test_a_layer_with_two_gradients_in_one_pass_is_refused(monkeypatch):
 
     monkeypatch.setattr(ForwardCapture, "_watch", twice)
     with pytest.raises(CaptureError, match="received 2 gradients in one backward"):
-        glm_predictive_variance(model, la.params, la.posterior_precision, X[:3])
+        glm_predictive_variance(
+            model, la.params, la.posterior_precision, X[:3], la.fitted_layout
+        )
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,8 @@ from torch.utils.data import DataLoader
 
 from ekfac_laplace._compat import likelihood_scale
 from ekfac_laplace.batches import batch_size, split_batch, to_device
-from ekfac_laplace.layout import KroneckerLayer, ParameterLayout
+from ekfac_laplace.fitted import FittedBlock, FittedLayout
+from ekfac_laplace.layout import KRONECKER, KroneckerLayer, ParameterLayout
 from ekfac_laplace.matrix import EKFACDecomposed
 from ekfac_laplace.posterior import EKFACPosterior
 from ekfac_laplace.predictive import glm_predictive_variance
@@ -84,6 +85,7 @@ class BlockOption:
         numbers: How many numbers it stores (eigenvalues and eigenvectors; a factor
             shared by a weight and its bias is counted for each).
         log_det: ``log det`` of the block's posterior precision, prior included.
+        fitted: Its block in the fitted layout of the fit it is from.
     """
 
     structure: str
@@ -91,6 +93,7 @@ class BlockOption:
     eigenvalues: Tensor
     numbers: int
     log_det: float
+    fitted: FittedBlock
 
 
 @dataclass
@@ -255,15 +258,18 @@ def select_structures(
         exact_up_to = max(
             (n for n in entries if (n * n + n) * itemsize <= budget_bytes), default=0
         )
-        fits = {"ekfac": ekfac}
+        fitted = laplace.fitted_layout
+        fits = {"ekfac": (ekfac, fitted)}
         if exact_up_to:
-            fits["exact"] = laplace.curvature(
+            exact = laplace.curvature(
                 train_loader, dense_blocks_up_to=exact_up_to, progress_bar=progress_bar
-            ).to_decomposed()
-        fits["diagonal"] = laplace.curvature(
+            )
+            fits["exact"] = (exact.to_decomposed(), exact.layout)
+        diagonal = laplace.curvature(
             train_loader, diagonal_blocks=True, progress_bar=progress_bar
-        ).to_decomposed()
-        layout = ParameterLayout.fitted(laplace.model, params, ekfac.eigenvectors)
+        )
+        fits["diagonal"] = (diagonal.to_decomposed(), diagonal.layout)
+        layout = ParameterLayout.from_fitted(laplace.model, params, fitted)
         options = _block_options(laplace, layout, fits, exact_up_to)
         items = _items(layout, options)
         sizes = [
@@ -289,6 +295,9 @@ def select_structures(
         laplace.H = EKFACDecomposed(
             [block.eigenvectors for block in chosen],
             [block.eigenvalues for block in chosen],
+        )
+        laplace.fitted_layout = FittedLayout(
+            tuple(block.fitted for block in chosen), fitted.batch_dims
         )
         if criterion == "evidence":
             final = float(laplace.log_marginal_likelihood())
@@ -339,7 +348,7 @@ def _check_arguments(
 def _block_options(
     laplace: EKFACPosterior,
     layout: ParameterLayout,
-    fits: dict[str, EKFACDecomposed],
+    fits: dict[str, tuple[EKFACDecomposed, FittedLayout]],
     exact_up_to: int,
 ) -> list[dict[str, BlockOption]]:
     """Per tensor, the structures it can have (by name), with their log det.
@@ -359,7 +368,7 @@ def _block_options(
         )
         offered = {
             "diagonal": True,
-            "ekfac": bool(fits["ekfac"].eigenvectors[index]),
+            "ekfac": fits["ekfac"][1].blocks[index].structure == KRONECKER,
             "exact": param.numel() <= exact_up_to and not lone_bias,
         }
         delta = float(priors[index])
@@ -367,14 +376,16 @@ def _block_options(
         for structure in STRUCTURES:
             if not offered[structure]:
                 continue
-            vectors = fits[structure].eigenvectors[index]
-            values = fits[structure].eigenvalues[index]
+            fit, fitted = fits[structure]
+            vectors = fit.eigenvectors[index]
+            values = fit.eigenvalues[index]
             options[-1][structure] = BlockOption(
                 structure,
                 tuple(vectors),
                 values,
                 values.numel() + sum(q.numel() for q in vectors),
                 float(torch.log(scale * values.double() + delta).sum()),
+                fitted.blocks[index],
             )
     return options
 
@@ -460,12 +471,16 @@ def _variance_term(
         * likelihood_scale(laplace)
         + priors[list(item.indices)]
     )
+    fitted = FittedLayout(
+        tuple(block.fitted for block in blocks), laplace.fitted_layout.batch_dims
+    )
     terms = [
         glm_predictive_variance(
             laplace.model,
             [params[index] for index in item.indices],
             precision,
             X,
+            fitted,
             batch=batch_size(X, laplace.dict_key_x),
         )[1].detach()
         for X in inputs
