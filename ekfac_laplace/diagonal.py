@@ -37,12 +37,9 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ekfac_laplace._compat import forward_hooks_suspended
+from ekfac_laplace.blocks.base import CHUNK_NUMBERS
 from ekfac_laplace.errors import UnsplittableCallError
 from ekfac_laplace.module_kinds import module_kind
-
-# Per-example gradients are computed in chunks of examples holding at most this many
-# numbers (chunk × parameters of the module), e.g. 64 MiB in float32.
-CHUNK_NUMBERS = 2**24
 
 
 @dataclass

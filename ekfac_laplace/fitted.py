@@ -69,31 +69,6 @@ class FittedLayout:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def indices(self, structure: str) -> list[int]:
-        """The blocks with one structure.
-
-        Args:
-            structure: A registered structure's name.
-
-        Returns:
-            Their indices, in order.
-        """
-        return [
-            i for i, block in enumerate(self.blocks) if block.structure == structure
-        ]
-
-    def with_blocks(self, replaced: Mapping[int, FittedBlock]) -> FittedLayout:
-        """The same layout with some blocks replaced (a structure selection).
-
-        Args:
-            replaced: Block index to its new block.
-
-        Returns:
-            A new layout.
-        """
-        blocks = tuple(replaced.get(i, block) for i, block in enumerate(self.blocks))
-        return FittedLayout(blocks, self.batch_dims)
-
     def plain(self) -> list[Any]:
         """The layout as plain values, for a state.
 

@@ -136,11 +136,6 @@ def module_kind(module: nn.Module) -> ModuleKind:
     return next(kind for kind in _REGISTRY if kind.claims(module))
 
 
-def registered_module_kinds() -> list[ModuleKind]:
-    """Every registered module kind, highest priority first."""
-    return list(_REGISTRY)
-
-
 def _tensors_at(dim: int) -> Any:
     return lambda value: dim if isinstance(value, Tensor) else None
 

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ekfac_laplace.options import EKFACOptions
 
-#: Numbers per chunk of rows when a structure sums ``jᵀ j`` (64 MiB in float32).
+#: Numbers per chunk of per-example gradients (rows × entries: 64 MiB in float32),
+#: when a structure sums ``jᵀ j`` and when a module's are computed by ``vmap``.
 CHUNK_NUMBERS = 2**24
 
 _REGISTRY: list[BlockStructure] = []
