@@ -116,10 +116,10 @@ def run_one(case: str, unchunked: bool) -> dict[str, float]:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     import ekfac_laplace
-    from ekfac_laplace import accumulators
+    from ekfac_laplace.accumulators import corrections
 
     if unchunked:
-        accumulators.CHUNK_NUMBERS = 2**62
+        corrections.CHUNK_NUMBERS = 2**62
     model, loader, floor = _lora_case() if case == "lora" else _linear_case(int(case))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ekfac_laplace.blocks import BlockStructure, structure_named
 from ekfac_laplace.factors import accumulation_dtype
-from ekfac_laplace.layout import EXACT, KroneckerLayer, ParameterLayout
+from ekfac_laplace.layer import KroneckerLayer
+from ekfac_laplace.layout import EXACT, ParameterLayout
 from ekfac_laplace.output_curvature import OutputCurvature
 
 

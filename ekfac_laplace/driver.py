@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from ekfac_laplace.errors import CaptureError
-from ekfac_laplace.layout import DiagonalModule, KroneckerLayer
+from ekfac_laplace.layer import KroneckerLayer
+from ekfac_laplace.layout import DiagonalModule
 
 
 def backward(

@@ -40,17 +40,16 @@ from ekfac_laplace.batches import (
     to_device,
 )
 from ekfac_laplace.distributed import ranks_of
-from ekfac_laplace.options import EKFACOptions, OptionKeywords, taking_options
-from ekfac_laplace.posterior import (
-    EKFACPosterior,
+from ekfac_laplace.hyperparameters import (
     check_finite,
     check_positive_scalar,
     check_prior_precision,
-    parameters_kept,
-    parameters_vector,
 )
+from ekfac_laplace.options import EKFACOptions, OptionKeywords, taking_options
+from ekfac_laplace.parameters import parameters_kept, parameters_vector
+from ekfac_laplace.posterior import EKFACPosterior
 from ekfac_laplace.predictive import glm_predictive_variance
-from ekfac_laplace.state import checked_state, restored_on_failure
+from ekfac_laplace.state import check_state_header, checked_state, restored_on_failure
 
 check_laplace_torch()  # the private members our classes read and override
 
@@ -376,7 +375,9 @@ class EKFACLLLaplace(LLLaplace, EKFACPosterior):
                 names another last layer, or holds invalid values. The object is
                 unchanged.
         """
-        self._check_state(state_dict, ("_last_layer_name",))
+        check_state_header(
+            state_dict, type(self).__name__, self.likelihood, ("_last_layer_name",)
+        )
         name = self._state_last_layer(state_dict)
         layer = self.model.model.get_submodule(name)
         params = [p for p in layer.parameters() if p.requires_grad]

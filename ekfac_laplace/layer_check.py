@@ -49,15 +49,15 @@ from ekfac_laplace.diagonal import on_every_row, restricted_gradients
 from ekfac_laplace.distributed import LocalRanks
 from ekfac_laplace.driver import backward
 from ekfac_laplace.factors import accumulation_dtype
+from ekfac_laplace.layer import KroneckerLayer, group_rows
 from ekfac_laplace.layout import (
     FITTED_DIAGONAL,
     REQUESTED_DIAGONAL,
     DiagonalModule,
-    KroneckerLayer,
     ParameterLayout,
-    group_rows,
 )
 from ekfac_laplace.options import UnsupportedLayers
+from ekfac_laplace.probes import locate_batches, route_rows
 
 #: Largest relative difference (Frobenius) between autograd's gradient and the
 #: rebuilt one that is rounding, by the dtype the model computes in: a layer that
@@ -195,10 +195,10 @@ def failing_layers(model: nn.Module, layout: ParameterLayout, X: Any) -> dict[st
         if not f.requires_grad:
             return {}  # no parameter of the posterior reaches the outputs
         capture.settle_calls(f)
-        capture.route_rows(f, layout.backprop_targets())
+        route_rows(capture, f, layout.backprop_targets())
         tolerance = TOLERANCES.get(f.dtype, 1e-3)
         _check_deterministic(model, X, f, tolerance)
-        capture.locate_batches(f, layout.backprop_targets(), check=False)
+        locate_batches(capture, f, layout.backprop_targets(), check=False)
         generator = torch.Generator(device=f.device).manual_seed(DIRECTION_SEED)
         direction = torch.randn(
             f.shape, generator=generator, dtype=f.dtype, device=f.device

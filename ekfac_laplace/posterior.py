@@ -20,10 +20,7 @@ which finds the last layer and then calls ours.
 
 from __future__ import annotations
 
-import hashlib
-import numbers
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -54,165 +51,20 @@ from ekfac_laplace.distributed import ranks_of, warn_about_an_unshared_shard
 from ekfac_laplace.errors import CaptureError
 from ekfac_laplace.factors import EKFACFactors
 from ekfac_laplace.fitted import FittedLayout
+from ekfac_laplace.hyperparameters import (
+    check_finite,
+    check_positive_scalar,
+    check_prior_precision,
+)
 from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense_size
 from ekfac_laplace.options import EKFACOptions
+from ekfac_laplace.parameters import parameters_kept, parameters_vector, tensor_digest
 from ekfac_laplace.predictive import glm_predictive_variance
-from ekfac_laplace.state import CheckedState, checked_state, restored_on_failure
-
-
-@contextmanager
-def parameters_kept(params: Iterable[Tensor]) -> Iterator[None]:
-    """Give ``params`` their own values back when the block ends, however it ends.
-
-    The block may write samples into the parameters (``vector_to_parameters``);
-    afterwards each parameter holds its original tensor again (the same storage,
-    so nothing else aliases it).
-
-    Args:
-        params: The parameters.
-
-    Yields:
-        Nothing.
-    """
-    params = list(params)
-    originals = [param.data for param in params]
-    try:
-        yield
-    finally:
-        for param, original in zip(params, originals):
-            param.data = original
-
-
-def parameters_vector(params: Iterable[Tensor]) -> Tensor:
-    """The parameters flattened in row-major order and concatenated.
-
-    ``torch.nn.utils.parameters_to_vector`` takes a ``view`` of each parameter,
-    which fails for a parameter that is not contiguous (a ``channels_last``
-    convolution's weight); a reshape gives the same order for any strides.
-
-    Args:
-        params: The parameters.
-
-    Returns:
-        Shape ``(P,)``.
-    """
-    return torch.cat([param.reshape(-1) for param in params])
-
-
-def tensor_digest(tensor: Tensor) -> str:
-    """SHA-256 of a tensor's bytes: equal exactly when the values are bit-equal.
-
-    Args:
-        tensor: Any tensor (copied to the host one at a time).
-
-    Returns:
-        The hex digest, with the dtype and shape prefixed.
-    """
-    data = tensor.detach().contiguous().reshape(-1)
-    digest = hashlib.sha256(f"{data.dtype}{tuple(tensor.shape)}".encode())
-    if data.numel():
-        digest.update(data.view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def real_values(name: str, value: object) -> Tensor:
-    """A hyperparameter as a detached tensor, refusing what is not a number.
-
-    laplace-torch accepts real scalars (Python or NumPy) and tensors and refuses
-    anything else with a ``ValueError``; so do we, before torch would raise a
-    ``TypeError`` on a string or a ragged list.
-
-    Args:
-        name: The hyperparameter's name, for the message.
-        value: Its value.
-
-    Returns:
-        The value as a tensor (detached).
-
-    Raises:
-        ValueError: Unless ``value`` is a real number or a tensor.
-    """
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, numbers.Real):
-        return torch.as_tensor(float(value))
-    raise ValueError(
-        f"{name} must be a real number or a torch.Tensor, got "
-        f"{type(value).__name__} {value!r:.60}."
-    )
-
-
-def check_prior_precision(prior_precision: float | Tensor) -> None:
-    """Refuse a prior precision that is not a finite, non-negative scalar / 1-D tensor.
-
-    Args:
-        prior_precision: A number or a tensor of them.
-
-    Raises:
-        ValueError: For any of these.
-    """
-    values = real_values("prior_precision", prior_precision)
-    if values.ndim > 1:
-        raise ValueError(
-            f"prior_precision must be a scalar or a 1-D tensor, got shape "
-            f"{tuple(values.shape)}."
-        )
-    if not torch.isfinite(values).all() or (values < 0).any():
-        raise ValueError(
-            f"prior_precision must be finite and non-negative, got "
-            f"{values.flatten()[:8].tolist()}; a zero prior is allowed only where "
-            "the curvature is positive."
-        )
-
-
-def check_finite(name: str, value: float | Tensor) -> None:
-    """Refuse a hyperparameter with a NaN or Inf (the prior mean).
-
-    Args:
-        name: The hyperparameter's name, for the message.
-        value: Its value.
-
-    Raises:
-        ValueError: Unless every value is a finite real number.
-    """
-    values = real_values(name, value)
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(
-            f"{name} must be finite, got {values.flatten()[:8].tolist()}; the "
-            "evidence would be NaN."
-        )
-
-
-def check_positive_scalar(name: str, value: float | Tensor) -> None:
-    """Refuse a non-finite or non-positive ``sigma_noise`` / ``temperature``.
-
-    Args:
-        name: The hyperparameter's name, for the message.
-        value: Its value.
-
-    Raises:
-        ValueError: Unless ``value`` is one finite number > 0.
-    """
-    values = real_values(name, value)
-    if values.numel() != 1 or not bool(torch.isfinite(values).all()) or values <= 0:
-        shown = values.flatten()[:8].tolist()
-        raise ValueError(f"{name} must be one finite, positive number, got {shown}.")
-
-
-#: The keys of laplace-torch's ``ParametricLaplace.state_dict``.
-STATE_KEYS = (
-    "mean",
-    "H",
-    "loss",
-    "prior_mean",
-    "prior_precision",
-    "sigma_noise",
-    "n_data",
-    "n_outputs",
-    "likelihood",
-    "temperature",
-    "enable_backprop",
-    "cls_name",
+from ekfac_laplace.state import (
+    CheckedState,
+    check_state_header,
+    checked_state,
+    restored_on_failure,
 )
 
 
@@ -878,32 +730,6 @@ class EKFACPosterior(ParametricLaplace):
         state["ekfac_layout"] = self.fitted_layout.plain()
         return state
 
-    def _check_state(
-        self, state_dict: dict[str, Any], extra_keys: tuple[str, ...] = ()
-    ) -> None:
-        """The checks of a state that need no model: keys, class, likelihood.
-
-        Raises:
-            KeyError: If a key is missing.
-            ValueError: If the state is from another class or likelihood.
-        """
-        missing = [key for key in STATE_KEYS + extra_keys if key not in state_dict]
-        if missing:
-            raise KeyError(
-                f"The state has no {missing}; pass the dict that "
-                f"{type(self).__name__}.state_dict() returned."
-            )
-        if state_dict["cls_name"] != type(self).__name__:
-            raise ValueError(
-                f"The state is from {state_dict['cls_name']!r}, not "
-                f"{type(self).__name__}; load it into the class that saved it."
-            )
-        if state_dict["likelihood"] != self.likelihood:
-            raise ValueError(
-                f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
-                f"Laplace uses {self.likelihood!r}."
-            )
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`, validating it first.
 
@@ -922,7 +748,7 @@ class EKFACPosterior(ParametricLaplace):
                 not an EKFAC state, or holds invalid values. The object is
                 unchanged.
         """
-        self._check_state(state_dict)
+        check_state_header(state_dict, type(self).__name__, self.likelihood)
         params = self._posterior_params()
         checked = checked_state(
             state_dict, self.model, params, self.n_params, self.n_layers

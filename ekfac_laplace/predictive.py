@@ -36,13 +36,10 @@ from ekfac_laplace.capture import ForwardCapture
 from ekfac_laplace.diagonal import ModuleCall, on_every_row, restricted_gradients
 from ekfac_laplace.driver import BackwardPasses
 from ekfac_laplace.fitted import FittedLayout
-from ekfac_laplace.layout import (
-    DiagonalModule,
-    KroneckerLayer,
-    ParameterLayout,
-    group_rows,
-)
+from ekfac_laplace.layer import KroneckerLayer, group_rows
+from ekfac_laplace.layout import DiagonalModule, ParameterLayout
 from ekfac_laplace.matrix import EKFACDecomposed
+from ekfac_laplace.probes import locate_batches, route_rows
 
 
 @torch.enable_grad()
@@ -59,7 +56,7 @@ def glm_predictive_variance(
 
     A module that sees ``B·m`` rows (a reward model's pairs folded into the batch)
     has each input's ``m`` consecutive rows grouped as positions, as in the fit
-    (:func:`~ekfac_laplace.layout.group_rows`).
+    (:func:`~ekfac_laplace.layer.group_rows`).
 
     Args:
         model: The network (the modules owning ``params`` must run once per forward
@@ -110,9 +107,9 @@ def glm_predictive_variance(
     f = f.flatten(start_dim=1)
     B, K = f.shape
     targets = layout.backprop_targets()
-    capture.route_rows(f, targets)
+    route_rows(capture, f, targets)
     if fitted.batch_dims is None:
-        capture.locate_batches(f, targets, check=False)
+        locate_batches(capture, f, targets, check=False)
     # One pass per output; each layer's output gradient is reduced as autograd
     # computes it (see _LayerTerms), so that autograd frees it during the pass: no
     # pass holds all layers' (a 12-layer GPT-2's LoRA layers at 512 tokens, 1.3 GiB

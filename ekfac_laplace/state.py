@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from ekfac_laplace.blocks import structure_named
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.fitted import FittedLayout
+from ekfac_laplace.layer import KroneckerLayer
 from ekfac_laplace.layout import (
     EXACT,
     FITTED_DIAGONAL,
     KRONECKER,
     DiagonalModule,
-    KroneckerLayer,
     ParameterLayout,
 )
 from ekfac_laplace.matrix import EKFACDecomposed
@@ -46,6 +46,59 @@ ORTHONORMALITY_TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-3}
 #: Eigenvalues below ``-NEGATIVE_TOLERANCE · max|λ|`` of their block are refused
 #: (a fit clamps them at zero; online fits add such blocks).
 NEGATIVE_TOLERANCE = 1e-6
+
+
+#: The keys of laplace-torch's ``ParametricLaplace.state_dict``.
+STATE_KEYS = (
+    "mean",
+    "H",
+    "loss",
+    "prior_mean",
+    "prior_precision",
+    "sigma_noise",
+    "n_data",
+    "n_outputs",
+    "likelihood",
+    "temperature",
+    "enable_backprop",
+    "cls_name",
+)
+
+
+def check_state_header(
+    state_dict: dict[str, Any],
+    cls_name: str,
+    likelihood: str,
+    extra_keys: tuple[str, ...] = (),
+) -> None:
+    """The checks of a state that need no model: keys, class, likelihood.
+
+    Args:
+        state_dict: The state to load.
+        cls_name: The loading class's name.
+        likelihood: The loading object's likelihood.
+        extra_keys: Keys the class adds to laplace-torch's :data:`STATE_KEYS`.
+
+    Raises:
+        KeyError: If a key is missing.
+        ValueError: If the state is from another class or likelihood.
+    """
+    missing = [key for key in STATE_KEYS + extra_keys if key not in state_dict]
+    if missing:
+        raise KeyError(
+            f"The state has no {missing}; pass the dict that "
+            f"{cls_name}.state_dict() returned."
+        )
+    if state_dict["cls_name"] != cls_name:
+        raise ValueError(
+            f"The state is from {state_dict['cls_name']!r}, not "
+            f"{cls_name}; load it into the class that saved it."
+        )
+    if state_dict["likelihood"] != likelihood:
+        raise ValueError(
+            f"The state is for likelihood {state_dict.get('likelihood')!r}, this "
+            f"Laplace uses {likelihood!r}."
+        )
 
 
 @dataclass

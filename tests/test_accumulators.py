@@ -18,7 +18,8 @@ from ekfac_laplace.accumulators import (
 )
 from ekfac_laplace.diagonal import ModuleCall
 from ekfac_laplace.kinds.linear import Linear
-from ekfac_laplace.layout import DiagonalModule, KroneckerLayer, LayerBasis
+from ekfac_laplace.layer import KroneckerLayer, LayerBasis
+from ekfac_laplace.layout import DiagonalModule
 from ekfac_laplace.options import EKFACOptions, KFACApprox
 from ekfac_laplace.output_curvature import OutputCurvature
 from tests.utils import assert_close

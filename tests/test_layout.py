@@ -7,12 +7,7 @@ import torch
 from torch import nn
 
 from ekfac_laplace import EKFACOptions
-from ekfac_laplace.layout import (
-    ParameterBlock,
-    ParameterLayout,
-    RowGroupingError,
-    group_rows,
-)
+from ekfac_laplace.layout import ParameterBlock, ParameterLayout
 
 RAISE = EKFACOptions(unsupported_layers="raise")
 
@@ -101,20 +96,3 @@ def test_layer_bases_regroup_the_block_eigenbases_per_layer():
     assert bases["0"].for_bias is eigenbasis[0][0]
     assert bases["2"][:2] == eigenbasis[1] and bases["2"].bias is None
     assert bases["4"][:2] == eigenbasis[4]  # the weight's pair, shared by the bias
-
-
-def test_group_rows_gathers_each_examples_consecutive_rows():
-    rows = torch.arange(12.0).reshape(6, 1, 2)  # 3 examples, 2 rows each
-    grouped = group_rows(rows, 3, "layer")
-    assert grouped.shape == (3, 2, 2)
-    assert torch.equal(grouped[1], rows[2:4, 0])
-    assert group_rows(rows, 6, "layer") is rows
-    with pytest.raises(
-        RowGroupingError,
-        match=r"'layer' sees 6 rows for a batch of 4 examples, not a multiple.*"
-        "a mixture-of-experts expert called on the tokens routed to it, x\\[rows\\]"
-        r"\) is supported as an nn.Linear or GPT-2 Conv1D called on 2-D",
-    ):
-        group_rows(rows, 4, "layer")
-    # No row at all (an expert that no example was routed to): no position.
-    assert group_rows(rows[:0], 4, "layer").shape == (4, 0, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,19 +76,28 @@ CORE_LAYERS = {
     "kinds.attention": 1,
     "kinds.transposed_convolution": 2,
     "kinds": 3,
-    "layout": 4,
-    "driver": 5,
-    "dense": 5,
-    "state": 5,
-    "capture": 6,
-    "accumulators": 6,
-    "layer_check": 7,
-    "predictive": 7,
-    "curvlinops_engine": 7,
-    "engine": 8,
-    "curvature": 9,
-    "posterior": 10,
-    "laplace": 11,
+    "parameters": 0,
+    "hyperparameters": 0,
+    "layer": 4,
+    "layout": 5,
+    "accumulators.base": 5,
+    "driver": 6,
+    "dense": 6,
+    "state": 6,
+    "accumulators.factors": 7,
+    "accumulators.corrections": 6,
+    "capture": 7,
+    "accumulators.squares": 7,
+    "probes": 8,
+    "accumulators": 8,
+    "layer_check": 9,
+    "predictive": 9,
+    "curvlinops_engine": 9,
+    "sweep": 9,
+    "engine": 10,
+    "curvature": 11,
+    "posterior": 12,
+    "laplace": 13,
 }
 
 
@@ -105,6 +115,34 @@ def test_core_modules_import_only_lower_layers():
         for target in targets:
             target = target.removeprefix("ekfac_laplace.")
             assert CORE_LAYERS[target] < CORE_LAYERS[module], f"{module} -> {target}"
+
+
+def _table_rows() -> list[tuple[str, int, set[str]]]:
+    """``(module, layer, imports)`` of each one-module, one-layer row of the table."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    rows = []
+    for line in text.splitlines():
+        found = re.fullmatch(r"\| (\d+) \| `([a-z_.]+)` \|.*\| ([^|]*) \|", line)
+        if found:
+            layer, module, imports = found.groups()
+            names = {name.strip() for name in imports.split(",")} - {"—"}
+            rows.append((module, int(layer), names))
+    return rows
+
+
+def test_the_architecture_table_draws_the_real_layers_and_imports():
+    graph = _imports()
+    rows = _table_rows()
+    assert len(rows) > 30
+    for module, layer, imports in rows:
+        assert CORE_LAYERS[module] == layer, f"{module}: layer {layer} in the docs"
+        real = set()
+        for target in graph[f"ekfac_laplace.{module}"] - {"ekfac_laplace"}:
+            target = target.removeprefix("ekfac_laplace.")
+            package = target.split(".")[0]  # the docs may name a package's modules
+            real.add(target if target in imports or package not in imports else package)
+        shown = {name for name in imports if " " not in name}  # not a remark
+        assert shown == real, f"{module}: the docs say {sorted(shown)}"
 
 
 def test_the_import_graph_has_no_cycles():

@@ -21,7 +21,7 @@ class Kronecker(BlockStructure):
 
     Not claimed by tensor: a layer of a registered kind whose parameters pass the
     layout's and the layer check's tests has it. Its shapes are its layer's
-    (:meth:`~ekfac_laplace.layout.KroneckerLayer.block_shapes`).
+    (:meth:`~ekfac_laplace.layer.KroneckerLayer.block_shapes`).
     """
 
     name = "kronecker"

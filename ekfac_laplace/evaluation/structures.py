@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader
 from ekfac_laplace._compat import likelihood_scale
 from ekfac_laplace.batches import batch_size, split_batch, to_device
 from ekfac_laplace.fitted import FittedBlock, FittedLayout
-from ekfac_laplace.layout import KRONECKER, KroneckerLayer, ParameterLayout
+from ekfac_laplace.layer import KroneckerLayer
+from ekfac_laplace.layout import KRONECKER, ParameterLayout
 from ekfac_laplace.matrix import EKFACDecomposed
 from ekfac_laplace.posterior import EKFACPosterior
 from ekfac_laplace.predictive import glm_predictive_variance
