@@ -93,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = interleaved_parser(__doc__.splitlines()[0], ["cnn"], ["fit_ggn", "fit_mc"])
     parser.add_argument("--ref", help="the earlier commit (required)")
     parser.add_argument(
+        "--fixed-mmap",
+        action="store_true",
+        help="run the workers with glibc's mmap threshold fixed (128 KiB): every "
+        "large tensor is then mapped and unmapped at once, so that the peak "
+        "resident memory is that of the live tensors and repeats to the MiB "
+        "(without it, glibc's adaptive threshold moves the peak by ±50 MiB from "
+        "run to run); it slows the fit down, so time with it off",
+    )
+    parser.add_argument(
         "--after",
         help="the later commit (default: the working tree, which must then stay "
         "unchanged while this runs)",
@@ -105,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     refs = {"before": args.ref, "after": args.after}
+    malloc = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap else {}
     with tempfile.TemporaryDirectory() as scratch:
         paths = {"after": str(REPO)}
         for version, ref in refs.items():
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         return run_worker(
                             Path(__file__),
                             [case, phase, args.warm],
-                            extra_env={"PYTHONPATH": paths[version]},
+                            extra_env={"PYTHONPATH": paths[version], **malloc},
                         )
 
                     results = interleave(["before", "after"], args.rounds, one, print)
@@ -139,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
     lines = [
         f"Before: `{args.ref}`; after: `{args.after or 'the working tree'}`. "
-        f"Rounds: {args.rounds}, "
+        + ("glibc's mmap threshold fixed (peak memory exact). " if malloc else "")
+        + f"Rounds: {args.rounds}, "
         f"warm calls: {args.warm}.",
         "",
         "| case | phase | before cold s | after cold s | after/before cold "
