@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ekfac_laplace import lowrank
+
 _Scalar = float | int | Tensor
 
 #: Dense helpers (:meth:`EKFACDecomposed.to_matrix`, a Laplace object's
@@ -129,6 +131,13 @@ class EKFACDecomposed:
         deltas: Additive constant per block, shape ``()``, ``(1,)`` or
             ``(len(eigenvalues),)``; zero if ``None``.
         scale: Factor applied to ``eigenvalues`` (not to ``deltas``); ``None`` is 1.
+        corrections: Per block ``None`` or a low-rank correction ``(U, S)`` in its
+            eigenbasis: orthonormal ``U`` ``(n_b, k)`` over the block's row-major
+            eigenvalues and ``S ≥ 0`` ``(k,)``. The block is then
+            ``Q (diag(scale·λ + δ) + scale·U diag(S) Uᵀ) Qᵀ``, its eigenvalues
+            ``λ`` the diagonal left beside the correction
+            (:mod:`ekfac_laplace.lowrank`); powers ``1``, ``-1`` and the sampling
+            factor of ``-1/2`` are exact.
 
     Raises:
         ValueError: If the blocks are empty or their shapes do not fit together.
@@ -140,6 +149,7 @@ class EKFACDecomposed:
         eigenvalues: Sequence[Tensor],
         deltas: Tensor | None = None,
         scale: Tensor | float | None = None,
+        corrections: Sequence[tuple[Tensor, Tensor] | None] | None = None,
     ) -> None:
         if len(eigenvectors) == 0:
             raise ValueError("EKFACDecomposed needs at least one block, got none.")
@@ -178,6 +188,33 @@ class EKFACDecomposed:
             )
         self.deltas: Tensor = self._broadcast_deltas(deltas)
         self.scale: Tensor | float | None = scale
+        self.corrections: list[tuple[Tensor, Tensor] | None] = self._checked(
+            corrections
+        )
+
+    def _checked(
+        self, corrections: Sequence[tuple[Tensor, Tensor] | None] | None
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """One correction or ``None`` per block, shapes checked."""
+        if corrections is None:
+            return [None] * len(self)
+        if len(corrections) != len(self):
+            raise ValueError(
+                f"Got {len(corrections)} corrections for {len(self)} blocks; pass "
+                "one (or None) per block."
+            )
+        for index, correction in enumerate(corrections):
+            if correction is None:
+                continue
+            U, S = correction
+            n = self.eigenvalues[index].numel()
+            if U.ndim != 2 or U.shape[0] != n or S.shape != (U.shape[1],):
+                raise ValueError(
+                    f"Block {index}: a correction needs U of shape (n, k) with n = "
+                    f"{n} and S of shape (k,), got {tuple(U.shape)} and "
+                    f"{tuple(S.shape)}."
+                )
+        return list(corrections)
 
     def _derived(self, deltas: Tensor, scale: Tensor | float | None) -> EKFACDecomposed:
         """The same blocks with other deltas and scale, without re-checking them."""
@@ -186,6 +223,7 @@ class EKFACDecomposed:
         derived.eigenvalues = self.eigenvalues
         derived.deltas = deltas
         derived.scale = scale
+        derived.corrections = self.corrections
         return derived
 
     # ------------------------------------------------------------------ structure
@@ -236,7 +274,15 @@ class EKFACDecomposed:
         Returns:
             A list of tuples of tensors, which ``torch.save`` stores without pickling
             any class.
+
+        Raises:
+            ValueError: For a matrix with low-rank corrections (not saved yet).
         """
+        if any(c is not None for c in self.corrections):
+            raise ValueError(
+                "A matrix with low-rank corrections cannot be saved as an EKFAC state "
+                "yet: its corrections would be lost."
+            )
         return [
             (values, *basis)
             for basis, values in zip(self.eigenvectors, self.eigenvalues)
@@ -380,6 +426,44 @@ class EKFACDecomposed:
                 "delta). Use a positive prior precision (delta)."
             )
 
+    def _low_rank(self, index: int) -> Tensor | None:
+        """``V = U (scale·S)^{1/2}`` of a corrected block (``None`` otherwise)."""
+        correction = self.corrections[index]
+        if correction is None:
+            return None
+        U, S = correction
+        V = U * S.sqrt()  # S is data: no gradient through sqrt(0)
+        if self.scale is None:
+            return V
+        scale = torch.as_tensor(self.scale, dtype=V.dtype, device=V.device)
+        return V * scale.sqrt()
+
+    def _powered(self, index: int, rotated: Tensor, exponent: float) -> Tensor:
+        """``M_b^exponent`` applied to rotated blocks ``(..., *shape)`` of ``index``.
+
+        ``exponent = -0.5`` of a corrected block applies the sampling factor
+        ``A`` (``A Aᵀ = M_b⁻¹``, :func:`~ekfac_laplace.lowrank.inverse_factor`).
+        """
+        V = self._low_rank(index)
+        if V is None:
+            return rotated * self.powered_eigenvalues(index, exponent)
+        if exponent not in (1, -1, -0.5):
+            raise ValueError(
+                f"Block {index} has a low-rank correction: only the powers 1, -1 "
+                f"and the sampling factor (-1/2) are exact, got {exponent:g}."
+            )
+        lam = self.damped_eigenvalues(index).flatten()
+        if exponent < 0:
+            self._check_positive(index, lam, f"a power {exponent:g}")
+        shape = rotated.shape
+        X = rotated.reshape(-1, lam.numel()).mT
+        operation = {
+            1: lowrank.matmul,
+            -1: lowrank.inverse_matmul,
+            -0.5: lowrank.inverse_factor_matmul,
+        }[exponent]
+        return operation(lam, V, X).mT.reshape(shape)
+
     def logdet(self) -> Tensor:
         r"""Log determinant ``Σ_b Σ_i log(λ_{b,i} + δ_b)``.
 
@@ -398,13 +482,23 @@ class EKFACDecomposed:
                 damped = self.damped_eigenvalues(i)
                 self._check_positive(i, damped, "the log determinant")
                 total = total + torch.log(damped).sum()
-            return total
+            return total + self._capacitance_logdet()
         total, positive = _LogDet.apply(self.deltas, scale, *self.eigenvalues)
         if not bool(positive):  # one host sync; the blocks are named on failure
             for i in range(len(self)):
                 self._check_positive(
                     i, self.damped_eigenvalues(i), "the log determinant"
                 )
+        return total + self._capacitance_logdet()
+
+    def _capacitance_logdet(self) -> Tensor | int:
+        """``Σ_b log det C_b`` of the corrected blocks (the determinant lemma)."""
+        total: Tensor | int = 0
+        for i in range(len(self)):
+            V = self._low_rank(i)
+            if V is not None:
+                lam = self.damped_eigenvalues(i).flatten()
+                total = total + lowrank.logdet(lam, V) - lam.log().sum()
         return total
 
     # -------------------------------------------------------------- rotations
@@ -451,9 +545,7 @@ class EKFACDecomposed:
         """``W M^exponent`` for ``W`` of shape ``(..., P)`` (``M`` is symmetric)."""
         blocks = self._split(W)
         out = [
-            self._rotate_out(
-                i, self._rotate_in(i, block) * self.powered_eigenvalues(i, exponent)
-            )
+            self._rotate_out(i, self._powered(i, self._rotate_in(i, block), exponent))
             for i, block in enumerate(blocks)
         ]
         return self._join(out, W.shape[:-1])
@@ -491,9 +583,9 @@ class EKFACDecomposed:
             raise ValueError(f"W must have shape (B, K, P), got {tuple(W.shape)}.")
         result = W.new_zeros(W.shape[0], W.shape[1], W.shape[1])
         for i, block in enumerate(self._split(W)):
-            rotated = self._rotate_in(i, block).flatten(start_dim=2)
-            scaled = rotated * self.powered_eigenvalues(i, exponent).reshape(1, 1, -1)
-            result = result + scaled @ rotated.transpose(1, 2)
+            rotated = self._rotate_in(i, block)
+            scaled = self._powered(i, rotated, exponent).flatten(start_dim=2)
+            result = result + scaled @ rotated.flatten(start_dim=2).transpose(1, 2)
         return result
 
     def inv_square_form(self, W: Tensor) -> Tensor:
@@ -511,7 +603,8 @@ class EKFACDecomposed:
         r"""Map eigenbasis coordinates to parameters: ``Q diag((λ+δ)^exponent) z``.
 
         With ``z ~ N(0, I)`` and ``exponent = -1/2`` this draws from
-        ``N(0, M^{-1})`` at the cost of one rotation per block.
+        ``N(0, M^{-1})`` at the cost of one rotation per block (a corrected block
+        applies its sampling factor ``A``, ``A Aᵀ = M_b⁻¹``, instead).
 
         Args:
             Z: Shape ``(..., P)``, coordinates in the eigenbasis (row-major per block).
@@ -522,7 +615,7 @@ class EKFACDecomposed:
         """
         blocks = self._split(Z)
         out = [
-            self._rotate_out(i, block * self.powered_eigenvalues(i, exponent))
+            self._rotate_out(i, self._powered(i, block, exponent))
             for i, block in enumerate(blocks)
         ]
         return self._join(out, Z.shape[:-1])
@@ -538,16 +631,41 @@ class EKFACDecomposed:
         """
         diagonals = []
         for i, basis in enumerate(self.eigenvectors):
+            V = self._low_rank(i)
+            if V is not None and exponent not in (1, -1):
+                raise ValueError(
+                    f"Block {i} has a low-rank correction: its diagonal is exact for "
+                    f"the powers 1 and -1 only, got {exponent:g}."
+                )
             powered = self.powered_eigenvalues(i, exponent)
             if not basis:
-                diagonals.append(powered.flatten())
-                continue
-            squared_g = basis[0].square()
-            if len(basis) == 2:
-                diagonals.append((squared_g @ powered @ basis[1].square().mT).flatten())
+                diagonal = powered.flatten()
+            elif len(basis) == 2:
+                squared = basis[1].square().mT
+                diagonal = (basis[0].square() @ powered @ squared).flatten()
             else:
-                diagonals.append((squared_g @ powered.unsqueeze(-1)).flatten())
+                diagonal = (basis[0].square() @ powered.unsqueeze(-1)).flatten()
+            if V is not None:
+                diagonal = diagonal + self._low_rank_diagonal(i, V, exponent)
+            diagonals.append(diagonal)
         return torch.cat(diagonals)
+
+    def _low_rank_diagonal(self, index: int, V: Tensor, exponent: float) -> Tensor:
+        """What a correction adds to the diagonal of ``M^{±1}``, in parameters.
+
+        ``+ rowsum((Q V)²)`` for ``M``; for ``M⁻¹`` (Woodbury)
+        ``− rowsum((Q Λ⁻¹ V L^{-T})²)`` with ``C = L Lᵀ``.
+        """
+        shape = self.eigenvalues[index].shape
+        if V.shape[1] == 0:
+            return V.new_zeros(V.shape[0])
+        if exponent == -1:
+            lam = self.damped_eigenvalues(index).flatten()
+            scaled, chol = lowrank.capacitance_cholesky(lam, V)
+            V = torch.linalg.solve_triangular(chol, scaled.mT, upper=False).mT
+        columns = self._rotate_out(index, V.mT.reshape(-1, *shape))
+        term = columns.reshape(V.shape[1], -1).square().sum(0)
+        return term if exponent == 1 else -term
 
     def to_matrix(
         self, exponent: float = 1, *, max_bytes: int | None = DENSE_LIMIT_BYTES
@@ -570,6 +688,9 @@ class EKFACDecomposed:
         )
         blocks = []
         for i, basis in enumerate(self.eigenvectors):
+            if self.corrections[i] is not None:
+                blocks.append(self._dense_corrected(i, exponent))
+                continue
             if not basis:
                 blocks.append(
                     torch.diag(self.powered_eigenvalues(i, exponent).flatten())
@@ -583,3 +704,20 @@ class EKFACDecomposed:
                 Q = torch.kron(*factors) if len(factors) == 2 else factors[0]
                 blocks.append((Q * values.reshape(1, -1)) @ Q.T)
         return torch.block_diag(*blocks)
+
+    def _dense_corrected(self, index: int, exponent: float) -> Tensor:
+        """Dense ``M_b^exponent`` of a corrected block (its own ``eigh``)."""
+        shape = self.eigenvalues[index].shape
+        n = self.eigenvalues[index].numel()
+        eye = torch.eye(n, dtype=self.dtype, device=self.device).reshape(n, *shape)
+        inner = self._powered(index, eye, 1)  # rows M e_i: M, symmetric
+        half = self._rotate_out(index, inner).reshape(n, n)  # rows Q M e_i: M Qᵀ
+        rows = half.mT.reshape(n, *shape)  # rows of Q M
+        dense = self._rotate_out(index, rows).reshape(n, n)  # Q M Qᵀ
+        dense = (dense + dense.mT) / 2
+        if exponent == 1:
+            return dense
+        values, vectors = torch.linalg.eigh(dense)
+        if exponent < 0 or exponent != int(exponent):
+            self._check_positive(index, values, f"a power {exponent:g}")
+        return (vectors * values.pow(exponent)) @ vectors.mT

@@ -179,3 +179,132 @@ def test_state_round_trip_is_plain_tensors():
     for bad in (None, [], [("not a tensor",)], {"eigenvectors": []}, [()]):
         with pytest.raises(ValueError, match="no EKFAC eigenvectors and eigenvalues"):
             EKFACDecomposed.from_state(bad)
+
+
+def _corrected(seed: int = 0, scale: float | None = None):
+    """Blocks: weight, bias, grouped weight (G = 2), diagonal; three corrected.
+
+    Returns the matrix and its dense precision built from scratch: per block
+    ``Q (diag(c λ + δ) + c U diag(S) Uᵀ) Qᵀ``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, dtype=torch.float64)
+
+    grouped = tuple(
+        torch.stack([_orthogonal(n, generator) for _ in range(2)]) for n in (2, 3)
+    )
+    eigenvectors = [
+        (_orthogonal(3, generator), _orthogonal(4, generator)),
+        (_orthogonal(3, generator),),
+        grouped,
+        (),
+    ]
+    eigenvalues = [rand(3, 4) * 2, rand(3) * 2, rand(2, 2, 3) * 2, rand(5) * 2]
+    corrections = []
+    for values, k in zip(eigenvalues, (3, 2, 4, None)):
+        if k is None:
+            corrections.append(None)
+            continue
+        n = values.numel()
+        U, _ = torch.linalg.qr(
+            torch.randn(n, k, generator=generator, dtype=torch.float64)
+        )
+        S = rand(k) * 4
+        S[-1] = 0.0  # a direction of the sketch without curvature
+        corrections.append((U, S))
+    deltas = torch.tensor([0.3, 0.5, 0.2, 0.7], dtype=torch.float64)
+    matrix = EKFACDecomposed(eigenvectors, eigenvalues, corrections=corrections)
+    matrix = (matrix if scale is None else matrix * scale) + deltas
+    c = 1.0 if scale is None else scale
+    blocks = []
+    for basis, values, correction, delta in zip(
+        eigenvectors, eigenvalues, corrections, deltas
+    ):
+        inner = torch.diag(c * values.flatten() + delta)
+        if correction is not None:
+            U, S = correction
+            inner = inner + c * U @ torch.diag(S) @ U.T
+        if not basis:
+            Q = torch.eye(values.numel(), dtype=torch.float64)
+        elif basis[0].ndim == 3:
+            Q = torch.block_diag(*[torch.kron(g, a) for g, a in zip(*basis)])
+        else:
+            Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
+        blocks.append(Q @ inner @ Q.T)
+    return matrix, torch.block_diag(*blocks)
+
+
+def _tight(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [None, 0.6])
+def test_low_rank_corrected_blocks_equal_their_dense_construction(scale):
+    matrix, dense = _corrected(scale=scale)
+    inverse = torch.linalg.inv(dense)
+    P = len(dense)
+    W = torch.randn(2, 3, P, dtype=torch.float64)
+    _tight(matrix.to_matrix(), dense)
+    _tight(matrix.to_matrix(-1), inverse)
+    _tight(matrix.bmm(W, exponent=1), W @ dense)
+    _tight(matrix.bmm(W, exponent=-1), W @ inverse)
+    _tight(matrix.square_form(W), W @ dense @ W.mT)
+    _tight(matrix.inv_square_form(W), W @ inverse @ W.mT)
+    _tight(matrix.diag(), dense.diagonal())
+    _tight(matrix.diag(-1), inverse.diagonal())
+    _tight(matrix.logdet(), torch.logdet(dense))
+    factor = matrix.eigenbasis_matmul(torch.eye(P, dtype=torch.float64)).mT
+    _tight(factor @ factor.mT, inverse)  # samples Q A z have covariance M⁻¹
+
+
+def test_low_rank_log_determinant_gradients_equal_the_dense_ones():
+    damped, _ = _corrected()
+    base = EKFACDecomposed(
+        damped.eigenvectors, damped.eigenvalues, corrections=damped.corrections
+    )
+    scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    prior = torch.tensor([0.3, 0.5, 0.2, 0.7], dtype=torch.float64, requires_grad=True)
+    structured = torch.autograd.grad((base * scale + prior).logdet(), (scale, prior))
+    blocks = []
+    for index in range(len(base)):
+        single = EKFACDecomposed(
+            [base.eigenvectors[index]],
+            [base.eigenvalues[index]],
+            corrections=[base.corrections[index]],
+        )
+        blocks.append(single.to_matrix())  # c = 1, δ = 0
+    sizes = [len(b) for b in blocks]
+    prior_diag = torch.cat([p.expand(n) for p, n in zip(prior, sizes)])
+    dense = scale * torch.block_diag(*blocks) + torch.diag(prior_diag)
+    expected = torch.autograd.grad(torch.logdet(dense), (scale, prior))
+    for got, want in zip(structured, expected):
+        _tight(got, want)
+
+
+def test_rank_zero_corrections_are_plain_ekfac():
+    matrix, _ = _corrected()
+    plain = EKFACDecomposed(matrix.eigenvectors, matrix.eigenvalues) + matrix.deltas
+    empty = [None if c is None else (c[0][:, :0], c[1][:0]) for c in matrix.corrections]
+    zero = EKFACDecomposed(matrix.eigenvectors, matrix.eigenvalues, corrections=empty)
+    zero = zero + matrix.deltas
+    _tight(zero.to_matrix(-1), plain.to_matrix(-1))
+    _tight(zero.logdet(), plain.logdet())
+    _tight(zero.diag(-1), plain.diag(-1))
+
+
+def test_corrected_blocks_refuse_what_is_not_exact():
+    matrix, _ = _corrected()
+    with pytest.raises(ValueError, match="Block 0 has a low-rank correction"):
+        matrix.bmm(torch.randn(matrix.n_params, dtype=torch.float64), exponent=0.5)
+    with pytest.raises(ValueError, match="exact for the powers 1 and -1"):
+        matrix.diag(-0.5)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        matrix.to_state()
+    with pytest.raises(ValueError, match="Block 1: a correction needs U of shape"):
+        EKFACDecomposed(
+            matrix.eigenvectors,
+            matrix.eigenvalues,
+            corrections=[None, (torch.zeros(4, 1), torch.zeros(1)), None, None],
+        )

@@ -77,6 +77,7 @@ CORE_LAYERS = {
     "kinds.transposed_convolution": 2,
     "kinds": 3,
     "parameters": 0,
+    "lowrank": 0,
     "hyperparameters": 0,
     "layer": 4,
     "layout": 5,

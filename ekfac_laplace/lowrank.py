@@ -1,0 +1,209 @@
+r"""A diagonal plus a low-rank term, ``M = Λ + V Vᵀ``: its exact operations.
+
+The low-rank correction of a Kronecker block (``correction_rank``) keeps, in the
+block's eigenbasis ``Q``, the exact diagonal ``D`` of the rotated curvature
+``R = Qᵀ B Q`` minus its top-``k`` part and that part itself, ``U S Uᵀ``. With the
+scale ``c`` (the likelihood's) and the prior ``δ`` the block's precision is
+``Q (Λ + V Vᵀ) Qᵀ`` with
+
+$$
+    Λ = c D + δ , \qquad V = U \, (c S)^{1/2} \quad (n × k),
+$$
+
+and every operation needs only ``Λ``, ``V`` and ``k × k`` matrices:
+
+* the inverse by Woodbury, ``M⁻¹ = Λ⁻¹ − Λ⁻¹ V C⁻¹ Vᵀ Λ⁻¹`` with the capacitance
+  ``C = I + Vᵀ Λ⁻¹ V`` (positive definite whatever ``S ≥ 0``);
+* the log determinant by the matrix determinant lemma,
+  ``log det M = Σ log Λ + log det C``, differentiable in ``c`` and ``δ``;
+* a factor ``A`` with ``A Aᵀ = M⁻¹`` for sampling: with ``W = Λ^{-1/2} V = Q_W R``
+  (thin QR) and ``R Rᵀ = P E Pᵀ``,
+  ``A = Λ^{-1/2} (I + Q_W P ((1 + E)^{-1/2} − 1) Pᵀ Q_Wᵀ)``, since
+  ``(I + W Wᵀ)^{-1/2}`` acts as ``(1 + E)^{-1/2}`` on the range of ``W`` and as
+  the identity elsewhere;
+* the diagonal of ``M⁻¹``.
+
+:func:`nystrom_eigenpairs` finds ``U S Uᵀ`` from a sketch ``Y = R Ω`` that one pass
+over the per-example rows accumulates, without forming ``R``.
+
+All functions take ``Λ`` as a vector ``(n,)`` and ``V`` as ``(n, k)``; right-hand
+sides are ``(n, m)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def capacitance_cholesky(lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """``Λ⁻¹ V`` and the Cholesky factor ``L`` of ``C = I + Vᵀ Λ⁻¹ V = L Lᵀ``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+
+    Returns:
+        ``(Λ⁻¹ V, L)``, shapes ``(n, k)`` and ``(k, k)``.
+    """
+    scaled = V / lam.unsqueeze(-1)
+    capacitance = V.mT @ scaled
+    capacitance = capacitance + torch.eye(V.shape[-1], dtype=V.dtype, device=V.device)
+    return scaled, torch.linalg.cholesky(capacitance)
+
+
+def matmul(lam: Tensor, V: Tensor, X: Tensor) -> Tensor:
+    """``M X = Λ X + V (Vᵀ X)``.
+
+    Args:
+        lam: ``Λ`` ``(n,)``.
+        V: ``(n, k)``.
+        X: ``(n, m)``.
+
+    Returns:
+        ``(n, m)``.
+    """
+    return lam.unsqueeze(-1) * X + V @ (V.mT @ X)
+
+
+def inverse_matmul(lam: Tensor, V: Tensor, X: Tensor) -> Tensor:
+    """``M⁻¹ X`` by Woodbury: ``Λ⁻¹ X − Λ⁻¹ V C⁻¹ Vᵀ Λ⁻¹ X``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+        X: ``(n, m)``.
+
+    Returns:
+        ``(n, m)``.
+    """
+    scaled, chol = capacitance_cholesky(lam, V)
+    first = X / lam.unsqueeze(-1)
+    return first - scaled @ torch.cholesky_solve(V.mT @ first, chol)
+
+
+def logdet(lam: Tensor, V: Tensor) -> Tensor:
+    """``log det M = Σ log Λ + log det C`` (the matrix determinant lemma).
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+
+    Returns:
+        A scalar, differentiable in ``Λ`` and ``V``.
+    """
+    _, chol = capacitance_cholesky(lam, V)
+    return lam.log().sum() + 2 * chol.diagonal().log().sum()
+
+
+def inverse_diagonal(lam: Tensor, V: Tensor) -> Tensor:
+    """``diag(M⁻¹) = 1/Λ − rowsum((Λ⁻¹ V L^{-T})²)``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+
+    Returns:
+        ``(n,)``.
+    """
+    scaled, chol = capacitance_cholesky(lam, V)
+    whitened = torch.linalg.solve_triangular(chol, scaled.mT, upper=False)
+    return 1 / lam - whitened.square().sum(0)
+
+
+def inverse_factor(lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """The low-rank part of ``A`` with ``A Aᵀ = M⁻¹``: ``A = Λ^{-1/2} (I + B Bᵀ)``.
+
+    ``B = Q_W P ((1 + E)^{-1/2} − 1)^{1/2}`` is not formed; returned are
+    ``Q_W P`` ``(n, k)`` and the weights ``(1 + E)^{-1/2} − 1`` ``(k,)`` (in
+    ``(−1, 0]``), so that ``A Z = Λ^{-1/2} (Z + Q_W P diag(w) Pᵀ Q_Wᵀ Z)``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+
+    Returns:
+        ``(Q_W P, w)``.
+    """
+    W = V / lam.sqrt().unsqueeze(-1)
+    q_w, r = torch.linalg.qr(W)  # thin: (n, k), (k, k)
+    e, p = torch.linalg.eigh(r @ r.mT)
+    weights = (1 + e.clamp_min(0)).rsqrt() - 1
+    return q_w @ p, weights
+
+
+def inverse_factor_matmul(lam: Tensor, V: Tensor, Z: Tensor) -> Tensor:
+    """``A Z`` for the factor ``A Aᵀ = M⁻¹`` of :func:`inverse_factor`.
+
+    With ``Z`` standard normal, ``A Z`` has covariance ``M⁻¹``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+        Z: ``(n, m)``.
+
+    Returns:
+        ``(n, m)``.
+    """
+    basis, weights = inverse_factor(lam, V)
+    inner = Z + basis @ (weights.unsqueeze(-1) * (basis.mT @ Z))
+    return inner / lam.sqrt().unsqueeze(-1)
+
+
+def sketch_matrix(n: int, columns: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """The test matrix ``Ω`` ``(n, columns)`` of a sketch, standard normal.
+
+    Drawn on the CPU from its own generator, so that every rank, device and later
+    online fit draws the same ``Ω`` and sketches add up.
+
+    Args:
+        n: The block's size.
+        columns: ``k + oversampling``.
+        seed: The generator's seed.
+        dtype: The sketch's dtype.
+
+    Returns:
+        ``Ω``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, columns, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def nystrom_eigenpairs(
+    sketch: Tensor, omega: Tensor, rank: int
+) -> tuple[Tensor, Tensor]:
+    """The top eigenpairs of the Nyström approximation ``Y (Ωᵀ Y)⁺ Yᵀ`` of ``R``.
+
+    ``Y = R Ω`` for a positive semi-definite ``R``. The approximation ``R̂`` is
+    positive semi-definite and ``R̂ ≼ R`` (so ``diag(R − U S Uᵀ) ≥ 0``); it is
+    exact where ``R`` has rank at most the sketch's columns. Computed stably
+    (Tropp et al. 2017, "Fixed-rank approximation of a positive-semidefinite
+    matrix from streaming data"): a small shift ``ν`` makes ``Ωᵀ (Y + ν Ω)``
+    positive definite, and is taken off the eigenvalues again.
+
+    Args:
+        sketch: ``Y = R Ω`` ``(n, l)``.
+        omega: ``Ω`` ``(n, l)``.
+        rank: ``k ≤ l``: the pairs kept.
+
+    Returns:
+        ``(U, S)``: orthonormal ``(n, k')`` and non-negative ``(k',)``, largest
+        first, ``k' = min(k, n)``.
+    """
+    dtype = sketch.dtype
+    Y, test = sketch.double(), omega.double()
+    n = Y.shape[0]
+    shift = torch.finfo(torch.float64).eps * n * max(float(Y.norm()), 1e-300)
+    shifted = Y + shift * test
+    core = test.mT @ shifted
+    core = (core + core.mT) / 2
+    # A tiny eigenvalue of the core (a sketch of a matrix of lower rank) is
+    # lifted so that the Cholesky factor exists; the shift absorbs it.
+    eigenvalues = torch.linalg.eigvalsh(core)
+    lift = max(0.0, -float(eigenvalues[0])) + shift * float(test.norm()) ** 2 * 1e-12
+    chol = torch.linalg.cholesky(core + lift * torch.eye(len(core), dtype=Y.dtype))
+    factor = torch.linalg.solve_triangular(chol, shifted.mT, upper=False).mT
+    U, sigma, _ = torch.linalg.svd(factor, full_matrices=False)
+    values = (sigma.square() - shift).clamp_min(0)
+    keep = min(rank, n, len(values))
+    return U[:, :keep].to(dtype), values[:keep].to(dtype)
