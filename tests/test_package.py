@@ -52,7 +52,7 @@ def test_the_core_imports_nothing_from_the_evaluation_side():
 #: modules of lower layers.
 CORE_LAYERS = {
     "options": 0,
-    "matrix": 0,
+    "matrix": 1,
     "batches": 0,
     "_compat": 0,
     "distributed": 0,
@@ -67,7 +67,7 @@ CORE_LAYERS = {
     "blocks.kronecker": 2,
     "blocks": 3,
     "diagonal": 2,
-    "factors": 1,
+    "factors": 2,
     "output_curvature": 1,
     "backends": 1,
     "kinds.linear": 1,
