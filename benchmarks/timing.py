@@ -7,7 +7,7 @@ the page cache moves it by tens of percent. Every benchmark here therefore
   ``torch.set_num_threads``, one inter-op thread) in every worker process;
 * runs each contender's measurement in a fresh worker process, so that neither its
   allocations nor its warm caches leak into another's;
-* interleaves the contenders, ``A B A B …``, for ``rounds`` rounds, so that a slow
+* interleaves the contenders, ``A B, B A, …``, for ``rounds`` rounds, so that a slow
   spell of the machine hits all of them alike;
 * times the first call in the process (``cold``: lazy initialisation, first-touch
   allocations, kernel selection) apart from the median of the calls after it
@@ -155,7 +155,13 @@ def interleave(
     measure: Callable[[str, int], dict[str, Any]],
     report: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure the contenders ``A B … A B …`` for ``rounds`` rounds.
+    """Measure the contenders ``A B, B A, A B, …`` for ``rounds`` rounds.
+
+    The order turns round every other round, so that a bias of the position in a
+    round (the second worker of a pair finds the machine warmer, or slower) falls
+    on every contender alike. With a fixed order, two commits whose sampling code
+    is the same measured a warm ratio of 1.09 (1.04–1.26) for 100 posterior
+    samples, and one commit against itself 1.03 (0.93–1.05).
 
     Args:
         contenders: Their names.
@@ -168,7 +174,8 @@ def interleave(
     """
     results = []
     for index in range(rounds):
-        for contender in contenders:
+        order = contenders if index % 2 == 0 else list(reversed(contenders))
+        for contender in order:
             result = {"contender": contender, "round": index}
             result.update(measure(contender, index))
             results.append(result)

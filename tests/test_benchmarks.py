@@ -83,7 +83,7 @@ def test_interleaved_ratios_are_paired_by_round():
         return {"warm": {"a": [2.0, 3.0, 8.0], "b": [1.0, 1.0, 2.0]}[contender][index]}
 
     results = interleave(["a", "b"], 3, measure)
-    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert order == ["a", "b", "b", "a", "a", "b"]  # the order turns every round
     summary = ratio(results, "a", "b", "warm")
     assert summary == {"median": 3.0, "min": 2.0, "max": 4.0, "rounds": 3}
     assert spread(summary) == "3.00 (2.00–4.00)"
