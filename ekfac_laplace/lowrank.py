@@ -92,8 +92,35 @@ def logdet(lam: Tensor, V: Tensor) -> Tensor:
     Returns:
         A scalar, differentiable in ``Λ`` and ``V``.
     """
+    return lam.log().sum() + capacitance_logdet(lam, V)
+
+
+def capacitance_logdet(lam: Tensor, V: Tensor) -> Tensor:
+    """``log det C``: what the low-rank term adds to ``log det Λ``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+
+    Returns:
+        A scalar, differentiable in ``Λ`` and ``V``.
+    """
     _, chol = capacitance_cholesky(lam, V)
-    return lam.log().sum() + 2 * chol.diagonal().log().sum()
+    return 2 * chol.diagonal().log().sum()
+
+
+def whitened_inverse(lam: Tensor, V: Tensor) -> Tensor:
+    """``Λ⁻¹ V L^{-T}`` ``(n, k)``: ``M⁻¹ = Λ⁻¹ − (Λ⁻¹ V L^{-T})(Λ⁻¹ V L^{-T})ᵀ``.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        V: ``(n, k)``.
+
+    Returns:
+        ``(n, k)``.
+    """
+    scaled, chol = capacitance_cholesky(lam, V)
+    return torch.linalg.solve_triangular(chol, scaled.mT, upper=False).mT
 
 
 def inverse_diagonal(lam: Tensor, V: Tensor) -> Tensor:
@@ -106,9 +133,7 @@ def inverse_diagonal(lam: Tensor, V: Tensor) -> Tensor:
     Returns:
         ``(n,)``.
     """
-    scaled, chol = capacitance_cholesky(lam, V)
-    whitened = torch.linalg.solve_triangular(chol, scaled.mT, upper=False)
-    return 1 / lam - whitened.square().sum(0)
+    return 1 / lam - whitened_inverse(lam, V).square().sum(1)
 
 
 def inverse_factor(lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:

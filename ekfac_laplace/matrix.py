@@ -498,7 +498,7 @@ class EKFACDecomposed:
             V = self._low_rank(i)
             if V is not None:
                 lam = self.damped_eigenvalues(i).flatten()
-                total = total + lowrank.logdet(lam, V) - lam.log().sum()
+                total = total + lowrank.capacitance_logdet(lam, V)
         return total
 
     # -------------------------------------------------------------- rotations
@@ -660,9 +660,7 @@ class EKFACDecomposed:
         if V.shape[1] == 0:
             return V.new_zeros(V.shape[0])
         if exponent == -1:
-            lam = self.damped_eigenvalues(index).flatten()
-            scaled, chol = lowrank.capacitance_cholesky(lam, V)
-            V = torch.linalg.solve_triangular(chol, scaled.mT, upper=False).mT
+            V = lowrank.whitened_inverse(self.damped_eigenvalues(index).flatten(), V)
         columns = self._rotate_out(index, V.mT.reshape(-1, *shape))
         term = columns.reshape(V.shape[1], -1).square().sum(0)
         return term if exponent == 1 else -term
