@@ -117,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     malloc = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap else {}
     with tempfile.TemporaryDirectory() as scratch:
         paths = {"after": str(REPO)}
-        for version, ref in refs.items():
-            if ref:
-                paths[version] = str(Path(scratch) / version)
-                subprocess.run(
-                    ["git", "-C", str(REPO), "worktree", "add", "--detach"]
-                    + [paths[version], ref],
-                    check=True,
-                    capture_output=True,
-                )
-        try:
+        try:  # a worktree added before a failure is removed too
+            for version, ref in refs.items():
+                if ref:
+                    paths[version] = str(Path(scratch) / version)
+                    subprocess.run(
+                        ["git", "-C", str(REPO), "worktree", "add", "--detach"]
+                        + [paths[version], ref],
+                        check=True,
+                        capture_output=True,
+                    )
             for case in args.cases:
                 for phase in [p for p in args.phases if has_phase(case, p)]:
 
