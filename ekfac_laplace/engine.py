@@ -48,6 +48,7 @@ from ekfac_laplace.layer import KroneckerLayer, LayerBasis
 from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
+from ekfac_laplace.sketch import CurvatureSketch
 from ekfac_laplace.sweep import Sweep
 
 
@@ -165,7 +166,7 @@ class FastEKFAC:
                 for layer, tensors in zip(layers, shared)
             }
             exact = dict(zip(dense.blocks, shared[len(layers) :]))
-            correction = CorrectionAccumulator(bases)
+            correction = self._correction(bases)
 
             def correct() -> None:  # from the cache, and a second pass for the rest
                 rest = factors.replay(correction)
@@ -177,7 +178,7 @@ class FastEKFAC:
             ranks.run(correct, "the eigenvalue correction")
         else:
             bases = self.layout.layer_bases(eigenbasis)
-            correction = CorrectionAccumulator(bases)
+            correction = self._correction(bases)
             totals = ranks.run(
                 lambda: self._pass(
                     batches, "EKFAC: eigenvalue correction", correction, diagonal
@@ -201,6 +202,17 @@ class FastEKFAC:
                 factors.eigenvalues[index] = block.new_zeros(shape)
             factors.dense = dict(dense.blocks)
         return factors
+
+    def _correction(self, bases: dict[str, LayerBasis]) -> CorrectionAccumulator:
+        """The correction pass's accumulator, sketching with a ``correction_rank``."""
+        options = self.options
+        return CorrectionAccumulator(
+            bases,
+            self.layout.kronecker_layers,
+            options.correction_rank,
+            options.correction_examples,
+            options.seed,
+        )
 
     def _eigenbasis(
         self, factors: FactorAccumulator, dense: DenseBlocks, item: int
@@ -295,7 +307,28 @@ class FastEKFAC:
             totals.loss,
             tokens,
             batch_dims=self.sweep.batch_dims,
+            sketches=self._sketches(correction, eigenvalues),
+            rank=self.options.correction_rank,
         )
+
+    def _sketches(
+        self, correction: CorrectionAccumulator, eigenvalues: list[Tensor]
+    ) -> dict[int, CurvatureSketch]:
+        """Block index to its sketch over every example, in the block's layout."""
+        sketches = {}
+        for layer in self.layout.kronecker_layers:
+            weight, bias = correction.sketches.get(layer.name, (None, None))
+            if weight is not None:
+                weight = weight.scaled_to_all()
+                sketches[layer.weight_index] = (
+                    weight.transposed() if layer.transposed else weight
+                )
+            if bias is not None:
+                sketches[layer.bias_index] = bias.scaled_to_all()
+        return {
+            index: sketch.with_diagonal(eigenvalues[index])
+            for index, sketch in sketches.items()
+        }
 
 
 def fast_ekfac(

@@ -438,6 +438,23 @@ class EKFACDecomposed:
         scale = torch.as_tensor(self.scale, dtype=V.dtype, device=V.device)
         return V * scale.sqrt()
 
+    def inverse_correction(self, index: int) -> Tensor | None:
+        """``W`` with ``M_b⁻¹ = Q (Λ⁻¹ − W Wᵀ) Qᵀ`` of a corrected block (Woodbury).
+
+        Args:
+            index: Block index.
+
+        Returns:
+            ``(n_b, k)`` over the block's row-major eigenvalues, or ``None`` for a
+            block without a correction.
+        """
+        V = self._low_rank(index)
+        if V is None:
+            return None
+        lam = self.damped_eigenvalues(index).flatten()
+        self._check_positive(index, lam, "the inverse")
+        return lowrank.whitened_inverse(lam, V)
+
     def _powered(self, index: int, rotated: Tensor, exponent: float) -> Tensor:
         """``M_b^exponent`` applied to rotated blocks ``(..., *shape)`` of ``index``.
 

@@ -37,6 +37,9 @@ DEFAULT_SEED = 2147483647
 #: Bytes of first-pass results the fast engine may keep to skip its second pass
 #: (projected from the first batch; see :mod:`ekfac_laplace.engine`).
 DEFAULT_CACHE_BUDGET_BYTES = 256 * 2**20
+#: The examples of each layer that a low-rank correction's sketch sees
+#: (``correction_examples``; see :mod:`ekfac_laplace.sketch`).
+DEFAULT_CORRECTION_EXAMPLES = 2048
 
 
 class _Choice(str, Enum):
@@ -150,6 +153,16 @@ class EKFACOptions:
             Monte-Carlo EKFAC is, but not equal to it: each square also holds the
             zero-mean products of one sequence's tokens, so its variance is larger.
             No effect on outputs ``(batch, outputs)``.
+        correction_rank: Every Kronecker block also keeps the top-``k`` eigenpairs
+            of its rotated curvature ``R = Qᵀ B Q`` beside the exact diagonal of
+            the rest, ``Q (diag(R − U S Uᵀ) + U S Uᵀ) Qᵀ``
+            (:mod:`ekfac_laplace.sketch`), found from a sketch of ``2k`` columns
+            in the correction pass; ``0`` (default): plain EKFAC. Needs
+            ``engine="fast"``.
+        correction_examples: The examples (of each layer) whose rotated
+            gradients the sketch sees, the first batches' (the diagonal always
+            sees all); ``None``: every example (the sketch then costs ``2k``
+            products of a layer's size per example).
 
     Raises:
         ValueError: For an unknown choice, a non-integer or out-of-range number, or
@@ -169,7 +182,9 @@ class EKFACOptions:
     unsupported_layers: UnsupportedLayers = UnsupportedLayers.DIAGONAL
     max_factor_size: int | None = None
     dense_blocks_up_to: int = 0
-    mc_per_sequence: bool = False  # last: positional construction keeps its order
+    mc_per_sequence: bool = False  # new fields after it: positional order kept
+    correction_rank: int = 0
+    correction_examples: int | None = DEFAULT_CORRECTION_EXAMPLES
 
     def __post_init__(self) -> None:
         parsed = {
@@ -187,6 +202,14 @@ class EKFACOptions:
         if self.max_factor_size is not None:
             _check_int("max_factor_size", self.max_factor_size, 1)
         _check_int("dense_blocks_up_to", self.dense_blocks_up_to, 0)
+        _check_int("correction_rank", self.correction_rank, 0)
+        if self.correction_examples is not None:
+            _check_int("correction_examples", self.correction_examples, 1)
+        if self.correction_rank and parsed["engine"] != Engine.FAST:
+            raise ValueError(
+                f"correction_rank={self.correction_rank} needs engine='fast': the "
+                "low-rank correction is sketched in our engine's correction pass."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if not isinstance(self.mc_per_sequence, bool):
@@ -282,6 +305,8 @@ class OptionKeywords(TypedDict, total=False):
     max_factor_size: int | None
     dense_blocks_up_to: int
     mc_per_sequence: bool
+    correction_rank: int
+    correction_examples: int | None
 
 
 _CHOICES = ("fisher_type", "kfac_approx", "engine", "unsupported_layers")

@@ -60,11 +60,13 @@ from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.parameters import parameters_kept, parameters_vector, tensor_digest
 from ekfac_laplace.predictive import glm_predictive_variance
+from ekfac_laplace.sketch import CurvatureSketch, corrected_matrix
 from ekfac_laplace.state import (
     CheckedState,
     check_state_header,
     checked_state,
     restored_on_failure,
+    sketches_state,
 )
 
 
@@ -99,6 +101,9 @@ class EKFACPosterior(ParametricLaplace):
     def _init_H(self) -> None:
         self.H: EKFACDecomposed | None = None
         self._fitted: FittedLayout | None = None
+        #: With a ``correction_rank``: block index to the sketch of its rotated
+        #: curvature (:mod:`ekfac_laplace.sketch`), kept for online fits and states.
+        self._sketches: dict[int, CurvatureSketch] = {}
 
     @property
     def fitted_layout(self) -> FittedLayout:
@@ -376,6 +381,7 @@ class EKFACPosterior(ParametricLaplace):
         self._fitted = layout
         if previous is None:
             self.H = factors.to_decomposed()
+            self._sketches = dict(factors.sketches)
             self.loss = factors.loss
             self.n_data = num_data
             return
@@ -383,6 +389,10 @@ class EKFACPosterior(ParametricLaplace):
         eigenvalues = [
             old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)
         ]
+        sketches = {  # a corrected block's eigenvalues are not diag(R): from these
+            index: self._sketches[index] + sketch
+            for index, sketch in factors.sketches.items()
+        }
         params = self._posterior_params()
         for index, block in factors.dense.items():  # exact: rebuilt, not rotated
             structure = structure_named(self._fitted.blocks[index].structure)
@@ -393,7 +403,10 @@ class EKFACPosterior(ParametricLaplace):
                 params[index],
                 f"{structure.name} block {index}",
             )
-        self.H = EKFACDecomposed(eigenvectors, eigenvalues)
+        self.H = corrected_matrix(
+            eigenvectors, eigenvalues, sketches, self.options.correction_rank
+        )
+        self._sketches = sketches
         self.loss = self.loss + factors.loss
         self.n_data = self.n_data + num_data
 
@@ -722,12 +735,22 @@ class EKFACPosterior(ParametricLaplace):
             laplace-torch's state with ``H`` as one ``(λ, *eigenvectors)`` tuple per
             block, the EKFAC options under ``"ekfac_options"`` and the fitted
             layout (:class:`~ekfac_laplace.fitted.FittedLayout`, plain) under
-            ``"ekfac_layout"``.
+            ``"ekfac_layout"``. With a ``correction_rank``, ``H`` holds every
+            block's ``diag(R)`` (plain EKFAC) and ``"ekfac_sketches"`` the
+            sketches the corrections are rebuilt from.
         """
         state = super().state_dict()
-        state["H"] = self.H.to_state()
+        H = self.H
+        if self._sketches:
+            eigenvalues = list(H.eigenvalues)
+            for index, sketch in self._sketches.items():
+                eigenvalues[index] = sketch.diagonal
+            H = EKFACDecomposed(H.eigenvectors, eigenvalues)
+        state["H"] = H.to_state()
         state["ekfac_options"] = self.options.to_state()
         state["ekfac_layout"] = self.fitted_layout.plain()
+        if self._sketches:
+            state["ekfac_sketches"] = sketches_state(self._sketches)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -761,3 +784,4 @@ class EKFACPosterior(ParametricLaplace):
         ParametricLaplace.load_state_dict(self, {**state_dict, "H": checked.curvature})
         self.options = checked.options
         self._fitted = checked.layout
+        self._sketches = checked.sketches

@@ -331,12 +331,18 @@ class _LayerTerms:
         if "bias" in pieces:
             inverse = precision.powered_eigenvalues(layer.bias_index, -1).flatten()
             term = term + _squared(pieces["bias"], inverse, joint)
+            W = precision.inverse_correction(layer.bias_index)
+            if W is not None:  # − (J̃ W)(J̃ W)ᵀ
+                term = term - _squared(pieces["bias"] @ W, W.new_ones(()), joint)
         if "weight" in pieces:
             _, q_a, inverse, a_rot, _ = self._weight
             if q_a is None:
                 term = term + _weight_term(pieces["weight"], a_rot, inverse, joint)
             else:
                 term = term + _squared(pieces["weight"], inverse.flatten(), joint)
+            rows = self._corrected_rows(pieces["weight"])
+            if rows is not None:
+                term = term - _squared(rows, rows.new_ones(()), joint)
         for key, index in (
             ("dense_weight", layer.dense_weight_index),
             ("dense_bias", layer.dense_bias_index),
@@ -344,6 +350,27 @@ class _LayerTerms:
             if key in pieces:
                 term = term + _dense_term(pieces[key], precision, index, joint)
         return term
+
+    def _corrected_rows(self, J: Tensor) -> Tensor | None:
+        """``J̃ W`` ``(B, K, k)`` of a corrected weight block (``None`` without one).
+
+        ``J`` holds the rotated Jacobian rows, or at one position the rotated
+        output Jacobians ``g̃`` (then ``J̃ = g̃ ⊗ ã``: ``Σ_{o,i} g̃_o W_{o,i} ã_i``).
+        """
+        index = self.layer.weight_index
+        W = self.precision.inverse_correction(index)
+        if W is None:
+            return None
+        shape = self.precision.eigenvalues[index].shape
+        columns = W.mT.reshape(W.shape[1], *shape)
+        _, _, columns = self.layer.factor_block(
+            self.precision.eigenvectors[index], columns
+        )  # (k, [G,] d_out, d_in)
+        _, q_a, _, a_rot, _ = self._weight
+        if q_a is None:
+            weighted = torch.einsum("koi,bi->bko", columns, a_rot)
+            return torch.einsum("bco,bko->bck", J, weighted)
+        return J @ columns.reshape(W.shape[1], -1).mT
 
     def _keep(self, key: str, c: int, piece: Tensor) -> None:
         self.pieces.setdefault(key, {})[c] = piece

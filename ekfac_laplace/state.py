@@ -21,7 +21,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from ekfac_laplace.layout import (
 )
 from ekfac_laplace.matrix import EKFACDecomposed
 from ekfac_laplace.options import EKFACOptions
+from ekfac_laplace.sketch import CurvatureSketch, corrected_matrix
 
 #: How far ``QᵀQ`` may be from ``I`` (largest entry), by the eigenvectors' dtype.
 ORTHONORMALITY_TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -109,11 +110,14 @@ class CheckedState:
         curvature: ``H`` on the model's device.
         options: The EKFAC options it was fitted with.
         layout: The fitted layout.
+        sketches: With a ``correction_rank``: block index to its sketch
+            (``curvature`` then has the corrections).
     """
 
     curvature: EKFACDecomposed
     options: EKFACOptions
     layout: FittedLayout
+    sketches: dict[int, CurvatureSketch] = field(default_factory=dict)
 
 
 def checked_state(
@@ -172,7 +176,102 @@ def checked_state(
             f"The state's enable_backprop must be True or False, got "
             f"{state['enable_backprop']!r}."
         )
-    return CheckedState(curvature, options, layout)
+    sketches = checked_sketches(state.get("ekfac_sketches"), curvature, options)
+    if sketches:
+        curvature = corrected_matrix(
+            curvature.eigenvectors,
+            curvature.eigenvalues,
+            sketches,
+            options.correction_rank,
+        )
+    return CheckedState(curvature, options, layout, sketches)
+
+
+def sketches_state(sketches: Mapping[int, CurvatureSketch]) -> list[Any]:
+    """Sketches in plain form: ``(index, sketch state)`` pairs, ``diag(R)`` in ``H``.
+
+    Args:
+        sketches: Block index to its sketch.
+
+    Returns:
+        A list that ``torch.save`` stores without pickling any class.
+    """
+    plain = []
+    for index, sketch in sorted(sketches.items()):
+        state = sketch.state()
+        del state["diagonal"]
+        plain.append((index, state))
+    return plain
+
+
+def checked_sketches(
+    saved: Any, curvature: EKFACDecomposed, options: EKFACOptions
+) -> dict[int, CurvatureSketch]:
+    """A state's sketches, checked against its blocks and options.
+
+    Args:
+        saved: ``"ekfac_sketches"`` as :func:`sketches_state` wrote it (or
+            ``None``).
+        curvature: The state's checked ``H`` (``diag(R)`` of every block).
+        options: The fit's options.
+
+    Returns:
+        Block index to its sketch, with ``diag(R)``.
+
+    Raises:
+        ValueError: For sketches without a ``correction_rank`` or missing with
+            one, or a sketch whose shapes do not fit its block.
+    """
+    rank = options.correction_rank
+    if not rank:
+        if saved:
+            raise ValueError(
+                "The state holds low-rank sketches but its options have "
+                "correction_rank=0: the state is corrupt. Fit again."
+            )
+        return {}
+    if not saved:
+        raise ValueError(
+            f"The state was fitted with correction_rank={rank} but holds no "
+            "sketches ('ekfac_sketches'): the state is corrupt. Fit again."
+        )
+    sketches = {}
+    device = curvature.eigenvalues[0].device
+    for index, plain in saved:
+        if not 0 <= index < len(curvature) or not curvature.eigenvectors[index]:
+            raise ValueError(
+                f"The state's sketch of block {index} is not that of a Kronecker "
+                "block: the state is corrupt. Fit again."
+            )
+        sketch = CurvatureSketch.from_state({**plain, "diagonal": None})
+        values = curvature.eigenvalues[index]
+        expected = CurvatureSketch.new(
+            values.shape, rank, 0, sketch.values.dtype, torch.device("meta")
+        )
+        shapes = [tuple(f.shape) for f in sketch.factors]
+        if (
+            sketch.shape != tuple(values.shape)
+            or sketch.values.shape != expected.values.shape
+            or shapes != [tuple(f.shape) for f in expected.factors]
+            or not bool(torch.isfinite(sketch.values).all())
+        ):
+            raise ValueError(
+                f"The state's sketch of block {index} has shape {sketch.shape}, sums "
+                f"{tuple(sketch.values.shape)} and factors {shapes}, but its block "
+                f"{tuple(values.shape)} with correction_rank={rank} needs "
+                f"{tuple(expected.values.shape)} sums and factors "
+                f"{[tuple(f.shape) for f in expected.factors]} (finite): the state "
+                "is corrupt. Fit again."
+            )
+        sketches[index] = CurvatureSketch(
+            sketch.shape,
+            sketch.values.to(device),
+            tuple(f.to(device) for f in sketch.factors),
+            sketch.seen,
+            sketch.sketched,
+            values,
+        )
+    return sketches
 
 
 def checked_curvature(

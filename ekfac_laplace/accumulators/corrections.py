@@ -12,6 +12,10 @@ $$
 and with weight sharing (``Conv2d``) the rotated per-example gradients
 ``Q_Gᵀ (Σ_s g_{n,k,s} a_{n,s}ᵀ) Q_A`` are squared and summed, each rotation applied
 to whichever side of the product is cheaper (:func:`contraction_order`).
+
+With a ``correction_rank`` the same rotated per-example gradients also feed each
+block's sketch ``Y = R Ω`` (:mod:`ekfac_laplace.sketch`), for the first
+``correction_examples`` examples of each layer.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ekfac_laplace.diagonal import CHUNK_NUMBERS
 from ekfac_laplace.factors import accumulation_dtype
 from ekfac_laplace.layer import KroneckerLayer, LayerBasis
 from ekfac_laplace.output_curvature import OutputCurvature
+from ekfac_laplace.sketch import CurvatureSketch, block_seed
 
 
 class CorrectionAccumulator(PassAccumulator):
@@ -38,16 +43,38 @@ class CorrectionAccumulator(PassAccumulator):
 
     Args:
         bases: Layer name to its eigenbases.
+        layers: The layers whose blocks are sketched (with ``rank``).
+        rank: The correction's rank ``k`` (``0``: no sketch).
+        examples: The examples each layer's sketch sees (``None``: all).
+        seed: The seed of the test matrices.
 
     Attributes:
         weight_corrections: Layer name to ``λ`` of its weight, ``(d_out, d_in)``.
         bias_corrections: Layer name to ``λ`` of its bias, ``(d_out,)``.
+        sketches: Layer name to the sketches of its weight and bias (``None``
+            for a block not in the posterior), in the accumulator's layout
+            ``(d_out, d_in)``.
     """
 
-    def __init__(self, bases: dict[str, LayerBasis]) -> None:
+    def __init__(
+        self,
+        bases: dict[str, LayerBasis],
+        layers: list[KroneckerLayer] | None = None,
+        rank: int = 0,
+        examples: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.bases = bases
         self.weight_corrections: dict[str, Tensor] = {}
         self.bias_corrections: dict[str, Tensor] = {}
+        self.sketches: dict[str, tuple[CurvatureSketch | None, ...]] = {}
+        self._budget = examples
+        self._counts: dict[str, list[int]] = {}  # seen, sketched
+        self._sketching: set[str] = set()  # the layers that sketch this batch
+        self._stash: dict[str, list[Tensor]] = {}  # rotated g per pass, one position
+        for layer in (layers or []) if rank else []:
+            self.sketches[layer.name] = self._new_sketches(layer, rank, seed)
+            self._counts[layer.name] = [0, 0]
         self._squares: dict[str, Tensor] = {}
         # Per shared-weight layer of the batch: the inputs (rotated or not), the
         # rotation still to apply to the right of the per-example gradients, and
@@ -68,6 +95,7 @@ class CorrectionAccumulator(PassAccumulator):
 
     def begin(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Prepare the batch: rotate shared inputs once for all passes, if cheaper."""
+        self._start(layer, a.shape[0])
         if not layer.shares_weight:
             return
         if layer.groups > 1:  # each group's inputs in its own basis
@@ -100,7 +128,9 @@ class CorrectionAccumulator(PassAccumulator):
         """Add one pass: rotated gradient squares, or rotated per-example grads."""
         basis = self.bases[layer.name]
         if bias_rows is not None:  # a bias with a factor of its own
-            self._add_bias(layer, (bias_rows.sum(1) @ basis.bias).square().sum(0))
+            rotated = bias_rows.sum(1) @ basis.bias
+            self._sketch_rows(layer, 1, rotated)
+            self._add_bias(layer, rotated.square_().sum(0))
         if g is None:
             return
         q_g = basis.gradient
@@ -108,7 +138,10 @@ class CorrectionAccumulator(PassAccumulator):
             self._grouped_gradient(layer, g, q_g)
             return
         if a.shape[1] == 1:
-            self._squares[layer.name] += (g[:, 0] @ q_g).square_()
+            rotated = g[:, 0] @ q_g
+            if layer.name in self._sketching:
+                self._stash.setdefault(layer.name, []).append(rotated.clone())
+            self._squares[layer.name] += rotated.square_()
             return
         if layer.weight_index is not None:
             a_used, q_a, rotate_g = self._inputs[layer.name]
@@ -118,17 +151,25 @@ class CorrectionAccumulator(PassAccumulator):
             d_out, d_in = g.shape[-1], a_used.shape[-1]
             chunk = max(1, CHUNK_NUMBERS // (d_out * d_in))
             squares = g.new_zeros(d_out, d_in)
+            sketching = layer.name in self._sketching
             for start in range(0, g.shape[0], chunk):
                 per_example = torch.bmm(
                     g_used[start : start + chunk].transpose(1, 2),
                     a_used[start : start + chunk],
                 )
+                if sketching:  # the rotated products, to the sketch first
+                    per_example = rotate(per_example, None if rotate_g else q_g, q_a)
+                    self._sketch_rows(layer, 0, per_example)
+                    squares += per_example.square_().sum(0)
+                    continue
                 squares += rotated_squares(
                     per_example, None if rotate_g else q_g, q_a, fresh=True
                 )
             self._add_weight(layer, squares)
         if layer.bias_index is not None and not layer.separate_bias:
-            self._add_bias(layer, (g.sum(1) @ q_g).square().sum(0))
+            rotated = g.sum(1) @ q_g
+            self._sketch_rows(layer, 1, rotated)
+            self._add_bias(layer, rotated.square_().sum(0))
 
     def _grouped_gradient(self, layer: KroneckerLayer, g: Tensor, q_g: Tensor) -> None:
         """One pass of a grouped layer: per group, as :meth:`gradient` does."""
@@ -144,23 +185,33 @@ class CorrectionAccumulator(PassAccumulator):
                     g_rot[start : start + chunk],
                     a_rot[start : start + chunk],
                 )
+                self._sketch_rows(layer, 0, rotated)
                 squares += rotated.square_().sum(0)
             self._add_weight(layer, squares)
         if layer.bias_index is not None and not layer.separate_bias:
-            self._add_bias(layer, g_rot.sum(1).square().sum(0))
+            summed = g_rot.sum(1)
+            self._sketch_rows(layer, 1, summed)
+            self._add_bias(layer, summed.square_().sum(0))
 
     def end(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Finish a layer without weight sharing with one matrix product."""
         if layer.name in self._squares:
-            self._finish(layer, a, self._squares.pop(layer.name))
+            stash = self._stash.pop(layer.name, None)
+            g_rot = torch.stack(stash, 1) if stash else None
+            self._finish(layer, a, self._squares.pop(layer.name), g_rot)
         self._inputs.pop(layer.name, None)
 
     def output(
         self, layer: KroneckerLayer, a: Tensor, curvature: OutputCurvature
     ) -> None:
         """The output layer's correction in closed form."""
-        squares = curvature.rotated_squares(self.bases[layer.name].gradient)
-        self._finish(layer, a, squares)
+        self._start(layer, a.shape[0])
+        q_g = self.bases[layer.name].gradient
+        squares = curvature.rotated_squares(q_g)
+        g_rot = None
+        if layer.name in self._sketching:
+            g_rot = curvature.vectors().to(q_g.dtype) @ q_g  # (B, K, d_out)
+        self._finish(layer, a, squares, g_rot)
 
     def partial_sums(self, layers: list[KroneckerLayer]) -> list[Tensor]:
         """The corrected eigenvalues in layer order (weight, bias), to sum over ranks.
@@ -178,6 +229,12 @@ class CorrectionAccumulator(PassAccumulator):
                 sums.append(self.weight_corrections[layer.name])
             if layer.bias_index is not None:
                 sums.append(self.bias_corrections[layer.name])
+            seen, sketched = self._counts.get(layer.name, (0, 0))
+            for sketch in self.sketches.get(layer.name, ()):
+                if sketch is not None:
+                    sketch.seen.fill_(seen)
+                    sketch.sketched.fill_(sketched)
+                    sums += [sketch.values, sketch.seen, sketch.sketched]
         return sums
 
     def replay(self, layer: KroneckerLayer, entries: list[CacheEntry]) -> None:
@@ -207,26 +264,88 @@ class CorrectionAccumulator(PassAccumulator):
     ) -> None:
         """Rotate cached per-example gradients, square and sum them."""
         q_g, q_a, _ = self.bases[layer.name]
+        sketched = entry.weight if entry.weight is not None else entry.bias
+        self._start(layer, sketched.shape[0])
         if entry.weight is not None:
             B, K, d_out, d_in = entry.weight.shape
             chunk = max(1, CHUNK_NUMBERS // (K * d_out * d_in))
             squares = entry.weight.new_zeros(d_out, d_in)
             for start in range(0, B, chunk):
-                squares += rotated_squares(
-                    entry.weight[start : start + chunk], q_g, q_a
-                )
+                rotated = rotate(entry.weight[start : start + chunk], q_g, q_a)
+                self._sketch_rows(layer, 0, rotated.flatten(0, 1))
+                squares += rotated.square_().flatten(0, 1).sum(0)
             self._add_weight(layer, squares)
         if entry.bias is not None:
-            q_b = self.bases[layer.name].for_bias
-            self._add_bias(layer, (entry.bias @ q_b).square().sum((0, 1)))
+            rotated = entry.bias @ self.bases[layer.name].for_bias
+            self._sketch_rows(layer, 1, rotated.flatten(0, 1))
+            self._add_bias(layer, rotated.square_().sum((0, 1)))
 
-    def _finish(self, layer: KroneckerLayer, a: Tensor, squares: Tensor) -> None:
-        """No weight sharing: ``λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ``."""
+    def _finish(
+        self,
+        layer: KroneckerLayer,
+        a: Tensor,
+        squares: Tensor,
+        g_rot: Tensor | None = None,
+    ) -> None:
+        """No weight sharing: ``λ = Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ a_n)²)ᵀ``.
+
+        ``g_rot`` ``(B, K, d_out)``, the rotated gradients of a sketched batch,
+        go to the sketches as ``r = g̃_{n,k} ⊗ ã_n``.
+        """
+        weight_sketch, bias_sketch = self.sketches.get(layer.name, (None, None))
         if layer.weight_index is not None:
-            q_a = self.bases[layer.name].input
-            self._add_weight(layer, squares.T @ (a[:, 0] @ q_a).square_())
+            a_rot = a[:, 0] @ self.bases[layer.name].input
+            if g_rot is not None and weight_sketch is not None:
+                weight_sketch.add_rank_one(g_rot, a_rot)
+            self._add_weight(layer, squares.T @ a_rot.square_())
         if layer.bias_index is not None and not layer.separate_bias:
+            if g_rot is not None and bias_sketch is not None:
+                bias_sketch.add_rows(g_rot.flatten(0, 1))
             self._add_bias(layer, squares.sum(0))
+
+    def _new_sketches(
+        self, layer: KroneckerLayer, rank: int, seed: int
+    ) -> tuple[CurvatureSketch | None, CurvatureSketch | None]:
+        """Empty sketches of a layer's weight and bias blocks."""
+        basis = self.bases[layer.name]
+        dtype = accumulation_dtype(layer.weight.dtype)
+        device = layer.weight.device
+        groups = (layer.groups,) if layer.groups > 1 else ()
+        weight = bias = None
+        if layer.weight_index is not None:
+            shape = (*groups, basis.gradient.shape[-1], basis.input.shape[-1])
+            weight = CurvatureSketch.new(
+                shape, rank, block_seed(seed, layer.weight_index), dtype, device
+            )
+        if layer.bias_index is not None:
+            if layer.separate_bias:
+                shape = (basis.bias.shape[-1],)
+            else:
+                shape = (*groups, basis.gradient.shape[-1])
+            bias = CurvatureSketch.new(
+                shape, rank, block_seed(seed, layer.bias_index), dtype, device
+            )
+        return weight, bias
+
+    def _start(self, layer: KroneckerLayer, rows: int) -> None:
+        """Count a batch's examples; sketch it while the layer's budget lasts."""
+        counts = self._counts.get(layer.name)
+        if counts is None:
+            return
+        counts[0] += rows
+        if self._budget is None or counts[1] < self._budget:
+            counts[1] += rows
+            self._sketching.add(layer.name)
+        else:
+            self._sketching.discard(layer.name)
+
+    def _sketch_rows(self, layer: KroneckerLayer, block: int, rows: Tensor) -> None:
+        """Rotated per-example rows of the weight (``0``) or bias (``1``) sketched."""
+        if layer.name not in self._sketching:
+            return
+        sketch = self.sketches[layer.name][block]
+        if sketch is not None:
+            sketch.add_rows(rows.reshape(-1, *sketch.shape))
 
     def _complete(self, layer: KroneckerLayer) -> None:
         """Zero corrections for a layer that no batch reached (an idle expert)."""
@@ -252,6 +371,15 @@ class CorrectionAccumulator(PassAccumulator):
         self.bias_corrections[layer.name] = add_to(
             self.bias_corrections.get(layer.name), term
         )
+
+
+def rotate(products: Tensor, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
+    """``Q_Gᵀ M Q_A`` of products ``(..., d_out, d_in)``; ``None`` is done already."""
+    if q_g is not None:
+        products = q_g.T @ products
+    if q_a is not None:
+        products = products @ q_a
+    return products
 
 
 def contraction_order(
