@@ -9,7 +9,9 @@ Laplace (the reference): the mean over the images of
     ‖J Σ Jᵀ - J Σ_full Jᵀ‖_F / ‖J Σ_full Jᵀ‖_F
 
 Structures: laplace-torch's KFAC; EKFAC; EKFAC with the exact block of every tensor
-of at most 500 entries (``dense_blocks_up_to=500``); the exact block of every tensor
+of at most 500 entries (``dense_blocks_up_to=500``), also with the low-rank
+correction of rank 4, 8, 16 and 32 in the other blocks (``correction_rank``); the
+exact block of every tensor
 (block-diagonal exact GGN, no cross-tensor terms); and the blocks that
 :func:`~ekfac_laplace.evaluation.structures.select_structures` chooses by evidence
 within the memory of EKFAC+exact≤500, of EKFAC and of four times EKFAC's. Every
@@ -42,11 +44,20 @@ from ekfac_laplace.evaluation.structures import select_structures
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRIORS = (0.1, 1.0, 10.0)
+#: The ranks of the low-rank correction's rows.
+RANKS = (4, 8, 16, 32)
 #: Row name to (hessian_structure, EKFAC options); "selected" is special.
 STRUCTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "KFAC": ("kron", {}),
     "EKFAC": ("ekfac", {}),
     "EKFAC + exact ≤ 500": ("ekfac", {"dense_blocks_up_to": 500}),
+    **{
+        f"EKFAC + exact ≤ 500 + rank {k}": (
+            "ekfac",
+            {"dense_blocks_up_to": 500, "correction_rank": k},
+        )
+        for k in RANKS
+    },
     "exact blocks (block-diagonal GGN)": ("ekfac", {"dense_blocks_up_to": 10**9}),
     "selected (evidence, EKFAC+exact≤500's memory)": ("ekfac", {}),
     "selected (evidence, EKFAC's memory)": ("ekfac", {}),
@@ -72,7 +83,9 @@ def models() -> dict[str, nn.Module]:
 def stored_numbers(la: Any) -> int:
     """Numbers a posterior stores: its eigenvalues and eigenvectors.
 
-    Per block, as the selection counts; for KFAC its factors' eigendecompositions.
+    Per block, as the selection counts; for KFAC its factors' eigendecompositions;
+    with a low-rank correction also its ``U`` and ``S`` and the sketches ``Y`` it
+    keeps for online fits and states.
     """
 
     def count(tensors: Any) -> int:
@@ -80,7 +93,10 @@ def stored_numbers(la: Any) -> int:
             return tensors.numel()
         return sum(count(item) for item in tensors)
 
-    return count(la.H.eigenvalues) + count(la.H.eigenvectors)
+    numbers = count(la.H.eigenvalues) + count(la.H.eigenvectors)
+    corrections = [c for c in getattr(la.H, "corrections", []) if c is not None]
+    sketches = [s.values for s in getattr(la, "_sketches", {}).values()]
+    return numbers + count(corrections) + count(sketches)
 
 
 def laplace(model: nn.Module, structure: str, prior: float, **options: Any) -> Any:

@@ -48,7 +48,7 @@ from ekfac_laplace.layer import KroneckerLayer, LayerBasis
 from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.output_curvature import OutputCurvature
-from ekfac_laplace.sketch import CurvatureSketch
+from ekfac_laplace.sketch import transposed_columns
 from ekfac_laplace.sweep import Sweep
 
 
@@ -190,7 +190,8 @@ class FastEKFAC:
             )
             exact = {}  # the new data's exact blocks, merged by the caller
         ranks.sum_(correction.partial_sums(layers))
-        factors = self._assemble(bases, correction, diagonal, totals)
+        low_rank = self._low_rank(batches, correction) if correction.sketches else {}
+        factors = self._assemble(bases, correction, diagonal, totals, low_rank)
         for index, (values, *basis) in exact.items():
             factors.eigenvectors[index] = tuple(basis)
             factors.eigenvalues[index] = values
@@ -204,15 +205,71 @@ class FastEKFAC:
         return factors
 
     def _correction(self, bases: dict[str, LayerBasis]) -> CorrectionAccumulator:
-        """The correction pass's accumulator, sketching with a ``correction_rank``."""
+        """The correction pass's accumulator, sketching with a ``correction_rank``.
+
+        Each rank sketches its share of ``correction_examples``.
+        """
         options = self.options
+        examples = options.correction_examples
+        if examples is not None:
+            examples = -(-examples // self.ranks.size)
         return CorrectionAccumulator(
             bases,
             self.layout.kronecker_layers,
             options.correction_rank,
-            options.correction_examples,
+            examples,
             options.seed,
         )
+
+    def _low_rank(
+        self, batches: Iterable[tuple[Any, Tensor]], first: CorrectionAccumulator
+    ) -> dict[str, tuple[tuple[Tensor, Tensor] | None, ...]]:
+        """Every sketched block's top-``k`` eigenpairs, after one power step.
+
+        The second sketches ``Y₂ = R Q₁`` take one more pass over the sketched
+        examples (only as deep as the sketched layers), summed over the ranks
+        (:mod:`ekfac_laplace.sketch`).
+
+        Returns:
+            Layer name to ``(U, S)`` or ``None`` per block (weight, bias), over the
+            block's own layout.
+        """
+        layers = self.layout.kronecker_layers
+        second = first.power_step(layers)
+        if second is not None:
+            sketched = [layer for layer in layers if layer.name in second.sketches]
+            self.ranks.run(
+                lambda: self._pass(
+                    batches,
+                    "EKFAC: low-rank correction",
+                    second,
+                    None,
+                    sketched,
+                    limit=second.budget,
+                ),
+                "the low-rank correction's pass",
+            )
+            self.ranks.sum_(second.sketch_sums(layers))
+        pairs = {}
+        for layer in layers:
+            if layer.name not in first.sketches:
+                continue
+            again = (None, None)
+            if second is not None and layer.name in second.sketches:
+                again = second.sketches[layer.name]
+            scale = first.scale(layer)
+            found = []
+            for sketch, later in zip(first.sketches[layer.name], again):
+                sketch = sketch if later is None else later
+                found.append(
+                    None if sketch is None else sketch.eigenpairs(first.rank, scale)
+                )
+            weight = first.sketches[layer.name][0]
+            if found[0] is not None and layer.transposed:  # the block's layout
+                U, S = found[0]
+                found[0] = (transposed_columns(U, weight.shape), S)
+            pairs[layer.name] = tuple(found)
+        return pairs
 
     def _eigenbasis(
         self, factors: FactorAccumulator, dense: DenseBlocks, item: int
@@ -239,11 +296,13 @@ class FastEKFAC:
         accumulator: PassAccumulator,
         diagonal: DiagonalSquares | None = None,
         layers: list[KroneckerLayer] | None = None,
+        limit: int | None = None,
     ) -> PassTotals:
         """One pass over the data (over ``layers``, default all); what it counted.
 
         The label sampler is re-seeded at every pass, so both passes of a fit draw
-        the same Monte-Carlo labels.
+        the same Monte-Carlo labels. With ``limit``, the pass stops before the
+        first batch that starts at or past that many examples.
         """
         reference = self.layout.params[0]
         device = reference.device
@@ -254,7 +313,11 @@ class FastEKFAC:
         loss = torch.zeros((), dtype=dtype, device=device)
         examples, token_level = 0, False
         progress = tqdm(batches, desc=description, disable=not self.progress_bar)
+        started = 0
         for index, (X, y) in enumerate(progress):
+            if limit is not None and started >= limit:
+                break
+            started += len(y)
             y = y.to(device)
             X = to_device(X, device)
             curvature_fn = functools.partial(self._output_curvature, generator, index)
@@ -279,6 +342,7 @@ class FastEKFAC:
         correction: CorrectionAccumulator,
         diagonal: DiagonalSquares,
         totals: PassTotals,
+        low_rank: dict[str, tuple[tuple[Tensor, Tensor] | None, ...]],
     ) -> EKFACFactors:
         """Eigenvectors and eigenvalues in block order, the loss and the count."""
         n_blocks = len(self.layout)
@@ -307,28 +371,23 @@ class FastEKFAC:
             totals.loss,
             tokens,
             batch_dims=self.sweep.batch_dims,
-            sketches=self._sketches(correction, eigenvalues),
-            rank=self.options.correction_rank,
+            corrections=self._corrections(low_rank),
         )
 
-    def _sketches(
-        self, correction: CorrectionAccumulator, eigenvalues: list[Tensor]
-    ) -> dict[int, CurvatureSketch]:
-        """Block index to its sketch over every example, in the block's layout."""
-        sketches = {}
+    def _corrections(
+        self, low_rank: dict[str, tuple[tuple[Tensor, Tensor] | None, ...]]
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """Block index to its ``(U, S)``, over the block's own layout."""
+        corrections = {}
         for layer in self.layout.kronecker_layers:
-            weight, bias = correction.sketches.get(layer.name, (None, None))
+            if layer.name not in low_rank:
+                continue
+            weight, bias = low_rank[layer.name]
             if weight is not None:
-                weight = weight.scaled_to_all()
-                sketches[layer.weight_index] = (
-                    weight.transposed() if layer.transposed else weight
-                )
+                corrections[layer.weight_index] = weight
             if bias is not None:
-                sketches[layer.bias_index] = bias.scaled_to_all()
-        return {
-            index: sketch.with_diagonal(eigenvalues[index])
-            for index, sketch in sketches.items()
-        }
+                corrections[layer.bias_index] = bias
+        return corrections
 
 
 def fast_ekfac(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ekfac_laplace.fitted import FittedLayout
 from ekfac_laplace.matrix import EKFACDecomposed
-from ekfac_laplace.sketch import CurvatureSketch, corrected_matrix
+from ekfac_laplace.sketch import corrected_matrix
 
 #: The likelihoods whose curvature EKFAC computes (laplace-torch's enum; reward
 #: modelling is fitted as classification over pairs).
@@ -110,10 +110,10 @@ class EKFACFactors:
         layout: The fitted layout, every block's structure, kind and shapes
             (set by :func:`~ekfac_laplace.compute_ekfac`; ``None`` from an engine
             alone).
-        sketches: With a ``correction_rank``: block index to the sketch of its
-            rotated curvature over every example (:mod:`ekfac_laplace.sketch`),
-            in the scale of the eigenvalues.
-        rank: The ``correction_rank`` the sketches are for (``0``: none).
+        corrections: With a ``correction_rank``: block index to the top-``k``
+            eigenpairs ``(U, S)`` of its rotated curvature, in the scale of the
+            eigenvalues (:mod:`ekfac_laplace.sketch`); its ``eigenvalues`` stay
+            ``diag(R)``.
     """
 
     eigenvectors: list[tuple[Tensor, ...]]
@@ -123,8 +123,7 @@ class EKFACFactors:
     dense: dict[int, Tensor] = field(default_factory=dict)
     batch_dims: dict[str, int] | None = None
     layout: FittedLayout | None = None
-    sketches: dict[int, CurvatureSketch] = field(default_factory=dict)
-    rank: int = 0
+    corrections: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def scaled(self, factor: float) -> EKFACFactors:
         """The factors in another scale, eigenvalues clamped at zero.
@@ -144,21 +143,20 @@ class EKFACFactors:
             {index: block * factor for index, block in self.dense.items()},
             self.batch_dims,
             self.layout,
-            {index: sketch.scaled(factor) for index, sketch in self.sketches.items()},
-            self.rank,
+            {index: (U, S * factor) for index, (U, S) in self.corrections.items()},
         )
 
     def to_decomposed(self) -> EKFACDecomposed:
         """The curvature as an :class:`EKFACDecomposed` with zero deltas.
 
-        Sketched blocks get their low-rank correction
+        Corrected blocks get ``D + U S Uᵀ``
         (:func:`~ekfac_laplace.sketch.corrected_matrix`).
 
         Returns:
             The structured matrix.
         """
-        if self.sketches:
+        if self.corrections:
             return corrected_matrix(
-                self.eigenvectors, self.eigenvalues, self.sketches, self.rank
+                self.eigenvectors, self.eigenvalues, self.corrections
             )
         return EKFACDecomposed(self.eigenvectors, self.eigenvalues)

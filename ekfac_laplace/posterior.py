@@ -60,13 +60,12 @@ from ekfac_laplace.matrix import DENSE_LIMIT_BYTES, EKFACDecomposed, check_dense
 from ekfac_laplace.options import EKFACOptions
 from ekfac_laplace.parameters import parameters_kept, parameters_vector, tensor_digest
 from ekfac_laplace.predictive import glm_predictive_variance
-from ekfac_laplace.sketch import CurvatureSketch, corrected_matrix
+from ekfac_laplace.sketch import corrected_matrix, merged_eigenpairs
 from ekfac_laplace.state import (
     CheckedState,
     check_state_header,
     checked_state,
     restored_on_failure,
-    sketches_state,
 )
 
 
@@ -101,9 +100,9 @@ class EKFACPosterior(ParametricLaplace):
     def _init_H(self) -> None:
         self.H: EKFACDecomposed | None = None
         self._fitted: FittedLayout | None = None
-        #: With a ``correction_rank``: block index to the sketch of its rotated
-        #: curvature (:mod:`ekfac_laplace.sketch`), kept for online fits and states.
-        self._sketches: dict[int, CurvatureSketch] = {}
+        #: With a ``correction_rank``: a corrected block's index to ``diag(R)``
+        #: (its eigenvalues in ``H`` are ``D``), kept for online fits and states.
+        self._diagonals: dict[int, Tensor] = {}
 
     @property
     def fitted_layout(self) -> FittedLayout:
@@ -381,7 +380,7 @@ class EKFACPosterior(ParametricLaplace):
         self._fitted = layout
         if previous is None:
             self.H = factors.to_decomposed()
-            self._sketches = dict(factors.sketches)
+            self._diagonals = {i: factors.eigenvalues[i] for i in factors.corrections}
             self.loss = factors.loss
             self.n_data = num_data
             return
@@ -389,10 +388,12 @@ class EKFACPosterior(ParametricLaplace):
         eigenvalues = [
             old + new for old, new in zip(previous.eigenvalues, factors.eigenvalues)
         ]
-        sketches = {  # a corrected block's eigenvalues are not diag(R): from these
-            index: self._sketches[index] + sketch
-            for index, sketch in factors.sketches.items()
-        }
+        corrections = {}  # a corrected block's eigenvalues in H are D, not diag(R)
+        for index, correction in factors.corrections.items():
+            eigenvalues[index] = self._diagonals[index] + factors.eigenvalues[index]
+            corrections[index] = merged_eigenpairs(
+                previous.corrections[index], correction, self.options.correction_rank
+            )
         params = self._posterior_params()
         for index, block in factors.dense.items():  # exact: rebuilt, not rotated
             structure = structure_named(self._fitted.blocks[index].structure)
@@ -403,10 +404,8 @@ class EKFACPosterior(ParametricLaplace):
                 params[index],
                 f"{structure.name} block {index}",
             )
-        self.H = corrected_matrix(
-            eigenvectors, eigenvalues, sketches, self.options.correction_rank
-        )
-        self._sketches = sketches
+        self.H = corrected_matrix(eigenvectors, eigenvalues, corrections)
+        self._diagonals = {index: eigenvalues[index] for index in corrections}
         self.loss = self.loss + factors.loss
         self.n_data = self.n_data + num_data
 
@@ -736,21 +735,23 @@ class EKFACPosterior(ParametricLaplace):
             block, the EKFAC options under ``"ekfac_options"`` and the fitted
             layout (:class:`~ekfac_laplace.fitted.FittedLayout`, plain) under
             ``"ekfac_layout"``. With a ``correction_rank``, ``H`` holds every
-            block's ``diag(R)`` (plain EKFAC) and ``"ekfac_sketches"`` the
-            sketches the corrections are rebuilt from.
+            block's ``diag(R)`` (plain EKFAC) and ``"ekfac_corrections"`` the
+            corrected blocks' ``(index, U, S)``.
         """
         state = super().state_dict()
         H = self.H
-        if self._sketches:
+        if self._diagonals:
             eigenvalues = list(H.eigenvalues)
-            for index, sketch in self._sketches.items():
-                eigenvalues[index] = sketch.diagonal
+            for index, diagonal in self._diagonals.items():
+                eigenvalues[index] = diagonal
             H = EKFACDecomposed(H.eigenvectors, eigenvalues)
         state["H"] = H.to_state()
         state["ekfac_options"] = self.options.to_state()
         state["ekfac_layout"] = self.fitted_layout.plain()
-        if self._sketches:
-            state["ekfac_sketches"] = sketches_state(self._sketches)
+        if self._diagonals:
+            state["ekfac_corrections"] = [
+                (index, *self.H.corrections[index]) for index in sorted(self._diagonals)
+            ]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -784,4 +785,4 @@ class EKFACPosterior(ParametricLaplace):
         ParametricLaplace.load_state_dict(self, {**state_dict, "H": checked.curvature})
         self.options = checked.options
         self._fitted = checked.layout
-        self._sketches = checked.sketches
+        self._diagonals = checked.diagonals

@@ -40,7 +40,7 @@ from ekfac_laplace.layout import (
 )
 from ekfac_laplace.matrix import EKFACDecomposed
 from ekfac_laplace.options import EKFACOptions
-from ekfac_laplace.sketch import CurvatureSketch, corrected_matrix
+from ekfac_laplace.sketch import corrected_matrix
 
 #: How far ``QᵀQ`` may be from ``I`` (largest entry), by the eigenvectors' dtype.
 ORTHONORMALITY_TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -110,14 +110,14 @@ class CheckedState:
         curvature: ``H`` on the model's device.
         options: The EKFAC options it was fitted with.
         layout: The fitted layout.
-        sketches: With a ``correction_rank``: block index to its sketch
-            (``curvature`` then has the corrections).
+        diagonals: With a ``correction_rank``: a corrected block's index to its
+            ``diag(R)`` (``curvature`` has the corrections).
     """
 
     curvature: EKFACDecomposed
     options: EKFACOptions
     layout: FittedLayout
-    sketches: dict[int, CurvatureSketch] = field(default_factory=dict)
+    diagonals: dict[int, Tensor] = field(default_factory=dict)
 
 
 def checked_state(
@@ -176,102 +176,71 @@ def checked_state(
             f"The state's enable_backprop must be True or False, got "
             f"{state['enable_backprop']!r}."
         )
-    sketches = checked_sketches(state.get("ekfac_sketches"), curvature, options)
-    if sketches:
+    corrections = checked_corrections(
+        state.get("ekfac_corrections"), curvature, options
+    )
+    diagonals = {index: curvature.eigenvalues[index] for index in corrections}
+    if corrections:
         curvature = corrected_matrix(
-            curvature.eigenvectors,
-            curvature.eigenvalues,
-            sketches,
-            options.correction_rank,
+            curvature.eigenvectors, curvature.eigenvalues, corrections
         )
-    return CheckedState(curvature, options, layout, sketches)
+    return CheckedState(curvature, options, layout, diagonals)
 
 
-def sketches_state(sketches: Mapping[int, CurvatureSketch]) -> list[Any]:
-    """Sketches in plain form: ``(index, sketch state)`` pairs, ``diag(R)`` in ``H``.
-
-    Args:
-        sketches: Block index to its sketch.
-
-    Returns:
-        A list that ``torch.save`` stores without pickling any class.
-    """
-    plain = []
-    for index, sketch in sorted(sketches.items()):
-        state = sketch.state()
-        del state["diagonal"]
-        plain.append((index, state))
-    return plain
-
-
-def checked_sketches(
+def checked_corrections(
     saved: Any, curvature: EKFACDecomposed, options: EKFACOptions
-) -> dict[int, CurvatureSketch]:
-    """A state's sketches, checked against its blocks and options.
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """A state's low-rank corrections, checked against its blocks and options.
 
     Args:
-        saved: ``"ekfac_sketches"`` as :func:`sketches_state` wrote it (or
+        saved: ``"ekfac_corrections"``: ``(index, U, S)`` per corrected block (or
             ``None``).
         curvature: The state's checked ``H`` (``diag(R)`` of every block).
         options: The fit's options.
 
     Returns:
-        Block index to its sketch, with ``diag(R)``.
+        Block index to ``(U, S)``, on the curvature's device.
 
     Raises:
-        ValueError: For sketches without a ``correction_rank`` or missing with
-            one, or a sketch whose shapes do not fit its block.
+        ValueError: For corrections without a ``correction_rank`` or missing with
+            one, or a correction that does not fit its block (shapes, more than
+            ``k`` pairs, negative or non-finite values, ``U`` not orthonormal).
     """
     rank = options.correction_rank
-    if not rank:
-        if saved:
+    if not rank or not saved:
+        if rank or saved:
             raise ValueError(
-                "The state holds low-rank sketches but its options have "
-                "correction_rank=0: the state is corrupt. Fit again."
+                f"The state's options have correction_rank={rank} but it holds "
+                f"{'no' if rank else 'low-rank'} corrections ('ekfac_corrections'): "
+                "the state is corrupt. Fit again."
             )
         return {}
-    if not saved:
-        raise ValueError(
-            f"The state was fitted with correction_rank={rank} but holds no "
-            "sketches ('ekfac_sketches'): the state is corrupt. Fit again."
-        )
-    sketches = {}
+    corrections = {}
     device = curvature.eigenvalues[0].device
-    for index, plain in saved:
+    for index, U, S in saved:
+        where = f"block {index}"
         if not 0 <= index < len(curvature) or not curvature.eigenvectors[index]:
             raise ValueError(
-                f"The state's sketch of block {index} is not that of a Kronecker "
+                f"The state's correction of {where} is not that of a Kronecker "
                 "block: the state is corrupt. Fit again."
             )
-        sketch = CurvatureSketch.from_state({**plain, "diagonal": None})
-        values = curvature.eigenvalues[index]
-        expected = CurvatureSketch.new(
-            values.shape, rank, 0, sketch.values.dtype, torch.device("meta")
-        )
-        shapes = [tuple(f.shape) for f in sketch.factors]
+        n = curvature.eigenvalues[index].numel()
         if (
-            sketch.shape != tuple(values.shape)
-            or sketch.values.shape != expected.values.shape
-            or shapes != [tuple(f.shape) for f in expected.factors]
-            or not bool(torch.isfinite(sketch.values).all())
+            U.ndim != 2
+            or U.shape[0] != n
+            or S.shape != (U.shape[1],)
+            or (U.shape[1] > rank)
         ):
             raise ValueError(
-                f"The state's sketch of block {index} has shape {sketch.shape}, sums "
-                f"{tuple(sketch.values.shape)} and factors {shapes}, but its block "
-                f"{tuple(values.shape)} with correction_rank={rank} needs "
-                f"{tuple(expected.values.shape)} sums and factors "
-                f"{[tuple(f.shape) for f in expected.factors]} (finite): the state "
-                "is corrupt. Fit again."
+                f"The state's correction of {where} has U {tuple(U.shape)} and S "
+                f"{tuple(S.shape)}, but its block of {n} entries with "
+                f"correction_rank={rank} needs U (n, k') and S (k',) with "
+                f"k' <= {rank}: the state is corrupt. Fit again."
             )
-        sketches[index] = CurvatureSketch(
-            sketch.shape,
-            sketch.values.to(device),
-            tuple(f.to(device) for f in sketch.factors),
-            sketch.seen,
-            sketch.sketched,
-            values,
-        )
-    return sketches
+        _check_eigenvalues(where, S)
+        _check_orthonormal(where, U)
+        corrections[index] = (U.to(device), S.to(device))
+    return corrections
 
 
 def checked_curvature(

@@ -7,13 +7,15 @@ import torch
 from torch import nn
 
 from ekfac_laplace import engine as engine_module
+from ekfac_laplace import lowrank
 from ekfac_laplace.accumulators import FactorAccumulator
 from ekfac_laplace.batches import LaplaceBatches
 from ekfac_laplace.engine import FastEKFAC
 from ekfac_laplace.layout import ParameterLayout
 from ekfac_laplace.options import EKFACOptions
+from ekfac_laplace.sketch import CurvatureSketch, block_seed
 from tests.cases import CASE_IDS, CASES, Case, fit_factors, loader
-from tests.utils import assert_close
+from tests.utils import assert_close, reference_ekfac
 
 
 def _count_forwards(model: nn.Module) -> list[int]:
@@ -257,3 +259,168 @@ def test_a_layer_that_no_backward_pass_reaches_is_refused():
     X, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
     with pytest.raises(ValueError, match=r"reaches layer\(s\) \['unused'\]"):
         fit_factors(model, list(model.parameters()), X, y, "classification")
+
+
+# ------------------------------------------------------- low-rank correction
+def _reference_corrected(
+    exact: torch.Tensor,
+    basis: tuple[torch.Tensor, ...],
+    diagonal_block: torch.Tensor,
+    shape: tuple[int, ...],
+    rank: int,
+    seed: int,
+    scale: float = 1.0,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """``Q (D + U S Uᵀ) Qᵀ`` built densely: ``R = Qᵀ B Q``, its sketches by hand.
+
+    ``exact`` is the block the sketch saw (a subsample's), ``diagonal_block`` the
+    one the diagonal comes from (every example's); ``shape`` the accumulator's
+    ``(…, d_out, d_in)``, the block's own the transposed one if ``transposed``.
+    """
+    Q = torch.kron(*basis) if len(basis) == 2 else basis[0]
+    R = Q.mT @ exact @ Q
+    first = CurvatureSketch.new(shape, rank, seed, torch.float64, torch.device("cpu"))
+    if first.exact:
+        values, vectors = torch.linalg.eigh(R)
+        U, S = vectors.flip(1)[:, :rank], values.flip(0)[:rank].clamp_min(0)
+    else:
+        omega = first.omega()
+        if transposed:  # Ω's rows in the block's own layout
+            columns = omega.shape[1]
+            omega = omega.reshape(*shape, columns).transpose(-3, -2)
+            omega = omega.reshape(-1, columns)
+        Q1 = torch.linalg.qr(R @ omega).Q
+        U, S = lowrank.nystrom_eigenpairs(R @ Q1, Q1, rank)
+    S = S * scale
+    diagonal = (Q.mT @ diagonal_block @ Q).diagonal()
+    D = (diagonal - U.square() @ S).clamp_min(0)
+    return Q @ (torch.diag(D) + (U * S) @ U.mT) @ Q.mT
+
+
+def _accumulator_shape(param: torch.Tensor, basis: tuple[torch.Tensor, ...]):
+    return tuple(q.shape[-1] for q in basis)
+
+
+@pytest.mark.parametrize("budget", [2**30, 0])  # replayed from the cache, or a pass
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_low_rank_correction_is_the_dense_construction(case: Case, budget: int):
+    model, X, y = case.make()
+    params = list(model.parameters())
+    rank = 2
+    factors = fit_factors(
+        model,
+        params,
+        X,
+        y,
+        case.likelihood,
+        kfac_approx=case.kfac_approx,
+        cache_budget_bytes=budget,
+        correction_rank=rank,
+    )
+    plain = fit_factors(
+        model, params, X, y, case.likelihood, kfac_approx=case.kfac_approx
+    )
+    for ours, theirs in zip(factors.eigenvalues, plain.eigenvalues):
+        assert_close(ours, theirs)  # the diagonal is EKFAC's
+    exact = reference_ekfac(
+        model, params, X, y, case.likelihood, kfac_approx=case.kfac_approx
+    )["exact"]
+    matrix = factors.to_decomposed()
+    assert set(factors.corrections) == set(range(len(params)))
+    seed = EKFACOptions().seed
+    for index, (basis, block) in enumerate(zip(factors.eigenvectors, exact)):
+        shape = _accumulator_shape(params[index], basis)
+        expected = _reference_corrected(
+            block, basis, block, shape, rank, block_seed(seed, index)
+        )
+        sizes = [p.numel() for p in params]
+        start = sum(sizes[:index])
+        got = matrix.to_matrix()[start : start + sizes[index]][
+            :, start : start + sizes[index]
+        ]
+        assert_close(got, expected)
+
+
+def test_a_correction_of_full_rank_is_the_exact_block_and_rank_zero_is_ekfac():
+    case = CASES[4]
+    model, X, y = case.make()
+    params = list(model.parameters())
+    full = fit_factors(model, params, X, y, case.likelihood, correction_rank=54)
+    exact = reference_ekfac(model, params, X, y, case.likelihood)["exact"]
+    sizes = [p.numel() for p in params]
+    dense = full.to_decomposed().to_matrix()
+    for index, block in enumerate(exact):
+        start = sum(sizes[:index])
+        window = slice(start, start + sizes[index])
+        assert_close(dense[window][:, window], block)
+    none = fit_factors(model, params, X, y, case.likelihood, correction_rank=0)
+    assert none.corrections == {}
+    assert all(c is None for c in none.to_decomposed().corrections)
+
+
+def test_the_sketch_sees_the_first_correction_examples_scaled_to_all():
+    case = CASES[4]  # a CNN: shared weights, sketched per example
+    model, X, y = case.make()
+    params = list(model.parameters())
+    # Batches of 5: the first two (10 examples) are sketched, N = 24.
+    factors = fit_factors(
+        model, params, X, y, case.likelihood, correction_rank=2, correction_examples=8
+    )
+    every = reference_ekfac(model, params, X, y, case.likelihood)["exact"]
+    first = reference_ekfac(model, params, X[:10], y[:10], case.likelihood)["exact"]
+    matrix = factors.to_decomposed().to_matrix()
+    sizes = [p.numel() for p in params]
+    seed = EKFACOptions().seed
+    for index, basis in enumerate(factors.eigenvectors):
+        shape = _accumulator_shape(params[index], basis)
+        expected = _reference_corrected(
+            first[index], basis, every[index], shape, 2, block_seed(seed, index), 2.4
+        )
+        start = sum(sizes[:index])
+        window = slice(start, start + sizes[index])
+        assert_close(matrix[window][:, window], expected)
+
+
+def test_grouped_transposed_and_separate_bias_blocks_are_corrected_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, groups=2),  # a basis per group
+        nn.Tanh(),
+        nn.ConvTranspose1d(4, 2, 2, stride=2, groups=2),  # a bias of its own
+        nn.Flatten(),
+        nn.Linear(2 * 8, 3),
+    ).double()
+    X, y = torch.randn(14, 2, 4, dtype=torch.float64), torch.randint(0, 3, (14,))
+    params = list(model.parameters())
+    factors = fit_factors(model, params, X, y, "classification", correction_rank=3)
+    exact = reference_ekfac(model, params, X, y, "classification")["exact"]
+    dense = factors.to_decomposed().to_matrix()
+    sizes = [p.numel() for p in params]
+    seed = EKFACOptions().seed
+    for index, (basis, block) in enumerate(zip(factors.eigenvectors, exact)):
+        start = sum(sizes[:index])
+        window = slice(start, start + sizes[index])
+        if basis[0].ndim == 3:  # per group: R is block-diagonal over the groups
+            Q = torch.block_diag(
+                *[
+                    torch.kron(*[q[g] for q in basis])
+                    if len(basis) == 2
+                    else basis[0][g]
+                    for g in range(basis[0].shape[0])
+                ]
+            )
+            shape = (basis[0].shape[0], *(q.shape[-1] for q in basis))
+            transposed = index == 2  # the transposed convolution's weight
+            if transposed:
+                shape = (*shape[:-2], shape[-1], shape[-2])
+            expected = _reference_corrected(
+                block, (Q,), block, shape, 3, block_seed(seed, index),
+                transposed=transposed,
+            )  # fmt: skip
+        else:
+            expected = _reference_corrected(
+                block, basis, block, tuple(q.shape[-1] for q in basis), 3,
+                block_seed(seed, index),
+            )  # fmt: skip
+        assert_close(dense[window][:, window], expected)

@@ -15,7 +15,8 @@ to whichever side of the product is cheaper (:func:`contraction_order`).
 
 With a ``correction_rank`` the same rotated per-example gradients also feed each
 block's sketch ``Y = R Ω`` (:mod:`ekfac_laplace.sketch`), for the first
-``correction_examples`` examples of each layer.
+``correction_examples`` examples of each layer; :meth:`CorrectionAccumulator.power_step`
+gives the accumulator of the second sketch.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class CorrectionAccumulator(PassAccumulator):
         sketches: Layer name to the sketches of its weight and bias (``None``
             for a block not in the posterior), in the accumulator's layout
             ``(d_out, d_in)``.
+        counts: Layer name to its examples seen and sketched (summed over ranks
+            with the sketches).
     """
 
     def __init__(
@@ -68,7 +71,8 @@ class CorrectionAccumulator(PassAccumulator):
         self.weight_corrections: dict[str, Tensor] = {}
         self.bias_corrections: dict[str, Tensor] = {}
         self.sketches: dict[str, tuple[CurvatureSketch | None, ...]] = {}
-        self._budget = examples
+        self.counts: dict[str, Tensor] = {}
+        self.rank, self.budget = rank, examples
         self._counts: dict[str, list[int]] = {}  # seen, sketched
         self._sketching: set[str] = set()  # the layers that sketch this batch
         self._stash: dict[str, list[Tensor]] = {}  # rotated g per pass, one position
@@ -92,6 +96,55 @@ class CorrectionAccumulator(PassAccumulator):
     ) -> None:
         """Keep the number of backward passes (it decides the contraction order)."""
         self._passes = max(passes, 1)
+
+    def power_step(self, layers: list[KroneckerLayer]) -> CorrectionAccumulator | None:
+        """The accumulator of the second sketches ``Y₂ = R Q₁`` (after the sums).
+
+        Args:
+            layers: The layers, in the layout's order.
+
+        Returns:
+            An accumulator that sketches the blocks whose first sketch is not
+            ``R`` itself, for the same examples; ``None`` if there are none.
+        """
+        second = CorrectionAccumulator(self.bases, examples=self.budget)
+        second.rank = self.rank
+        second.counts = self.counts  # the first pass's, summed: not summed again
+        for layer in layers:
+            sketches = self.sketches.get(layer.name, ())
+            if any(sketch is not None and not sketch.exact for sketch in sketches):
+                second.sketches[layer.name] = tuple(
+                    None if sketch is None or sketch.exact else sketch.power_step()
+                    for sketch in sketches
+                )
+                second._counts[layer.name] = [0, 0]
+        return second if second.sketches else None
+
+    def sketch_sums(self, layers: list[KroneckerLayer]) -> list[Tensor]:
+        """The sketches and counts in layer order, to sum over the ranks (in place).
+
+        Args:
+            layers: The layers, in the layout's order.
+
+        Returns:
+            The tensors themselves.
+        """
+        sums = []
+        for layer in layers:
+            if layer.name not in self.sketches:
+                continue
+            if layer.name not in self.counts:
+                reference = next(s for s in self.sketches[layer.name] if s is not None)
+                counts = reference.values.new_tensor(self._counts[layer.name])
+                self.counts[layer.name] = counts
+                sums.append(counts)
+            sums += [s.values for s in self.sketches[layer.name] if s is not None]
+        return sums
+
+    def scale(self, layer: KroneckerLayer) -> float:
+        """``N / N_sketched`` of a layer: the examples seen over those sketched."""
+        seen, sketched = (float(c) for c in self.counts[layer.name])
+        return seen / sketched if sketched > 0 else 0.0
 
     def begin(self, layer: KroneckerLayer, a: Tensor) -> None:
         """Prepare the batch: rotate shared inputs once for all passes, if cheaper."""
@@ -229,13 +282,7 @@ class CorrectionAccumulator(PassAccumulator):
                 sums.append(self.weight_corrections[layer.name])
             if layer.bias_index is not None:
                 sums.append(self.bias_corrections[layer.name])
-            seen, sketched = self._counts.get(layer.name, (0, 0))
-            for sketch in self.sketches.get(layer.name, ()):
-                if sketch is not None:
-                    sketch.seen.fill_(seen)
-                    sketch.sketched.fill_(sketched)
-                    sums += [sketch.values, sketch.seen, sketch.sketched]
-        return sums
+        return sums + self.sketch_sums(layers)
 
     def replay(self, layer: KroneckerLayer, entries: list[CacheEntry]) -> None:
         """Feed a layer's cached first-pass entries, as a second pass would.
@@ -333,7 +380,7 @@ class CorrectionAccumulator(PassAccumulator):
         if counts is None:
             return
         counts[0] += rows
-        if self._budget is None or counts[1] < self._budget:
+        if self.budget is None or counts[1] < self.budget:
             counts[1] += rows
             self._sketching.add(layer.name)
         else:
