@@ -222,7 +222,7 @@ class CurvatureSketch:
 
 
 def transposed_columns(U: Tensor, shape: Sequence[int]) -> Tensor:
-    """Eigenvectors ``(n, k)`` over a ``(…, d_out, d_in)`` block, laid out ``(…, d_in, d_out)``.
+    """Columns ``(n, k)`` over ``(…, d_out, d_in)``, laid out ``(…, d_in, d_out)``.
 
     Args:
         U: The columns, row-major over ``shape``.
