@@ -120,6 +120,12 @@ CONFIGS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
         "all",
         {"cache_budget_bytes": 0},
     ),
+    "cnn-classification-all-lowrank": (  # the sketches summed, then a power pass
+        "cnn",
+        "classification",
+        "all",
+        {"correction_rank": 2, "cache_budget_bytes": 0},
+    ),
 }
 
 

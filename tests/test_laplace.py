@@ -857,3 +857,124 @@ def test_a_channels_last_network_fits_predicts_samples_and_keeps_its_format():
         la.optimize_prior_precision(method="marglik", n_steps=2)
         la.load_state_dict(la.state_dict())
     assert last[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------- low-rank correction
+def _low_rank_laplace(subset: str = "all", **options) -> tuple:
+    case = CASES[4]  # a CNN: shared weights
+    model, X, y = case.make()
+    cls = EKFACLaplace if subset == "all" else EKFACLLLaplace
+    la = cls(
+        model,
+        case.likelihood,
+        prior_precision=0.7,
+        correction_rank=3,
+        dense_blocks_up_to=10,
+        **options,
+    )
+    la.fit(loader(X, y))
+    return la, model, X, y
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_low_rank_posterior_is_exact_against_its_dense_precision(subset):
+    la, model, X, y = _low_rank_laplace(subset)
+    assert any(c is not None for c in la.H.corrections)
+    P = la.posterior_precision.to_matrix()
+    covariance = torch.linalg.inv(P)
+    assert_close(la.log_det_posterior_precision, torch.logdet(P))
+    assert_close(la.posterior_variance, covariance.diagonal())
+    assert_close(la.posterior_covariance, covariance)
+    params = list(model.parameters()) if subset == "all" else last_layer_params(model)
+    J, _ = jacobians(model, params, X[:4])
+    for joint in (False, True):
+        _, variance = la._jacobian_free_predictive(X[:4], joint=joint)
+        if joint:
+            expected = torch.einsum("nci,ij,mdj->ncmd", J, covariance, J)
+            expected = expected.reshape(12, 12)
+        else:
+            expected = torch.einsum("nci,ij,ndj->ncd", J, covariance, J)
+        assert_close(variance, expected)
+
+
+def test_low_rank_evidence_and_its_gradient_in_the_prior_are_exact():
+    la, *_ = _low_rank_laplace()
+    H = la.H.to_matrix()
+    log_prior = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    la.prior_precision = log_prior.exp()
+    logdet = la.log_det_posterior_precision
+    (ours,) = torch.autograd.grad(logdet, log_prior)
+    prior = log_prior.detach().clone().requires_grad_(True)
+    dense = torch.logdet(H + prior.exp() * torch.eye(len(H), dtype=H.dtype))
+    (theirs,) = torch.autograd.grad(dense, prior)
+    assert_close(logdet.detach(), dense.detach())
+    assert_close(ours, theirs)
+
+
+def test_low_rank_online_fit_merges_the_two_fits_corrections():
+    case = CASES[4]
+    model, X, y = case.make()
+    la = EKFACLaplace(model, case.likelihood, correction_rank=2)
+    la.fit(loader(X[:12], y[:12]))
+    first = {i: c for i, c in enumerate(la.H.corrections) if c is not None}
+    diagonals = dict(la._diagonals)
+    params = list(model.parameters())
+    second = ekfac_laplace.compute_ekfac(
+        model,
+        params,
+        ekfac_laplace.batches.LaplaceBatches(loader(X[12:], y[12:])),
+        case.likelihood,
+        12,
+        la.options,
+        eigenbasis=la.H.eigenvectors,
+        fitted=la.fitted_layout,
+    )
+    la.fit(loader(X[12:], y[12:]), override=False)
+    expected = ekfac_laplace.sketch.corrected_matrix(
+        la.H.eigenvectors,
+        [diagonals[i] + second.eigenvalues[i] for i in range(len(params))],
+        {
+            i: ekfac_laplace.sketch.merged_eigenpairs(
+                first[i], second.corrections[i], 2
+            )
+            for i in first
+        },
+    )
+    assert_close(la.H.to_matrix(), expected.to_matrix())
+
+
+def test_low_rank_state_round_trips_and_a_broken_one_is_refused():
+    la, model, X, y = _low_rank_laplace()
+    state = la.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    other = EKFACLaplace(model, "classification", prior_precision=0.7)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_close(
+        other.posterior_precision.to_matrix(), la.posterior_precision.to_matrix()
+    )
+    assert other.options.correction_rank == 3
+    missing = {k: v for k, v in state.items() if k != "ekfac_corrections"}
+    with pytest.raises(ValueError, match="holds no corrections"):
+        other.load_state_dict(missing)
+    index, U, S = state["ekfac_corrections"][0]
+    wrong = {**state, "ekfac_corrections": [(index, U[:-1], S)]}
+    with pytest.raises(ValueError, match="needs U"):
+        other.load_state_dict(wrong)
+    skewed = {**state, "ekfac_corrections": [(index, U * 2, S)]}
+    with pytest.raises(ValueError, match="not orthonormal"):
+        other.load_state_dict(skewed)
+    assert_close(
+        other.posterior_precision.to_matrix(), la.posterior_precision.to_matrix()
+    )
+
+
+def test_low_rank_options_are_checked():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="correction_rank=2 needs engine='fast'"):
+        EKFACLaplace(model, "classification", correction_rank=2, engine="curvlinops")
+    with pytest.raises(ValueError, match="correction_rank"):
+        EKFACLaplace(model, "classification", correction_rank=-1)
+    with pytest.raises(ValueError, match="correction_examples"):
+        EKFACLaplace(model, "classification", correction_examples=0)
