@@ -47,6 +47,7 @@ VARIANTS = {
     "ekfac_cache": {"cache_budget_bytes": 2**31},
     "ekfac_dense500": {"dense_blocks_up_to": 500},
     "ekfac_dense5120": {"dense_blocks_up_to": 5120},
+    **{f"ekfac_lr{k}": {"correction_rank": k} for k in (4, 8, 16, 32)},
 }
 ALL_STRUCTURES = (*STRUCTURES, *VARIANTS, "diag")
 FIT_ONLY = {"ekfac_cache"}  # the cache only changes the fit

@@ -1,13 +1,16 @@
-"""What exact blocks cost: EKFAC with ``dense_blocks_up_to`` against plain EKFAC.
+"""What exact blocks and low-rank corrections cost against plain EKFAC.
 
 The benchmark's MLP (784-512-512-10) and CNN, interleaved in fresh workers
 (:mod:`timing`): the exact-GGN fit, the GLM predictive of 32 inputs and 100 samples,
 with exact blocks of every tensor up to 500 entries, and (MLP) up to 5,120, which
-takes in its output weight. Prints and writes each phase's ratio to plain EKFAC.
+takes in its output weight; and with the low-rank correction of rank 4, 8, 16 and
+32 (``correction_rank``, the default ``correction_examples`` of 2,048). Prints and
+writes each phase's ratio to plain EKFAC.
 
 Usage::
 
     python benchmarks/dense_blocks.py --rounds 3
+    python benchmarks/dense_blocks.py --variants ekfac_lr8 --phases fit_ggn glm32
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from timing import (  # noqa: E402
     worker_main,
 )
 
+LOW_RANK = tuple(f"ekfac_lr{k}" for k in (4, 8, 16, 32))
 CONTENDERS = {
-    "mlp": ("ekfac", "ekfac_dense500", "ekfac_dense5120"),
-    "cnn": ("ekfac", "ekfac_dense500"),
+    "mlp": ("ekfac", "ekfac_dense500", "ekfac_dense5120", *LOW_RANK),
+    "cnn": ("ekfac", "ekfac_dense500", *LOW_RANK),
 }
 PHASES = ("fit_ggn", "glm32", "sample100")
 
@@ -62,14 +66,23 @@ def measure(case: str, structure: str, phase: str, warm: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = interleaved_parser(__doc__.splitlines()[0], CONTENDERS, PHASES)
+    parser.add_argument(
+        "--variants", nargs="*", help="only these variants (against plain EKFAC)"
+    )
     args = parser.parse_args(argv)
     if worker_main(args, measure):
         return 0
+    contenders = {
+        case: tuple(
+            c for c in names if c == "ekfac" or not args.variants or c in args.variants
+        )
+        for case, names in CONTENDERS.items()
+    }
     rows = []
     for case in args.cases:
         for phase in args.phases:
             results = interleave(
-                CONTENDERS[case],
+                contenders[case],
                 args.rounds,
                 lambda structure, _round, case=case, phase=phase: run_worker(
                     Path(__file__), [case, structure, phase, args.warm]
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases:
         for phase in args.phases:
             part = [r for r in rows if r["case"] == case and r["phase"] == phase]
-            for variant in CONTENDERS[case][1:]:
+            for variant in contenders[case][1:]:
                 cells = [
                     case,
                     phase,

@@ -11,6 +11,7 @@ weight; a ``Linear`` layer's bias block is exact under EKFAC already);
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from laplace import Laplace
@@ -32,6 +33,8 @@ DEFAULT_CANDIDATES = (
 )
 #: The suffix of an EKFAC structure with exact blocks (``dense_blocks_up_to``).
 EXACT_SUFFIX = "+exact"
+#: The suffix of an EKFAC structure with a low-rank correction (``correction_rank``).
+LOW_RANK_SUFFIX = "+lr"
 SUBSETS = {"ll": "last_layer", "all": "all"}
 STRUCTURES = ("diag", "kron", "ekfac", "full")
 #: Structures laplace-torch names that cannot run here, and why.
@@ -57,8 +60,10 @@ class Candidate:
     (laplace-torch's ``lowrank`` is not offered: it needs an old asdl from git);
     ``backend`` ``ggn`` (exact GGN, default), ``mc`` (Monte-Carlo Fisher) or ``ef``
     (empirical Fisher). ``ekfac+exact<n>`` is EKFAC with the exact block of every
-    tensor of at most ``n`` entries (``dense_blocks_up_to=n``). ``"map"`` is the
-    network without Laplace.
+    tensor of at most ``n`` entries (``dense_blocks_up_to=n``), ``ekfac+lr<k>``
+    EKFAC with the rank-``k`` correction of every Kronecker block
+    (``correction_rank=k``); both suffixes may be combined
+    (``all_ekfac+exact500+lr8``). ``"map"`` is the network without Laplace.
 
     Attributes:
         name: The spec it was parsed from, used as the row's name.
@@ -66,6 +71,7 @@ class Candidate:
         hessian_structure: laplace-torch Hessian structure; ``None`` for the MAP.
         backend: ``"ggn"``, ``"mc"`` or ``"ef"``; ``None`` for the MAP.
         dense_blocks_up_to: For ``ekfac+exact<n>``, ``n``; else 0.
+        correction_rank: For ``ekfac+lr<k>``, ``k``; else 0.
     """
 
     name: str
@@ -73,6 +79,7 @@ class Candidate:
     hessian_structure: str | None = None
     backend: str | None = None
     dense_blocks_up_to: int = 0
+    correction_rank: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> Candidate:
@@ -93,13 +100,18 @@ class Candidate:
         head, colon, backend = spec.partition(":")
         subset, _, structure = head.partition("_")
         backend = backend if colon else "ggn"
-        structure, plus, exact = structure.partition(EXACT_SUFFIX)
-        if plus and (structure != "ekfac" or not exact.isdigit() or int(exact) < 1):
-            raise ValueError(
-                f"Unknown candidate {spec!r}: exact blocks are written "
-                f"'<subset>_ekfac{EXACT_SUFFIX}<n>' with n ≥ 1 entries, e.g. "
-                f"'all_ekfac{EXACT_SUFFIX}500'."
-            )
+        structure, *suffixes = structure.split("+")
+        numbers: dict[str, int] = {}
+        for suffix in suffixes:
+            match = re.fullmatch(r"(exact|lr)([1-9][0-9]*)", suffix)
+            if structure != "ekfac" or match is None or match[1] in numbers:
+                raise ValueError(
+                    f"Unknown candidate {spec!r}: exact blocks and a low-rank "
+                    f"correction are written '<subset>_ekfac{EXACT_SUFFIX}<n>' and "
+                    f"'<subset>_ekfac{LOW_RANK_SUFFIX}<k>' with n, k ≥ 1, once each, "
+                    f"e.g. 'all_ekfac{EXACT_SUFFIX}500{LOW_RANK_SUFFIX}8'."
+                )
+            numbers[match[1]] = int(match[2])
         if subset in SUBSETS and structure in UNAVAILABLE_STRUCTURES:
             raise ValueError(
                 f"Candidate {spec!r} is not offered: "
@@ -117,7 +129,14 @@ class Candidate:
                 f"{tuple(SUBSETS)}, structure in {STRUCTURES} and backend in "
                 f"{tuple(BACKENDS)}, e.g. 'all_ekfac' or 'll_kron:mc'."
             )
-        return cls(spec, SUBSETS[subset], structure, backend, int(exact) if plus else 0)
+        return cls(
+            spec,
+            SUBSETS[subset],
+            structure,
+            backend,
+            numbers.get("exact", 0),
+            numbers.get("lr", 0),
+        )
 
     @property
     def is_map(self) -> bool:
@@ -143,7 +162,14 @@ class Candidate:
         if self.is_map:
             raise ValueError("The MAP candidate has no Laplace approximation.")
         backend, backend_kwargs = BACKENDS[self.backend]
-        options = {"dense_blocks_up_to": self.dense_blocks_up_to}
+        options = {
+            name: value
+            for name, value in (
+                ("dense_blocks_up_to", self.dense_blocks_up_to),
+                ("correction_rank", self.correction_rank),
+            )
+            if value
+        }
         return Laplace(
             model,
             likelihood,
@@ -152,5 +178,5 @@ class Candidate:
             backend=backend,
             backend_kwargs=dict(backend_kwargs),
             sigma_noise=sigma_noise,
-            **(options if self.dense_blocks_up_to else {}),
+            **options,
         )

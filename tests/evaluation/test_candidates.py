@@ -64,3 +64,15 @@ def test_ekfac_with_exact_blocks():
     for bad in ("all_kron+exact500", "all_ekfac+exact", "all_ekfac+exact0"):
         with pytest.raises(ValueError, match="ekfac\\+exact<n>"):
             Candidate.parse(bad)
+
+
+def test_ekfac_with_a_low_rank_correction_and_exact_blocks():
+    candidate = Candidate.parse("all_ekfac+exact500+lr8")
+    assert (candidate.dense_blocks_up_to, candidate.correction_rank) == (500, 8)
+    assert Candidate.parse("all_ekfac+lr8+exact500").correction_rank == 8
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    la = Candidate.parse("all_ekfac+lr4").build(model, "classification")
+    assert la.options.correction_rank == 4 and la.options.dense_blocks_up_to == 0
+    for bad in ("all_kron+lr8", "all_ekfac+lr0", "all_ekfac+lr8+lr4", "all_ekfac+x"):
+        with pytest.raises(ValueError, match="ekfac\\+lr<k>"):
+            Candidate.parse(bad)
