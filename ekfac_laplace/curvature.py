@@ -121,7 +121,9 @@ def compute_ekfac(
         **keywords,
     )
     _check_finite(raw, layout)
-    raw.layout = layout.fitted_layout(raw.eigenvectors, raw.eigenvalues, raw.batch_dims)
+    raw.layout = layout.fitted_layout(
+        raw.eigenvectors, raw.eigenvalues, raw.batch_dims
+    ).with_corrections({i: U.shape[1] for i, (U, _) in raw.corrections.items()})
     return raw.scaled(factor)
 
 

@@ -228,7 +228,8 @@ class FastEKFAC:
 
         The second sketches ``Y₂ = R Q₁`` take one more pass over the sketched
         examples (only as deep as the sketched layers), summed over the ranks
-        (:mod:`ekfac_laplace.sketch`).
+        (:mod:`ekfac_laplace.sketch`); a layer without weight sharing needs none,
+        its sketched rows ``(g̃, ã)`` kept from the first.
 
         Returns:
             Layer name to ``(U, S)`` or ``None`` per block (weight, bias), over the
@@ -237,15 +238,22 @@ class FastEKFAC:
         layers = self.layout.kronecker_layers
         second = first.power_step(layers)
         if second is not None:
-            sketched = [layer for layer in layers if layer.name in second.sketches]
-            self.ranks.run(
-                lambda: self._pass(
-                    batches,
-                    "EKFAC: low-rank correction",
-                    second,
-                    None,
-                    sketched,
-                    limit=second.budget,
+            sketched = [
+                layer
+                for layer in layers
+                if layer.name in second.sketches and layer.name not in second.done
+            ]
+            self.ranks.run(  # on every rank, even one whose layers need no pass
+                lambda: (
+                    sketched
+                    and self._pass(
+                        batches,
+                        "EKFAC: low-rank correction",
+                        second,
+                        None,
+                        sketched,
+                        limit=second.budget,
+                    )
                 ),
                 "the low-rank correction's pass",
             )

@@ -14,7 +14,7 @@ instead of guessing the structures from the eigenvectors' shapes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 #: The plain form's version (``FittedLayout.plain()["version"]``).
@@ -36,6 +36,9 @@ class FittedBlock:
             (:mod:`ekfac_laplace.structures`).
         values: The shape of its eigenvalues.
         bases: The shapes of its eigenvectors (``()`` for an identity basis).
+        correction: For a Kronecker block with a low-rank correction
+            (``correction_rank``, :mod:`ekfac_laplace.sketch`), the eigenpairs it
+            keeps; ``0`` for none.
     """
 
     module: str
@@ -44,6 +47,7 @@ class FittedBlock:
     structure: str
     values: tuple[int, ...]
     bases: tuple[tuple[int, ...], ...] = ()
+    correction: int = 0
 
     @property
     def qualified_name(self) -> str:
@@ -69,14 +73,32 @@ class FittedLayout:
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def with_corrections(self, pairs: Mapping[int, int]) -> FittedLayout:
+        """This layout with the low-rank corrections a posterior holds.
+
+        Args:
+            pairs: Block index to the eigenpairs its correction keeps (every
+                other block gets none).
+
+        Returns:
+            A new layout.
+        """
+        blocks = tuple(
+            replace(block, correction=pairs.get(index, 0))
+            for index, block in enumerate(self.blocks)
+        )
+        return FittedLayout(blocks, self.batch_dims)
+
     def plain(self) -> list[Any]:
         """The layout as plain values, for a state.
 
         A list (laplace-torch's states hold lists, numbers, strings and tensors).
 
         Returns:
-            ``[version, [[module, parameter, kind, structure, values, bases], ...],
-            batch_dims]``, ``batch_dims`` as ``[[module, dim], ...]`` or ``None``.
+            ``[version, [[module, parameter, kind, structure, values, bases,
+            correction], ...], batch_dims]``, ``batch_dims`` as
+            ``[[module, dim], ...]`` or ``None`` (a state saved before the
+            corrections has no ``correction``: none).
         """
         dims = self.batch_dims
         return [
@@ -89,6 +111,7 @@ class FittedLayout:
                     block.structure,
                     list(block.values),
                     [list(shape) for shape in block.bases],
+                    block.correction,
                 ]
                 for block in self.blocks
             ],
@@ -123,7 +146,9 @@ class FittedLayout:
 
 
 def _block(entry: Sequence[Any]) -> FittedBlock:
-    module, parameter, kind, structure, values, bases = entry
+    module, parameter, kind, structure, values, bases, *rest = entry
+    if len(rest) > 1:
+        raise ValueError(f"a block of {len(entry)} entries")
     for text in (module, parameter, kind, structure):
         if not isinstance(text, str):
             raise TypeError(f"a name {text!r} that is not a string")
@@ -134,6 +159,7 @@ def _block(entry: Sequence[Any]) -> FittedBlock:
         structure,
         tuple(_count(n) for n in values),
         tuple(tuple(_count(n) for n in shape) for shape in bases),
+        _count(rest[0]) if rest else 0,
     )
 
 

@@ -39,7 +39,7 @@ DEFAULT_SEED = 2147483647
 DEFAULT_CACHE_BUDGET_BYTES = 256 * 2**20
 #: The examples of each layer that a low-rank correction's sketch sees
 #: (``correction_examples``; see :mod:`ekfac_laplace.sketch`).
-DEFAULT_CORRECTION_EXAMPLES = 2048
+DEFAULT_CORRECTION_EXAMPLES = 1024
 
 
 class _Choice(str, Enum):

@@ -406,6 +406,9 @@ class EKFACPosterior(ParametricLaplace):
             )
         self.H = corrected_matrix(eigenvectors, eigenvalues, corrections)
         self._diagonals = {index: eigenvalues[index] for index in corrections}
+        self._fitted = layout.with_corrections(
+            {index: U.shape[1] for index, (U, _) in corrections.items()}
+        )
         self.loss = self.loss + factors.loss
         self.n_data = self.n_data + num_data
 

@@ -78,6 +78,15 @@ class CurvatureSketch:
     factors: tuple[Tensor, ...] = ()
     test: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # The dense test matrix's columns laid out as the block, for the
+        # rank-one rows (one contiguous copy, not one per batch).
+        self._columns = (
+            None
+            if self.test is None
+            else self.test.mT.reshape(-1, *self.shape).contiguous()
+        )
+
     @classmethod
     def new(
         cls,
@@ -121,9 +130,8 @@ class CurvatureSketch:
         Returns:
             Zeros ``(l, *shape)`` with ``test = Q₁`` ``(n, l)`` orthonormal.
         """
-        Y = self.values.reshape(len(self.values), -1).mT.double()
-        basis, _ = torch.linalg.qr(Y)
-        test = basis.to(self.values.dtype)
+        Y = self.values.reshape(len(self.values), -1).mT
+        test = lowrank.orthonormal_columns(Y).to(self.values.dtype)
         return CurvatureSketch(self.shape, torch.zeros_like(self.values), (), test)
 
     @property
@@ -165,7 +173,7 @@ class CurvatureSketch:
             return
         if self.test is not None:
             # rᵀ Q_j = g̃ᵀ Q_j ã: the test columns against the inputs first.
-            columns = self.test.mT.reshape(-1, *self.shape)  # (l, d_out, d_in)
+            columns = self._columns  # (l, d_out, d_in)
             projections = torch.einsum("joi,bi->bjo", columns, a)
             T = torch.bmm(torch.bmm(g, projections.mT).mT, g)  # (B, l, d_out)
         else:

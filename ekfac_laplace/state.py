@@ -177,7 +177,7 @@ def checked_state(
             f"{state['enable_backprop']!r}."
         )
     corrections = checked_corrections(
-        state.get("ekfac_corrections"), curvature, options
+        state.get("ekfac_corrections"), curvature, options, layout
     )
     diagonals = {index: curvature.eigenvalues[index] for index in corrections}
     if corrections:
@@ -188,7 +188,10 @@ def checked_state(
 
 
 def checked_corrections(
-    saved: Any, curvature: EKFACDecomposed, options: EKFACOptions
+    saved: Any,
+    curvature: EKFACDecomposed,
+    options: EKFACOptions,
+    fitted: FittedLayout,
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """A state's low-rank corrections, checked against its blocks and options.
 
@@ -197,24 +200,30 @@ def checked_corrections(
             ``None``).
         curvature: The state's checked ``H`` (``diag(R)`` of every block).
         options: The fit's options.
+        fitted: The state's fitted layout (which blocks are corrected).
 
     Returns:
         Block index to ``(U, S)``, on the curvature's device.
 
     Raises:
-        ValueError: For corrections without a ``correction_rank`` or missing with
-            one, or a correction that does not fit its block (shapes, more than
-            ``k`` pairs, negative or non-finite values, ``U`` not orthonormal).
+        ValueError: For corrections other than the fitted layout's, or without a
+            ``correction_rank``, or a correction that does not fit its block
+            (shapes, more than ``k`` pairs, negative or non-finite values, ``U``
+            not orthonormal).
     """
     rank = options.correction_rank
-    if not rank or not saved:
-        if rank or saved:
-            raise ValueError(
-                f"The state's options have correction_rank={rank} but it holds "
-                f"{'no' if rank else 'low-rank'} corrections ('ekfac_corrections'): "
-                "the state is corrupt. Fit again."
-            )
-        return {}
+    expected = {
+        index: block.correction
+        for index, block in enumerate(fitted.blocks)
+        if block.correction
+    }
+    found = sorted(int(entry[0]) for entry in saved or ())
+    if found != sorted(expected) or (found and not rank):
+        raise ValueError(
+            f"The state holds low-rank corrections of blocks {found} but its fitted "
+            f"layout corrects blocks {sorted(expected)} (correction_rank={rank}): "
+            "the state is corrupt. Fit again."
+        )
     corrections = {}
     device = curvature.eigenvalues[0].device
     for index, U, S in saved:

@@ -956,15 +956,18 @@ def test_low_rank_state_round_trips_and_a_broken_one_is_refused():
     )
     assert other.options.correction_rank == 3
     missing = {k: v for k, v in state.items() if k != "ekfac_corrections"}
-    with pytest.raises(ValueError, match="holds no corrections"):
+    with pytest.raises(ValueError, match="its fitted layout corrects blocks"):
         other.load_state_dict(missing)
-    index, U, S = state["ekfac_corrections"][0]
-    wrong = {**state, "ekfac_corrections": [(index, U[:-1], S)]}
+    (index, U, S), *rest = state["ekfac_corrections"]
+    wrong = {**state, "ekfac_corrections": [(index, U[:-1], S), *rest]}
     with pytest.raises(ValueError, match="needs U"):
         other.load_state_dict(wrong)
-    skewed = {**state, "ekfac_corrections": [(index, U * 2, S)]}
+    skewed = {**state, "ekfac_corrections": [(index, U * 2, S), *rest]}
     with pytest.raises(ValueError, match="not orthonormal"):
         other.load_state_dict(skewed)
+    negative = {**state, "ekfac_corrections": [(index, U, -S - 1), *rest]}
+    with pytest.raises(ValueError, match="go down to"):
+        other.load_state_dict(negative)
     assert_close(
         other.posterior_precision.to_matrix(), la.posterior_precision.to_matrix()
     )

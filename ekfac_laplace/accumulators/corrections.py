@@ -76,6 +76,12 @@ class CorrectionAccumulator(PassAccumulator):
         self._counts: dict[str, list[int]] = {}  # seen, sketched
         self._sketching: set[str] = set()  # the layers that sketch this batch
         self._stash: dict[str, list[Tensor]] = {}  # rotated g per pass, one position
+        #: Whether to keep the sketched rank-one rows (``g̃``, ``ã``) of layers
+        #: without weight sharing, so that the power step needs no pass there.
+        self.keep_rows = bool(rank)
+        #: The layers whose power step was made from kept rows.
+        self.done: set[str] = set()
+        self.rank_one_rows: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
         for layer in (layers or []) if rank else []:
             self.sketches[layer.name] = self._new_sketches(layer, rank, seed)
             self._counts[layer.name] = [0, 0]
@@ -108,7 +114,7 @@ class CorrectionAccumulator(PassAccumulator):
             ``R`` itself, for the same examples; ``None`` if there are none.
         """
         second = CorrectionAccumulator(self.bases, examples=self.budget)
-        second.rank = self.rank
+        second.rank, second.keep_rows = self.rank, False
         second.counts = self.counts  # the first pass's, summed: not summed again
         for layer in layers:
             sketches = self.sketches.get(layer.name, ())
@@ -118,6 +124,16 @@ class CorrectionAccumulator(PassAccumulator):
                     for sketch in sketches
                 )
                 second._counts[layer.name] = [0, 0]
+                kept = self.rank_one_rows.pop(layer.name, None)
+                if kept is not None:  # the kept rows: no pass for this layer
+                    weight, bias = second.sketches[layer.name]
+                    for g_rot, a_rot in kept:
+                        if weight is not None:
+                            weight.add_rank_one(g_rot, a_rot)
+                        if bias is not None:
+                            bias.add_rows(g_rot.flatten(0, 1))
+                    second.done.add(layer.name)
+        self.rank_one_rows.clear()
         return second if second.sketches else None
 
     def sketch_sums(self, layers: list[KroneckerLayer]) -> list[Tensor]:
@@ -340,15 +356,21 @@ class CorrectionAccumulator(PassAccumulator):
         go to the sketches as ``r = g̃_{n,k} ⊗ ã_n``.
         """
         weight_sketch, bias_sketch = self.sketches.get(layer.name, (None, None))
+        a_rot = None
         if layer.weight_index is not None:
             a_rot = a[:, 0] @ self.bases[layer.name].input
             if g_rot is not None and weight_sketch is not None:
                 weight_sketch.add_rank_one(g_rot, a_rot)
-            self._add_weight(layer, squares.T @ a_rot.square_())
+            kept = g_rot is not None and self.keep_rows
+            self._add_weight(
+                layer, squares.T @ (a_rot.square() if kept else a_rot.square_())
+            )
         if layer.bias_index is not None and not layer.separate_bias:
             if g_rot is not None and bias_sketch is not None:
                 bias_sketch.add_rows(g_rot.flatten(0, 1))
             self._add_bias(layer, squares.sum(0))
+        if g_rot is not None and self.keep_rows:  # for the power step, no pass
+            self.rank_one_rows.setdefault(layer.name, []).append((g_rot, a_rot))
 
     def _new_sketches(
         self, layer: KroneckerLayer, rank: int, seed: int
