@@ -112,6 +112,9 @@ def capacitance_logdet(lam: Tensor, V: Tensor) -> Tensor:
 def whitened_inverse(lam: Tensor, V: Tensor) -> Tensor:
     """``Λ⁻¹ V L^{-T}`` ``(n, k)``: ``M⁻¹ = Λ⁻¹ − (Λ⁻¹ V L^{-T})(Λ⁻¹ V L^{-T})ᵀ``.
 
+    ``L⁻ᵀ`` is formed (``k × k``; ``C ≽ I``, so its norm is at most 1) and applied
+    in one product: three passes over the ``n × k`` numbers in all.
+
     Args:
         lam: ``Λ``, positive, ``(n,)``.
         V: ``(n, k)``.
@@ -120,7 +123,8 @@ def whitened_inverse(lam: Tensor, V: Tensor) -> Tensor:
         ``(n, k)``.
     """
     scaled, chol = capacitance_cholesky(lam, V)
-    return torch.linalg.solve_triangular(chol, scaled.mT, upper=False).mT
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    return scaled @ torch.linalg.solve_triangular(chol, eye, upper=False).mT
 
 
 def inverse_diagonal(lam: Tensor, V: Tensor) -> Tensor:

@@ -191,6 +191,7 @@ class EKFACDecomposed:
         self.corrections: list[tuple[Tensor, Tensor] | None] = self._checked(
             corrections
         )
+        self._inverse_corrections: dict[int, Tensor] = {}
 
     def _checked(
         self, corrections: Sequence[tuple[Tensor, Tensor] | None] | None
@@ -224,6 +225,7 @@ class EKFACDecomposed:
         derived.deltas = deltas
         derived.scale = scale
         derived.corrections = self.corrections
+        derived._inverse_corrections = {}
         return derived
 
     # ------------------------------------------------------------------ structure
@@ -432,11 +434,11 @@ class EKFACDecomposed:
         if correction is None:
             return None
         U, S = correction
-        V = U * S.sqrt()  # S is data: no gradient through sqrt(0)
         if self.scale is None:
-            return V
-        scale = torch.as_tensor(self.scale, dtype=V.dtype, device=V.device)
-        return V * scale.sqrt()
+            return U * S.sqrt()  # S is data: no gradient through sqrt(0)
+        scale = torch.as_tensor(self.scale, dtype=U.dtype, device=U.device)
+        # S is data: no gradient through sqrt(0); one pass over U.
+        return U * (S.sqrt() * scale.sqrt())
 
     def inverse_correction(self, index: int) -> Tensor | None:
         """``W`` with ``M_b⁻¹ = Q (Λ⁻¹ − W Wᵀ) Qᵀ`` of a corrected block (Woodbury).
@@ -448,12 +450,17 @@ class EKFACDecomposed:
             ``(n_b, k)`` over the block's row-major eigenvalues, or ``None`` for a
             block without a correction.
         """
+        if index in self._inverse_corrections:
+            return self._inverse_corrections[index]
         V = self._low_rank(index)
         if V is None:
             return None
         lam = self.damped_eigenvalues(index).flatten()
         self._check_positive(index, lam, "the inverse")
-        return lowrank.whitened_inverse(lam, V)
+        W = lowrank.whitened_inverse(lam, V)
+        if not (torch.is_grad_enabled() and (W.requires_grad or lam.requires_grad)):
+            self._inverse_corrections[index] = W  # the matrix does not change
+        return W
 
     def _powered(self, index: int, rotated: Tensor, exponent: float) -> Tensor:
         """``M_b^exponent`` applied to rotated blocks ``(..., *shape)`` of ``index``.

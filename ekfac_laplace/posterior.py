@@ -36,6 +36,7 @@ from ekfac_laplace._compat import (
     likelihood_scale,
     model_device,
     model_dtype,
+    tensor_version,
 )
 from ekfac_laplace.batches import (
     LaplaceBatches,
@@ -67,6 +68,14 @@ from ekfac_laplace.state import (
     checked_state,
     restored_on_failure,
 )
+
+
+def _same_key(first: tuple, second: tuple) -> bool:
+    """Whether two memo keys match: the same objects, the same numbers."""
+    return len(first) == len(second) and all(
+        a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
+        for a, b in zip(first, second)
+    )
 
 
 class EKFACPosterior(ParametricLaplace):
@@ -118,6 +127,20 @@ class EKFACPosterior(ParametricLaplace):
     def fitted_layout(self, layout: FittedLayout) -> None:
         """Set another layout for ``H`` (a structure selection sets both)."""
         self._fitted = layout
+
+    @property
+    def correction_diagonals(self) -> dict[int, Tensor]:
+        """A block with a low-rank correction's index to its ``diag(R)``.
+
+        Its eigenvalues in ``H`` are ``D = diag(R − U S Uᵀ)``; online fits and
+        states need ``diag(R)`` itself (:mod:`ekfac_laplace.sketch`).
+        """
+        return self._diagonals
+
+    @correction_diagonals.setter
+    def correction_diagonals(self, diagonals: dict[int, Tensor]) -> None:
+        """Set them with ``H`` (a structure selection sets all three)."""
+        self._diagonals = dict(diagonals)
 
     def _check_H_init(self) -> None:
         if getattr(self, "H", None) is None:
@@ -415,9 +438,28 @@ class EKFACPosterior(ParametricLaplace):
     # ---------------------------------------------------------------- posterior
     @property
     def posterior_precision(self) -> EKFACDecomposed:
-        """Posterior precision ``H / (σ² T) + δ`` as an :class:`EKFACDecomposed`."""
+        """Posterior precision ``H / (σ² T) + δ`` as an :class:`EKFACDecomposed`.
+
+        The same object while ``H``, the prior, ``σ`` and ``T`` stay the same (and
+        need no gradient), so that what it derives once (a low-rank correction's
+        Woodbury factor) serves every predictive call.
+        """
         self._check_H_init()
-        return self.H * likelihood_scale(self) + self.prior_precision
+        hyperparameters = (self.prior_precision, self.sigma_noise, self.temperature)
+        tensors = [t for t in hyperparameters if isinstance(t, Tensor)]
+        if any(t.requires_grad for t in tensors):
+            return self.H * likelihood_scale(self) + self.prior_precision
+        key = (
+            self.H,
+            *hyperparameters,
+            *(tensor_version(t) for t in tensors),
+        )
+        memo = getattr(self, "_precision_memo", None)
+        if memo is not None and _same_key(memo[0], key):
+            return memo[1]
+        precision = self.H * likelihood_scale(self) + self.prior_precision
+        self._precision_memo = (key, precision)
+        return precision
 
     @property
     def posterior_covariance(self) -> Tensor:

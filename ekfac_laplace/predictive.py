@@ -367,9 +367,10 @@ class _LayerTerms:
             self.precision.eigenvectors[index], columns
         )  # (k, [G,] d_out, d_in)
         _, q_a, _, a_rot, _ = self._weight
-        if q_a is None:
-            weighted = torch.einsum("koi,bi->bko", columns, a_rot)
-            return torch.einsum("bco,bko->bck", J, weighted)
+        if q_a is None:  # one product: (k·d_out × d_in)(d_in × B)
+            k, d_out, d_in = columns.shape
+            weighted = (columns.reshape(k * d_out, d_in) @ a_rot.mT).view(k, d_out, -1)
+            return torch.einsum("bco,kob->bck", J, weighted)
         return J @ columns.reshape(W.shape[1], -1).mT
 
     def _keep(self, key: str, c: int, piece: Tensor) -> None:

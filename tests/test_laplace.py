@@ -917,7 +917,7 @@ def test_low_rank_online_fit_merges_the_two_fits_corrections():
     la = EKFACLaplace(model, case.likelihood, correction_rank=2)
     la.fit(loader(X[:12], y[:12]))
     first = {i: c for i, c in enumerate(la.H.corrections) if c is not None}
-    diagonals = dict(la._diagonals)
+    diagonals = dict(la.correction_diagonals)
     params = list(model.parameters())
     second = ekfac_laplace.compute_ekfac(
         model,

@@ -2,8 +2,10 @@ r"""Choosing each parameter tensor's block within a memory budget.
 
 A posterior's block for a parameter tensor of ``n`` entries can be *diagonal* (its
 exact GGN / Fisher diagonal: ``n`` numbers), *EKFAC* (a Kronecker eigenbasis with
-corrected eigenvalues: ``n + d_out² + d_in²``) or *exact* (its exact block,
-decomposed: ``n + n²``). With the prior fixed, the Laplace log evidence is a sum over
+corrected eigenvalues: ``n + d_out² + d_in²``), *EKFAC with a low-rank correction*
+(``lowrank``, offered when the object's options set a ``correction_rank`` ``k``:
+EKFAC's and ``k (n + 1)``, :mod:`ekfac_laplace.sketch`) or *exact* (its exact
+block, decomposed: ``n + n²``). With the prior fixed, the Laplace log evidence is a sum over
 the blocks,
 
 $$
@@ -13,7 +15,9 @@ $$
 and for each block the exact one has the smallest ``log det``: a diagonal block is
 the diagonal of the exact block, an EKFAC block its diagonal in the Kronecker
 eigenbasis, and Hadamard's inequality bounds a positive definite matrix's
-determinant by the product of its diagonal in any orthonormal basis. So the
+determinant by the product of its diagonal in any orthonormal basis (a corrected
+block, ``D + U S Uᵀ`` with the same diagonal as EKFAC's where ``R̂ ≼ R``, lies in
+between: its ``log det`` is by the determinant lemma, exact). So the
 evidence ranks the structures by how close they come to the exact block, and
 choosing the blocks within a budget is a multiple-choice knapsack.
 :func:`select_structures` scores each block under every structure it can have and
@@ -25,12 +29,13 @@ combination's predictive comes from per-block terms computed once (the NLL itsel
 not a sum, so greedy is a heuristic there).
 
 A layer's weight and bias are chosen together, among the pairs that one fit could
-give: both diagonal, both EKFAC, or either exact with the other exact or diagonal
-(an EKFAC bias needs its layer's Kronecker basis; an exact bias beside an EKFAC
-weight would be read back as an EKFAC one).
+give: both diagonal, both EKFAC (each with or without its correction), or either
+exact with the other exact or diagonal (an EKFAC bias needs its layer's Kronecker
+basis; an exact bias beside an EKFAC weight would be read back as an EKFAC one).
 
-It fits three times, without changing the Laplace object until all succeed: EKFAC,
-the exact blocks of the tensors whose block fits the budget on its own, and every
+It fits three times, without changing the Laplace object until all succeed: EKFAC
+(with the corrections, if the options ask for them: the same fit gives both), the
+exact blocks of the tensors whose block fits the budget on its own, and every
 tensor's diagonal. Its result is the object with the chosen blocks as ``H`` and a
 table per tensor: size, structure, memory, evidence gain over its diagonal block and
 what the other structures would have cost and gained.
@@ -41,13 +46,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from laplace.utils.enums import Likelihood
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ekfac_laplace import lowrank
 from ekfac_laplace._compat import likelihood_scale
 from ekfac_laplace.batches import batch_size, split_batch, to_device
 from ekfac_laplace.fitted import FittedBlock, FittedLayout
@@ -58,7 +64,14 @@ from ekfac_laplace.posterior import EKFACPosterior
 from ekfac_laplace.predictive import glm_predictive_variance
 from ekfac_laplace.state import restored_on_failure
 
-STRUCTURES = ("diagonal", "ekfac", "exact")
+STRUCTURES = ("diagonal", "ekfac", "lowrank", "exact")
+#: The report's name of each structure.
+LABELS = {
+    "diagonal": "diagonal",
+    "ekfac": "EKFAC",
+    "lowrank": "EKFAC + low rank",
+    "exact": "exact",
+}
 CRITERIA = ("evidence", "val_nll")
 SEARCHES = ("greedy", "exhaustive")
 #: The most combinations an exhaustive search scores.
@@ -69,6 +82,9 @@ EXCHANGE_LIMIT = 400
 LAYER_PAIRS = (
     ("diagonal", "diagonal"),
     ("ekfac", "ekfac"),
+    ("lowrank", "lowrank"),
+    ("lowrank", "ekfac"),
+    ("ekfac", "lowrank"),
     ("diagonal", "exact"),
     ("exact", "diagonal"),
     ("exact", "exact"),
@@ -80,13 +96,17 @@ class BlockOption:
     """One structure one parameter tensor can have.
 
     Attributes:
-        structure: ``"diagonal"``, ``"ekfac"`` or ``"exact"``.
+        structure: ``"diagonal"``, ``"ekfac"``, ``"lowrank"`` or ``"exact"``.
         eigenvectors: Its basis (``()``, ``(Q_G, Q_A)``, ``(Q_G,)`` or ``(Q,)``).
-        eigenvalues: Its eigenvalues (the curvature's, as ``H``).
-        numbers: How many numbers it stores (eigenvalues and eigenvectors; a factor
-            shared by a weight and its bias is counted for each).
+        eigenvalues: Its eigenvalues (the curvature's, as ``H``; a corrected
+            block's ``D``).
+        numbers: How many numbers it stores (eigenvalues and eigenvectors, and a
+            correction's ``U`` and ``S``; a factor shared by a weight and its bias
+            is counted for each).
         log_det: ``log det`` of the block's posterior precision, prior included.
         fitted: Its block in the fitted layout of the fit it is from.
+        correction: A corrected block's ``(U, S)``; ``None`` otherwise.
+        diagonal: A corrected block's ``diag(R)`` (for online fits and states).
     """
 
     structure: str
@@ -95,6 +115,8 @@ class BlockOption:
     numbers: int
     log_det: float
     fitted: FittedBlock
+    correction: tuple[Tensor, Tensor] | None = None
+    diagonal: Tensor | None = None
 
 
 @dataclass
@@ -183,8 +205,9 @@ class StructureSelection:
         """
         lines = [
             "| tensor | entries | structure | bytes | gain over diagonal | "
-            "diagonal | EKFAC | exact |",
-            "|---|---:|---|---:|---:|---|---|---|",
+            + " | ".join(LABELS[s] for s in STRUCTURES)
+            + " |",
+            "|---|---:|---|---:|---:|" + "---|" * len(STRUCTURES),
         ]
         for choice in self.choices:
             cells = [
@@ -205,7 +228,7 @@ class StructureSelection:
         lines.append(
             f"| total | {sum(c.entries for c in self.choices)} | {self.search} | "
             f"{self.total_bytes} of {self.budget_bytes} | {label} {self.score:.4f} "
-            "| | | |"
+            "|" + " |" * len(STRUCTURES)
         )
         return "\n".join(lines)
 
@@ -263,11 +286,17 @@ def select_structures(
         fits = {"ekfac": (ekfac, fitted)}
         if exact_up_to:
             exact = laplace.curvature(
-                train_loader, dense_blocks_up_to=exact_up_to, progress_bar=progress_bar
+                train_loader,
+                dense_blocks_up_to=exact_up_to,
+                correction_rank=0,
+                progress_bar=progress_bar,
             )
             fits["exact"] = (exact.to_decomposed(), exact.layout)
         diagonal = laplace.curvature(
-            train_loader, diagonal_blocks=True, progress_bar=progress_bar
+            train_loader,
+            diagonal_blocks=True,
+            correction_rank=0,
+            progress_bar=progress_bar,
         )
         fits["diagonal"] = (diagonal.to_decomposed(), diagonal.layout)
         layout = ParameterLayout.from_fitted(laplace.model, params, fitted)
@@ -296,7 +325,13 @@ def select_structures(
         laplace.H = EKFACDecomposed(
             [block.eigenvectors for block in chosen],
             [block.eigenvalues for block in chosen],
+            corrections=[block.correction for block in chosen],
         )
+        laplace.correction_diagonals = {
+            index: block.diagonal
+            for index, block in enumerate(chosen)
+            if block.correction is not None
+        }
         laplace.fitted_layout = FittedLayout(
             tuple(block.fitted for block in chosen), fitted.batch_dims
         )
@@ -360,6 +395,7 @@ def _block_options(
     params = laplace.posterior_parameters
     scale = float(likelihood_scale(laplace))
     priors = laplace.prior_precision.expand(len(params))
+    ekfac, ekfac_layout = fits["ekfac"]
     options: list[dict[str, BlockOption]] = []
     for index, (param, owner) in enumerate(zip(params, layout.owners)):
         lone_bias = (
@@ -367,15 +403,22 @@ def _block_options(
             and index == owner.bias_index
             and owner.weight_index is None
         )
+        kronecker = ekfac_layout.blocks[index].structure == KRONECKER
         offered = {
             "diagonal": True,
-            "ekfac": fits["ekfac"][1].blocks[index].structure == KRONECKER,
+            "ekfac": kronecker,
+            "lowrank": kronecker and ekfac.corrections[index] is not None,
             "exact": param.numel() <= exact_up_to and not lone_bias,
         }
         delta = float(priors[index])
         options.append({})
         for structure in STRUCTURES:
             if not offered[structure]:
+                continue
+            if structure in ("ekfac", "lowrank"):
+                options[-1][structure] = _kronecker_option(
+                    laplace, structure, index, scale, delta
+                )
                 continue
             fit, fitted = fits[structure]
             vectors = fit.eigenvectors[index]
@@ -389,6 +432,40 @@ def _block_options(
                 fitted.blocks[index],
             )
     return options
+
+
+def _kronecker_option(
+    laplace: EKFACPosterior, structure: str, index: int, scale: float, delta: float
+) -> BlockOption:
+    """A Kronecker block of the object's fit, plain (``diag(R)``) or corrected."""
+    H, block = laplace.H, laplace.fitted_layout.blocks[index]
+    vectors = tuple(H.eigenvectors[index])
+    stored = sum(q.numel() for q in vectors)
+    correction = H.corrections[index]
+    if correction is None or structure == "ekfac":
+        values = laplace.correction_diagonals.get(index, H.eigenvalues[index])
+        return BlockOption(
+            "ekfac",
+            vectors,
+            values,
+            values.numel() + stored,
+            float(torch.log(scale * values.double() + delta).sum()),
+            replace(block, correction=0),
+        )
+    U, S = correction
+    values = H.eigenvalues[index]  # D
+    lam = (scale * values + delta).flatten().double()
+    V = U.double() * (scale * S.double()).sqrt()
+    return BlockOption(
+        "lowrank",
+        vectors,
+        values,
+        values.numel() + stored + U.numel() + S.numel(),
+        float(lowrank.logdet(lam, V)),
+        block,
+        correction,
+        laplace.correction_diagonals[index],
+    )
 
 
 def _items(
@@ -468,6 +545,7 @@ def _variance_term(
         EKFACDecomposed(
             [block.eigenvectors for block in blocks],
             [block.eigenvalues for block in blocks],
+            corrections=[block.correction for block in blocks],
         )
         * likelihood_scale(laplace)
         + priors[list(item.indices)]

@@ -48,8 +48,11 @@ def _block_diagonal(blocks: list[Tensor]) -> Tensor:
     return torch.block_diag(*blocks)
 
 
-def _reference_precision(selection: StructureSelection, X: Tensor, plain) -> Tensor:
-    """Densely: each tensor's chosen block from the dense GGN or the plain fit."""
+def _reference_precision(
+    selection: StructureSelection, X: Tensor, plain, corrected=None
+) -> Tensor:
+    """Densely: each tensor's chosen block from the dense GGN or the plain fit (or,
+    for a low-rank correction, the corrected fit)."""
     la = selection.laplace
     params = la.posterior_parameters
     ggn = dense_ggn(la.model, params, X, "classification")
@@ -62,6 +65,8 @@ def _reference_precision(selection: StructureSelection, X: Tensor, plain) -> Ten
             blocks.append(exact)
         elif choice.structure == "diagonal":
             blocks.append(torch.diag(torch.diagonal(exact)))
+        elif choice.structure == "lowrank":
+            blocks.append(corrected[window, window])
         else:
             blocks.append(plain[window, window])
     return _block_diagonal(blocks) + PRIOR * torch.eye(offsets[-1], dtype=X.dtype)
@@ -92,6 +97,43 @@ def test_selected_posterior_equals_the_dense_construction(budget: int) -> None:
     assert_close(variance, dense_variance)
     assert selection.total_bytes <= budget
     assert set(selection.structures.values()) <= {"diagonal", "ekfac", "exact"}
+
+
+def test_low_rank_blocks_are_offered_scored_and_assembled_exactly() -> None:
+    """With a correction_rank, a fourth structure: the corrected block of the same
+    fit; the assembled posterior (some blocks corrected, some not) is exact, its
+    evidence the score, and its state loads back."""
+    model, X, y = _problem()
+    plain = _laplace(model)
+    plain.fit(loader(X, y))
+    corrected = _laplace(model, correction_rank=2)
+    corrected.fit(loader(X, y))
+    seen = set()
+    for budget in (900, 1300, 1600, 2400, 4000):
+        selection = select_structures(
+            _laplace(model, correction_rank=2), loader(X, y), budget
+        )
+        la = selection.laplace
+        reference = _reference_precision(
+            selection, X, plain.H.to_matrix(), corrected.H.to_matrix()
+        )
+        assert_close(la.posterior_precision.to_matrix(), reference)
+        assert_close(la.log_det_posterior_precision, torch.logdet(reference))
+        assert selection.score == pytest.approx(
+            float(la.log_marginal_likelihood()), abs=1e-10
+        )
+        J, _ = jacobians(la.model, la.posterior_parameters, X[:5])
+        _, variance = la._glm_predictive_distribution(X[:5], joint=False)
+        assert_close(variance, J @ torch.linalg.solve(reference, J.mT))
+        assert selection.total_bytes <= budget
+        structures = set(selection.structures.values())
+        seen |= structures
+        if "lowrank" in structures:
+            other = _laplace(model, correction_rank=2)
+            other.load_state_dict(la.state_dict())
+            assert_close(other.posterior_precision.to_matrix(), reference)
+            assert "EKFAC + low rank" in selection.table()
+    assert {"lowrank", "ekfac"} <= seen
 
 
 def test_a_budget_between_mixes_every_structure() -> None:
