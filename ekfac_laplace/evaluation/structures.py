@@ -5,8 +5,8 @@ exact GGN / Fisher diagonal: ``n`` numbers), *EKFAC* (a Kronecker eigenbasis wit
 corrected eigenvalues: ``n + d_out² + d_in²``), *EKFAC with a low-rank correction*
 (``lowrank``, offered when the object's options set a ``correction_rank`` ``k``:
 EKFAC's and ``k (n + 1)``, :mod:`ekfac_laplace.sketch`) or *exact* (its exact
-block, decomposed: ``n + n²``). With the prior fixed, the Laplace log evidence is a sum over
-the blocks,
+block, decomposed: ``n + n²``). With the prior fixed, the Laplace log evidence is a
+sum over the blocks,
 
 $$
     \log p(\mathcal D) = c - \tfrac12 \sum_b \log\det P_b ,
