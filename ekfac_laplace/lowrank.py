@@ -249,7 +249,7 @@ def nystrom_eigenpairs(
     return U.to(dtype), values.to(dtype)
 
 
-def orthonormal_columns(Y: Tensor) -> Tensor:
+def orthonormal_columns(Y: Tensor, rounds: int = 2) -> Tensor:
     """An orthonormal basis of the range of a tall ``Y`` ``(n, l)``.
 
     Cholesky QR, twice (Fukaya et al. 2014): ``Q = Y L^{-T}`` with
@@ -260,15 +260,17 @@ def orthonormal_columns(Y: Tensor) -> Tensor:
 
     Args:
         Y: ``(n, l)``.
+        rounds: ``1`` gives a well-conditioned basis (a test matrix needs no
+            more), ``2`` an orthonormal one.
 
     Returns:
-        ``(n, l)`` with ``QᵀQ = I`` to round-off, in ``Y``'s dtype (float32 for
-        lower precisions; its columns beyond ``Y``'s rank span directions of
-        round-off).
+        ``(n, l)`` with ``QᵀQ = I`` to round-off (after two rounds), in ``Y``'s
+        dtype (float32 for lower precisions; its columns beyond ``Y``'s rank span
+        directions of round-off).
     """
     Q = Y if Y.dtype in (torch.float32, torch.float64) else Y.float()
     eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
-    for _ in range(2):
+    for _ in range(rounds):
         gram = Q.mT @ Q
         shift = torch.finfo(Q.dtype).eps * max(float(gram.diagonal().sum()), 1e-300)
         chol = torch.linalg.cholesky((gram + gram.mT) / 2 + shift * eye)

@@ -457,7 +457,8 @@ class EKFACDecomposed:
             return None
         lam = self.damped_eigenvalues(index).flatten()
         self._check_positive(index, lam, "the inverse")
-        W = lowrank.whitened_inverse(lam, V)
+        # Kept as (k, n): the predictive reads its columns laid out as the block.
+        W = lowrank.whitened_inverse(lam, V).mT.contiguous().mT
         if not (torch.is_grad_enabled() and (W.requires_grad or lam.requires_grad)):
             self._inverse_corrections[index] = W  # the matrix does not change
         return W

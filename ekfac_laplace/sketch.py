@@ -131,7 +131,7 @@ class CurvatureSketch:
             Zeros ``(l, *shape)`` with ``test = Q₁`` ``(n, l)`` orthonormal.
         """
         Y = self.values.reshape(len(self.values), -1).mT
-        test = lowrank.orthonormal_columns(Y).to(self.values.dtype)
+        test = lowrank.orthonormal_columns(Y, rounds=1).to(self.values.dtype)
         return CurvatureSketch(self.shape, torch.zeros_like(self.values), (), test)
 
     @property
@@ -173,9 +173,12 @@ class CurvatureSketch:
             return
         if self.test is not None:
             # rᵀ Q_j = g̃ᵀ Q_j ã: the test columns against the inputs first.
-            columns = self._columns  # (l, d_out, d_in)
-            projections = torch.einsum("joi,bi->bjo", columns, a)
-            T = torch.bmm(torch.bmm(g, projections.mT).mT, g)  # (B, l, d_out)
+            columns, d_out, d_in = self._columns.shape  # (l·d_out × d_in)(d_in × B)
+            projections = (self._columns.view(columns * d_out, d_in) @ a.mT).view(
+                columns, d_out, -1
+            )
+            weights = torch.einsum("bko,job->bjk", g, projections)  # (B, l, K)
+            T = torch.bmm(weights, g)  # (B, l, d_out)
         else:
             out_factor, in_factor = self.factors
             # T_{n,j} = Σ_k (g̃_nkᵀ ω_j) g̃_nk, then H_{n,j} = (ã_nᵀ η_j) T_{n,j}.

@@ -926,3 +926,39 @@ def test_per_sequence_monte_carlo_fisher_is_unbiased_for_the_corrected_eigenvalu
     mean, error = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
     assert ((mean - expected).abs() <= 5 * error + 1e-12).all()
     assert not torch.allclose(draws[0], per_token)
+
+
+def _kronecker_windows(la) -> list[slice]:
+    """The parameter windows of the blocks with a low-rank correction."""
+    offsets = [0]
+    for param in la.posterior_parameters:
+        offsets.append(offsets[-1] + param.numel())
+    return [
+        slice(offsets[index], offsets[index + 1])
+        for index, block in enumerate(la.fitted_layout.blocks)
+        if block.correction
+    ]
+
+
+@pytest.mark.parametrize("name", [*sorted(MODELS), "token_level_lm"])
+def test_a_full_rank_correction_is_the_exact_block(name: str):
+    """Every kind (attention projections, GPT-2's transposed Conv1D, a ViT's patch
+    convolution, token-level outputs: per-token examples whose rows share the
+    weight): with k at least a block's size, its corrected block is the exact one
+    (the exact-block structure is checked against the dense GGN elsewhere)."""
+    if name == "token_level_lm":
+        torch.manual_seed(0)
+        model = TinyLM().double().eval()
+        X, y = _lm_data(5)
+    else:
+        model, X, y = _make(name)
+    rank = max(p.numel() for p in model.parameters())
+    corrected = EKFACLaplace(model, "classification", correction_rank=rank)
+    corrected.fit(_loader(X, y, batch_size=2))
+    exact = EKFACLaplace(model, "classification", dense_blocks_up_to=rank)
+    exact.fit(_loader(X, y, batch_size=2))
+    windows = _kronecker_windows(corrected)
+    assert windows
+    ours, theirs = corrected.H.to_matrix(), exact.H.to_matrix()
+    for window in windows:
+        assert_close(ours[window, window], theirs[window, window])
