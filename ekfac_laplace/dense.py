@@ -153,6 +153,8 @@ class DenseBlocks:
         # C(C+1)/2 products of (d_in × B)(B × d_in), not K C² d_in² per example.
         hessians = torch.einsum("bkc,bkd->bcd", vectors, vectors)
         view = block.view(C, d_in, C, d_in)
+        if layer.transposed:  # the weight laid out (d_in, C): its entries (i, c)
+            view = block.view(d_in, C, d_in, C).permute(1, 0, 3, 2)
         for c in range(C):  # B[c, :, e, :] = Σ_n Λ_n[c, e] a_n a_nᵀ
             for e in range(c, C):
                 part = (inputs * hessians[:, c, e, None]).T @ inputs

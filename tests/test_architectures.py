@@ -962,3 +962,23 @@ def test_a_full_rank_correction_is_the_exact_block(name: str):
     ours, theirs = corrected.H.to_matrix(), exact.H.to_matrix()
     for window in windows:
         assert_close(ours[window, window], theirs[window, window])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_exact_blocks_match_the_dense_ggn(name: str):
+    """``dense_blocks_up_to`` for every kind, against the dense GGN: a transposed
+    output layer (GPT-2's Conv1D head, in closed form) was once laid out as
+    ``(d_out, d_in)`` in the parameter's ``(d_in, d_out)`` order."""
+    model, X, y = _make(name)
+    params = list(model.parameters())
+    largest = max(p.numel() for p in params)
+    la = _fit(model, X, y, dense_blocks_up_to=largest)
+    exact = blocks(
+        loop_ggn(model, params, X, "classification"), [p.numel() for p in params]
+    )
+    dense = la.H.to_matrix()
+    offset = 0
+    for param, block in zip(params, exact):
+        window = slice(offset, offset + param.numel())
+        offset += param.numel()
+        assert_close(dense[window, window], block)
