@@ -226,7 +226,7 @@ def checked_corrections(
         )
     corrections = {}
     device = curvature.eigenvalues[0].device
-    for index, U, S in saved:
+    for index, U, S in saved or ():
         where = f"block {index}"
         if not 0 <= index < len(curvature) or not curvature.eigenvectors[index]:
             raise ValueError(
