@@ -91,8 +91,12 @@ class EKFACPosterior(ParametricLaplace):
 
     with prior precision ``δ_b`` (scalar or one per parameter tensor), observation
     noise ``σ`` and temperature ``T``. Its inverse, log determinant, inverse square
-    root (for sampling) and GLM predictive are exact in the eigenbasis. Not
-    constructed directly: it has no ``__init__`` and no ``_key``.
+    root (for sampling) and GLM predictive are exact in the eigenbasis. With a
+    ``correction_rank`` ``k``, a Kronecker block is
+    ``Q_b (diag(D_b) + U_b S_b U_bᵀ) Q_bᵀ / (σ² T) + δ_b`` instead
+    (:mod:`ekfac_laplace.sketch`), and every one of these stays exact (Woodbury,
+    the determinant lemma). Not constructed directly: it has no ``__init__`` and no
+    ``_key``.
 
     Attributes:
         options: How the curvature is computed (:class:`~ekfac_laplace.EKFACOptions`).

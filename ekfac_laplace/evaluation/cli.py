@@ -195,8 +195,10 @@ def _add_compare_command(commands: Any, common: argparse.ArgumentParser) -> None
         nargs="+",
         default=list(DEFAULT_CANDIDATES),
         metavar="SPEC",
-        help=f"'map' or '<ll|all>_<{'|'.join(STRUCTURES)}>[:<ggn|mc|ef>]', "
-        f"e.g. all_ekfac ll_kron:mc (default: {' '.join(DEFAULT_CANDIDATES)})",
+        help=f"'map' or '<ll|all>_<{'|'.join(STRUCTURES)}>[:<ggn|mc|ef>]', EKFAC "
+        "also with '+exact<n>' (exact blocks up to n entries) and '+lr<k>' (a "
+        "rank-k correction), e.g. all_ekfac ll_kron:mc all_ekfac+exact500+lr8 "
+        f"(default: {' '.join(DEFAULT_CANDIDATES)})",
     )
     _add_laplace_options(
         compare,
