@@ -266,16 +266,17 @@ class FastEKFAC:
             if second is not None and layer.name in second.sketches:
                 again = second.sketches[layer.name]
             scale = first.scale(layer)
-            found = []
-            for sketch, later in zip(first.sketches[layer.name], again):
-                sketch = sketch if later is None else later
-                found.append(
-                    None if sketch is None else sketch.eigenpairs(first.rank, scale)
-                )
-            weight = first.sketches[layer.name][0]
+            used = [  # the second sketch where there is one
+                sketch if later is None else later
+                for sketch, later in zip(first.sketches[layer.name], again)
+            ]
+            found = [
+                None if sketch is None else sketch.eigenpairs(first.rank, scale)
+                for sketch in used
+            ]
             if found[0] is not None and layer.transposed:  # the block's layout
                 U, S = found[0]
-                found[0] = (transposed_columns(U, weight.shape), S)
+                found[0] = (transposed_columns(U, used[0].shape), S)
             pairs[layer.name] = tuple(found)
         return pairs
 

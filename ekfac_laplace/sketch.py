@@ -79,13 +79,12 @@ class CurvatureSketch:
     test: Tensor | None = None
 
     def __post_init__(self) -> None:
-        # The dense test matrix's columns laid out as the block, for the
-        # rank-one rows (one contiguous copy, not one per batch).
-        self._columns = (
-            None
-            if self.test is None
-            else self.test.mT.reshape(-1, *self.shape).contiguous()
-        )
+        # The dense test matrix stored as its columns laid out as the block, for
+        # the rank-one rows; ``test`` is a view of them.
+        self._columns = None
+        if self.test is not None:
+            self._columns = self.test.mT.reshape(-1, *self.shape).contiguous()
+            self.test = self._columns.view(len(self._columns), -1).mT
 
     @classmethod
     def new(

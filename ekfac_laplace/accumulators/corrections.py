@@ -133,6 +133,11 @@ class CorrectionAccumulator(PassAccumulator):
                         if bias is not None:
                             bias.add_rows(g_rot.flatten(0, 1))
                     second.done.add(layer.name)
+                # The first sketches the second replaces are not needed again.
+                self.sketches[layer.name] = tuple(
+                    None if sketch is None or not sketch.exact else sketch
+                    for sketch in sketches
+                )
         self.rank_one_rows.clear()
         return second if second.sketches else None
 
