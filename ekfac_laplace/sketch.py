@@ -201,7 +201,9 @@ class CurvatureSketch:
         if self.test is not None:
             return self.test
         if self.exact:
-            return torch.eye(self.numel, dtype=self.values.dtype)
+            return torch.eye(
+                self.numel, dtype=self.values.dtype, device=self.values.device
+            )
         columns = self.factors[0]
         for factor in self.factors[1:]:
             columns = (columns.unsqueeze(-1) * factor.unsqueeze(1)).flatten(1)
