@@ -174,28 +174,25 @@ def inverse_factor_matmul(lam: Tensor, V: Tensor, Z: Tensor) -> Tensor:
     Returns:
         ``(n, m)``.
     """
-    basis, weights = inverse_factor(lam, V)
-    inner = Z + basis @ (weights.unsqueeze(-1) * (basis.mT @ Z))
-    return inner / lam.sqrt().unsqueeze(-1)
+    return apply_inverse_factor(lam, *inverse_factor(lam, V), Z)
 
 
-def sketch_matrix(n: int, columns: int, seed: int, dtype: torch.dtype) -> Tensor:
-    """The test matrix ``Ω`` ``(n, columns)`` of a sketch, standard normal.
-
-    Drawn on the CPU from its own generator, so that every rank, device and later
-    online fit draws the same ``Ω`` and sketches add up.
+def apply_inverse_factor(
+    lam: Tensor, basis: Tensor, weights: Tensor, Z: Tensor
+) -> Tensor:
+    """``A Z = Λ^{-1/2} (Z + Q_W P diag(w) Pᵀ Q_Wᵀ Z)`` from :func:`inverse_factor`.
 
     Args:
-        n: The block's size.
-        columns: ``k + oversampling``.
-        seed: The generator's seed.
-        dtype: The sketch's dtype.
+        lam: ``Λ``, positive, ``(n,)``.
+        basis: ``Q_W P`` ``(n, k)``.
+        weights: ``w`` ``(k,)``.
+        Z: ``(n, m)``.
 
     Returns:
-        ``Ω``.
+        ``(n, m)``.
     """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, columns, generator=generator, dtype=torch.float64).to(dtype)
+    inner = Z + basis @ (weights.unsqueeze(-1) * (basis.mT @ Z))
+    return inner / lam.sqrt().unsqueeze(-1)
 
 
 def nystrom_eigenpairs(

@@ -191,7 +191,8 @@ class EKFACDecomposed:
         self.corrections: list[tuple[Tensor, Tensor] | None] = self._checked(
             corrections
         )
-        self._inverse_corrections: dict[int, Tensor] = {}
+        # What a corrected block derives once (Woodbury and sampling factors).
+        self._inverse_corrections: dict[Any, Any] = {}
 
     def _checked(
         self, corrections: Sequence[tuple[Tensor, Tensor] | None] | None
@@ -482,12 +483,27 @@ class EKFACDecomposed:
             self._check_positive(index, lam, f"a power {exponent:g}")
         shape = rotated.shape
         X = rotated.reshape(-1, lam.numel()).mT
-        operation = {
-            1: lowrank.matmul,
-            -1: lowrank.inverse_matmul,
-            -0.5: lowrank.inverse_factor_matmul,
-        }[exponent]
-        return operation(lam, V, X).mT.reshape(shape)
+        if exponent == 1:
+            out = lowrank.matmul(lam, V, X)
+        elif exponent == -1:  # Λ⁻¹ X − W (Wᵀ X), W kept
+            W = self.inverse_correction(index)
+            out = X / lam.unsqueeze(-1) - W @ (W.mT @ X)
+        else:
+            basis, weights = self._sampling_factor(index, lam, V)
+            out = lowrank.apply_inverse_factor(lam, basis, weights, X)
+        return out.mT.reshape(shape)
+
+    def _sampling_factor(
+        self, index: int, lam: Tensor, V: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`~ekfac_laplace.lowrank.inverse_factor` of a block, kept."""
+        key = ("sampling", index)
+        if key in self._inverse_corrections:
+            return self._inverse_corrections[key]
+        factor = lowrank.inverse_factor(lam, V)
+        if not (torch.is_grad_enabled() and (lam.requires_grad or V.requires_grad)):
+            self._inverse_corrections[key] = factor
+        return factor
 
     def logdet(self) -> Tensor:
         r"""Log determinant ``Σ_b Σ_i log(λ_{b,i} + δ_b)``.

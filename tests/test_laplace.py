@@ -981,3 +981,19 @@ def test_low_rank_options_are_checked():
         EKFACLaplace(model, "classification", correction_rank=-1)
     with pytest.raises(ValueError, match="correction_examples"):
         EKFACLaplace(model, "classification", correction_examples=0)
+
+
+def test_low_rank_samples_have_the_posterior_covariance():
+    la, *_ = _low_rank_laplace()
+    covariance = torch.linalg.inv(la.posterior_precision.to_matrix())
+    generator = torch.Generator().manual_seed(0)
+    samples = la.sample(40_000, generator=generator)
+    deviations = samples - la.mean
+    # Whitened by the dense covariance, the samples are standard normal: each
+    # entry of their covariance within 6 standard errors (1/√n) of the identity.
+    root = torch.linalg.cholesky(covariance)
+    white = torch.linalg.solve_triangular(root, deviations.mT, upper=False).mT
+    empirical = white.mT @ white / len(samples)
+    identity = torch.eye(len(covariance), dtype=covariance.dtype)
+    assert float((empirical - identity).abs().max()) < 6 / len(samples) ** 0.5
+    assert float(white.mean(0).abs().max()) < 6 / len(samples) ** 0.5

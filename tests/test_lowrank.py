@@ -85,9 +85,14 @@ def _psd(rank: int, decay: float = 1.0, seed: int = 1):
     return rows.mT @ rows
 
 
+def _gaussian(rows: int, columns: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+
+
 def test_nystrom_recovers_a_matrix_of_rank_within_the_sketch():
     R = _psd(rank=4)
-    omega = lowrank.sketch_matrix(N, 6, seed=0, dtype=torch.float64)
+    omega = _gaussian(N, 6)
     U, S = lowrank.nystrom_eigenpairs(R @ omega, omega, rank=6)
     assert_close(U @ torch.diag(S) @ U.mT, R, rtol=1e-8, atol=1e-9)
     assert_close(U.mT @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-10)
@@ -97,7 +102,7 @@ def test_nystrom_recovers_a_matrix_of_rank_within_the_sketch():
 
 def test_nystrom_stays_below_the_matrix_and_finds_its_top_directions():
     R = _psd(rank=N, decay=0.6)
-    omega = lowrank.sketch_matrix(N, 8, seed=0, dtype=torch.float64)
+    omega = _gaussian(N, 8)
     U, S = lowrank.nystrom_eigenpairs(R @ omega, omega, rank=3)
     assert U.shape == (N, 3) and bool((S[:-1] >= S[1:]).all())
     residual = R - U @ torch.diag(S) @ U.mT
@@ -109,7 +114,11 @@ def test_nystrom_stays_below_the_matrix_and_finds_its_top_directions():
     assert bool((overlap > 0.99).all())
 
 
-def test_the_sketch_matrix_is_the_same_everywhere():
-    first = lowrank.sketch_matrix(5, 3, seed=7, dtype=torch.float32)
-    second = lowrank.sketch_matrix(5, 3, seed=7, dtype=torch.float32)
-    assert torch.equal(first, second) and first.dtype == torch.float32
+def test_orthonormal_columns_of_an_ill_conditioned_matrix():
+    Y = _gaussian(N, 5) * torch.tensor(
+        [1.0, 1e-3, 1e-6, 1.0, 10.0], dtype=torch.float64
+    )
+    Q = lowrank.orthonormal_columns(Y)
+    assert_close(Q.mT @ Q, torch.eye(5, dtype=torch.float64), atol=1e-10)
+    projector = Q @ Q.mT  # the same range
+    assert_close(projector @ Y, Y, rtol=1e-8, atol=1e-10)
