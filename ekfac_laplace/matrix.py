@@ -481,17 +481,17 @@ class EKFACDecomposed:
         lam = self.damped_eigenvalues(index).flatten()
         if exponent < 0:
             self._check_positive(index, lam, f"a power {exponent:g}")
-        shape = rotated.shape
-        X = rotated.reshape(-1, lam.numel()).mT
-        if exponent == 1:
-            out = lowrank.matmul(lam, V, X)
-        elif exponent == -1:  # Λ⁻¹ X − W (Wᵀ X), W kept
+        # In the rows' own layout (m, n): no transposed copies of the samples.
+        rows = rotated.reshape(-1, lam.numel())
+        if exponent == 1:  # Λ x + V (Vᵀ x)
+            out = rows * lam + (rows @ V) @ V.mT
+        elif exponent == -1:  # Λ⁻¹ x − W (Wᵀ x), W kept
             W = self.inverse_correction(index)
-            out = X / lam.unsqueeze(-1) - W @ (W.mT @ X)
-        else:
+            out = rows / lam - (rows @ W) @ W.mT
+        else:  # A x, A Aᵀ = M⁻¹ (lowrank.apply_inverse_factor, row by row)
             basis, weights = self._sampling_factor(index, lam, V)
-            out = lowrank.apply_inverse_factor(lam, basis, weights, X)
-        return out.mT.reshape(shape)
+            out = (rows + ((rows @ basis) * weights) @ basis.mT) / lam.sqrt()
+        return out.reshape(rotated.shape)
 
     def _sampling_factor(
         self, index: int, lam: Tensor, V: Tensor
