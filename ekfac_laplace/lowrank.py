@@ -27,7 +27,8 @@ and every operation needs only ``Λ``, ``V`` and ``k × k`` matrices:
 over the per-example rows accumulates, without forming ``R``.
 
 All functions take ``Λ`` as a vector ``(n,)`` and ``V`` as ``(n, k)``; right-hand
-sides are ``(n, m)``.
+sides are rows ``(m, n)``, each row ``x`` mapped to ``M x`` (a sample or a
+Jacobian row in its own layout, without a transposed copy).
 """
 
 from __future__ import annotations
@@ -53,33 +54,45 @@ def capacitance_cholesky(lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def matmul(lam: Tensor, V: Tensor, X: Tensor) -> Tensor:
-    """``M X = Λ X + V (Vᵀ X)``.
+    """``M x = Λ x + V (Vᵀ x)`` of each row ``x``.
 
     Args:
         lam: ``Λ`` ``(n,)``.
         V: ``(n, k)``.
-        X: ``(n, m)``.
+        X: Rows ``(m, n)``.
 
     Returns:
-        ``(n, m)``.
+        ``(m, n)``.
     """
-    return lam.unsqueeze(-1) * X + V @ (V.mT @ X)
+    return X * lam + (X @ V) @ V.mT
 
 
 def inverse_matmul(lam: Tensor, V: Tensor, X: Tensor) -> Tensor:
-    """``M⁻¹ X`` by Woodbury: ``Λ⁻¹ X − Λ⁻¹ V C⁻¹ Vᵀ Λ⁻¹ X``.
+    """``M⁻¹ x`` of each row by Woodbury: ``Λ⁻¹ x − Λ⁻¹ V C⁻¹ Vᵀ Λ⁻¹ x``.
 
     Args:
         lam: ``Λ``, positive, ``(n,)``.
         V: ``(n, k)``.
-        X: ``(n, m)``.
+        X: Rows ``(m, n)``.
 
     Returns:
-        ``(n, m)``.
+        ``(m, n)``.
     """
-    scaled, chol = capacitance_cholesky(lam, V)
-    first = X / lam.unsqueeze(-1)
-    return first - scaled @ torch.cholesky_solve(V.mT @ first, chol)
+    return whitened_inverse_matmul(lam, whitened_inverse(lam, V), X)
+
+
+def whitened_inverse_matmul(lam: Tensor, W: Tensor, X: Tensor) -> Tensor:
+    """``M⁻¹ x = Λ⁻¹ x − W (Wᵀ x)`` of each row, ``W`` from :func:`whitened_inverse`.
+
+    Args:
+        lam: ``Λ``, positive, ``(n,)``.
+        W: ``Λ⁻¹ V L^{-T}`` ``(n, k)`` (kept by a caller that applies it often).
+        X: Rows ``(m, n)``.
+
+    Returns:
+        ``(m, n)``.
+    """
+    return X / lam - (X @ W) @ W.mT
 
 
 def logdet(lam: Tensor, V: Tensor) -> Tensor:
@@ -145,7 +158,8 @@ def inverse_factor(lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
     ``B = Q_W P ((1 + E)^{-1/2} − 1)^{1/2}`` is not formed; returned are
     ``Q_W P`` ``(n, k)`` and the weights ``(1 + E)^{-1/2} − 1`` ``(k,)`` (in
-    ``(−1, 0]``), so that ``A Z = Λ^{-1/2} (Z + Q_W P diag(w) Pᵀ Q_Wᵀ Z)``.
+    ``(−1, 0]``), so that ``A z = Λ^{-1/2} (z + Q_W P diag(w) Pᵀ Q_Wᵀ z)``
+    (:func:`apply_inverse_factor`).
 
     Args:
         lam: ``Λ``, positive, ``(n,)``.
@@ -162,17 +176,17 @@ def inverse_factor(lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def inverse_factor_matmul(lam: Tensor, V: Tensor, Z: Tensor) -> Tensor:
-    """``A Z`` for the factor ``A Aᵀ = M⁻¹`` of :func:`inverse_factor`.
+    """``A z`` of each row for the factor ``A Aᵀ = M⁻¹`` of :func:`inverse_factor`.
 
-    With ``Z`` standard normal, ``A Z`` has covariance ``M⁻¹``.
+    With standard normal rows ``z``, the rows ``A z`` have covariance ``M⁻¹``.
 
     Args:
         lam: ``Λ``, positive, ``(n,)``.
         V: ``(n, k)``.
-        Z: ``(n, m)``.
+        Z: Rows ``(m, n)``.
 
     Returns:
-        ``(n, m)``.
+        ``(m, n)``.
     """
     return apply_inverse_factor(lam, *inverse_factor(lam, V), Z)
 
@@ -180,19 +194,18 @@ def inverse_factor_matmul(lam: Tensor, V: Tensor, Z: Tensor) -> Tensor:
 def apply_inverse_factor(
     lam: Tensor, basis: Tensor, weights: Tensor, Z: Tensor
 ) -> Tensor:
-    """``A Z = Λ^{-1/2} (Z + Q_W P diag(w) Pᵀ Q_Wᵀ Z)`` from :func:`inverse_factor`.
+    """``A z = Λ^{-1/2} (z + Q_W P diag(w) Pᵀ Q_Wᵀ z)`` of each row.
 
     Args:
         lam: ``Λ``, positive, ``(n,)``.
         basis: ``Q_W P`` ``(n, k)``.
         weights: ``w`` ``(k,)``.
-        Z: ``(n, m)``.
+        Z: Rows ``(m, n)``.
 
     Returns:
-        ``(n, m)``.
+        ``(m, n)``.
     """
-    inner = Z + basis @ (weights.unsqueeze(-1) * (basis.mT @ Z))
-    return inner / lam.sqrt().unsqueeze(-1)
+    return (Z + ((Z @ basis) * weights) @ basis.mT) / lam.sqrt()
 
 
 def nystrom_eigenpairs(

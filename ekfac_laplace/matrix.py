@@ -435,10 +435,10 @@ class EKFACDecomposed:
         if correction is None:
             return None
         U, S = correction
-        if self.scale is None:
-            return U * S.sqrt()  # S is data: no gradient through sqrt(0)
-        scale = torch.as_tensor(self.scale, dtype=U.dtype, device=U.device)
         # S is data: no gradient through sqrt(0); one pass over U.
+        if self.scale is None:
+            return U * S.sqrt()
+        scale = torch.as_tensor(self.scale, dtype=U.dtype, device=U.device)
         return U * (S.sqrt() * scale.sqrt())
 
     def inverse_correction(self, index: int) -> Tensor | None:
@@ -481,16 +481,15 @@ class EKFACDecomposed:
         lam = self.damped_eigenvalues(index).flatten()
         if exponent < 0:
             self._check_positive(index, lam, f"a power {exponent:g}")
-        # In the rows' own layout (m, n): no transposed copies of the samples.
-        rows = rotated.reshape(-1, lam.numel())
-        if exponent == 1:  # Λ x + V (Vᵀ x)
-            out = rows * lam + (rows @ V) @ V.mT
-        elif exponent == -1:  # Λ⁻¹ x − W (Wᵀ x), W kept
+        rows = rotated.reshape(-1, lam.numel())  # in their own layout
+        if exponent == 1:
+            out = lowrank.matmul(lam, V, rows)
+        elif exponent == -1:  # with the kept Woodbury factor
             W = self.inverse_correction(index)
-            out = rows / lam - (rows @ W) @ W.mT
-        else:  # A x, A Aᵀ = M⁻¹ (lowrank.apply_inverse_factor, row by row)
+            out = lowrank.whitened_inverse_matmul(lam, W, rows)
+        else:
             basis, weights = self._sampling_factor(index, lam, V)
-            out = (rows + ((rows @ basis) * weights) @ basis.mT) / lam.sqrt()
+            out = lowrank.apply_inverse_factor(lam, basis, weights, rows)
         return out.reshape(rotated.shape)
 
     def _sampling_factor(

@@ -34,10 +34,10 @@ def test_products_inverse_and_diagonal_equal_the_dense_matrix(zero_direction):
     lam, U, S = _parts(zero_direction=zero_direction)
     V = U * S.sqrt()
     M = _dense(lam, V)
-    X = torch.randn(N, 4, dtype=torch.float64)
-    assert_close(lowrank.matmul(lam, V, X), M @ X, rtol=1e-12, atol=1e-12)
+    X = torch.randn(4, N, dtype=torch.float64)  # rows
+    assert_close(lowrank.matmul(lam, V, X), X @ M.mT, rtol=1e-12, atol=1e-12)
     inverse = torch.linalg.inv(M)
-    assert_close(lowrank.inverse_matmul(lam, V, X), inverse @ X, rtol=1e-10)
+    assert_close(lowrank.inverse_matmul(lam, V, X), X @ inverse.mT, rtol=1e-10)
     assert_close(lowrank.inverse_diagonal(lam, V), inverse.diagonal(), rtol=1e-10)
     assert_close(lowrank.logdet(lam, V), torch.logdet(M), rtol=1e-12)
 
@@ -45,7 +45,8 @@ def test_products_inverse_and_diagonal_equal_the_dense_matrix(zero_direction):
 def test_the_sampling_factor_has_the_inverse_as_its_square():
     lam, U, S = _parts()
     V = U * S.sqrt()
-    A = lowrank.inverse_factor_matmul(lam, V, torch.eye(N, dtype=torch.float64))
+    rows = lowrank.inverse_factor_matmul(lam, V, torch.eye(N, dtype=torch.float64))
+    A = rows.mT  # row i is A e_i
     assert_close(A @ A.mT, torch.linalg.inv(_dense(lam, V)), rtol=1e-10, atol=1e-12)
 
 
@@ -72,8 +73,8 @@ def test_the_log_determinant_is_differentiable_in_prior_and_scale():
 def test_rank_zero_is_the_diagonal():
     lam, _, _ = _parts()
     V = torch.zeros(N, 0, dtype=torch.float64)
-    X = torch.randn(N, 2, dtype=torch.float64)
-    assert_close(lowrank.inverse_matmul(lam, V, X), X / lam.unsqueeze(-1))
+    X = torch.randn(2, N, dtype=torch.float64)  # rows
+    assert_close(lowrank.inverse_matmul(lam, V, X), X / lam)
     assert_close(lowrank.logdet(lam, V), lam.log().sum())
     assert_close(lowrank.inverse_diagonal(lam, V), 1 / lam)
 
