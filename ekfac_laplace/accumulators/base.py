@@ -2,8 +2,8 @@
 
 :class:`PassAccumulator` is what a pass hands a layer's inputs and output gradients
 to; :class:`PerExampleGradients` is the compact cache entry of a weight-sharing
-layer; :func:`rotated_squares` is the squared rotation both the correction and its
-replay sum.
+layer; :func:`rotate` is the rotation of per-example products that both the
+correction and its replay square and sum.
 """
 
 from __future__ import annotations
@@ -150,25 +150,20 @@ def add_to(total: Tensor | None, term: Tensor) -> Tensor:
     return term if total is None else total + term
 
 
-def rotated_squares(
-    per_example: Tensor, q_g: Tensor | None, q_a: Tensor | None, fresh: bool = False
-) -> Tensor:
-    """``Σ (Q_Gᵀ M Q_A)²`` over the leading dimensions of ``M`` ``(..., d_out, d_in)``.
+def rotate(products: Tensor, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
+    """``Q_Gᵀ M Q_A`` of products ``M`` ``(..., d_out, d_in)``.
 
     A rotation given as ``None`` has been applied already (or is the identity).
-    The rotated products, new tensors, are squared in place, and so is a ``fresh``
-    ``M`` (the caller's own product) left unrotated: squaring where they lie spares
-    an allocation as large (fits of token-level layers ``1.4×`` faster on the CPU,
-    where a new tensor's pages are touched for the first time).
+    The correction squares the rotated products where they lie, since they are new
+    tensors (or the caller's own product): that spares an allocation as large (fits
+    of token-level layers ``1.4×`` faster on the CPU, where a new tensor's pages are
+    touched for the first time), and lets a sketch read them first.
     """
-    rotated = per_example
     if q_g is not None:
-        rotated = q_g.T @ rotated
+        products = q_g.T @ products
     if q_a is not None:
-        rotated = rotated @ q_a
-    in_place = fresh or rotated is not per_example
-    squared = rotated.square_() if in_place else rotated.square()
-    return squared.flatten(0, -3).sum(0)
+        products = products @ q_a
+    return products
 
 
 def grouped(x: Tensor, groups: int) -> Tensor:

@@ -30,7 +30,7 @@ from ekfac_laplace.accumulators.base import (
     PerExampleGradients,
     add_to,
     grouped,
-    rotated_squares,
+    rotate,
 )
 from ekfac_laplace.diagonal import CHUNK_NUMBERS
 from ekfac_laplace.factors import accumulation_dtype
@@ -225,20 +225,17 @@ class CorrectionAccumulator(PassAccumulator):
             d_out, d_in = g.shape[-1], a_used.shape[-1]
             chunk = max(1, CHUNK_NUMBERS // (d_out * d_in))
             squares = g.new_zeros(d_out, d_in)
-            sketching = layer.name in self._sketching
             for start in range(0, g.shape[0], chunk):
-                per_example = torch.bmm(
-                    g_used[start : start + chunk].transpose(1, 2),
-                    a_used[start : start + chunk],
+                per_example = rotate(  # our own product: squared in place
+                    torch.bmm(
+                        g_used[start : start + chunk].transpose(1, 2),
+                        a_used[start : start + chunk],
+                    ),
+                    None if rotate_g else q_g,
+                    q_a,
                 )
-                if sketching:  # the rotated products, to the sketch first
-                    per_example = rotate(per_example, None if rotate_g else q_g, q_a)
-                    self._sketch_rows(layer, 0, per_example)
-                    squares += per_example.square_().sum(0)
-                    continue
-                squares += rotated_squares(
-                    per_example, None if rotate_g else q_g, q_a, fresh=True
-                )
+                self._sketch_rows(layer, 0, per_example)  # to the sketch first
+                squares += per_example.square_().sum(0)
             self._add_weight(layer, squares)
         if layer.bias_index is not None and not layer.separate_bias:
             rotated = g.sum(1) @ q_g
@@ -338,7 +335,7 @@ class CorrectionAccumulator(PassAccumulator):
             B, K, d_out, d_in = entry.weight.shape
             chunk = max(1, CHUNK_NUMBERS // (K * d_out * d_in))
             squares = entry.weight.new_zeros(d_out, d_in)
-            for start in range(0, B, chunk):
+            for start in range(0, B, chunk):  # new tensors: squared in place
                 rotated = rotate(entry.weight[start : start + chunk], q_g, q_a)
                 self._sketch_rows(layer, 0, rotated.flatten(0, 1))
                 squares += rotated.square_().flatten(0, 1).sum(0)
@@ -445,15 +442,6 @@ class CorrectionAccumulator(PassAccumulator):
         self.bias_corrections[layer.name] = add_to(
             self.bias_corrections.get(layer.name), term
         )
-
-
-def rotate(products: Tensor, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
-    """``Q_Gᵀ M Q_A`` of products ``(..., d_out, d_in)``; ``None`` is done already."""
-    if q_g is not None:
-        products = q_g.T @ products
-    if q_a is not None:
-        products = products @ q_a
-    return products
 
 
 def contraction_order(
