@@ -208,8 +208,8 @@ def checked_corrections(
     Raises:
         ValueError: For corrections other than the fitted layout's, or without a
             ``correction_rank``, or a correction that does not fit its block
-            (shapes, more than ``k`` pairs, negative or non-finite values, ``U``
-            not orthonormal).
+            (shapes other than its layout's pairs, more than ``k`` pairs, negative
+            or non-finite values, ``U`` not orthonormal).
     """
     rank = options.correction_rank
     expected = {
@@ -233,18 +233,13 @@ def checked_corrections(
                 f"The state's correction of {where} is not that of a Kronecker "
                 "block: the state is corrupt. Fit again."
             )
-        n = curvature.eigenvalues[index].numel()
-        if (
-            U.ndim != 2
-            or U.shape[0] != n
-            or S.shape != (U.shape[1],)
-            or (U.shape[1] > rank)
-        ):
+        n, pairs = curvature.eigenvalues[index].numel(), expected[index]
+        if pairs > rank or tuple(U.shape) != (n, pairs) or tuple(S.shape) != (pairs,):
             raise ValueError(
                 f"The state's correction of {where} has U {tuple(U.shape)} and S "
-                f"{tuple(S.shape)}, but its block of {n} entries with "
-                f"correction_rank={rank} needs U (n, k') and S (k',) with "
-                f"k' <= {rank}: the state is corrupt. Fit again."
+                f"{tuple(S.shape)}, but its block of {n} entries, whose fitted "
+                f"layout keeps {pairs} pairs (correction_rank={rank}), needs U "
+                f"({n}, {pairs}) and S ({pairs},): the state is corrupt. Fit again."
             )
         _check_eigenvalues(where, S)
         _check_orthonormal(where, U)

@@ -962,6 +962,9 @@ def test_low_rank_state_round_trips_and_a_broken_one_is_refused():
     wrong = {**state, "ekfac_corrections": [(index, U[:-1], S), *rest]}
     with pytest.raises(ValueError, match="needs U"):
         other.load_state_dict(wrong)
+    fewer = {**state, "ekfac_corrections": [(index, U[:, :-1], S[:-1]), *rest]}
+    with pytest.raises(ValueError, match="keeps 3 pairs"):
+        other.load_state_dict(fewer)
     skewed = {**state, "ekfac_corrections": [(index, U * 2, S), *rest]}
     with pytest.raises(ValueError, match="not orthonormal"):
         other.load_state_dict(skewed)
