@@ -228,10 +228,11 @@ def checked_corrections(
     device = curvature.eigenvalues[0].device
     for index, U, S in saved or ():
         where = f"block {index}"
-        if not 0 <= index < len(curvature) or not curvature.eigenvectors[index]:
+        structure = fitted.blocks[index].structure  # (index is the layout's)
+        if structure != KRONECKER:
             raise ValueError(
-                f"The state's correction of {where} is not that of a Kronecker "
-                "block: the state is corrupt. Fit again."
+                f"The state's correction of {where} is on a block of structure "
+                f"{structure!r}, not a Kronecker one: the state is corrupt. Fit again."
             )
         n, pairs = curvature.eigenvalues[index].numel(), expected[index]
         if pairs > rank or tuple(U.shape) != (n, pairs) or tuple(S.shape) != (pairs,):

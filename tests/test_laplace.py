@@ -971,6 +971,31 @@ def test_low_rank_state_round_trips_and_a_broken_one_is_refused():
     negative = {**state, "ekfac_corrections": [(index, U, -S - 1), *rest]}
     with pytest.raises(ValueError, match="go down to"):
         other.load_state_dict(negative)
+    without_rank = {
+        **state,
+        "ekfac_options": [
+            (name, 0 if name == "correction_rank" else value)
+            for name, value in state["ekfac_options"]
+        ],
+    }
+    with pytest.raises(ValueError, match=r"\(correction_rank=0\)"):
+        other.load_state_dict(without_rank)
+    # A correction on an exact block (a layout marked so) is refused too.
+    version, blocks, dims = state["ekfac_layout"]
+    exact = next(i for i, block in enumerate(blocks) if block[3] == "exact")
+    blocks = [list(block) for block in blocks]
+    blocks[exact][6] = 1
+    n = state["H"][exact][0].numel()
+    on_exact = {
+        **state,
+        "ekfac_layout": [version, blocks, dims],
+        "ekfac_corrections": [
+            *state["ekfac_corrections"],
+            (exact, torch.eye(n, 1, dtype=torch.float64), S[:1]),
+        ],
+    }
+    with pytest.raises(ValueError, match="structure 'exact', not a Kronecker one"):
+        other.load_state_dict(on_exact)
     assert_close(
         other.posterior_precision.to_matrix(), la.posterior_precision.to_matrix()
     )
