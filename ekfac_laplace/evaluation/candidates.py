@@ -1,16 +1,18 @@
-"""Candidates of a comparison: the MAP, or a laplace-torch Laplace approximation.
+"""Candidates of a comparison: the MAP, its peers, or a laplace-torch Laplace.
 
-A candidate is written ``"map"`` or ``"<subset>_<structure>[:<backend>]"``, e.g.
-``"all_ekfac"``, ``"ll_kron:mc"``, ``"all_ekfac+exact1000"`` (EKFAC with the exact
-block of every tensor of at most 1,000 entries: in the default MLP, its output
-weight; a ``Linear`` layer's bias block is exact under EKFAC already);
-:meth:`Candidate.parse` reads it and
+A candidate is written ``"map"``, a peer (``"map_ts"``, ``"ensemble<M>"``,
+``"mc_dropout[:<p>]"``), or ``"<subset>_<structure>[:<backend>][@<prior tuning>]"``,
+e.g. ``"all_ekfac"``, ``"ll_kron:mc"``, ``"all_ekfac@marglik"``,
+``"all_ekfac+exact1000"`` (EKFAC with the exact block of every tensor of at most
+1,000 entries: in the default MLP, its output weight; a ``Linear`` layer's bias block
+is exact under EKFAC already); :meth:`Candidate.parse` reads it and
 :meth:`Candidate.build` creates the (unfitted) Laplace object through
 ``laplace.Laplace``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -21,8 +23,8 @@ from torch import nn
 
 import ekfac_laplace.laplace  # noqa: F401  (registers hessian_structure="ekfac")
 
-DEFAULT_CANDIDATES = (
-    "map",
+#: The Laplace candidates of a default comparison.
+DEFAULT_LAPLACE = (
     "ll_kron",
     "ll_ekfac",
     "ll_full",
@@ -31,11 +33,29 @@ DEFAULT_CANDIDATES = (
     "all_ekfac",
     "all_ekfac+exact1000",
 )
+#: The default comparison: the MAP, temperature scaling, and each Laplace
+#: candidate twice, at the default prior and at the marginal-likelihood prior (the
+#: robustness-oriented choice, ``@marglik``), the two rows sharing one fit.
+DEFAULT_CANDIDATES = (
+    "map",
+    "map_ts",
+    *(name for base in DEFAULT_LAPLACE for name in (base, f"{base}@marglik")),
+)
 #: The suffix of an EKFAC structure with exact blocks (``dense_blocks_up_to``).
 EXACT_SUFFIX = "+exact"
 #: The suffix of an EKFAC structure with a low-rank correction (``correction_rank``).
 LOW_RANK_SUFFIX = "+lr"
 SUBSETS = {"ll": "last_layer", "all": "all"}
+#: How a prior precision is tuned (see ``EvaluationSettings.prior_tuning``).
+PRIOR_TUNINGS = ("validation", "marglik", "gridsearch", "none")
+#: The peers (non-Laplace predictives), by the spec that names them.
+PEERS = {
+    "map_ts": "the MAP with a temperature fitted on the validation set",
+    "ensemble<M>": "a deep ensemble of M ≥ 2 networks (the MAP and M − 1 more)",
+    "mc_dropout[:<p>]": "MC dropout of a network trained with dropout p (0.1)",
+}
+#: The dropout rate of ``"mc_dropout"``.
+DEFAULT_DROPOUT = 0.1
 STRUCTURES = ("diag", "kron", "ekfac", "full")
 #: Structures laplace-torch names that cannot run here, and why.
 UNAVAILABLE_STRUCTURES = {
@@ -63,15 +83,27 @@ class Candidate:
     tensor of at most ``n`` entries (``dense_blocks_up_to=n``), ``ekfac+lr<k>``
     EKFAC with the rank-``k`` correction of every Kronecker block
     (``correction_rank=k``); both suffixes may be combined
-    (``all_ekfac+exact500+lr8``). ``"map"`` is the network without Laplace.
+    (``all_ekfac+exact500+lr8``). A Laplace candidate may name its prior tuning,
+    ``all_ekfac@marglik``, overriding the comparison's; two candidates that differ
+    only there share one fit. ``"map"`` is the network without Laplace; its peers
+    are ``"map_ts"`` (temperature scaling), ``"ensemble<M>"`` (a deep ensemble of
+    ``M ≥ 2`` networks, the MAP among them) and ``"mc_dropout"`` /
+    ``"mc_dropout:<p>"`` (MC dropout of a network trained with dropout ``p``, 0.1
+    by default); see :mod:`~ekfac_laplace.evaluation.peers`.
 
     Attributes:
         name: The spec it was parsed from, used as the row's name.
-        subset_of_weights: ``"last_layer"`` or ``"all"``; ``None`` for the MAP.
+        subset_of_weights: ``"last_layer"`` or ``"all"``; ``None`` for the MAP and
+            its peers.
         hessian_structure: laplace-torch Hessian structure; ``None`` for the MAP.
         backend: ``"ggn"``, ``"mc"`` or ``"ef"``; ``None`` for the MAP.
         dense_blocks_up_to: For ``ekfac+exact<n>``, ``n``; else 0.
         correction_rank: For ``ekfac+lr<k>``, ``k``; else 0.
+        prior_tuning: The candidate's own prior tuning (``@<tuning>``), or ``None``
+            for the comparison's.
+        peer: ``"temperature"``, ``"ensemble"`` or ``"mc_dropout"`` for a peer.
+        members: The ensemble's size.
+        dropout: MC dropout's rate.
     """
 
     name: str
@@ -80,6 +112,10 @@ class Candidate:
     backend: str | None = None
     dense_blocks_up_to: int = 0
     correction_rank: int = 0
+    prior_tuning: str | None = None
+    peer: str | None = None
+    members: int = 0
+    dropout: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> Candidate:
@@ -97,7 +133,17 @@ class Candidate:
         spec = spec.strip()
         if spec == "map":
             return cls("map")
-        head, colon, backend = spec.partition(":")
+        peer = _parse_peer(spec)
+        if peer is not None:
+            return peer
+        spec_without_tuning, at, tuning = spec.partition("@")
+        if at and tuning not in PRIOR_TUNINGS:
+            raise ValueError(
+                f"Unknown prior tuning {tuning!r} in candidate {spec!r}; write "
+                f"'<candidate>@<tuning>' with tuning in {PRIOR_TUNINGS}, e.g. "
+                "'all_ekfac@marglik'."
+            )
+        head, colon, backend = spec_without_tuning.partition(":")
         subset, _, structure = head.partition("_")
         backend = backend if colon else "ggn"
         structure, *suffixes = structure.split("+")
@@ -136,12 +182,28 @@ class Candidate:
             backend,
             numbers.get("exact", 0),
             numbers.get("lr", 0),
+            tuning if at else None,
         )
 
     @property
     def is_map(self) -> bool:
-        """Whether this is the MAP baseline (no Laplace approximation)."""
-        return self.subset_of_weights is None
+        """Whether this is the MAP baseline (no Laplace approximation, no peer)."""
+        return self.subset_of_weights is None and self.peer is None
+
+    @property
+    def is_peer(self) -> bool:
+        """Whether this is a non-Laplace peer (temperature, ensemble, MC dropout)."""
+        return self.peer is not None
+
+    @property
+    def is_laplace(self) -> bool:
+        """Whether this is a Laplace approximation."""
+        return self.subset_of_weights is not None
+
+    @property
+    def fit_name(self) -> str:
+        """The name without its prior tuning: candidates sharing it share one fit."""
+        return self.name.partition("@")[0]
 
     def build(
         self, model: nn.Module, likelihood: str, *, sigma_noise: float = 1.0
@@ -159,8 +221,10 @@ class Candidate:
         Raises:
             ValueError: For the MAP candidate, which has no Laplace object.
         """
-        if self.is_map:
-            raise ValueError("The MAP candidate has no Laplace approximation.")
+        if not self.is_laplace:
+            raise ValueError(
+                f"The {self.name!r} candidate is not a Laplace approximation."
+            )
         backend, backend_kwargs = BACKENDS[self.backend]
         options = {
             name: value
@@ -180,3 +244,35 @@ class Candidate:
             sigma_noise=sigma_noise,
             **options,
         )
+
+
+def _parse_peer(spec: str) -> Candidate | None:
+    """The peer candidate ``spec`` names, or ``None`` if it names none.
+
+    Raises:
+        ValueError: For a malformed ensemble size or dropout rate.
+    """
+    if spec == "map_ts":
+        return Candidate(spec, peer="temperature")
+    if spec.startswith("ensemble"):
+        size = spec.removeprefix("ensemble")
+        if not size.isdigit() or int(size) < 2:
+            raise ValueError(
+                f"Unknown candidate {spec!r}: a deep ensemble is written "
+                "'ensemble<M>' with M ≥ 2 networks, e.g. 'ensemble5'."
+            )
+        return Candidate(spec, peer="ensemble", members=int(size))
+    head, colon, rate = spec.partition(":")
+    if head != "mc_dropout":
+        return None
+    try:
+        dropout = float(rate) if colon else DEFAULT_DROPOUT
+    except ValueError:
+        dropout = math.nan
+    if not 0 < dropout < 1:
+        raise ValueError(
+            f"Unknown candidate {spec!r}: MC dropout is written 'mc_dropout' (rate "
+            f"{DEFAULT_DROPOUT}) or 'mc_dropout:<p>' with 0 < p < 1, e.g. "
+            "'mc_dropout:0.2'."
+        )
+    return Candidate(spec, peer="mc_dropout", dropout=dropout)

@@ -39,11 +39,13 @@ from tqdm import tqdm
 from ekfac_laplace import __version__
 from ekfac_laplace.evaluation.candidates import (
     DEFAULT_CANDIDATES,
+    DEFAULT_LAPLACE,
     STRUCTURES,
     Candidate,
 )
 from ekfac_laplace.evaluation.command_steps import (
     UsageError,
+    peer_trainer,
     problem_and_model,
     progress_bar,
     step,
@@ -54,9 +56,14 @@ from ekfac_laplace.evaluation.comparison import (
     compare,
     residual_noise_scale,
 )
-from ekfac_laplace.evaluation.problems import DATASETS, Problem
+from ekfac_laplace.evaluation.models import MODELS
+from ekfac_laplace.evaluation.problems import DATASETS, IMAGE_DATASETS, Problem
 from ekfac_laplace.evaluation.report import SELECTION_CRITERIA, Comparison
 from ekfac_laplace.evaluation.sample_command import run_sample
+from ekfac_laplace.evaluation.settings import (
+    DEFAULT_SWEEP_GRID,
+    DEFAULT_VAL_TOLERANCE,
+)
 
 #: The parent of the default output folders, ``<DEFAULT_OUT>/<command>/<dataset>``.
 DEFAULT_OUT = "ekfac-laplace-results"
@@ -64,6 +71,8 @@ DEFAULT_OUT = "ekfac-laplace-results"
 COMPARE_DURATION = "about 20 seconds on 2 CPU cores"
 #: Exit status of ``compare`` when every Laplace candidate failed.
 EXIT_NO_LAPLACE = 1
+#: Which Laplace candidates ``--sweep`` evaluates at every prior of the sweep.
+SWEEPS = ("ekfac", "all", "none")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,16 +138,27 @@ def _common_arguments(command: str) -> argparse.ArgumentParser:
     data.add_argument(
         "--dataset",
         choices=DATASETS,
-        default="digits",
         help="bundled data set: digits (8x8 images, 10 classes; with rotation/noise "
-        "shift and natural-image OOD sets), moons (2-D, 2 classes), toy1d (1-D "
-        "regression with a gap), diabetes (tabular regression). Default: digits.",
+        "shift and natural-image OOD sets), noisy-digits (300 training digits, 20%% "
+        "of the labels in every split replaced: a MAP that is over-confident), "
+        "moons (2-D, 2 classes), toy1d (1-D regression with a gap), diabetes "
+        "(tabular regression). Default: digits.",
+    )
+    data.add_argument(
+        "--data",
+        type=_path,
+        metavar="FILE",
+        help="your own data instead of --dataset: a file written by "
+        "ekfac_laplace.evaluation.user_inputs.save_data_file (torch.save of "
+        "{'train': (X, y), 'test': (X, y)} and optionally 'val', 'ood', 'shift')",
     )
     data.add_argument(
         "--model",
-        choices=("mlp", "cnn"),
         default="mlp",
-        help="network trained to the MAP (cnn needs an image data set). Default: mlp.",
+        metavar="MODEL",
+        help="network trained to the MAP: mlp, cnn (image data sets), or your own "
+        "'module:function' / 'path/file.py:function' returning an nn.Module (called "
+        "with those of input_shape, n_outputs, dropout it takes). Default: mlp.",
     )
     data.add_argument(
         "--checkpoint",
@@ -151,7 +171,11 @@ def _common_arguments(command: str) -> argparse.ArgumentParser:
         help="save the trained MAP weights (a state_dict) to this file",
     )
     data.add_argument(
-        "--epochs", type=_positive_int, default=60, help="MAP training epochs (60)"
+        "--epochs",
+        type=_non_negative_int,
+        default=60,
+        help="MAP training epochs (60); 0 takes your --model as its function "
+        "returns it (already trained)",
     )
     data.add_argument(
         "--batch-size", type=_positive_int, default=64, help="batch size (64)"
@@ -193,17 +217,38 @@ def _add_compare_command(commands: Any, common: argparse.ArgumentParser) -> None
     compare.add_argument(
         "--candidates",
         nargs="+",
-        default=list(DEFAULT_CANDIDATES),
         metavar="SPEC",
-        help=f"'map' or '<ll|all>_<{'|'.join(STRUCTURES)}>[:<ggn|mc|ef>]', EKFAC "
+        help=f"'map'; a peer: 'map_ts' (temperature scaling), 'ensemble<M>' (a deep "
+        "ensemble of M networks), 'mc_dropout[:<p>]'; or Laplace "
+        f"'<ll|all>_<{'|'.join(STRUCTURES)}>[:<ggn|mc|ef>][@<prior tuning>]', EKFAC "
         "also with '+exact<n>' (exact blocks up to n entries) and '+lr<k>' (a "
-        "rank-k correction), e.g. all_ekfac ll_kron:mc all_ekfac+exact500+lr8 "
-        f"(default: {' '.join(DEFAULT_CANDIDATES)})",
+        "rank-k correction), e.g. all_ekfac ll_kron:mc all_ekfac@marglik "
+        "all_ekfac+exact500+lr8 ensemble5 (default: map map_ts and each of "
+        f"{' '.join(DEFAULT_LAPLACE)} at the --prior-tuning prior and at the "
+        "marginal-likelihood prior, '@marglik')",
     )
     _add_laplace_options(
         compare,
         PRIOR_TUNINGS,
         n_samples_help="samples of the nn and mc predictives (100)",
+    )
+    compare.add_argument(
+        "--val-tolerance",
+        type=_non_negative_float,
+        default=DEFAULT_VAL_TOLERANCE,
+        metavar="TAU",
+        help="the validation rule's tolerance: the widest prior whose validation NLL "
+        f"is at most (1 + TAU) times the best (default {DEFAULT_VAL_TOLERANCE})",
+    )
+    compare.add_argument(
+        "--sweep",
+        choices=SWEEPS,
+        default="ekfac",
+        help="evaluate Laplace candidates at every prior of a grid (1e-2 ... 1e4) "
+        "and plot the trade-off between in-distribution and shift / OOD metrics: "
+        "ekfac candidates only (default; our Jacobian-free predictive makes each "
+        "prior cheap), all (laplace-torch's KFAC / diag / full predictives take "
+        "seconds per prior) or none",
     )
     compare.add_argument(
         "--pred",
@@ -263,13 +308,20 @@ def _add_sample_command(commands: Any, common: argparse.ArgumentParser) -> None:
 def _add_laplace_options(
     parser: argparse.ArgumentParser, tunings: Sequence[str], *, n_samples_help: str
 ) -> None:
+    default = tunings[0]
+    texts = {
+        "validation": "the widest prior within --val-tolerance of the best "
+        "validation NLL (validation)",
+        "marglik": "marginal likelihood (marglik)",
+        "gridsearch": "the best validation NLL (gridsearch)",
+        "none": "not at all (none)",
+    }
     parser.add_argument(
         "--prior-tuning",
         choices=tunings,
-        default="marglik",
-        help="tune the prior precision by marginal likelihood (marglik, default)"
-        + (", validation NLL (gridsearch)" if "gridsearch" in tunings else "")
-        + " or not at all (none)",
+        default=default,
+        help="tune the prior precision by "
+        + ", ".join(texts[t] + (", default" if t == default else "") for t in tunings),
     )
     parser.add_argument(
         "--prior-structure",
@@ -317,23 +369,33 @@ def run_compare(args: argparse.Namespace) -> int:
     """
     from ekfac_laplace.evaluation.figures import write_comparison_plots
 
-    n_steps = len(args.candidates) + (args.checkpoint is None) + (not args.no_plots)
+    trains = args.checkpoint is None and args.epochs > 0
+    n_steps = len(args.candidates) + trains + (not args.no_plots)
     with progress_bar(args, n_steps) as bar:
         problem, model = problem_and_model(args, bar)
+        swept = {
+            "none": [],
+            "ekfac": [c for c in args.candidates if "_ekfac" in c],
+            "all": list(args.candidates),
+        }[args.sweep]
         settings = EvaluationSettings(
             prior_tuning=args.prior_tuning,
             prior_structure=args.prior_structure,
+            val_tolerance=args.val_tolerance,
+            sweep_grid=DEFAULT_SWEEP_GRID if swept else (),
+            sweep_candidates=[Candidate.parse(c).fit_name for c in swept],
             pred_type=args.pred,
             link_approx=args.link,
             n_samples=args.n_samples,
             seed=args.seed,
             progress_bar=False,
-            keep_fitted=not args.no_plots and args.dataset in ("moons", "toy1d"),
+            keep_fitted=not args.no_plots and problem.name in ("moons", "toy1d"),
         )
         started = time.perf_counter()
         comparison = _compare_each(args, problem, model, settings, bar)
         comparison.config.update(
-            dataset=args.dataset,
+            dataset=problem.name,
+            data_file=None if args.data is None else str(args.data),
             model=args.model,
             seed=args.seed,
             epochs=args.epochs,
@@ -377,27 +439,35 @@ def _compare_each(
     """:func:`compare` candidate by candidate, one progress step each.
 
     :func:`compare` seeds every candidate and restores the model after it, so one
-    call per candidate gives the same rows as one call with all of them.
+    call per candidate gives the same rows as one call with all of them; candidates
+    that share a fit (``all_ekfac`` and ``all_ekfac@marglik``) go in one call, so
+    they share it here too.
     """
     if problem.likelihood == "regression":
         noise = residual_noise_scale(model, problem.train_loader)
         settings = replace(settings, sigma_noise=noise)
-    parts = []
+    train_peer = peer_trainer(args, problem)
+    groups: dict[str, list[str]] = {}
     for spec in args.candidates:
-        with step(bar, f"candidate {spec}"):
+        groups.setdefault(Candidate.parse(spec).fit_name, []).append(spec)
+    parts = []
+    for specs in groups.values():
+        with step(bar, f"candidate {' and '.join(specs)}"):
             parts.append(
                 compare(
                     model,
                     problem.likelihood,
                     problem.train_loader,
                     problem.test_loader,
-                    candidates=[spec],
+                    candidates=specs,
                     val_loader=problem.val_loader,
                     ood_loader=problem.ood_loader,
                     shift_loaders=problem.shift_loaders,
                     settings=settings,
+                    train_peer=train_peer,
                 )
             )
+        bar.update(len(specs) - 1)
     comparison = parts[0]
     for part in parts[1:]:
         comparison.rows += part.rows
@@ -427,7 +497,8 @@ def _report_failures(comparison: Comparison) -> int:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    if args.model == "cnn" and args.dataset not in ("digits",):
+    _check_data_and_model(args)
+    if args.model == "cnn" and args.data is None and args.dataset not in IMAGE_DATASETS:
         raise UsageError(
             f"--model cnn needs an image data set; {args.dataset} has vector inputs "
             "(use --model mlp or --dataset digits)"
@@ -442,6 +513,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
             "samples' variances with the posterior's, which needs at least 2"
         )
     if args.command == "compare":
+        if args.candidates is None:
+            args.candidates = [
+                c
+                for c in DEFAULT_CANDIDATES
+                if not (args.prior_tuning == "marglik" and c.endswith("@marglik"))
+            ]
         try:
             for spec in args.candidates:
                 Candidate.parse(spec)
@@ -449,16 +526,52 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(str(error)) from error
         if len(set(args.candidates)) != len(args.candidates):
             raise UsageError(f"--candidates lists a candidate twice: {args.candidates}")
-        if args.prior_tuning == "gridsearch" and args.prior_structure != "scalar":
+        if args.prior_tuning in ("validation", "gridsearch") and (
+            args.prior_structure != "scalar"
+        ):
             raise UsageError(
-                "--prior-tuning gridsearch tunes a scalar prior; drop "
+                f"--prior-tuning {args.prior_tuning} tunes a scalar prior; drop "
                 "--prior-structure layerwise or use --prior-tuning marglik"
             )
     if args.out is None:
-        args.out = default_out(args.command, args.dataset)
+        name = args.dataset if args.data is None else args.data.stem
+        args.out = default_out(args.command, name)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
     _check_writable(args.out, "--out", folder=True)
+
+
+def _check_data_and_model(args: argparse.Namespace) -> None:
+    """Resolve ``--dataset`` / ``--data`` and ``--model``; refuse what cannot run."""
+    if args.data is not None and args.dataset is not None:
+        raise UsageError(
+            "--data and --dataset both name the data; give one (--data for your "
+            "own file, --dataset for a bundled set)"
+        )
+    if args.data is None and args.dataset is None:
+        args.dataset = "digits"
+    if args.data is not None and not args.data.is_file():
+        raise UsageError(f"--data {args.data} is not a file")
+    args.model_function = None
+    if args.model not in MODELS:
+        if ":" not in args.model:
+            raise UsageError(
+                f"--model {args.model!r} is neither a reference model "
+                f"({', '.join(MODELS)}) nor your own 'module:function' / "
+                "'path/file.py:function'"
+            )
+        from ekfac_laplace.evaluation.user_inputs import load_model_function
+
+        try:
+            args.model_function = load_model_function(args.model)
+        except ValueError as error:
+            raise UsageError(f"--model {args.model}: {error}") from None
+    elif args.epochs == 0 and args.checkpoint is None:
+        raise UsageError(
+            f"--epochs 0 would evaluate an untrained {args.model}: train it (--epochs "
+            "> 0), load its weights (--checkpoint), or pass your own trained network "
+            "(--model module:function)"
+        )
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -513,6 +626,32 @@ def _seed(text: str) -> int:
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(
             f"expected a seed from 0 to 2**32 - 1 (numpy's range), got {value}"
+        )
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {value}"
+        )
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative finite number, got {value}"
         )
     return value
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,138 +36,42 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ekfac_laplace.batches import split_batch
-from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
+from ekfac_laplace.evaluation.candidates import (
+    DEFAULT_CANDIDATES,
+    PRIOR_TUNINGS,
+    Candidate,
+)
 from ekfac_laplace.evaluation.memory import PeakMemory
-from ekfac_laplace.evaluation.metrics import Predictions, metrics_of
-from ekfac_laplace.evaluation.predictions import LINK_APPROXES, PRED_TYPES, predict
+from ekfac_laplace.evaluation.peers import (
+    DeepEnsemble,
+    MCDropout,
+    PeerTrainer,
+    Predictive,
+    TemperatureScaled,
+)
+from ekfac_laplace.evaluation.priors import evaluate_sets, sweep_prior, tune_prior
 from ekfac_laplace.evaluation.report import Comparison, ComparisonRow
+from ekfac_laplace.evaluation.settings import (
+    DEFAULT_PRIOR_GRID,
+    DEFAULT_SWEEP_GRID,
+    PRIOR_STRUCTURES,
+    VALIDATION_TUNINGS,
+    EvaluationData,
+    EvaluationSettings,
+)
 from ekfac_laplace.factors import LIKELIHOODS
 
-PRIOR_TUNINGS = ("marglik", "gridsearch", "none")
-PRIOR_STRUCTURES = ("scalar", "layerwise")
-DEFAULT_PRIOR_GRID = tuple(10.0 ** (k / 4) for k in range(-16, 17))
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """How every candidate of a comparison is tuned and evaluated.
-
-    Attributes:
-        prior_tuning: ``"marglik"`` (Adam on the log prior, laplace-torch's
-            ``optimize_prior_precision``), ``"gridsearch"`` (our grid search on the
-            validation *predictive* NLL — laplace-torch's own scores regression by
-            MSE, which the prior does not change) or ``"none"`` (prior precision 1).
-        prior_structure: ``"scalar"`` or ``"layerwise"`` (marglik only).
-        prior_grid: Prior precisions tried by ``"gridsearch"``.
-        marglik_steps: Adam steps of the marginal-likelihood tuning.
-        pred_type: ``"glm"`` (linearised) or ``"nn"`` (sampled networks).
-        link_approx: ``"probit"``, ``"bridge"``, ``"bridge_norm"`` or ``"mc"``.
-        n_samples: Samples for ``"mc"`` / ``"nn"`` predictives.
-        sigma_noise: Regression observation noise; estimated from the MAP's training
-            residuals when ``None``.
-        n_bins: Bins of the calibration errors.
-        seed: Seed of torch's random generator at the start of every candidate
-            (Monte-Carlo predictives, sampled Fisher), so rows are reproducible and
-            independent of the candidates before them.
-        progress_bar: Show progress bars over candidates and fits.
-        keep_fitted: Keep every fitted Laplace object in ``Comparison.fitted``
-            (they share the model; memory grows with the number of candidates).
-
-    Raises:
-        ValueError: For an unknown choice or a bad grid, when constructed.
-    """
-
-    prior_tuning: str = "marglik"
-    prior_structure: str = "scalar"
-    prior_grid: Sequence[float] = DEFAULT_PRIOR_GRID
-    marglik_steps: int = 100
-    pred_type: str = "glm"
-    link_approx: str = "probit"
-    n_samples: int = 100
-    sigma_noise: float | None = None
-    n_bins: int = 15
-    seed: int = 0
-    progress_bar: bool = False
-    keep_fitted: bool = False
-
-    def __post_init__(self) -> None:
-        if self.prior_tuning not in PRIOR_TUNINGS:
-            raise ValueError(
-                f"Unknown prior_tuning {self.prior_tuning!r}; choose one of "
-                f"{PRIOR_TUNINGS}."
-            )
-        if self.prior_structure not in PRIOR_STRUCTURES:
-            raise ValueError(
-                f"Unknown prior_structure {self.prior_structure!r}; choose 'scalar' "
-                "or 'layerwise' (a per-parameter prior is not supported by every "
-                "structure)."
-            )
-        if self.prior_tuning == "gridsearch":
-            if self.prior_structure != "scalar":
-                raise ValueError(
-                    "prior_tuning='gridsearch' tunes a scalar prior; use "
-                    "prior_structure='scalar' or prior_tuning='marglik'."
-                )
-            grid = self.prior_grid
-            if not grid or any(not (float(p) > 0) for p in grid):
-                raise ValueError(
-                    f"prior_grid must hold positive prior precisions, got {grid!r}."
-                )
-        if self.pred_type not in PRED_TYPES:
-            raise ValueError(
-                f"Unknown pred_type {self.pred_type!r}; choose 'glm' or 'nn'."
-            )
-        if self.link_approx not in LINK_APPROXES:
-            raise ValueError(
-                f"Unknown link_approx {self.link_approx!r}; choose one of "
-                f"{LINK_APPROXES}."
-            )
-
-    @property
-    def predictive(self) -> dict[str, Any]:
-        """The keyword arguments of a Laplace object's predictive."""
-        return {
-            "pred_type": self.pred_type,
-            "link_approx": self.link_approx,
-            "n_samples": self.n_samples,
-        }
-
-
-@dataclass
-class EvaluationData:
-    """The data sets of a comparison.
-
-    Attributes:
-        train_loader: The data the MAP was trained on (``N`` = its length).
-        test_loader: Held-out data for the test metrics.
-        val_loader: Validation data; needed for ``"gridsearch"`` and for ``val_*``.
-        ood_loader: Out-of-distribution inputs (classification only).
-        shift_loaders: ``{kind: {strength: loader}}`` shifted test sets.
-    """
-
-    train_loader: DataLoader
-    test_loader: DataLoader
-    val_loader: DataLoader | None = None
-    ood_loader: DataLoader | None = None
-    shift_loaders: Mapping[str, Mapping[float, DataLoader]] = field(
-        default_factory=dict
-    )
-
-    def check(self, likelihood: str, settings: EvaluationSettings) -> None:
-        """Refuse data that the likelihood or the settings cannot use.
-
-        Args:
-            likelihood: ``"classification"`` or ``"regression"``.
-            settings: The evaluation settings.
-
-        Raises:
-            ValueError: For grid search without validation data, or OOD data with
-                regression.
-        """
-        if settings.prior_tuning == "gridsearch" and self.val_loader is None:
-            raise ValueError("prior_tuning='gridsearch' needs val_loader.")
-        if self.ood_loader is not None and likelihood != "classification":
-            raise ValueError("ood_loader is only used for classification.")
+__all__ = [
+    "DEFAULT_PRIOR_GRID",
+    "DEFAULT_SWEEP_GRID",
+    "PRIOR_STRUCTURES",
+    "PRIOR_TUNINGS",
+    "EvaluationData",
+    "EvaluationSettings",
+    "compare",
+    "residual_noise_scale",
+    "tune_prior",
+]
 
 
 def compare(
@@ -182,15 +85,21 @@ def compare(
     ood_loader: DataLoader | None = None,
     shift_loaders: Mapping[str, Mapping[float, DataLoader]] | None = None,
     settings: EvaluationSettings | None = None,
+    train_peer: PeerTrainer | None = None,
 ) -> Comparison:
     """Fit and evaluate every candidate on the same MAP model and data.
 
-    Each candidate gets the same treatment: ``fit`` on ``train_loader``, the prior
-    precision tuned as ``settings`` say (:func:`tune_prior`), then the predictive on
-    every evaluation set. The MAP row evaluates the network itself (for regression
-    with noise ``settings.sigma_noise``). The model's parameters are restored after
-    every candidate, so a failing candidate cannot leave them changed; torch's
-    random generator is forked per candidate and restored afterwards.
+    Each Laplace candidate gets the same treatment: ``fit`` on ``train_loader``,
+    the prior precision tuned as ``settings`` (or its ``@<tuning>``) say
+    (:func:`tune_prior`), then the predictive on every evaluation set, and, when
+    ``settings.sweep_grid`` is set, the same at every prior of the sweep. Candidates
+    that differ only in their tuning share one fit. The MAP row evaluates the
+    network itself (for regression with noise ``settings.sigma_noise``); its peers
+    (:mod:`~ekfac_laplace.evaluation.peers`) are evaluated the same way, their
+    ``fit_seconds`` the cost of fitting the temperature or training their extra
+    networks. The model's parameters are restored after every candidate, so a
+    failing candidate cannot leave them changed; torch's random generator is
+    forked per candidate and restored afterwards.
 
     Args:
         model: The trained MAP network (left unchanged).
@@ -198,12 +107,15 @@ def compare(
         train_loader: The data the MAP was trained on (``N`` = its length).
         test_loader: Held-out data for the test metrics.
         candidates: Candidate specs (see :class:`Candidate`) or objects.
-        val_loader: Validation data; needed for ``"gridsearch"`` and for ``val_*``.
+        val_loader: Validation data; needed for the validation tunings, for
+            ``"map_ts"`` and for ``val_*``.
         ood_loader: Out-of-distribution inputs (classification only); adds
             ``ood_*`` detection metrics.
         shift_loaders: ``{kind: {strength: loader}}`` shifted test sets.
-        settings: How candidates are tuned and evaluated; the defaults (marglik,
-            GLM probit) if ``None``.
+        settings: How candidates are tuned and evaluated; the defaults if ``None``.
+        train_peer: ``train_peer(seed, dropout)`` trains one more network like the
+            MAP (see :data:`~ekfac_laplace.evaluation.peers.PeerTrainer`); needed by
+            the ``"ensemble<M>"`` and ``"mc_dropout"`` candidates only.
 
     Returns:
         The :class:`~ekfac_laplace.evaluation.report.Comparison`.
@@ -221,12 +133,19 @@ def compare(
             f"Unknown likelihood {likelihood!r}; choose 'classification' or "
             "'regression'."
         )
-    data.check(likelihood, settings)
+    tunings = {_tuning(c, settings) for c in parsed if c.is_laplace}
+    if settings.prior_structure != "scalar" and tunings & set(VALIDATION_TUNINGS):
+        raise ValueError(
+            f"The validation tunings {VALIDATION_TUNINGS} tune a scalar prior; use "
+            "prior_structure='scalar' or tune those candidates by 'marglik'."
+        )
+    data.check(likelihood, settings, sorted(tunings))
     if likelihood == "regression" and settings.sigma_noise is None:
         noise = residual_noise_scale(model, train_loader)
         settings = replace(settings, sigma_noise=noise)
     comparison = Comparison(rows=[], config=_config(likelihood, parsed, data, settings))
     saved_state = copy.deepcopy(model.state_dict())
+    shared: dict[str, _Fit] = {}
     for candidate in tqdm(parsed, desc="Candidates", disable=not settings.progress_bar):
         row = ComparisonRow(
             candidate.name,
@@ -234,12 +153,11 @@ def compare(
             candidate.hessian_structure,
             candidate.backend,
         )
+        run = _CandidateRun(candidate, row, model, likelihood, data, settings)
         try:
             with torch.random.fork_rng(devices=_rng_devices(model)):
                 torch.manual_seed(settings.seed)
-                predictor, predictions = _run_candidate(
-                    candidate, row, model, likelihood, data, settings
-                )
+                predictor, predictions = run.evaluate(shared, train_peer)
             comparison.predictions[candidate.name] = predictions
             if settings.keep_fitted:
                 comparison.fitted[candidate.name] = predictor
@@ -250,6 +168,11 @@ def compare(
             model.load_state_dict(saved_state)
         comparison.rows.append(row)
     return comparison
+
+
+def _tuning(candidate: Candidate, settings: EvaluationSettings) -> str:
+    """The prior tuning of a Laplace candidate: its own, else the comparison's."""
+    return candidate.prior_tuning or settings.prior_tuning
 
 
 def _parse_candidates(candidates: Iterable[str | Candidate]) -> list[Candidate]:
@@ -280,6 +203,8 @@ def _config(
         "candidates": [c.name for c in candidates],
         "prior_tuning": settings.prior_tuning,
         "prior_structure": settings.prior_structure,
+        "val_tolerance": settings.val_tolerance,
+        "sweep_grid": list(settings.sweep_grid),
         "n_train": size(data.train_loader),
         "n_test": size(data.test_loader),
         "n_val": size(data.val_loader),
@@ -299,140 +224,133 @@ def _rng_devices(model: nn.Module) -> list[int]:
     )
 
 
-def _run_candidate(
-    candidate: Candidate,
-    row: ComparisonRow,
-    model: nn.Module,
-    likelihood: str,
-    data: EvaluationData,
-    settings: EvaluationSettings,
-) -> tuple[nn.Module | BaseLaplace, dict[str, Any]]:
-    """Fit, tune and evaluate one candidate, filling ``row``.
+@dataclass
+class _Fit:
+    """A fitted Laplace object and what its fit cost, shared by its tunings."""
 
-    Returns:
-        The predictor (the Laplace object, or the model for the MAP) and its
-        ``{"test", "ood", "shift"}`` predictions.
-    """
-    if candidate.is_map:
-        predictor: nn.Module | BaseLaplace = model
-        options: dict[str, Any] = {
-            "likelihood": likelihood,
-            "sigma_noise": settings.sigma_noise,
-        }
-        row.n_params = sum(p.numel() for p in model.parameters())
-    else:
-        predictor = _fit_and_tune(candidate, row, model, likelihood, data, settings)
-        options = settings.predictive
-    start = time.perf_counter()
-    test = predict(predictor, data.test_loader, **options)
-    row.predict_seconds = time.perf_counter() - start
-    ood = None
-    if data.ood_loader is not None:
-        ood = predict(predictor, data.ood_loader, **options)
-    row.test = metrics_of(test, ood, n_bins=settings.n_bins)
-    if data.val_loader is not None:
-        val = predict(predictor, data.val_loader, **options)
-        row.val = metrics_of(val, n_bins=settings.n_bins)
-    shifted: dict[str, dict[float, Predictions]] = {}
-    for kind, by_strength in data.shift_loaders.items():
-        shifted[kind], row.shift[kind] = {}, {}
-        for strength, loader in sorted(by_strength.items()):
-            shifted[kind][strength] = predict(predictor, loader, **options)
-            row.shift[kind][strength] = metrics_of(
-                shifted[kind][strength], n_bins=settings.n_bins
-            )
-    return predictor, {"test": test, "ood": ood, "shift": shifted}
+    la: BaseLaplace
+    fit_seconds: float
+    fit_memory_mib: float | None
+    sweep: list[dict[str, float]] | None = None
 
 
-def _fit_and_tune(
-    candidate: Candidate,
-    row: ComparisonRow,
-    model: nn.Module,
-    likelihood: str,
-    data: EvaluationData,
-    settings: EvaluationSettings,
-) -> BaseLaplace:
-    """Build, fit and tune a Laplace candidate, recording cost and evidence."""
-    la = candidate.build(model, likelihood, sigma_noise=settings.sigma_noise or 1.0)
-    with PeakMemory() as memory:
+@dataclass
+class _CandidateRun:
+    """Fit (or train), tune and evaluate one candidate, filling its row."""
+
+    candidate: Candidate
+    row: ComparisonRow
+    model: nn.Module
+    likelihood: str
+    data: EvaluationData
+    settings: EvaluationSettings
+
+    def evaluate(
+        self, shared: dict[str, _Fit], train_peer: PeerTrainer | None
+    ) -> tuple[nn.Module | BaseLaplace | Predictive, dict[str, Any]]:
+        """Build the candidate's predictor and evaluate it on every set.
+
+        Args:
+            shared: Fits of earlier candidates, by :attr:`Candidate.fit_name`.
+            train_peer: Trains the extra networks of ensembles and MC dropout.
+
+        Returns:
+            The predictor (a Laplace object, the model for the MAP, or a peer) and
+            its ``{"test", "ood", "shift"}`` predictions.
+        """
+        candidate, row, settings = self.candidate, self.row, self.settings
+        options: dict[str, Any] = settings.predictive
+        if candidate.is_map:
+            predictor: nn.Module | BaseLaplace | Predictive = self.model
+            noise = settings.sigma_noise
+            options = {"likelihood": self.likelihood, "sigma_noise": noise}
+            row.n_params = _n_params(self.model)
+        elif candidate.is_peer:
+            start = time.perf_counter()
+            predictor = self._peer(train_peer)
+            row.fit_seconds = time.perf_counter() - start
+            row.n_params = sum(_n_params(net) for net in predictor.networks)
+            options = {}
+        else:
+            predictor = self._laplace(shared)
         start = time.perf_counter()
-        la.fit(data.train_loader, progress_bar=settings.progress_bar)
-        row.fit_seconds = time.perf_counter() - start
-    row.fit_memory_mib = memory.growth_mib
-    row.n_params = int(la.n_params)
-    start = time.perf_counter()
-    tune_prior(la, settings, data.val_loader)
-    row.tune_seconds = time.perf_counter() - start
-    prior = la.prior_precision.detach().flatten().tolist()
-    row.prior_precision = prior[0] if len(prior) == 1 else prior
-    row.log_marginal_likelihood = float(la.log_marginal_likelihood())
-    return la
+        sets = evaluate_sets(predictor, self.data, options, settings.n_bins)
+        row.predict_seconds = time.perf_counter() - start
+        row.test, row.val, row.shift = sets.test, sets.val, sets.shift
+        return predictor, sets.predictions
 
-
-def tune_prior(
-    la: BaseLaplace,
-    settings: EvaluationSettings,
-    val_loader: DataLoader | None = None,
-) -> None:
-    """Tune a fitted Laplace object's prior precision as the settings say.
-
-    ``"marglik"`` maximises the evidence with laplace-torch's
-    ``optimize_prior_precision`` (``settings.prior_structure``,
-    ``settings.marglik_steps``); ``"gridsearch"`` picks the prior of
-    ``settings.prior_grid`` with the lowest validation predictive NLL; ``"none"``
-    leaves the prior as it is.
-
-    Args:
-        la: A fitted Laplace object.
-        settings: The evaluation settings.
-        val_loader: Validation data (``"gridsearch"`` only).
-
-    Raises:
-        ValueError: For ``"gridsearch"`` without validation data.
-        RuntimeError: If every prior of the grid gives a failed predictive.
-    """
-    if settings.prior_tuning == "marglik":
-        with warnings.catch_warnings():
-            # laplace-torch reminds classification users that link_approx defaults
-            # to probit even when it is passed, as here: not actionable.
-            warnings.filterwarnings("ignore", message="By default `link_approx`")
-            la.optimize_prior_precision(
-                pred_type=settings.pred_type,
-                method="marglik",
-                n_steps=settings.marglik_steps,
-                prior_structure=settings.prior_structure,
-                link_approx=settings.link_approx,
-                progress_bar=settings.progress_bar,
+    def _laplace(self, shared: dict[str, _Fit]) -> BaseLaplace:
+        """Fit (or take the shared fit), tune, record cost and evidence, sweep."""
+        candidate, row, settings = self.candidate, self.row, self.settings
+        fit = shared.get(candidate.fit_name)
+        if fit is None:
+            la = candidate.build(
+                self.model, self.likelihood, sigma_noise=settings.sigma_noise or 1.0
             )
-    elif settings.prior_tuning == "gridsearch":
-        if val_loader is None:
-            raise ValueError("prior_tuning='gridsearch' needs val_loader.")
-        la.prior_precision = _grid_search(la, settings, val_loader)
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                la.fit(self.data.train_loader, progress_bar=settings.progress_bar)
+                seconds = time.perf_counter() - start
+            fit = _Fit(la, seconds, memory.growth_mib)
+            shared[candidate.fit_name] = fit
+        la = fit.la
+        row.fit_seconds, row.fit_memory_mib = fit.fit_seconds, fit.fit_memory_mib
+        row.n_params = int(la.n_params)
+        row.prior_tuning = _tuning(candidate, settings)
+        start = time.perf_counter()
+        tune_prior(la, settings, self.data.val_loader, tuning=row.prior_tuning)
+        row.tune_seconds = time.perf_counter() - start
+        prior = la.prior_precision.detach().flatten().tolist()
+        row.prior_precision = prior[0] if len(prior) == 1 else prior
+        row.log_marginal_likelihood = float(la.log_marginal_likelihood())
+        swept = settings.sweep_candidates
+        if (
+            settings.sweep_grid
+            and fit.sweep is None
+            and (swept is None or candidate.fit_name in swept)
+        ):
+            fit.sweep = sweep_prior(la, self.data, settings)
+        row.sweep = fit.sweep or []
+        return la
+
+    def _peer(self, train_peer: PeerTrainer | None) -> Predictive:
+        """Fit the temperature, or train the ensemble's or MC dropout's networks."""
+        candidate, settings = self.candidate, self.settings
+        noise = settings.sigma_noise
+        if candidate.peer == "temperature":
+            if self.data.val_loader is None:
+                raise ValueError(
+                    "Temperature scaling fits its temperature on validation data; "
+                    "pass val_loader."
+                )
+            scaled = TemperatureScaled.fit(
+                self.model, self.data.val_loader, self.likelihood, sigma_noise=noise
+            )
+            self.row.temperature = scaled.temperature
+            return scaled
+        if train_peer is None:
+            raise ValueError(
+                f"{candidate.name!r} trains more networks: pass compare(..., "
+                "train_peer=...), a function (seed, dropout) -> trained network "
+                "(the command line passes its own)."
+            )
+        if candidate.peer == "ensemble":
+            members = [self.model] + [
+                train_peer(settings.seed + m, 0.0) for m in range(1, candidate.members)
+            ]
+            noises = None
+            if self.likelihood == "regression":
+                loader = self.data.train_loader
+                noises = [residual_noise_scale(net, loader) for net in members]
+            return DeepEnsemble(members, self.likelihood, noises)
+        network = train_peer(settings.seed, candidate.dropout)
+        if self.likelihood == "regression":
+            noise = residual_noise_scale(network, self.data.train_loader)
+        return MCDropout(network, self.likelihood, settings.n_samples, noise)
 
 
-def _grid_search(
-    la: BaseLaplace, settings: EvaluationSettings, val_loader: DataLoader
-) -> float:
-    """The prior of the grid with the lowest validation predictive NLL."""
-    best, best_nll = None, math.inf
-    grid = tqdm(
-        settings.prior_grid, desc="Prior grid", disable=not settings.progress_bar
-    )
-    for value in grid:
-        la.prior_precision = float(value)
-        try:
-            predictions = predict(la, val_loader, **settings.predictive)
-        except (RuntimeError, ValueError):  # a singular or non-finite predictive
-            continue
-        nll = metrics_of(predictions, n_bins=settings.n_bins)["nll"]
-        if nll < best_nll:
-            best, best_nll = float(value), nll
-    if best is None:
-        raise RuntimeError(
-            "Every prior precision of the grid gave a failed or non-finite "
-            "validation predictive; widen prior_grid."
-        )
-    return best
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def residual_noise_scale(model: nn.Module, loader: DataLoader) -> float:

@@ -4,13 +4,14 @@ Every loader works without network access: the real data sets ship inside
 scikit-learn, the others are generated. The same ``seed`` always gives the same
 tensors.
 
-| Loader                 | Source (offline)       | Size              | For            |
-| ---------------------- | ---------------------- | ----------------- | -------------- |
-| `load_digits_splits`   | sklearn digits, ÷ 16   | 1,797 × (1, 8, 8) | classification |
-| `toy_regression_1d`    | sin(2x) + 0.2x + noise | 150 / 50 / 300    | gap variance   |
-| `regression_grid`      | linspace ± margin      | 400 × 1           | band plots     |
-| `load_diabetes_splits` | sklearn diabetes       | 442 × 10          | regression     |
-| `two_moons`            | sklearn make_moons     | 200 / 100 / 500   | 2-D boundaries |
+| Loader                     | Source (offline)       | Size            | For          |
+| -------------------------- | ---------------------- | --------------- | ------------ |
+| `load_digits_splits`       | sklearn digits, ÷ 16   | 1,797 × 8 × 8   | classifying  |
+| `load_noisy_digits_splits` | digits, noisy labels   | 300 / 270 / 450 | noisy MAP    |
+| `toy_regression_1d`        | sin(2x) + 0.2x + noise | 150 / 50 / 300  | gap variance |
+| `regression_grid`          | linspace ± margin      | 400 × 1         | band plots   |
+| `load_diabetes_splits`     | sklearn diabetes       | 442 × 10        | regression   |
+| `two_moons`                | sklearn make_moons     | 200 / 100 / 500 | 2-D maps     |
 
 Details: digits are scikit-learn's 8×8 UCI optdigits images (10 classes), split
 stratified; the 1-D regression has no training inputs in a gap, where uncertainty
@@ -45,6 +46,7 @@ __all__ = [
     "DataSplits",
     "load_diabetes_splits",
     "load_digits_splits",
+    "load_noisy_digits_splits",
     "regression_grid",
     "toy_function",
     "toy_regression_1d",
@@ -172,6 +174,85 @@ def load_digits_splits(
             "scikit-learn 8x8 digits (UCI optdigits), 10 classes, pixels in [0, 1]; "
             f"stratified split (seed {seed}): train {len(train)} / val {len(val)} / "
             f"test {len(test)}"
+        ),
+    )
+
+
+def load_noisy_digits_splits(
+    seed: int = 0,
+    *,
+    n_train: int = 300,
+    label_noise: float = 0.2,
+    dtype: torch.dtype = torch.float32,
+) -> DataSplits:
+    """Digits made hard: few training images and noisy labels in every split.
+
+    The regime where a MAP network is over-confident and a posterior can help
+    in distribution: :func:`load_digits_splits` (same seed, same validation and test
+    images), its training set cut to a stratified ``n_train`` images, and in every
+    split each label replaced with probability ``label_noise`` by one of the nine
+    other classes, uniformly (the noise is part of the task, so the test labels
+    carry it too; the Bayes accuracy is at most ``1 − label_noise``).
+
+    Args:
+        seed: Seed of the split, the subsample and the noise, in ``[0, 2**32)``.
+        n_train: Training images, from 10 to 1,077 (at least one per class).
+        label_noise: Probability that a label is replaced, in ``[0, 0.9)``.
+        dtype: Floating dtype of the inputs.
+
+    Returns:
+        Splits like :func:`load_digits_splits`, with ``n_train`` training images.
+
+    Raises:
+        ValueError: For a bad size, noise rate, seed or dtype.
+    """
+    splits = load_digits_splits(seed, dtype=dtype)
+    train_images, train_labels = splits.train.tensors
+    if not 10 <= n_train <= len(train_labels):
+        raise ValueError(
+            f"n_train must be between 10 (one image per class) and "
+            f"{len(train_labels)} (the digits training split), got {n_train}."
+        )
+    if not 0 <= label_noise < 0.9:
+        raise ValueError(
+            f"label_noise must be in [0, 0.9) (0.9 leaves no signal), got "
+            f"{label_noise!r}."
+        )
+    index = np.arange(len(train_labels))
+    if n_train < len(train_labels):
+        index, _ = train_test_split(
+            index,
+            train_size=n_train,
+            random_state=seed,
+            stratify=train_labels.numpy(),
+        )
+    generators = [
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(3)
+    ]
+
+    def noisy(
+        images: Tensor, labels: Tensor, rng: np.random.Generator
+    ) -> TensorDataset:
+        flipped = torch.as_tensor(rng.random(len(labels)) < label_noise)
+        offset = torch.as_tensor(rng.integers(1, 10, len(labels)))
+        labels = torch.where(flipped, (labels + offset) % 10, labels)
+        return TensorDataset(images, labels)
+
+    chosen = torch.as_tensor(np.sort(index))
+    train = noisy(train_images[chosen], train_labels[chosen], generators[0])
+    val = noisy(*splits.val.tensors, generators[1])
+    test = noisy(*splits.test.tensors, generators[2])
+    return DataSplits(
+        train=train,
+        val=val,
+        test=test,
+        likelihood="classification",
+        n_outputs=10,
+        input_shape=(1, 8, 8),
+        description=(
+            f"scikit-learn 8x8 digits with {label_noise:.0%} of the labels in every "
+            f"split replaced by another class (seed {seed}), 10 classes: train "
+            f"{n_train} (stratified subsample) / val {len(val)} / test {len(test)}"
         ),
     )
 

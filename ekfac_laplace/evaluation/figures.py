@@ -20,7 +20,7 @@ import torch
 from matplotlib.axes import Axes
 from torch.utils.data import DataLoader, TensorDataset
 
-from ekfac_laplace.evaluation import data, plotting, regression_plots
+from ekfac_laplace.evaluation import data, plotting, prior_plots, regression_plots
 from ekfac_laplace.evaluation.checks import DEFAULT_LEVELS
 from ekfac_laplace.evaluation.metrics import (
     ClassificationPredictions,
@@ -35,12 +35,10 @@ from ekfac_laplace.evaluation.report import Comparison
 from ekfac_laplace.evaluation.sampling import SampleCheck
 
 #: What the out-of-distribution set of a bundled problem is, for titles and legends.
-OOD_SETS = {
-    "digits": (
-        "photo patches",
-        "8×8 patches of two photographs (scikit-learn's sample images)",
-    ),
-}
+OOD_SETS = dict.fromkeys(
+    ("digits", "noisy-digits"),
+    ("photo patches", "8×8 patches of two photographs (scikit-learn's sample images)"),
+)
 #: What a shift of the digits test set does, for titles.
 SHIFT_TITLES = {
     "rotation": "rotated",
@@ -63,8 +61,8 @@ def write_comparison_plots(
     candidate), ``ood_entropy.png`` (with an OOD set), ``shift_<kind>.png`` (NLL and
     ECE against shift strength), ``confidence_maps.png`` (2-D inputs). Regression:
     ``coverage.png`` (interval coverage against nominal level), ``residuals.png``
-    (standardised residuals per candidate), ``bands.png`` (1-D inputs). Failed
-    candidates are left out.
+    (standardised residuals per candidate), ``bands.png`` (1-D inputs). With a
+    prior sweep, :func:`prior_figures`. Failed candidates are left out.
 
     Args:
         comparison: The comparison.
@@ -86,6 +84,7 @@ def write_comparison_plots(
         written += _regression_figures(tests, split, out)
     for kind in problem.shift_loaders:
         written.append(_shift_figure(comparison, problem, kind, out))
+    written += prior_figures(comparison, problem, out)
     if comparison.fitted and problem.splits.input_shape == (2,):
         written.append(
             _confidence_maps(comparison, problem, out / "confidence_maps.png")
@@ -200,6 +199,123 @@ def _shift_figure(
     shift = SHIFT_TITLES.get(kind, f"under {kind} shift")
     fig.suptitle(f"{problem.name} test set, {shift} shift (0 is the clean test set)")
     return plotting.save_figure(fig, out / f"shift_{kind}.png")
+
+
+#: The in-distribution (x) and robustness (y) metrics of the trade-off figure.
+TRADEOFF_AXES = (("test_nll", "test_ece"), ("shift_nll", "ood_auroc_entropy"))
+#: The metrics drawn against the prior precision.
+SWEEP_METRICS = (
+    "val_nll",
+    "test_nll",
+    "test_ece",
+    "shift_nll",
+    "ood_auroc_entropy",
+    "log_marginal_likelihood",
+)
+
+
+def prior_figures(comparison: Comparison, problem: Problem, out: Path) -> list[Path]:
+    """The prior trade-off of every swept Laplace candidate, as two figures.
+
+    ``prior_tradeoff.png`` (with a shift or an OOD set): one panel per pair of an
+    in-distribution metric (test NLL, ECE) and a robustness metric (NLL under
+    shift, OOD AUROC), each candidate a curve traced by the prior precision, the
+    priors its rows were tuned to marked by rule, the MAP and its peers as points.
+    ``prior_sweep.png``: each metric against the prior precision. Nothing when no
+    row has a sweep.
+
+    Args:
+        comparison: The comparison (rows with ``sweep``).
+        problem: The data it was computed on.
+        out: Output folder.
+
+    Returns:
+        The files written.
+    """
+    sweeps: dict[str, list[dict[str, float]]] = {}
+    marks: dict[str, dict[str, dict[str, float]]] = {}
+    references: dict[str, dict[str, float]] = {}
+    for row in comparison.rows:
+        if not row.ok:
+            continue
+        record = _with_shift_means(row.record(), problem)
+        if row.sweep:
+            name = row.candidate.partition("@")[0]
+            sweeps.setdefault(name, sorted(row.sweep, key=_prior))
+            marks.setdefault(name, {})[row.prior_tuning or "?"] = record
+        elif row.subset_of_weights is None:
+            references[row.candidate] = record
+    if not sweeps:
+        return []
+    written = []
+    first = next(iter(sweeps.values()))[0]
+    x_metrics = [m for m in TRADEOFF_AXES[0] if m in first]
+    y_metrics = [m for m in TRADEOFF_AXES[1] if m in first]
+    if x_metrics and y_metrics:
+        pairs = [(x, y) for y in y_metrics for x in x_metrics]
+        fig, axes = plotting.new_figure(len(pairs), ncols=len(x_metrics))
+        for ax, (x, y) in zip(axes, pairs):
+            prior_plots.tradeoff_curves(
+                {n: _points(s, x, y) for n, s in sweeps.items()},
+                x_metric=x,
+                y_metric=y,
+                marks={
+                    n: {r: (rec[x], rec[y]) for r, rec in m.items() if x in rec}
+                    for n, m in marks.items()
+                },
+                references={n: (r[x], r[y]) for n, r in references.items() if x in r},
+                ax=ax,
+                legend=False,
+            )
+        plotting.legend_outside(fig, axes[0])
+        fig.suptitle(
+            f"The prior trade-off on {problem.name}\neach curve traced by the "
+            "prior precision δ, from a wide posterior (δ small) to the MAP"
+        )
+        written.append(plotting.save_figure(fig, out / "prior_tradeoff.png"))
+    metrics = [m for m in SWEEP_METRICS if m in first]
+    fig, axes = plotting.new_figure(len(metrics), ncols=min(3, len(metrics)))
+    for ax, metric in zip(axes, metrics):
+        prior_plots.prior_curves(
+            {n: [(_prior(p), p[metric]) for p in s] for n, s in sweeps.items()},
+            metric=metric,
+            marks={
+                n: {
+                    r: (_prior(rec), rec[metric])
+                    for r, rec in m.items()
+                    if metric in rec
+                }
+                for n, m in marks.items()
+            },
+            references={n: r[metric] for n, r in references.items() if metric in r},
+            ax=ax,
+            legend=False,
+        )
+    plotting.legend_outside(fig, axes[0])
+    fig.suptitle(f"Metrics against the prior precision on {problem.name}")
+    written.append(plotting.save_figure(fig, out / "prior_sweep.png"))
+    return written
+
+
+def _prior(record: dict[str, Any]) -> float:
+    return float(record["prior_precision"])
+
+
+def _points(sweep: list[dict[str, float]], x: str, y: str) -> list[tuple[float, float]]:
+    return [(point[x], point[y]) for point in sweep if x in point and y in point]
+
+
+def _with_shift_means(record: dict[str, Any], problem: Problem) -> dict[str, Any]:
+    """The record with ``shift_nll`` / ``shift_ece`` averaged over the shifts."""
+    record = {k: v for k, v in record.items() if isinstance(v, float)}
+    for metric in ("nll", "ece"):
+        values = [
+            record.get(f"shift_{kind}_{metric}") for kind in problem.shift_loaders
+        ]
+        values = [v for v in values if v is not None]
+        if values:
+            record[f"shift_{metric}"] = sum(values) / len(values)
+    return record
 
 
 def _predictor_options(comparison: Comparison, name: str) -> dict[str, Any]:

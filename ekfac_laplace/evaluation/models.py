@@ -26,6 +26,7 @@ def mlp(
     n_outputs: int,
     hidden: Sequence[int] = (64, 64),
     activation: type[nn.Module] = nn.Tanh,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """A fully connected network that flattens its input.
 
@@ -34,18 +35,21 @@ def mlp(
         n_outputs: Number of classes or regression outputs.
         hidden: Widths of the hidden layers.
         activation: Activation module class between the linear layers.
+        dropout: Dropout rate after each hidden layer (0: no dropout modules).
 
     Returns:
-        ``Flatten -> (Linear -> activation)* -> Linear``.
+        ``Flatten -> (Linear -> activation [-> Dropout])* -> Linear``.
 
     Raises:
-        ValueError: If a size is not positive.
+        ValueError: If a size is not positive or the rate is not in ``[0, 1)``.
     """
     _check_sizes(input_shape, n_outputs, hidden)
+    _check_dropout(dropout)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:
         layers += [nn.Linear(width, size), activation()]
+        layers += [nn.Dropout(dropout)] if dropout else []
         width = size
     layers.append(nn.Linear(width, n_outputs))
     return nn.Sequential(*layers)
@@ -56,6 +60,7 @@ def cnn(
     n_outputs: int,
     channels: Sequence[int] = (16, 32),
     hidden: int = 64,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """A small convolutional network for images.
 
@@ -67,12 +72,14 @@ def cnn(
         n_outputs: Number of classes.
         channels: Output channels of the convolution stages.
         hidden: Width of the hidden linear layer.
+        dropout: Dropout rate before the hidden and the output layer (0: none).
 
     Returns:
         The network.
 
     Raises:
-        ValueError: If the input is not an image shape or too small for the stages.
+        ValueError: If the input is not an image shape or too small for the stages,
+            or the rate is not in ``[0, 1)``.
     """
     if len(input_shape) != 3:
         raise ValueError(
@@ -80,6 +87,7 @@ def cnn(
             f"{tuple(input_shape)}; use mlp for vector inputs."
         )
     _check_sizes(input_shape, n_outputs, (*channels, hidden))
+    _check_dropout(dropout)
     in_channels, height, width = input_shape
     if min(height, width) < 2 ** len(channels):
         raise ValueError(
@@ -94,17 +102,27 @@ def cnn(
             nn.MaxPool2d(2),
         ]
         in_channels, height, width = size, height // 2, width // 2
+    def drop() -> list[nn.Module]:
+        return [nn.Dropout(dropout)] if dropout else []
+
     layers += [
         nn.Flatten(),
+        *drop(),
         nn.Linear(in_channels * height * width, hidden),
         nn.ReLU(),
+        *drop(),
         nn.Linear(hidden, n_outputs),
     ]
     return nn.Sequential(*layers)
 
 
 def build_model(
-    name: str, input_shape: Sequence[int], n_outputs: int, *, seed: int = 0
+    name: str,
+    input_shape: Sequence[int],
+    n_outputs: int,
+    *,
+    seed: int = 0,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """Build one of :data:`MODELS` with a seeded initialisation.
 
@@ -113,6 +131,7 @@ def build_model(
         input_shape: Shape of one input.
         n_outputs: Number of classes or regression outputs.
         seed: Seed of the initial weights.
+        dropout: Dropout rate (for MC dropout); 0 adds no dropout modules.
 
     Returns:
         The freshly initialised network.
@@ -125,8 +144,8 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "mlp":
-            return mlp(input_shape, n_outputs)
-        return cnn(input_shape, n_outputs)
+            return mlp(input_shape, n_outputs, dropout=dropout)
+        return cnn(input_shape, n_outputs, dropout=dropout)
 
 
 def train_map(
@@ -206,3 +225,8 @@ def _check_sizes(
             f"n_outputs and hidden sizes must be positive, got n_outputs="
             f"{n_outputs} and hidden={tuple(hidden)}."
         )
+
+
+def _check_dropout(dropout: float) -> None:
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")

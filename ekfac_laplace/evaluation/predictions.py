@@ -31,6 +31,7 @@ from ekfac_laplace.evaluation.metrics import (
     RegressionPredictions,
     metrics_of,
 )
+from ekfac_laplace.evaluation.peers import Predictive
 from ekfac_laplace.factors import LIKELIHOODS
 
 PRED_TYPES = ("glm", "nn")
@@ -53,6 +54,13 @@ def _resolve_likelihood(predictor: object, likelihood: str | None) -> str:
                 f"likelihood {own!r}; leave likelihood=None."
             )
         return own
+    if isinstance(predictor, Predictive):
+        if likelihood is not None and likelihood != predictor.likelihood:
+            raise ValueError(
+                f"likelihood={likelihood!r} disagrees with the predictive's "
+                f"likelihood {predictor.likelihood!r}; leave likelihood=None."
+            )
+        return predictor.likelihood
     if isinstance(predictor, nn.Module):
         if likelihood is None:
             raise ValueError(
@@ -62,8 +70,8 @@ def _resolve_likelihood(predictor: object, likelihood: str | None) -> str:
         check_choice("likelihood", likelihood, LIKELIHOOD_NAMES)
         return likelihood
     raise TypeError(
-        "predictor must be a fitted laplace-torch Laplace object or an nn.Module, "
-        f"got {type(predictor).__name__}."
+        "predictor must be a fitted laplace-torch Laplace object, an nn.Module or "
+        f"an evaluation.peers.Predictive, got {type(predictor).__name__}."
     )
 
 
@@ -71,11 +79,14 @@ def _check_sigma_noise(
     predictor: object, likelihood: str, sigma_noise: float | None
 ) -> None:
     """A Laplace object has its own σ; a MAP regressor needs one; classifiers none."""
-    if isinstance(predictor, BaseLaplace):
+    if isinstance(predictor, BaseLaplace | Predictive):
         if sigma_noise is not None:
+            owner = "Laplace object (la.sigma_noise)"
+            if isinstance(predictor, Predictive):
+                owner = f"{type(predictor).__name__} predictive"
             raise ValueError(
-                "sigma_noise is read from the Laplace object (la.sigma_noise); leave "
-                f"sigma_noise=None, got {sigma_noise!r}."
+                f"sigma_noise is read from the {owner}; leave sigma_noise=None, got "
+                f"{sigma_noise!r}."
             )
         return
     if likelihood == "classification":
@@ -132,7 +143,7 @@ def _module_forward(
 
 
 def predict(
-    predictor: BaseLaplace | nn.Module,
+    predictor: BaseLaplace | nn.Module | Predictive,
     loader: Iterable[Any],
     *,
     likelihood: str | None = None,
@@ -154,7 +165,7 @@ def predict(
     results are returned on the CPU.
 
     Args:
-        predictor: A fitted Laplace object or a plain network.
+        predictor: A fitted Laplace object, a plain network or a peer predictive.
         loader: Batches ``(x, y)``, or dicts (Hugging Face style) passed whole to
             the model as laplace-torch does, with targets under ``la.dict_key_y``
             (``"labels"`` for a plain network).
@@ -194,15 +205,18 @@ def predict(
             f"{likelihood}, got {n_samples}."
         )
     if isinstance(predictor, BaseLaplace):
-        model = predictor.model
         key_y, key_x = predictor.dict_key_y, predictor.dict_key_x
         forward = _laplace_forward(
             predictor, likelihood, pred_type, link_approx, n_samples
         )
+        device = _device(predictor.model)
+    elif isinstance(predictor, Predictive):
+        key_y, key_x, forward = "labels", None, predictor
+        device = predictor.device
     else:
-        model, key_y, key_x = predictor, "labels", None
+        key_y, key_x = "labels", None
         forward = _module_forward(predictor, likelihood, sigma_noise)
-    device = _device(model)
+        device = _device(predictor)
 
     def collect() -> list[tuple[Tensor, ...]]:
         outputs = []
@@ -259,7 +273,7 @@ def _batch_regression(
 
 
 def evaluate(
-    predictor: BaseLaplace | nn.Module,
+    predictor: BaseLaplace | nn.Module | Predictive,
     loader: Iterable[Any],
     *,
     likelihood: str | None = None,

@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from ekfac_laplace.evaluation import data, shifts
 from ekfac_laplace.evaluation.comparison import EvaluationData
 
-DATASETS = ("digits", "moons", "toy1d", "diabetes")
+DATASETS = ("digits", "noisy-digits", "moons", "toy1d", "diabetes")
+#: The data sets of 8×8 images, with OOD patches and rotation / noise shifts.
+IMAGE_DATASETS = ("digits", "noisy-digits")
 
 
 @dataclass
@@ -29,8 +31,9 @@ class Problem:
         train_loader: Shuffled (seeded) training batches.
         val_loader: Validation batches.
         test_loader: Test batches.
-        ood_loader: Out-of-distribution inputs (digits only).
-        shift_loaders: ``{kind: {strength: loader}}`` shifted test sets (digits only).
+        ood_loader: Out-of-distribution inputs (the image data sets only).
+        shift_loaders: ``{kind: {strength: loader}}`` shifted test sets (the image
+            data sets only).
     """
 
     name: str
@@ -70,13 +73,15 @@ def load_problem(name: str, seed: int = 0, batch_size: int = 64) -> Problem:
         batch_size: Batch size of every loader.
 
     Returns:
-        The problem; digits adds the OOD patches and the rotation / noise shifts.
+        The problem; the image data sets add the OOD patches and the rotation /
+        noise shifts.
 
     Raises:
         ValueError: For an unknown name.
     """
     loaders = {
         "digits": data.load_digits_splits,
+        "noisy-digits": data.load_noisy_digits_splits,
         "moons": data.two_moons,
         "toy1d": data.toy_regression_1d,
         "diabetes": data.load_diabetes_splits,
@@ -101,7 +106,7 @@ def load_problem(name: str, seed: int = 0, batch_size: int = 64) -> Problem:
         loader(splits.val),
         loader(splits.test),
     )
-    if name == "digits":
+    if name in IMAGE_DATASETS:
         problem.ood_loader = loader(shifts.load_ood_patches(seed=seed))
         problem.shift_loaders = {
             kind: {

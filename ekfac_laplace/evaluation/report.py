@@ -28,7 +28,8 @@ class ComparisonRow:
 
     Attributes:
         candidate: The candidate's name (its spec).
-        subset_of_weights: ``"last_layer"``, ``"all"`` or ``None`` (MAP).
+        subset_of_weights: ``"last_layer"``, ``"all"`` or ``None`` (the MAP and
+            its peers).
         hessian_structure: The Hessian structure or ``None`` (MAP).
         backend: ``"ggn"``, ``"mc"``, ``"ef"`` or ``None`` (MAP).
         status: ``"ok"`` or ``"failed"``.
@@ -41,11 +42,16 @@ class ComparisonRow:
             over its resident memory before (freed heap is returned to the OS
             first, so earlier candidates do not hide it; ``None`` where ``/proc``
             cannot measure it).
+        prior_tuning: How the prior precision was tuned (Laplace rows).
         prior_precision: Tuned prior precision: a float, or one per parameter tensor.
         log_marginal_likelihood: Laplace evidence at the tuned prior.
+        temperature: The fitted temperature of ``"map_ts"`` (for regression
+            ``σ_val / σ``).
         val: Validation metrics.
         test: Test metrics (with OOD detection when an OOD set was given).
         shift: ``shift[kind][strength]`` metrics on shifted test sets.
+        sweep: The prior sweep (:func:`~ekfac_laplace.evaluation.priors.sweep_prior`):
+            one flat record per prior precision; empty without one.
     """
 
     candidate: str
@@ -59,11 +65,14 @@ class ComparisonRow:
     tune_seconds: float | None = None
     predict_seconds: float | None = None
     fit_memory_mib: float | None = None
+    prior_tuning: str | None = None
     prior_precision: float | list[float] | None = None
     log_marginal_likelihood: float | None = None
+    temperature: float | None = None
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     shift: dict[str, dict[float, dict[str, float]]] = field(default_factory=dict)
+    sweep: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -95,8 +104,10 @@ class ComparisonRow:
             "tune_seconds": self.tune_seconds,
             "predict_seconds": self.predict_seconds,
             "fit_memory_mib": self.fit_memory_mib,
+            "prior_tuning": self.prior_tuning,
             "prior_precision": prior,
             "log_marginal_likelihood": self.log_marginal_likelihood,
+            "temperature": self.temperature,
         }
         record.update({f"val_{key}": value for key, value in self.val.items()})
         for key, value in self.test.items():
@@ -269,6 +280,7 @@ class Comparison:
 TABLE_COLUMNS = (
     "fit_seconds",
     "fit_memory_mib",
+    "prior_tuning",
     "prior_precision",
     "log_marginal_likelihood",
     "val_nll",
@@ -343,7 +355,7 @@ def select(rows: Sequence[ComparisonRow], by: str = "evidence") -> Selection:
         subsets = {
             row.subset_of_weights
             for row in rows
-            if row.ok and not row.candidate == "map"
+            if row.ok and row.subset_of_weights is not None
         }
         if len(subsets) > 1:
             reason += (

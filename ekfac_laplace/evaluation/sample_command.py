@@ -47,7 +47,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from ekfac_laplace.evaluation.figures import write_sample_plot
     from ekfac_laplace.evaluation.sampling import check_samples
 
-    n_steps = 4 + (args.checkpoint is None) + (not args.no_plots)
+    n_steps = 4 + (args.checkpoint is None and args.epochs > 0) + (not args.no_plots)
     with progress_bar(args, n_steps) as bar:
         problem, model = problem_and_model(args, bar)
         la = _fitted_ekfac(args, model, problem, bar)
@@ -59,7 +59,7 @@ def run_sample(args: argparse.Namespace) -> int:
         with step(bar, "test predictives"):
             predictions, metrics = _sample_predictives(args, model, la, problem)
         summary = {
-            "dataset": args.dataset,
+            "dataset": problem.name,
             "model": args.model,
             "subset_of_weights": args.subset,
             "n_params": int(la.n_params),

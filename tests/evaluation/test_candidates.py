@@ -28,7 +28,7 @@ def test_candidate_parse():
     for bad in ("all", "some_kron", "all_block", "ll_kron:hessian", "all_ekfac:"):
         with pytest.raises(ValueError, match="Unknown candidate"):
             Candidate.parse(bad)
-    with pytest.raises(ValueError, match="no Laplace approximation"):
+    with pytest.raises(ValueError, match="not a Laplace approximation"):
         Candidate.parse("map").build(nn.Linear(2, 2), "classification")
 
 
@@ -76,3 +76,38 @@ def test_ekfac_with_a_low_rank_correction_and_exact_blocks():
     for bad in ("all_kron+lr8", "all_ekfac+lr0", "all_ekfac+lr8+lr4", "all_ekfac+x"):
         with pytest.raises(ValueError, match="ekfac\\+lr<k>"):
             Candidate.parse(bad)
+
+
+def test_peers_and_prior_tunings_parse():
+    ts = Candidate.parse("map_ts")
+    assert ts.peer == "temperature" and ts.is_peer and not ts.is_map
+    assert not ts.is_laplace
+    ensemble = Candidate.parse("ensemble5")
+    assert (ensemble.peer, ensemble.members) == ("ensemble", 5)
+    assert Candidate.parse("mc_dropout").dropout == 0.1
+    assert Candidate.parse("mc_dropout:0.25").dropout == 0.25
+    tuned = Candidate.parse("all_ekfac+exact500:mc@marglik")
+    assert tuned.prior_tuning == "marglik" and tuned.backend == "mc"
+    assert tuned.dense_blocks_up_to == 500
+    assert tuned.fit_name == "all_ekfac+exact500:mc"
+    assert Candidate.parse("all_ekfac").prior_tuning is None
+    assert Candidate.parse("map").is_map and not Candidate.parse("map").is_peer
+    for bad, match in (
+        ("ensemble1", "M ≥ 2"),
+        ("ensemble", "M ≥ 2"),
+        ("mc_dropout:1.5", "0 < p < 1"),
+        ("mc_dropout:often", "0 < p < 1"),
+        ("all_ekfac@bayes", "Unknown prior tuning 'bayes'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Candidate.parse(bad)
+    with pytest.raises(ValueError, match="'map_ts' candidate is not a Laplace"):
+        ts.build(None, "classification")
+
+
+def test_default_candidates_have_both_priors_for_every_laplace_candidate():
+    from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, DEFAULT_LAPLACE
+
+    assert DEFAULT_CANDIDATES[:2] == ("map", "map_ts")
+    for base in DEFAULT_LAPLACE:
+        assert base in DEFAULT_CANDIDATES and f"{base}@marglik" in DEFAULT_CANDIDATES

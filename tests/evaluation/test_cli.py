@@ -34,7 +34,7 @@ def test_compare_digits_writes_table_files_and_plots(tmp_path, capsys):
     )
     assert status == 0
     printed = capsys.readouterr().out
-    assert "all_ekfac" in printed and "Recommended (evidence)" in printed
+    assert "all_ekfac" in printed and "Recommended (val_nll)" in printed
     payload = json.loads((out / "results.json").read_text())
     assert [row["candidate"] for row in payload["rows"]] == [
         "map",
@@ -43,7 +43,11 @@ def test_compare_digits_writes_table_files_and_plots(tmp_path, capsys):
     ]
     assert all(row["status"] == "ok" for row in payload["rows"])
     assert payload["config"]["dataset"] == "digits"
-    assert payload["config"]["selection"]["candidate"] in ("ll_kron", "all_ekfac")
+    assert payload["config"]["selection"]["candidate"] in (
+        "map",
+        "ll_kron",
+        "all_ekfac",
+    )
     record = payload["records"][2]
     for key in ("test_nll", "test_ece", "ood_auroc_entropy", "shift_rotation_nll"):
         assert isinstance(record[key], float), key
@@ -123,7 +127,18 @@ def test_compare_moons_gridsearch_and_toy_regression_plots(tmp_path):
         ),
         (["compare", "--candidates", "ll_lowrank"], "diag, kron, ekfac, full"),
         (["compare", "--candidates", "map", "map"], "lists a candidate twice"),
-        (["compare", "--epochs", "0"], "expected a positive integer, got 0"),
+        (["compare", "--epochs", "-1"], "expected a non-negative integer, got -1"),
+        (["compare", "--epochs", "0"], "--epochs 0 would evaluate an untrained mlp"),
+        (["compare", "--data", "missing.pt"], "--data missing.pt is not a file"),
+        (["compare", "--model", "resnet"], "neither a reference model"),
+        (["compare", "--model", "no_such_module:build"], "no_such_module"),
+        (["compare", "--val-tolerance", "-1"], "non-negative finite number"),
+        (["compare", "--candidates", "ensemble1"], "M ≥ 2"),
+        (["compare", "--candidates", "all_ekfac@often"], "Unknown prior tuning"),
+        (
+            ["compare", "--prior-structure", "layerwise"],
+            "--prior-tuning validation tunes a scalar prior",
+        ),
         (["compare", "--dataset", "mnist"], "invalid choice: 'mnist'"),
         (["compare", "--checkpoint", "missing.pt"], "is not a file"),
         (

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from laplace import Laplace
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ekfac_laplace.evaluation.candidates import DEFAULT_CANDIDATES, Candidate
@@ -35,7 +36,8 @@ def _compare(
     shift_loaders=None,
     **settings,
 ):
-    """compare with the evaluation settings as keywords."""
+    """compare with the evaluation settings as keywords (marglik unless told)."""
+    settings = {"prior_tuning": "marglik", **settings}
     return compare(
         model,
         likelihood,
@@ -308,3 +310,82 @@ def test_rows_are_reproducible_and_leave_the_global_rng(classification):
         model, "classification", train, test, **{**options, "seed": 1}
     ).records()
     assert other_seed[1]["test_nll"] != first[1]["test_nll"]
+
+
+def test_peers_tunings_sharing_a_fit_and_the_sweep(classification):
+    model, train, val, test, _, _ = classification
+    trained = []
+
+    def train_peer(seed: int, dropout: float) -> nn.Module:
+        trained.append((seed, dropout))
+        net = mlp((3,), 3, hidden=(8,), dropout=dropout)
+        return train_map(net, train, "classification", epochs=3, seed=seed)
+
+    comparison = compare(
+        model,
+        "classification",
+        train,
+        test,
+        candidates=[
+            "map_ts",
+            "ensemble3",
+            "mc_dropout:0.2",
+            "ll_ekfac",
+            "ll_ekfac@marglik",
+            "all_ekfac",
+        ],
+        val_loader=val,
+        settings=EvaluationSettings(
+            prior_grid=(0.1, 1.0, 10.0),
+            sweep_grid=(0.5, 5.0),
+            sweep_candidates=["ll_ekfac"],
+            marglik_steps=5,
+        ),
+        train_peer=train_peer,
+    )
+    assert all(row.ok for row in comparison.rows), comparison.table()
+    assert trained == [(1, 0.0), (2, 0.0), (0, 0.2)]  # the MAP is member 0
+    ts = comparison.row("map_ts")
+    assert ts.temperature > 0 and ts.prior_precision is None
+    assert ts.record()["temperature"] == ts.temperature
+    assert comparison.row("ensemble3").n_params == 3 * sum(
+        p.numel() for p in model.parameters()
+    )
+    tuned, marglik = comparison.row("ll_ekfac"), comparison.row("ll_ekfac@marglik")
+    assert (tuned.prior_tuning, marglik.prior_tuning) == ("validation", "marglik")
+    assert tuned.fit_seconds == marglik.fit_seconds  # one fit, shared
+    assert tuned.prior_precision in (0.1, 1.0, 10.0)
+    assert [p["prior_precision"] for p in tuned.sweep] == [0.5, 5.0]
+    assert marglik.sweep is tuned.sweep
+    assert comparison.row("all_ekfac").sweep == []  # not among sweep_candidates
+    assert "prior_tuning" in comparison.table()
+
+
+def test_peers_and_validation_rules_say_what_they_need(classification):
+    model, train, val, test, _, _ = classification
+    comparison = compare(
+        model,
+        "classification",
+        train,
+        test,
+        candidates=["map_ts", "ensemble2", "ll_ekfac@marglik"],
+        settings=EvaluationSettings(prior_tuning="marglik", marglik_steps=5),
+    )
+    ts, ensemble, laplace = comparison.rows
+    assert "fits its temperature on validation data" in ts.error
+    assert "pass compare(..., train_peer=...)" in ensemble.error
+    assert laplace.ok
+    with pytest.raises(ValueError, match="'validation' needs val_loader"):
+        compare(model, "classification", train, test, candidates=["ll_ekfac"])
+    with pytest.raises(ValueError, match="tune a scalar prior"):
+        compare(
+            model,
+            "classification",
+            train,
+            test,
+            candidates=["ll_ekfac@gridsearch"],
+            val_loader=val,
+            settings=EvaluationSettings(
+                prior_tuning="marglik", prior_structure="layerwise"
+            ),
+        )

@@ -228,3 +228,34 @@ def test_grid_and_moons_errors():
         two_moons(1)
     with pytest.raises(ValueError, match="noise must be a finite non-negative"):
         two_moons(noise=-0.2)
+
+
+def test_noisy_digits_few_examples_and_noisy_labels_in_every_split():
+    from ekfac_laplace.evaluation.data import load_noisy_digits_splits
+
+    clean = load_digits_splits(0)
+    noisy = load_noisy_digits_splits(0, n_train=300, label_noise=0.2)
+    assert len(noisy.train) == 300 and noisy.n_outputs == 10
+    assert torch.bincount(noisy.train.tensors[1], minlength=10).min() > 15
+    for split in ("val", "test"):
+        images, labels = getattr(noisy, split).tensors
+        clean_images, clean_labels = getattr(clean, split).tensors
+        assert torch.equal(images, clean_images)  # the same images
+        flipped = (labels != clean_labels).float().mean()
+        assert 0.12 < flipped < 0.28  # every flipped label changed class
+    # the training images are a subset of the digits training images
+    clean_train = {tuple(x.flatten().tolist()) for x in clean.train.tensors[0]}
+    assert all(
+        tuple(x.flatten().tolist()) in clean_train for x in noisy.train.tensors[0]
+    )
+    again = load_noisy_digits_splits(0, n_train=300, label_noise=0.2)
+    assert torch.equal(again.test.tensors[1], noisy.test.tensors[1])
+    other = load_noisy_digits_splits(1, n_train=300, label_noise=0.2)
+    assert not torch.equal(other.train.tensors[1], noisy.train.tensors[1])
+    exact = load_noisy_digits_splits(0, n_train=len(clean.train), label_noise=0.0)
+    assert torch.equal(exact.test.tensors[1], clean.test.tensors[1])
+    assert "20% of the labels" in noisy.description
+    with pytest.raises(ValueError, match="n_train must be between 10"):
+        load_noisy_digits_splits(0, n_train=5)
+    with pytest.raises(ValueError, match="label_noise must be in"):
+        load_noisy_digits_splits(0, label_noise=0.95)

@@ -70,3 +70,18 @@ def test_train_map_lowers_the_loss_for_both_likelihoods():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_dropout_adds_dropout_modules_and_keeps_the_initialisation():
+    plain = build_model("mlp", (1, 8, 8), 10, seed=3)
+    dropped = build_model("mlp", (1, 8, 8), 10, seed=3, dropout=0.2)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    rates = [m.p for m in dropped.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.2, 0.2]
+    for p, q in zip(plain.parameters(), dropped.parameters()):
+        assert torch.equal(p, q)
+    conv = build_model("cnn", (1, 8, 8), 10, dropout=0.1)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in conv.modules()) == 2
+    assert conv(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        mlp((2,), 2, dropout=1.0)

@@ -246,7 +246,9 @@ def test_predict_option_errors():
         predict(model, loader, likelihood="regression", sigma_noise=-1.0)
     with pytest.raises(ValueError, match="n_samples must be an integer, got 2.0"):
         predict(model, loader, likelihood="classification", n_samples=2.0)
-    with pytest.raises(TypeError, match="Laplace object or an nn.Module, got str"):
+    with pytest.raises(
+        TypeError, match="an nn.Module or an evaluation.peers.Predictive, got str"
+    ):
         predict("model", loader, likelihood="classification")
 
 

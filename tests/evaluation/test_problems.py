@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ekfac_laplace.evaluation.comparison import EvaluationData
-from ekfac_laplace.evaluation.problems import DATASETS, load_problem
+from ekfac_laplace.evaluation.problems import DATASETS, IMAGE_DATASETS, load_problem
 from ekfac_laplace.evaluation.shifts import SHIFTS
 
 
@@ -22,7 +22,7 @@ def test_every_problem_loads_with_its_evaluation_sets(name):
         assert loader.dataset is split and loader.batch_size == 32
     data = problem.evaluation_data()
     assert isinstance(data, EvaluationData) and data.test_loader is problem.test_loader
-    if name == "digits":
+    if name in IMAGE_DATASETS:
         assert len(problem.ood_loader.dataset) == 500
         assert {k: sorted(v) for k, v in problem.shift_loaders.items()} == {
             k: sorted(v) for k, v in SHIFTS.items()
