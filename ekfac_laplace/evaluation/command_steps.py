@@ -154,9 +154,16 @@ def build_network(
     splits = problem.splits
     function = getattr(args, "model_function", None)
     if function is None:
-        return build_model(
-            args.model, splits.input_shape, splits.n_outputs, seed=seed, dropout=dropout
-        )
+        try:
+            return build_model(
+                args.model,
+                splits.input_shape,
+                splits.n_outputs,
+                seed=seed,
+                dropout=dropout,
+            )
+        except ValueError as error:
+            raise UsageError(f"--model {args.model}: {error}") from None
     from ekfac_laplace.evaluation.user_inputs import build_user_model
 
     try:

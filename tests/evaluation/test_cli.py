@@ -14,6 +14,7 @@ import ekfac_laplace
 from ekfac_laplace.evaluation import cli, models
 from ekfac_laplace.evaluation.candidates import Candidate
 from ekfac_laplace.evaluation.cli import COMPARE_DURATION, main
+from ekfac_laplace.evaluation.settings import DEFAULT_SWEEP_GRID
 from tests.evaluation.commands import QUICK, Terminal
 from tests.evaluation.images import image_ok
 
@@ -323,3 +324,121 @@ def test_unusable_files_and_values_are_refused_before_any_work(
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "marker").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "junk.pt"]
+
+
+USER_MODELS = """
+import torch
+from torch import nn
+
+
+def build(input_shape, n_outputs, dropout=0.0):
+    layers = [nn.Flatten(), nn.Linear(input_shape[0], 16), nn.Tanh()]
+    layers += [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(*layers, nn.Linear(16, n_outputs))
+
+
+def trained():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3))
+"""
+
+
+def _user_files(tmp_path, likelihood="classification"):
+    from ekfac_laplace.evaluation.user_inputs import save_data_file
+
+    (tmp_path / "my_models.py").write_text(USER_MODELS)
+    generator = torch.Generator().manual_seed(0)
+
+    def split(n):
+        X = torch.randn(n, 4, generator=generator)
+        if likelihood == "classification":
+            return X, (X[:, 0] > 0).long() + (X[:, 1] > 1).long()
+        return X, X[:, :1].sin() + 0.1 * torch.randn(n, 1, generator=generator)
+
+    extra = {"ood": 4 * torch.randn(20, 4, generator=generator)}
+    if likelihood == "regression":
+        extra = {}
+    return save_data_file(
+        tmp_path / "my_data.pt",
+        train=split(80),
+        val=split(30),
+        test=split(40),
+        shift={"scaled": {2.0: split(40)}} if likelihood == "classification" else None,
+        **extra,
+    )
+
+
+def test_compare_runs_a_users_model_and_data_in_one_command(
+    tmp_path, monkeypatch, capsys
+):
+    data = _user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    status = main(
+        [
+            "compare",
+            "--data",
+            str(data),
+            "--model",
+            "my_models:build",
+            "--epochs",
+            "5",
+            "--quiet",
+            "--candidates",
+            "map",
+            "map_ts",
+            "ensemble2",
+            "mc_dropout",
+            "all_ekfac",
+            "all_ekfac@marglik",
+        ]
+    )
+    assert status == 0, capsys.readouterr()
+    out = tmp_path / "ekfac-laplace-results" / "compare" / "my_data"
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["dataset"] == "my_data"
+    assert payload["config"]["data_file"] == str(data)
+    rows = {row["candidate"]: row for row in payload["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert rows["all_ekfac"]["prior_tuning"] == "validation"
+    assert rows["all_ekfac@marglik"]["prior_tuning"] == "marglik"
+    assert "ood_auroc_entropy" in payload["records"][0]
+    assert "shift_scaled_nll" in payload["records"][0]
+    assert len(rows["all_ekfac"]["sweep"]) == len(DEFAULT_SWEEP_GRID)
+    for name in ("prior_tradeoff", "prior_sweep", "reliability"):
+        assert image_ok(out / f"{name}.png"), name
+
+
+def test_a_trained_user_model_as_it_comes_and_regression_data(
+    tmp_path, monkeypatch, capsys
+):
+    data = _user_files(tmp_path, "regression")
+    monkeypatch.chdir(tmp_path)
+    argv = ["compare", "--data", str(data), "--quiet", "--no-plots"]
+    argv += ["--model", f"{tmp_path / 'my_models.py'}:build", "--epochs", "3"]
+    assert main([*argv, "--candidates", "map", "map_ts", "ll_ekfac"]) == 0
+    printed = capsys.readouterr().out
+    assert "my_data.pt (regression" in printed
+    # --epochs 0 takes the network as its function returns it: no training
+    data = _user_files(tmp_path)
+    argv = ["compare", "--data", str(data), "--model", "my_models:trained"]
+    argv += ["--epochs", "0", "--quiet", "--no-plots", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--candidates", "map", "all_ekfac", "ensemble2"]) == 0
+    payload = json.loads((tmp_path / "o" / "results.json").read_text())
+    rows = {row["candidate"]: row for row in payload["rows"]}
+    assert rows["all_ekfac"]["status"] == "ok"
+    assert "--epochs 0 takes the MAP network as it comes" in rows["ensemble2"]["error"]
+
+
+def test_user_inputs_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    data = _user_files(tmp_path)
+    (tmp_path / "junk.pt").write_text("not a tensor file")
+    monkeypatch.chdir(tmp_path)
+    for argv, message in (
+        (["--data", "junk.pt"], "--data: Data file"),
+        (["--data", str(data), "--dataset", "digits"], "give one"),
+        (["--data", str(data), "--model", "my_models:missing"], "missing"),
+        (["--data", str(data), "--model", "cnn"], "--model cnn"),
+    ):
+        assert main(["compare", "--quiet", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
