@@ -5,7 +5,8 @@ train the MAP network as ``ekfac-laplace compare`` does, fit the Laplace candida
 and evaluate each at every prior precision of the validation grid (the sweep of
 :func:`ekfac_laplace.evaluation.priors.sweep_prior`). Then apply every prior rule to
 the sweep's validation NLL — the marginal likelihood, the best validation NLL, and
-the widest prior within a tolerance ``τ`` of it — and report, per rule, the test NLL
+the widest prior within a tolerance of it (relative, a fraction of the best, or
+absolute, in nats per example) — and report, per rule, the test NLL
 / ECE, the shift NLL and the OOD AUROC at the prior it picks, averaged over seeds,
 beside the MAP and the temperature-scaled MAP.
 
@@ -29,7 +30,6 @@ import torch
 
 from ekfac_laplace.evaluation.comparison import compare
 from ekfac_laplace.evaluation.models import build_model, train_map
-from ekfac_laplace.evaluation.priors import widest_within
 from ekfac_laplace.evaluation.problems import load_problem
 from ekfac_laplace.evaluation.settings import DEFAULT_PRIOR_GRID, EvaluationSettings
 
@@ -39,7 +39,10 @@ LAPLACE = ("ll_ekfac", "all_ekfac", "all_ekfac+exact1000")
 #: (checked on digits MLP, seed 0, with the whole grid), and each prior costs a
 #: predictive on every set.
 SWEEP_GRID = tuple(p for p in DEFAULT_PRIOR_GRID if p >= 0.99e-2)
-TOLERANCES = (0.0, 0.02, 0.05, 0.1, 0.2)
+#: Relative tolerances (a fraction of the best validation NLL) ...
+RELATIVE = (0.02, 0.05, 0.1)
+#: ... and absolute ones (nats per example) of the validation rule.
+ABSOLUTE = (0.002, 0.005, 0.01, 0.02)
 METRICS = ("test_nll", "test_ece", "shift_nll", "ood_auroc_entropy")
 RESULTS = Path(__file__).parent / "results"
 
@@ -77,14 +80,19 @@ def run_one(problem_name: str, model_name: str, seed: int) -> dict[str, Any]:
             continue
         curve = {point["prior_precision"]: point for point in row.sweep}
         val = {prior: point["val_nll"] for prior, point in curve.items()}
+        best = min(val.values())
         rules = {"marglik": {**{key: record[key] for key in METRICS}}}
         rules["marglik"]["prior"] = row.prior_precision
-        for tolerance in TOLERANCES:
-            prior = widest_within(val, tolerance)
-            rules[f"val{tolerance:g}"] = {
+        limits = {"val_best": best}
+        limits |= {f"val_rel{t:g}": best * (1 + t) for t in RELATIVE}
+        limits |= {f"val_abs{t:g}": best + t for t in ABSOLUTE}
+        for rule, limit in limits.items():
+            prior = min(p for p, nll in val.items() if nll <= limit)
+            rules[rule] = {
                 "prior": prior,
                 **{key: curve[prior][key] for key in METRICS},
             }
+        rules["sweep"] = row.sweep
         out[row.candidate] = rules
     return out
 
@@ -111,7 +119,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> str:
                     f"| {candidate} | - | - | " + " | ".join(map(cell, values)) + " |"
                 )
                 continue
-            for rule in entry:
+            for rule in (r for r in entry if r != "sweep"):
                 values = [[run[candidate][rule][m] for run in seeds] for m in METRICS]
                 priors = [run[candidate][rule]["prior"] for run in seeds]
                 geo = math.exp(statistics.fmean(math.log(p) for p in priors))
@@ -143,7 +151,12 @@ def main() -> None:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"seeds": args.seeds, "tolerances": TOLERANCES, "runs": runs}
+    payload = {
+        "seeds": args.seeds,
+        "relative": RELATIVE,
+        "absolute": ABSOLUTE,
+        "runs": runs,
+    }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     table = summarise(runs)
     out.with_suffix(".md").write_text(table)

@@ -8,6 +8,12 @@ curvature) imports nothing from here. One concern per module:
 - :mod:`~ekfac_laplace.evaluation.predictions`: running a predictor over a loader
   (:func:`predict`, :func:`evaluate`);
 - :mod:`~ekfac_laplace.evaluation.candidates`: the candidates of a comparison;
+- :mod:`~ekfac_laplace.evaluation.settings`: how a comparison tunes and evaluates,
+  and on which data;
+- :mod:`~ekfac_laplace.evaluation.peers`: temperature scaling, deep ensembles, MC
+  dropout — the predictives Laplace is compared with;
+- :mod:`~ekfac_laplace.evaluation.priors`: the prior rules (:func:`tune_prior`) and
+  the prior sweep;
 - :mod:`~ekfac_laplace.evaluation.comparison`: fit, tune, evaluate each
   (:func:`compare`);
 - :mod:`~ekfac_laplace.evaluation.report`: its rows, tables, files and
@@ -21,8 +27,11 @@ curvature) imports nothing from here. One concern per module:
 - :mod:`~ekfac_laplace.evaluation.models`: reference networks and MAP training;
 - :mod:`~ekfac_laplace.evaluation.plotting`,
   :mod:`~ekfac_laplace.evaluation.regression_plots`,
-  :mod:`~ekfac_laplace.evaluation.figures`: single classification and regression
-  plots (matplotlib) and the figures of a run;
+  :mod:`~ekfac_laplace.evaluation.prior_plots`,
+  :mod:`~ekfac_laplace.evaluation.figures`: single classification, regression and
+  prior trade-off plots (matplotlib) and the figures of a run;
+- :mod:`~ekfac_laplace.evaluation.user_inputs`: a user's own model function and
+  data file for the command line;
 - :mod:`~ekfac_laplace.evaluation.cli`, :mod:`~ekfac_laplace.evaluation.sample_command`,
   :mod:`~ekfac_laplace.evaluation.command_steps`: the ``ekfac-laplace`` command, its
   ``sample`` command, and what both commands share.
@@ -48,7 +57,9 @@ from ekfac_laplace.evaluation.metrics import (
     metrics_of,
     regression_metrics,
 )
+from ekfac_laplace.evaluation.peers import DeepEnsemble, MCDropout, TemperatureScaled
 from ekfac_laplace.evaluation.predictions import evaluate, predict
+from ekfac_laplace.evaluation.priors import sweep_prior
 from ekfac_laplace.evaluation.report import Comparison, ComparisonRow, Selection, select
 from ekfac_laplace.evaluation.structures import StructureSelection, select_structures
 
@@ -57,11 +68,14 @@ __all__ = [
     "ClassificationPredictions",
     "Comparison",
     "ComparisonRow",
+    "DeepEnsemble",
     "EvaluationData",
     "EvaluationSettings",
+    "MCDropout",
     "RegressionPredictions",
     "Selection",
     "StructureSelection",
+    "TemperatureScaled",
     "classification_metrics",
     "compare",
     "evaluate",
@@ -71,5 +85,6 @@ __all__ = [
     "residual_noise_scale",
     "select",
     "select_structures",
+    "sweep_prior",
     "tune_prior",
 ]

@@ -238,7 +238,8 @@ def _add_compare_command(commands: Any, common: argparse.ArgumentParser) -> None
         default=DEFAULT_VAL_TOLERANCE,
         metavar="TAU",
         help="the validation rule's tolerance: the widest prior whose validation NLL "
-        f"is at most (1 + TAU) times the best (default {DEFAULT_VAL_TOLERANCE})",
+        "is within TAU nats per example of the best (default "
+        f"{DEFAULT_VAL_TOLERANCE})",
     )
     compare.add_argument(
         "--sweep",

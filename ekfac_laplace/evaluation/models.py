@@ -102,6 +102,7 @@ def cnn(
             nn.MaxPool2d(2),
         ]
         in_channels, height, width = size, height // 2, width // 2
+
     def drop() -> list[nn.Module]:
         return [nn.Dropout(dropout)] if dropout else []
 

@@ -5,8 +5,8 @@ how much in-distribution calibration it trades for robustness under shift and on
 out-of-distribution inputs. :func:`tune_prior` sets it by one of four rules:
 
 - ``"validation"``: the widest prior (smallest ``δ``) of a grid whose validation
-  predictive NLL is at most ``(1 + tolerance)`` times the grid's best,
-  ``δ* = min {δ : NLL_val(δ) ≤ (1 + τ) min_δ' NLL_val(δ')}``;
+  predictive NLL is within ``τ`` nats per example of the grid's best,
+  ``δ* = min {δ : NLL_val(δ) ≤ min_δ' NLL_val(δ') + τ}``;
 - ``"gridsearch"``: the grid's ``δ`` with the lowest validation NLL (``τ = 0``);
 - ``"marglik"``: the maximum of the Laplace evidence (laplace-torch's
   ``optimize_prior_precision``);
@@ -176,12 +176,12 @@ def validation_curve(
 def widest_within(curve: dict[float, float], tolerance: float) -> float:
     """The smallest prior precision whose NLL is within ``tolerance`` of the best.
 
-    ``min {δ : NLL(δ) ≤ NLL* + tolerance · |NLL*|}`` with ``NLL* = min NLL``; with
+    ``min {δ : NLL(δ) ≤ NLL* + tolerance}`` with ``NLL* = min NLL``; with
     ``tolerance = 0`` the best prior (the smallest, on ties).
 
     Args:
         curve: ``{prior precision: NLL}``, not empty.
-        tolerance: Non-negative fraction of the best NLL.
+        tolerance: Non-negative, in the NLL's unit (nats per example).
 
     Returns:
         The prior precision.
@@ -193,8 +193,7 @@ def widest_within(curve: dict[float, float], tolerance: float) -> float:
         raise ValueError("The validation curve is empty.")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be non-negative, got {tolerance!r}.")
-    best = min(curve.values())
-    limit = best + tolerance * abs(best)
+    limit = min(curve.values()) + tolerance
     return min(prior for prior, nll in curve.items() if nll <= limit)
 
 

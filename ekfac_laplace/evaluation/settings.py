@@ -26,8 +26,8 @@ DEFAULT_PRIOR_GRID = tuple(10.0 ** (k / 4) for k in range(-16, 17))
 #: The priors of the trade-off sweep: half decades from 1e-3 to 1e4.
 DEFAULT_SWEEP_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 9))
 #: The validation rule's tolerance: a prior's validation NLL may exceed the best by
-#: this fraction of it.
-DEFAULT_VAL_TOLERANCE = 0.05
+#: this many nats per example (chosen by ``benchmarks/prior_rules.py``).
+DEFAULT_VAL_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class EvaluationSettings:
     """How every candidate of a comparison is tuned and evaluated.
 
     Attributes:
-        prior_tuning: ``"validation"`` (the widest prior of ``prior_grid`` whose
-            validation predictive NLL is within ``val_tolerance`` of the best),
+        prior_tuning: ``"validation"`` (the default: the widest prior of
+            ``prior_grid`` whose validation predictive NLL is within
+            ``val_tolerance`` nats per example of the best),
             ``"marglik"`` (Adam on the log prior, laplace-torch's
             ``optimize_prior_precision``), ``"gridsearch"`` (the prior of
             ``prior_grid`` with the lowest validation *predictive* NLL —
@@ -45,7 +46,7 @@ class EvaluationSettings:
             written ``<spec>@<tuning>`` uses its own.
         prior_structure: ``"scalar"`` or ``"layerwise"`` (marglik only).
         prior_grid: Prior precisions tried by ``"validation"`` and ``"gridsearch"``.
-        val_tolerance: How much worse than the best, as a fraction of the best
+        val_tolerance: How much worse than the best, in nats per example of
             validation NLL, the ``"validation"`` rule's prior may be.
         sweep_grid: Prior precisions at which every Laplace candidate is also
             evaluated (``ComparisonRow.sweep``, the trade-off figure); empty for no
@@ -114,7 +115,7 @@ class EvaluationSettings:
                 )
         if not 0 <= self.val_tolerance < math.inf:
             raise ValueError(
-                f"val_tolerance must be a non-negative fraction, got "
+                f"val_tolerance must be a non-negative number of nats, got "
                 f"{self.val_tolerance!r}."
             )
         if self.pred_type not in PRED_TYPES:
