@@ -31,6 +31,7 @@ SMALL_ARGUMENTS = {
         *("--n-samples", "50", "--n-predictive-samples", "5"),
     ],
     "example_distributed.py": ["--hidden", "8", "--epochs", "2"],
+    "example_own_data.py": ["--epochs", "3"],
     "example_continual.py": [
         *("--n-train", "60", "--hidden", "8", "--epochs", "2"),
         *("--strengths", "1"),
@@ -55,6 +56,12 @@ EXPECTED_OUTPUT = {
     "example_sampling.py": ("last-layer bias", "marginal variances", "NN samples"),
     "example_continual.py": ("A's eigenbasis kept: True", "after B, Laplace s=1"),
     "example_distributed.py": ("1 process: N = 1077", "test set: accuracy"),
+    "example_own_data.py": (
+        "Breast cancer (your classifier)",
+        "Diabetes (your regression model)",
+        "all_ekfac@marglik",
+        "ekfac-laplace compare --data",
+    ),
     "example_lora_transformer.py": (
         "fitted and tuned: LoRA-KFAC, LoRA-EKFAC, LL-EKFAC",
         "shifted test set",
@@ -80,6 +87,7 @@ EXPECTED_FIGURES = {
     "example_sampling.py": ("example-output/sampling/sampling.png",),
     "example_continual.py": ("example-output/continual/continual.png",),
     "example_distributed.py": (),
+    "example_own_data.py": (),
     "example_lora_transformer.py": ("example-output/lora_transformer/reliability.png",),
     "example_laplace_lora.py": ("example-output/laplace_lora/reliability.png",),
 }
