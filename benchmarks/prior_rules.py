@@ -30,8 +30,13 @@ import torch
 
 from ekfac_laplace.evaluation.comparison import compare
 from ekfac_laplace.evaluation.models import build_model, train_map
+from ekfac_laplace.evaluation.priors import widest_within
 from ekfac_laplace.evaluation.problems import load_problem
-from ekfac_laplace.evaluation.settings import DEFAULT_PRIOR_GRID, EvaluationSettings
+from ekfac_laplace.evaluation.settings import (
+    DEFAULT_PRIOR_GRID,
+    DEFAULT_VAL_TOLERANCE,
+    EvaluationSettings,
+)
 
 PROBLEMS = ("digits:mlp", "digits:cnn", "noisy-digits:mlp")
 LAPLACE = ("ll_ekfac", "all_ekfac", "all_ekfac+exact1000")
@@ -45,6 +50,14 @@ RELATIVE = (0.02, 0.05, 0.1)
 ABSOLUTE = (0.002, 0.005, 0.01, 0.02)
 METRICS = ("test_nll", "test_ece", "shift_nll", "ood_auroc_entropy")
 RESULTS = Path(__file__).parent / "results"
+#: Where the docs include the summaries from.
+DOCS_RESULTS = Path(__file__).parents[1] / "docs" / "results"
+SHORT = {
+    "test_nll": "test NLL",
+    "test_ece": "test ECE",
+    "shift_nll": "shift NLL",
+    "ood_auroc_entropy": "OOD AUROC",
+}
 
 
 def run_one(problem_name: str, model_name: str, seed: int) -> dict[str, Any]:
@@ -131,6 +144,65 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def _at_default(run: dict[str, Any], candidate: str) -> dict[str, float]:
+    """The metrics at the package's default rule, from the stored sweep."""
+    sweep = {point["prior_precision"]: point for point in run[candidate]["sweep"]}
+    val = {prior: point["val_nll"] for prior, point in sweep.items()}
+    prior = widest_within(val, DEFAULT_VAL_TOLERANCE)
+    return {"prior": prior, **{key: sweep[prior][key] for key in METRICS}}
+
+
+def docs_tables(runs: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """The two tables of the calibration guide.
+
+    Which posterior for what, and the default rule's choice among the tolerances
+    (all-weights EKFAC).
+    """
+    header = "| problem | predictive | prior | " + " | ".join(SHORT[m] for m in METRICS)
+    summary = [header + " |", "|---|---|---|" + "---|" * len(METRICS)]
+    choice = [header + " |", "|---|---|---|" + "---|" * len(METRICS)]
+    for problem, seeds in runs.items():
+        rows: list[tuple[str, str, list[dict[str, float]]]] = [
+            ("MAP", "-", [run["map"] for run in seeds]),
+            ("MAP, temperature-scaled", "-", [run["map_ts"] for run in seeds]),
+        ]
+        for candidate in ("ll_ekfac", "all_ekfac"):
+            rows.append(
+                (candidate, "default", [_at_default(run, candidate) for run in seeds])
+            )
+            rows.append(
+                (candidate, "marglik", [run[candidate]["marglik"] for run in seeds])
+            )
+        for name, prior, entries in rows:
+            cells = [_cell([entry[m] for entry in entries]) for m in METRICS]
+            summary.append(
+                f"| {problem} | {name} | {prior} | " + " | ".join(cells) + " |"
+            )
+        rules = [r for r in seeds[0]["all_ekfac"] if r != "sweep"]
+        for rule in rules:
+            entries = [run["all_ekfac"][rule] for run in seeds]
+            cells = [_cell([entry[m] for entry in entries]) for m in METRICS]
+            geo = math.exp(statistics.fmean(math.log(e["prior"]) for e in entries))
+            label = rule.replace("val_abs", "val, τ = ").replace(
+                "val_rel", "val, τ% = "
+            )
+            choice.append(
+                f"| {problem} | all_ekfac | {label} (δ ≈ {geo:.3g}) | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return {
+        "calibration_summary.md": "\n".join(summary) + "\n",
+        "prior_rules_choice.md": "\n".join(choice) + "\n",
+    }
+
+
 def main() -> None:
     """Run the problems and seeds, write JSON and Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -138,7 +210,17 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(RESULTS / "prior_rules"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--from-json",
+        action="store_true",
+        help="only rewrite the tables from the JSON of an earlier run",
+    )
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.from_json:
+        runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+        _write_tables(runs, out)
+        return
     torch.set_num_threads(args.threads)
     runs: dict[str, list[dict[str, Any]]] = {}
     for spec in args.problems:
@@ -149,7 +231,6 @@ def main() -> None:
             print(
                 f"{spec} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True
             )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "seeds": args.seeds,
@@ -158,9 +239,17 @@ def main() -> None:
         "runs": runs,
     }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    _write_tables(runs, out)
+
+
+def _write_tables(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
     table = summarise(runs)
     out.with_suffix(".md").write_text(table)
     print(table)
+    if set(runs) == set(PROBLEMS):  # the docs show the full run only
+        for name, text in docs_tables(runs).items():
+            (DOCS_RESULTS / name).write_text(text)
+            print(text)
 
 
 if __name__ == "__main__":

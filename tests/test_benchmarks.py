@@ -216,3 +216,33 @@ def test_layer_check_cost_times_the_check_and_the_fit(tmp_path, capsys):
     assert "| mlp |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "layer_check_cost_quick.json").read_text())
     assert 0 < rows["mlp"]["check_s"] and 0 < rows["mlp"]["share"] < 1
+
+
+def test_prior_rules_tables_apply_the_default_rule_to_the_stored_sweep():
+    """The guide's tables from a run: the default rule read off each sweep."""
+    spec = importlib.util.spec_from_file_location(
+        "prior_rules", BENCHMARK.parent / "prior_rules.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    metrics = dict.fromkeys(module.METRICS, 0.5)
+
+    def laplace(shift: float) -> dict:
+        sweep = [
+            {"prior_precision": p, "val_nll": v, **metrics, "shift_nll": p + shift}
+            for p, v in ((0.1, 0.40), (1.0, 0.303), (10.0, 0.30), (100.0, 0.30))
+        ]
+        return {"marglik": {"prior": 1.0, **metrics}, "sweep": sweep}
+
+    run = {"map": metrics, "map_ts": metrics}
+    runs = {problem: [run | {"ll_ekfac": laplace(0), "all_ekfac": laplace(s)}
+                      for s in (0.0, 1.0)] for problem in module.PROBLEMS}  # fmt: skip
+    # the widest prior within 0.005 nats of the best (0.30): 1.0 (0.303)
+    assert module._at_default(runs["digits:mlp"][0], "all_ekfac")["prior"] == 1.0
+    tables = module.docs_tables(runs)
+    summary = tables["calibration_summary.md"].splitlines()
+    assert summary[0].startswith("| problem | predictive | prior | test NLL |")
+    assert len(summary) == 2 + 6 * len(module.PROBLEMS)
+    default = next(row for row in summary if "all_ekfac | default" in row)
+    assert "1.500 ± 0.707" in default  # shift NLL at δ = 1: 1 and 2 over the seeds
+    assert "MAP, temperature-scaled" in tables["calibration_summary.md"]
