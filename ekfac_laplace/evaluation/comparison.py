@@ -311,7 +311,9 @@ class _CandidateRun:
         ):
             fit.sweep = sweep_prior(la, self.data, settings)
         row.sweep = fit.sweep or []
-        return la
+        # Its own object, so a later row's tuning of the shared fit leaves this
+        # row's prior (in Comparison.fitted) as it was; the curvature is shared.
+        return copy.copy(la)
 
     def _peer(self, train_peer: PeerTrainer | None) -> Predictive:
         """Fit the temperature, or train the ensemble's or MC dropout's networks."""

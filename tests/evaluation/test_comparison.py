@@ -361,6 +361,31 @@ def test_peers_tunings_sharing_a_fit_and_the_sweep(classification):
     assert "prior_tuning" in comparison.table()
 
 
+def test_kept_fits_keep_each_rows_prior(classification):
+    model, train, val, test, _, _ = classification
+    comparison = compare(
+        model,
+        "classification",
+        train,
+        test,
+        candidates=["ll_ekfac", "ll_ekfac@marglik"],
+        val_loader=val,
+        settings=EvaluationSettings(
+            prior_grid=(100.0, 1000.0), marglik_steps=20, keep_fitted=True
+        ),
+    )
+    tuned, marglik = (
+        comparison.fitted["ll_ekfac"],
+        comparison.fitted["ll_ekfac@marglik"],
+    )
+    assert tuned is not marglik and tuned.H is marglik.H  # one fit
+    for name, la in comparison.fitted.items():
+        assert float(la.prior_precision) == comparison.row(name).prior_precision
+    assert float(tuned.prior_precision) != float(marglik.prior_precision)
+    nll = classification_metrics(predict(tuned, test))["nll"]
+    assert nll == pytest.approx(comparison.row("ll_ekfac").test["nll"], rel=1e-12)
+
+
 def test_peers_and_validation_rules_say_what_they_need(classification):
     model, train, val, test, _, _ = classification
     comparison = compare(
