@@ -245,7 +245,7 @@ def _add_compare_command(commands: Any, common: argparse.ArgumentParser) -> None
         "--sweep",
         choices=SWEEPS,
         default="ekfac",
-        help="evaluate Laplace candidates at every prior of a grid (1e-2 ... 1e4) "
+        help="evaluate Laplace candidates at every prior of a grid (1e-3 ... 1e4) "
         "and plot the trade-off between in-distribution and shift / OOD metrics: "
         "ekfac candidates only (default; our Jacobian-free predictive makes each "
         "prior cheap), all (laplace-torch's KFAC / diag / full predictives take "
@@ -468,7 +468,9 @@ def _compare_each(
                     train_peer=train_peer,
                 )
             )
-        bar.update(len(specs) - 1)
+        if len(specs) > 1:
+            bar.update(len(specs) - 1)
+            bar.refresh()
     comparison = parts[0]
     for part in parts[1:]:
         comparison.rows += part.rows

@@ -81,6 +81,7 @@ def step(bar: tqdm, label: str) -> Iterator[None]:
     bar.set_description_str(label)
     yield
     bar.update()
+    bar.refresh()  # steps take seconds: show each one done, whatever tqdm's throttle
 
 
 def problem_and_model(args: argparse.Namespace, bar: tqdm) -> tuple[Problem, nn.Module]:
