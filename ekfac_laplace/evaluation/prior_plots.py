@@ -111,21 +111,7 @@ def tradeoff_curves(
             "δ small", (xs[0], ys[0]), fontsize=6, color=style["color"], alpha=0.8
         )
         for rule, (x, y) in marks.get(name, {}).items():
-            label = None
-            if rule not in labelled_rules:
-                label, _ = f"prior by {rule}", labelled_rules.add(rule)
-            ax.plot(
-                [x],
-                [y],
-                linestyle="none",
-                marker=RULE_MARKERS.get(rule, "o"),
-                markersize=9 if rule == "marglik" else 6,
-                color=style["color"],
-                markeredgecolor="black",
-                markeredgewidth=0.6,
-                label=label,
-                zorder=3,
-            )
+            _mark_rule(ax, x, y, rule, str(style["color"]), labelled_rules)
     for name, (x, y) in (references or {}).items():
         marker, color = reference_style(name)
         ax.plot(
@@ -191,22 +177,8 @@ def prior_curves(
         xs, ys = zip(*points)
         ax.plot(xs, ys, label=name, **style)
         for rule, (prior, value) in marks.get(name, {}).items():
-            label = None
-            if rule not in labelled_rules:
-                label, _ = f"prior by {rule}", labelled_rules.add(rule)
             ax.axvline(prior, color=style["color"], linestyle=":", linewidth=1)
-            ax.plot(
-                [prior],
-                [value],
-                linestyle="none",
-                marker=RULE_MARKERS.get(rule, "o"),
-                markersize=9 if rule == "marglik" else 6,
-                color=style["color"],
-                markeredgecolor="black",
-                markeredgewidth=0.6,
-                label=label,
-                zorder=3,
-            )
+            _mark_rule(ax, prior, value, rule, str(style["color"]), labelled_rules)
     for name, value in (references or {}).items():
         _, color = reference_style(name)
         ax.axhline(value, color=color, linestyle="--", linewidth=1, label=name)
@@ -219,3 +191,23 @@ def prior_curves(
     if title is not None:
         ax.set_title(title)
     return ax
+
+
+def _mark_rule(
+    ax: Axes, x: float, y: float, rule: str, color: str, labelled: set[str]
+) -> None:
+    """A filled marker where a rule's prior lands; the first of each rule labelled."""
+    label = None if rule in labelled else f"prior by {rule}"
+    labelled.add(rule)
+    ax.plot(
+        [x],
+        [y],
+        linestyle="none",
+        marker=RULE_MARKERS.get(rule, "o"),
+        markersize=9 if rule == "marglik" else 6,
+        color=color,
+        markeredgecolor="black",
+        markeredgewidth=0.6,
+        label=label,
+        zorder=3,
+    )

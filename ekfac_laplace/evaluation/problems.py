@@ -89,6 +89,46 @@ def load_problem(name: str, seed: int = 0, batch_size: int = 64) -> Problem:
     if name not in loaders:
         raise ValueError(f"Unknown data set {name!r}; choose one of {DATASETS}.")
     splits = loaders[name](seed=seed)
+    ood, shifted = None, {}
+    if name in IMAGE_DATASETS:
+        ood = shifts.load_ood_patches(seed=seed)
+        shifted = {
+            kind: {
+                strength: shifts.shifted(splits.test, kind, strength, seed=seed)
+                for strength in strengths
+            }
+            for kind, strengths in shifts.SHIFTS.items()
+        }
+    problem = problem_from_splits(
+        name, splits, seed=seed, batch_size=batch_size, ood=ood, shifted=shifted
+    )
+    return problem
+
+
+def problem_from_splits(
+    name: str,
+    splits: data.DataSplits,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    ood: TensorDataset | None = None,
+    shifted: dict[str, dict[float, TensorDataset]] | None = None,
+) -> Problem:
+    """A problem from data sets, each with its loader.
+
+    The training loader shuffles, seeded; the others keep their order.
+
+    Args:
+        name: The problem's name (output folders, titles).
+        splits: Train / validation / test sets.
+        seed: Seed of the training loader's shuffling.
+        batch_size: Batch size of every loader.
+        ood: Out-of-distribution inputs with any labels, or ``None``.
+        shifted: ``{kind: {strength: set}}`` shifted test sets, or ``None``.
+
+    Returns:
+        The problem.
+    """
     generator = torch.Generator().manual_seed(seed)
 
     def loader(dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
@@ -99,20 +139,15 @@ def load_problem(name: str, seed: int = 0, batch_size: int = 64) -> Problem:
             generator=generator if shuffle else None,
         )
 
-    problem = Problem(
+    return Problem(
         name,
         splits,
         loader(splits.train, shuffle=True),
         loader(splits.val),
         loader(splits.test),
+        None if ood is None else loader(ood),
+        {
+            kind: {strength: loader(d) for strength, d in sets.items()}
+            for kind, sets in (shifted or {}).items()
+        },
     )
-    if name in IMAGE_DATASETS:
-        problem.ood_loader = loader(shifts.load_ood_patches(seed=seed))
-        problem.shift_loaders = {
-            kind: {
-                strength: loader(shifts.shifted(splits.test, kind, strength, seed=seed))
-                for strength in strengths
-            }
-            for kind, strengths in shifts.SHIFTS.items()
-        }
-    return problem

@@ -50,11 +50,11 @@ from typing import Any
 import torch
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ekfac_laplace.evaluation.checks import check_positive_int, check_seed
 from ekfac_laplace.evaluation.data import DataSplits
-from ekfac_laplace.evaluation.problems import Problem
+from ekfac_laplace.evaluation.problems import Problem, problem_from_splits
 
 __all__ = [
     "DATA_KEYS",
@@ -717,32 +717,21 @@ def load_data_file(path: Path | str, *, seed: int = 0, batch_size: int = 64) -> 
             f"{'; '.join(extras)}"
         ),
     )
-    generator = torch.Generator().manual_seed(seed)
-
-    def loader(dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-        )
-
-    problem = Problem(
-        data.name or path.stem,
-        splits,
-        loader(splits.train, shuffle=True),
-        loader(splits.val),
-        loader(splits.test),
-    )
+    ood = None
     if data.ood is not None:  # no classes: -1 labels, as the bundled OOD set has
         no_labels = torch.full((len(data.ood),), -1, dtype=torch.long)
-        problem.ood_loader = loader(TensorDataset(data.ood, no_labels))
-    problem.shift_loaders = {
-        kind: {
-            strength: loader(TensorDataset(*pair)) for strength, pair in sets.items()
-        }
-        for kind, sets in data.shift.items()
-    }
+        ood = TensorDataset(data.ood, no_labels)
+    problem = problem_from_splits(
+        data.name or path.stem,
+        splits,
+        seed=seed,
+        batch_size=batch_size,
+        ood=ood,
+        shifted={
+            kind: {strength: TensorDataset(*pair) for strength, pair in sets.items()}
+            for kind, sets in data.shift.items()
+        },
+    )
     return problem
 
 
