@@ -309,7 +309,9 @@ class _CandidateRun:
             and fit.sweep is None
             and (swept is None or candidate.fit_name in swept)
         ):
+            start = time.perf_counter()
             fit.sweep = sweep_prior(la, self.data, settings)
+            row.sweep_seconds = time.perf_counter() - start
         row.sweep = fit.sweep or []
         # Its own object, so a later row's tuning of the shared fit leaves this
         # row's prior (in Comparison.fitted) as it was; the curvature is shared.

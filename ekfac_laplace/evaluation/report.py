@@ -37,7 +37,8 @@ class ComparisonRow:
         n_params: Number of parameters treated as random (all for the MAP).
         fit_seconds: Wall time of ``fit``.
         tune_seconds: Wall time of the prior tuning.
-        predict_seconds: Wall time of the test-set predictive.
+        predict_seconds: Wall time of the predictive on every evaluation set.
+        sweep_seconds: Wall time of the prior sweep (on the row that ran it).
         fit_memory_mib: Growth of the process's peak resident memory during ``fit``
             over its resident memory before (freed heap is returned to the OS
             first, so earlier candidates do not hide it; ``None`` where ``/proc``
@@ -64,6 +65,7 @@ class ComparisonRow:
     fit_seconds: float | None = None
     tune_seconds: float | None = None
     predict_seconds: float | None = None
+    sweep_seconds: float | None = None
     fit_memory_mib: float | None = None
     prior_tuning: str | None = None
     prior_precision: float | list[float] | None = None
@@ -103,6 +105,7 @@ class ComparisonRow:
             "fit_seconds": self.fit_seconds,
             "tune_seconds": self.tune_seconds,
             "predict_seconds": self.predict_seconds,
+            "sweep_seconds": self.sweep_seconds,
             "fit_memory_mib": self.fit_memory_mib,
             "prior_tuning": self.prior_tuning,
             "prior_precision": prior,
