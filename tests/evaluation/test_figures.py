@@ -130,3 +130,83 @@ def test_sample_figure_draws_the_monte_carlo_band(tmp_path, monkeypatch):
     x, y = variances.collections[0].get_paths()[0].vertices.T
     assert (y / x).min() == pytest.approx(0.6) and (y / x).max() == pytest.approx(1.4)
     assert "100% inside" in variances.get_legend_handles_labels()[1][0]
+
+
+def test_prior_figures_draw_every_swept_candidate_with_its_marks(tmp_path, monkeypatch):
+    from ekfac_laplace.evaluation.figures import prior_figures
+
+    titles = _record_titles(monkeypatch)
+    drawn = {}
+    save = plotting.save_figure
+
+    def keep_axes(fig, path):
+        drawn[path.name] = fig.axes
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "save_figure", keep_axes)
+    problem = load_problem("digits")
+    kinds = list(problem.shift_loaders)
+
+    def metrics(prior: float) -> dict[str, float]:
+        return {
+            "prior_precision": prior,
+            "log_marginal_likelihood": -10.0 * prior,
+            "val_nll": 0.1 + 1 / (1 + prior),
+            "test_nll": 0.1 + 1 / (1 + prior),
+            "test_ece": 0.02 + 0.5 / (1 + prior),
+            "ood_auroc_entropy": 0.8 + 0.1 / (1 + prior),
+            "shift_nll": 3.0 - 1 / (1 + prior),
+        }
+
+    sweep = [metrics(p) for p in (0.1, 1.0, 10.0)]
+
+    def row(name, tuning, prior):
+        shift = {
+            k: {15.0: {"nll": metrics(prior)["shift_nll"], "ece": 0.2}} for k in kinds
+        }
+        test = {"nll": metrics(prior)["test_nll"], "ece": metrics(prior)["test_ece"]}
+        test["ood_auroc_entropy"] = metrics(prior)["ood_auroc_entropy"]
+        return ComparisonRow(
+            name, "all", "ekfac", "ggn", prior_tuning=tuning, prior_precision=prior,
+            log_marginal_likelihood=-1.0, val={"nll": 0.3}, test=test, shift=shift,
+            sweep=sweep,
+        )  # fmt: skip
+
+    map_test = {"nll": 0.1, "ece": 0.02, "ood_auroc_entropy": 0.8}
+    map_row = ComparisonRow(
+        "map", None, None, None, test=map_test, val={"nll": 0.1},
+        shift={k: {15.0: {"nll": 3.0, "ece": 0.3}} for k in kinds},
+    )  # fmt: skip
+    rows = [
+        map_row,
+        row("all_ekfac", "validation", 10.0),
+        row("all_ekfac@marglik", "marglik", 1.0),
+    ]
+    written = prior_figures(Comparison(rows, {}, {}), problem, tmp_path)
+    assert [p.name for p in written] == ["prior_tradeoff.png", "prior_sweep.png"]
+    _assert_images(written)
+    assert "prior trade-off on digits" in titles["prior_tradeoff.png"]
+    tradeoff = drawn["prior_tradeoff.png"]
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in tradeoff] == [
+        ("test NLL (log scale)", "NLL under shift (mean over shifts)"),
+        ("test ECE (log scale)", "NLL under shift (mean over shifts)"),
+        ("test NLL (log scale)", "OOD AUROC (entropy)"),
+        ("test ECE (log scale)", "OOD AUROC (entropy)"),
+    ]
+    lines = {line.get_label(): line for line in tradeoff[0].get_lines()}
+    assert list(lines["all_ekfac"].get_xdata()) == [s["test_nll"] for s in sweep]
+    assert tuple(lines["prior by marglik"].get_xydata()[0]) == (
+        metrics(1.0)["test_nll"],
+        metrics(1.0)["shift_nll"],
+    )
+    assert tuple(lines["map"].get_xydata()[0]) == (0.1, 3.0)
+    sweep_axes = drawn["prior_sweep.png"]
+    assert [ax.get_ylabel() for ax in sweep_axes if ax.has_data()] == [
+        "validation NLL",
+        "test NLL",
+        "test ECE",
+        "NLL under shift (mean over shifts)",
+        "OOD AUROC (entropy)",
+        "log marginal likelihood",
+    ]
+    assert prior_figures(Comparison([map_row], {}, {}), problem, tmp_path) == []
