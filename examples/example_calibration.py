@@ -2,8 +2,9 @@
 
 Trains an MLP (the MAP) on scikit-learn's bundled 8×8 digits, fits the MAP's
 honest peer (temperature scaling on the validation set), and all-weights KFAC
-(``hessian_structure="kron"``), all-weights EKFAC and last-layer EKFAC Laplace
-approximations, each at two prior precisions: the package's default, the widest
+(``hessian_structure="kron"``, at the marginal-likelihood prior), all-weights EKFAC
+and last-layer EKFAC Laplace approximations, the last two at two prior precisions:
+the package's default, the widest
 prior whose validation NLL is within 0.005 nats of the best (``"val"``: level with
 the MAP in distribution, a gain under shift), and the marginal-likelihood prior
 (``"ml"``: no held-out data needed, far more robust under rotation, but
@@ -16,8 +17,9 @@ confidence as fast as it loses accuracy. Figures: ``reliability.png``
 (reliability diagrams and confidence histograms on the test set) and
 ``rotation.png`` (NLL and ECE against the rotation angle).
 
-Run: ``python examples/example_calibration.py [--out DIR]`` (about 8 seconds on
-2 CPU cores; figures go to ``example-output/calibration/`` in the current folder).
+Run: ``python examples/example_calibration.py [--out DIR]`` (about 11 seconds, 18 s
+with the imports, at one thread; 1.2 GiB peak memory; figures go to
+``example-output/calibration/`` in the current folder).
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ from ekfac_laplace.evaluation.peers import TemperatureScaled
 # when link_approx is passed; we pass it.
 warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
 
-CANDIDATES = (
-    ("all KFAC", "all", "kron"),
-    ("all EKFAC", "all", "ekfac"),
-    ("LL EKFAC", "last_layer", "ekfac"),
-)
 #: The two prior choices: the package's default rule, and the evidence's maximum.
 PRIORS = {"val": "validation", "ml": "marglik"}
+#: Name, subset, structure and the priors each is tuned to (KFAC, the baseline
+#: structure, at the evidence's maximum only: its predictive is laplace-torch's,
+#: which forms Jacobians, and the validation rule evaluates it at 33 priors).
+CANDIDATES = (
+    ("all KFAC", "all", "kron", ("ml",)),
+    ("all EKFAC", "all", "ekfac", ("val", "ml")),
+    ("LL EKFAC", "last_layer", "ekfac", ("val", "ml")),
+)
 COLUMNS = ("accuracy", "nll", "ece", "mce", "brier")
 
 
@@ -94,12 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     model = mlp(splits.input_shape, splits.n_outputs, hidden=(args.hidden,) * 2)
     train_map(model, train_loader, "classification", epochs=args.epochs, seed=args.seed)
 
-    val_loader = DataLoader(splits.val, batch_size=256)
+    val_loader = DataLoader(splits.val, batch_size=100)
     scaled = TemperatureScaled.fit(model, val_loader, "classification")
     print(f"MAP (TS)   temperature {scaled.temperature:.3g}")
     predictors = {"MAP": model, "MAP (TS)": scaled}
-    for name, subset, structure in CANDIDATES:
-        for short, rule in PRIORS.items():
+    for name, subset, structure, priors in CANDIDATES:
+        for short in priors:
+            rule = PRIORS[short]
             la = Laplace(
                 model,
                 "classification",

@@ -29,6 +29,8 @@ def test_compare_digits_writes_table_files_and_plots(tmp_path, capsys):
             "map",
             "ll_kron",
             "all_ekfac",
+            "--sweep",
+            "none",  # the sweep's figures: test_compare_runs_a_users_model_...
             "--out",
             str(out),
         ]
