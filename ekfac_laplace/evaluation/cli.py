@@ -67,7 +67,7 @@ from ekfac_laplace.evaluation.settings import (
 
 #: The parent of the default output folders, ``<DEFAULT_OUT>/<command>/<dataset>``.
 DEFAULT_OUT = "ekfac-laplace-results"
-#: How long the default ``compare`` takes (measured: 92 s on 2 quiet CPU cores).
+#: How long the default ``compare`` takes (measured: 70 and 92 s on 2 CPU cores).
 COMPARE_DURATION = "about 1.5 minutes on 2 CPU cores"
 #: Exit status of ``compare`` when every Laplace candidate failed.
 EXIT_NO_LAPLACE = 1
