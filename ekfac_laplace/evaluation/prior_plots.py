@@ -96,17 +96,10 @@ def tradeoff_curves(
     Raises:
         ValueError: If there is no curve, or one is empty.
     """
-    if not curves:
-        raise ValueError("curves is empty; pass {candidate: [(x, y), ...]}.")
     ax = axes_or_new(ax)
     marks = marks or {}
     labelled_rules: set[str] = set()
-    for index, (name, points) in enumerate(curves.items()):
-        if not points:
-            raise ValueError(f"The curve of {name!r} is empty; give it one point.")
-        style = line_style(index)
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, label=name, **style)
+    for name, style, xs, ys in _draw_curves(ax, curves):
         ax.annotate(
             "δ small", (xs[0], ys[0]), fontsize=6, color=style["color"], alpha=0.8
         )
@@ -165,17 +158,10 @@ def prior_curves(
     Raises:
         ValueError: If there is no curve, or one is empty.
     """
-    if not curves:
-        raise ValueError("curves is empty; pass {candidate: [(prior, value), ...]}.")
     ax = axes_or_new(ax)
     marks = marks or {}
     labelled_rules: set[str] = set()
-    for index, (name, points) in enumerate(curves.items()):
-        if not points:
-            raise ValueError(f"The curve of {name!r} is empty; give it one point.")
-        style = line_style(index)
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, label=name, **style)
+    for name, style, _, _ in _draw_curves(ax, curves):
         for rule, (prior, value) in marks.get(name, {}).items():
             ax.axvline(prior, color=style["color"], linestyle=":", linewidth=1)
             _mark_rule(ax, prior, value, rule, str(style["color"]), labelled_rules)
@@ -211,3 +197,24 @@ def _mark_rule(
         label=label,
         zorder=3,
     )
+
+
+def _draw_curves(
+    ax: Axes, curves: Mapping[str, Sequence[tuple[float, float]]]
+) -> list[tuple[str, dict[str, object], tuple[float, ...], tuple[float, ...]]]:
+    """Draw each curve in its own style; its name, style and coordinates.
+
+    Raises:
+        ValueError: If there is no curve, or one is empty.
+    """
+    if not curves:
+        raise ValueError("curves is empty; pass {candidate: [(x, y), ...]}.")
+    drawn = []
+    for index, (name, points) in enumerate(curves.items()):
+        if not points:
+            raise ValueError(f"The curve of {name!r} is empty; give it one point.")
+        style = line_style(index)
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=name, **style)
+        drawn.append((name, style, xs, ys))
+    return drawn

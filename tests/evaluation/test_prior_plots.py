@@ -41,9 +41,9 @@ def test_tradeoff_curves_draw_curves_marks_and_references(tmp_path):
     assert ax.get_xscale() == "log" and ax.get_title() == "trade-off"
     assert _legend_texts(ax) == [
         "ll_ekfac",
+        "all_ekfac",
         "prior by validation",
         "prior by marglik",
-        "all_ekfac",
         "map",
         "map_ts",
         "ensemble5",
