@@ -85,9 +85,7 @@ def run_one(problem_name: str, model_name: str, seed: int) -> dict[str, Any]:
     for row in comparison.rows:
         if not row.ok:
             raise RuntimeError(f"{row.candidate} failed: {row.error}")
-        record = row.record()
-        kinds = [record[f"shift_{kind}_nll"] for kind in problem.shift_loaders]
-        record["shift_nll"] = sum(kinds) / len(kinds)
+        record = row.record() | row.shift_means()
         if not row.sweep:
             out[row.candidate] = {key: record[key] for key in METRICS}
             continue

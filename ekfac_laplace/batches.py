@@ -75,6 +75,19 @@ def batch_size(X: Any, dict_key_x: str = "input_ids") -> int:
     return int(X.shape[0])
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's inputs go: the device of its first parameter (CPU if none).
+
+    Args:
+        module: The network.
+
+    Returns:
+        The device.
+    """
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def to_device(X: Any, device: torch.device) -> Any:
     """Move a model input (a tensor or the tensors of a dict) to ``device``.
 

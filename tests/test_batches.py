@@ -14,6 +14,7 @@ from ekfac_laplace.batches import (
     check_inputs,
     check_targets,
     dataset_size,
+    module_device,
     naming_failing_module,
     output_size,
     split_batch,
@@ -201,3 +202,10 @@ def test_a_model_must_return_one_tensor():
             ValueError, match=f"returns a {name}; .*model\\(x\\)\\[0\\]"
         ):
             check_outputs(bad)
+
+
+def test_module_device_is_the_first_parameters_device_or_the_cpu():
+    assert module_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert module_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters
+    meta = torch.nn.Linear(2, 2, device="meta")
+    assert module_device(meta) == torch.device("meta")

@@ -23,7 +23,6 @@ comparison. The result is a :class:`~ekfac_laplace.evaluation.report.Comparison`
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -35,7 +34,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ekfac_laplace.batches import split_batch
 from ekfac_laplace.evaluation.candidates import (
     DEFAULT_CANDIDATES,
     PRIOR_TUNINGS,
@@ -48,6 +46,7 @@ from ekfac_laplace.evaluation.peers import (
     PeerTrainer,
     Predictive,
     TemperatureScaled,
+    residual_noise_scale,
 )
 from ekfac_laplace.evaluation.priors import evaluate_sets, sweep_prior, tune_prior
 from ekfac_laplace.evaluation.report import Comparison, ComparisonRow
@@ -355,28 +354,3 @@ class _CandidateRun:
 
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def residual_noise_scale(model: nn.Module, loader: DataLoader) -> float:
-    """Root-mean-square residual of the MAP: a plug-in regression noise scale.
-
-    Args:
-        model: The regression network.
-        loader: Batches ``(X, y)``, usually the training data.
-
-    Returns:
-        ``sqrt(mean((f(x) - y)²))``, at least ``1e-6``.
-
-    Raises:
-        ValueError: If the loader is empty.
-    """
-    squared, count = 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            X, y = split_batch(batch)
-            output = model(X)
-            squared += float(((output - y.reshape(output.shape)) ** 2).sum())
-            count += output.numel()
-    if count == 0:
-        raise ValueError("The training loader is empty.")
-    return max(math.sqrt(squared / count), 1e-6)

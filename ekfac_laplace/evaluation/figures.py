@@ -238,7 +238,8 @@ def prior_figures(comparison: Comparison, problem: Problem, out: Path) -> list[P
     for row in comparison.rows:
         if not row.ok:
             continue
-        record = _with_shift_means(row.record(), problem)
+        record = {k: v for k, v in row.record().items() if isinstance(v, float)}
+        record.update(row.shift_means())
         if row.sweep:
             name = row.candidate.partition("@")[0]
             sweeps.setdefault(name, sorted(row.sweep, key=_prior))
@@ -303,19 +304,6 @@ def _prior(record: dict[str, Any]) -> float:
 
 def _points(sweep: list[dict[str, float]], x: str, y: str) -> list[tuple[float, float]]:
     return [(point[x], point[y]) for point in sweep if x in point and y in point]
-
-
-def _with_shift_means(record: dict[str, Any], problem: Problem) -> dict[str, Any]:
-    """The record with ``shift_nll`` / ``shift_ece`` averaged over the shifts."""
-    record = {k: v for k, v in record.items() if isinstance(v, float)}
-    for metric in ("nll", "ece"):
-        values = [
-            record.get(f"shift_{kind}_{metric}") for kind in problem.shift_loaders
-        ]
-        values = [v for v in values if v is not None]
-        if values:
-            record[f"shift_{metric}"] = sum(values) / len(values)
-    return record
 
 
 def _predictor_options(comparison: Comparison, name: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekfac_laplace.batches import split_batch, to_device
+from ekfac_laplace.batches import module_device, split_batch, to_device
 
 #: Trains one peer network: ``train_peer(seed, dropout)`` returns a network trained
 #: from the initialisation and data order of ``seed``, with dropout rate ``dropout``
@@ -63,8 +63,7 @@ class Predictive(ABC):
     @property
     def device(self) -> torch.device:
         """Where the inputs go: the device of the first network's parameters."""
-        parameter = next(self.networks[0].parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
+        return module_device(self.networks[0])
 
 
 class TemperatureScaled(Predictive):
@@ -133,8 +132,7 @@ class TemperatureScaled(Predictive):
             return cls(model, likelihood, fit_temperature(outputs, targets))
         if sigma_noise is None:
             raise ValueError("Temperature scaling of a regressor needs sigma_noise.")
-        residuals = outputs - targets.reshape(outputs.shape).to(outputs)
-        refitted = max(float(residuals.double().square().mean().sqrt()), 1e-6)
+        refitted = rms_residual(outputs, targets)
         return cls(model, likelihood, refitted / sigma_noise, refitted)
 
     @property
@@ -277,12 +275,15 @@ def mixture_moments(
     return mean, spread + noise
 
 
-def network_outputs(model: nn.Module, loader: Iterable[Any]) -> tuple[Tensor, Tensor]:
+def network_outputs(
+    model: nn.Module, loader: Iterable[Any], name: str = "validation"
+) -> tuple[Tensor, Tensor]:
     """The network's outputs and the targets over a loader, without gradients.
 
     Args:
         model: The network (its current train / eval mode is kept).
         loader: Batches ``(x, y)``.
+        name: What the loader holds, for the error message.
 
     Returns:
         Outputs ``(N, C)`` and targets, on the CPU.
@@ -290,8 +291,7 @@ def network_outputs(model: nn.Module, loader: Iterable[Any]) -> tuple[Tensor, Te
     Raises:
         ValueError: If the loader is empty.
     """
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = module_device(model)
     outputs, targets = [], []
     with torch.no_grad():
         for batch in loader:
@@ -299,8 +299,38 @@ def network_outputs(model: nn.Module, loader: Iterable[Any]) -> tuple[Tensor, Te
             outputs.append(model(to_device(x, device)).detach().cpu())
             targets.append(y.detach().cpu())
     if not outputs:
-        raise ValueError("The validation loader is empty; pass a non-empty loader.")
+        raise ValueError(f"The {name} loader is empty; pass a non-empty loader.")
     return torch.cat(outputs), torch.cat(targets)
+
+
+def rms_residual(outputs: Tensor, targets: Tensor) -> float:
+    """``sqrt(mean((f(x) − y)²))`` in float64, at least ``1e-6``.
+
+    Args:
+        outputs: Regression outputs ``(N, K)``.
+        targets: Targets of ``N · K`` entries.
+
+    Returns:
+        The root-mean-square residual.
+    """
+    residuals = outputs.double() - targets.reshape(outputs.shape).double()
+    return max(float(residuals.square().mean().sqrt()), 1e-6)
+
+
+def residual_noise_scale(model: nn.Module, loader: Iterable[Any]) -> float:
+    """Root-mean-square residual of the MAP: a plug-in regression noise scale.
+
+    Args:
+        model: The regression network.
+        loader: Batches ``(X, y)``, usually the training data.
+
+    Returns:
+        ``sqrt(mean((f(x) - y)²))``, at least ``1e-6``.
+
+    Raises:
+        ValueError: If the loader is empty.
+    """
+    return rms_residual(*network_outputs(model, loader, "training"))
 
 
 def fit_temperature(logits: Tensor, targets: Tensor, *, bound: float = 1e3) -> float:

@@ -17,7 +17,7 @@ import torch
 from laplace.baselaplace import BaseLaplace
 from torch import Tensor, nn
 
-from ekfac_laplace.batches import split_batch, to_device
+from ekfac_laplace.batches import module_device, split_batch, to_device
 from ekfac_laplace.distributed import ranks_of
 from ekfac_laplace.evaluation.checks import (
     check_choice,
@@ -100,11 +100,6 @@ def _check_sigma_noise(
             "A plain nn.Module regressor needs the observation noise: pass "
             f"sigma_noise as a float > 0, got {sigma_noise!r}."
         )
-
-
-def _device(module: nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _laplace_forward(
@@ -209,14 +204,14 @@ def predict(
         forward = _laplace_forward(
             predictor, likelihood, pred_type, link_approx, n_samples
         )
-        device = _device(predictor.model)
+        device = module_device(predictor.model)
     elif isinstance(predictor, Predictive):
         key_y, key_x, forward = "labels", None, predictor
         device = predictor.device
     else:
         key_y, key_x = "labels", None
         forward = _module_forward(predictor, likelihood, sigma_noise)
-        device = _device(predictor)
+        device = module_device(predictor)
 
     def collect() -> list[tuple[Tensor, ...]]:
         outputs = []

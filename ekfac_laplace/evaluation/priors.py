@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ekfac_laplace.evaluation.metrics import Predictions, metrics_of
 from ekfac_laplace.evaluation.peers import Predictive
 from ekfac_laplace.evaluation.predictions import predict
+from ekfac_laplace.evaluation.report import ComparisonRow
 from ekfac_laplace.evaluation.settings import EvaluationData, EvaluationSettings
 
 
@@ -221,8 +222,6 @@ def sweep_prior(
         ``prior_precision``, ``log_marginal_likelihood``, ``val_*``, ``test_*``,
         ``ood_*``, ``shift_<kind>_*``, ``shift_*``.
     """
-    from ekfac_laplace.evaluation.report import ComparisonRow
-
     grid = settings.sweep_grid if grid is None else grid
     tuned = la.prior_precision.detach().clone()
     points = []
@@ -240,11 +239,7 @@ def sweep_prior(
                 for key, value in row.record().items()
                 if isinstance(value, float) and not _per_strength(key, sets.shift)
             }
-            for metric in ("nll", "ece"):
-                kinds = [record.get(f"shift_{kind}_{metric}") for kind in sets.shift]
-                means = [mean for mean in kinds if mean is not None]
-                if means:
-                    record[f"shift_{metric}"] = sum(means) / len(means)
+            record.update(row.shift_means())
             record["prior_precision"] = float(prior)
             record["log_marginal_likelihood"] = float(la.log_marginal_likelihood())
             points.append(record)

@@ -81,6 +81,31 @@ class ComparisonRow:
         """Whether the candidate was fitted and evaluated."""
         return self.status == "ok"
 
+    def shift_means(self) -> dict[str, float]:
+        """``shift_nll`` / ``shift_ece`` averaged over every kind of shift.
+
+        Each kind's mean over its strengths (as in :meth:`record`), averaged over
+        the kinds: the summary the prior sweep records and the trade-off figure
+        draws.
+
+        Returns:
+            ``{"shift_<metric>": value}`` for the metrics the shifts have; empty
+            without shifts.
+        """
+        means = {}
+        for metric in ("nll", "ece"):
+            per_kind = [
+                sum(values) / len(values)
+                for values in (
+                    [v[metric] for v in by_strength.values() if metric in v]
+                    for by_strength in self.shift.values()
+                )
+                if values
+            ]
+            if per_kind:
+                means[f"shift_{metric}"] = sum(per_kind) / len(per_kind)
+        return means
+
     def record(self) -> dict[str, Any]:
         """One flat row: scalars, ``val_*``, ``test_*``/``ood_*`` and ``shift_*``.
 

@@ -106,3 +106,24 @@ def test_select_by_evidence_and_validation_nll():
         select(rows, by="test_nll")
     with pytest.raises(ValueError, match="needs a Laplace candidate"):
         select(rows[:1], by="evidence")
+
+
+def test_shift_means_average_each_kind_over_its_strengths_then_the_kinds():
+    row = ComparisonRow(
+        "all_ekfac",
+        "all",
+        "ekfac",
+        "ggn",
+        shift={
+            "rotation": {
+                15.0: {"nll": 1.0, "ece": 0.1},
+                30.0: {"nll": 3.0, "ece": 0.3},
+            },
+            "noise": {0.1: {"nll": 4.0}},
+        },
+    )
+    # nll: (2 + 4) / 2; ece: only rotation has it, (0.1 + 0.3) / 2
+    assert row.shift_means() == pytest.approx({"shift_nll": 3.0, "shift_ece": 0.2})
+    record = row.record()
+    assert record["shift_rotation_nll"] == 2.0 and record["shift_noise_nll"] == 4.0
+    assert ComparisonRow("map", None, None, None).shift_means() == {}
