@@ -374,17 +374,21 @@ def run_compare(args: argparse.Namespace) -> int:
     n_steps = len(args.candidates) + trains + (not args.no_plots)
     with progress_bar(args, n_steps) as bar:
         problem, model = problem_and_model(args, bar)
-        swept = {
-            "none": [],
-            "ekfac": [c for c in args.candidates if "_ekfac" in c],
-            "all": list(args.candidates),
-        }[args.sweep]
+        swept = [
+            candidate.fit_name
+            for candidate in map(Candidate.parse, args.candidates)
+            if candidate.is_laplace
+            and (
+                args.sweep == "all"
+                or (args.sweep == "ekfac" and candidate.hessian_structure == "ekfac")
+            )
+        ]
         settings = EvaluationSettings(
             prior_tuning=args.prior_tuning,
             prior_structure=args.prior_structure,
             val_tolerance=args.val_tolerance,
             sweep_grid=DEFAULT_SWEEP_GRID if swept else (),
-            sweep_candidates=[Candidate.parse(c).fit_name for c in swept],
+            sweep_candidates=swept,
             pred_type=args.pred,
             link_approx=args.link,
             n_samples=args.n_samples,
